@@ -1,0 +1,116 @@
+"""Every error aiockpt raises on purpose, in one tree.
+
+Foreign errors (OSError from a socket, msgspec.DecodeError from a frame) are translated into this
+tree at the boundary where they happen; callers catch ``AiockptError`` for anything of ours::
+
+    AiockptError
+    ├── ProtocolError                 a frame or message broke the channel's rules
+    │   └── ProtocolVersionMismatch   the two ends speak different protocol versions
+    ├── WorkerError                   the checkpoint worker process did not do its job
+    │   ├── WorkerStartError          spawning or the init functions failed (worker traceback)
+    │   │   └── WorkerStartTimeout    no handshake within subprocess_init_timeout_secs
+    │   │                             (also a builtin TimeoutError)
+    │   ├── WorkerCrashed             the worker exited while requests were pending, or before
+    │   │                             a new request could be sent (names exit code or signal)
+    │   └── WorkerClosed              the CheckpointProcess was closed; no more requests
+    ├── CheckpointWriteError          the worker's writer raised; carries the worker traceback
+    ├── CorruptCheckpoint             a checkpoint failed verification (names the file)
+    └── CoordinationError             ranks disagree or fail to meet during a multi-rank save
+        └── CoordinationTimeout       a rank never arrived (also a builtin TimeoutError)
+
+Errors raised for bad arguments are the builtin ones users expect: ``TypeError`` for a value that
+cannot cross the process boundary (naming it), ``FileExistsError`` for a checkpoint path that
+exists when ``overwrite=False``, ``ValueError`` for nonsense options.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AiockptError",
+    "CheckpointWriteError",
+    "CoordinationError",
+    "CoordinationTimeout",
+    "CorruptCheckpoint",
+    "ProtocolError",
+    "ProtocolVersionMismatch",
+    "WorkerClosed",
+    "WorkerCrashed",
+    "WorkerError",
+    "WorkerStartError",
+    "WorkerStartTimeout",
+]
+
+
+class AiockptError(Exception):
+    """Root of every error aiockpt raises on purpose."""
+
+
+class ProtocolError(AiockptError):
+    """A frame or message broke the channel's rules (size, encoding, unexpected type)."""
+
+
+class ProtocolVersionMismatch(ProtocolError):
+    """The parent and the worker speak different protocol versions."""
+
+
+class WorkerError(AiockptError):
+    """The checkpoint worker process did not do its job."""
+
+
+class RemoteErrorMixin:
+    """Carries what a worker reported about an exception raised on its side."""
+
+    def __init__(
+        self, message: str, *, error_type: str | None = None, traceback: str | None = None
+    ) -> None:
+        super().__init__(message)
+        #: qualified name of the exception type raised in the worker, e.g. ``"OSError"``
+        self.error_type = error_type
+        #: the worker's full traceback text
+        self.traceback = traceback
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.traceback:
+            return f"{text}\n\nWorker traceback:\n{self.traceback.rstrip()}"
+        return text
+
+
+class WorkerStartError(RemoteErrorMixin, WorkerError):
+    """Spawning the worker, or its init functions, failed; ``traceback`` holds the worker's."""
+
+
+class WorkerStartTimeout(WorkerStartError, TimeoutError):
+    """The worker did not finish its handshake within ``subprocess_init_timeout_secs``."""
+
+
+class WorkerCrashed(WorkerError):
+    """The worker exited unexpectedly; ``returncode`` is its exit code (negative: signal)."""
+
+    def __init__(self, message: str, *, returncode: int | None = None) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+
+
+class WorkerClosed(WorkerError):
+    """The CheckpointProcess was closed; it accepts no more requests."""
+
+
+class CheckpointWriteError(RemoteErrorMixin, AiockptError):
+    """The worker's writer raised; ``error_type`` and ``traceback`` say what and where."""
+
+
+class CorruptCheckpoint(AiockptError):
+    """A checkpoint failed verification; ``path`` names the offending file or directory."""
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class CoordinationError(AiockptError):
+    """The ranks of a multi-rank save disagree or fail to meet."""
+
+
+class CoordinationTimeout(CoordinationError, TimeoutError):
+    """A rank never arrived at a coordinated step within the configured timeout."""

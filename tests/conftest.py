@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator, Mapping
+
+import pytest
+
+from tests.leaks import Snapshot
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a dependency wherever the platform has it
+    uvloop = None  # type: ignore[assignment]
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every async test runs once on the default asyncio loop and once on uvloop."""
+    factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+        "asyncio": asyncio.new_event_loop
+    }
+    if uvloop is not None:
+        factories["uvloop"] = uvloop.new_event_loop
+    return factories
+
+
+class _LoopErrorRecorder(logging.Handler):
+    """Both loops report unhandled task and callback exceptions through asyncio's logger."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def no_leaks_and_no_loop_errors(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail any test that leaves processes, shared memory or temp files, or that lets the
+    event loop log an unhandled exception ("Task exception was never retrieved", ...)."""
+    before = Snapshot.take()
+    recorder = _LoopErrorRecorder()
+    asyncio_logger = logging.getLogger("asyncio")
+    asyncio_logger.addHandler(recorder)
+    try:
+        yield
+    finally:
+        asyncio_logger.removeHandler(recorder)
+    problems = before.leaked_since()
+    problems += [f"event loop error: {r.getMessage()}" for r in recorder.records]
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
