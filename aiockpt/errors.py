@@ -15,8 +15,11 @@ tree at the boundary where they happen; callers catch ``AiockptError`` for anyth
     │   └── WorkerClosed              the CheckpointProcess was closed; no more requests
     ├── CheckpointWriteError          the worker's writer raised; carries the worker traceback
     ├── CorruptCheckpoint             a checkpoint failed verification (names the file)
-    └── CoordinationError             ranks disagree or fail to meet during a multi-rank save
-        └── CoordinationTimeout       a rank never arrived (also a builtin TimeoutError)
+    ├── CoordinationError             ranks disagree or fail to meet during a multi-rank save
+    │   └── CoordinationTimeout       a rank never arrived (also a builtin TimeoutError)
+    ├── RendezvousError               elastic agents could not meet over their store
+    └── SignalException               the elastic agent got a termination signal and stopped
+                                      its workers (``sigval`` names the signal)
 
 Errors raised for bad arguments are the builtin ones users expect: ``TypeError`` for a value that
 cannot cross the process boundary (naming it), ``FileExistsError`` for a checkpoint path that
@@ -33,6 +36,8 @@ __all__ = [
     "CorruptCheckpoint",
     "ProtocolError",
     "ProtocolVersionMismatch",
+    "RendezvousError",
+    "SignalException",
     "WorkerClosed",
     "WorkerCrashed",
     "WorkerError",
@@ -57,7 +62,7 @@ class WorkerError(AiockptError):
     """The checkpoint worker process did not do its job."""
 
 
-class RemoteErrorMixin:
+class RemoteErrorMixin(Exception):
     """Carries what a worker reported about an exception raised on its side."""
 
     def __init__(
@@ -114,3 +119,15 @@ class CoordinationError(AiockptError):
 
 class CoordinationTimeout(CoordinationError, TimeoutError):
     """A rank never arrived at a coordinated step within the configured timeout."""
+
+
+class RendezvousError(AiockptError):
+    """Elastic agents could not meet: the store was unreachable or a node never arrived."""
+
+
+class SignalException(AiockptError):
+    """The elastic agent received ``sigval`` (SIGTERM, SIGINT, ...) and stopped its workers."""
+
+    def __init__(self, message: str, *, sigval: int) -> None:
+        super().__init__(message)
+        self.sigval = sigval

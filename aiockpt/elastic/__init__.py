@@ -1,0 +1,44 @@
+"""Elastic worker agent: torchelastic's ``LocalElasticAgent`` on an event loop.
+
+The worker monitor, the log tees and the exit barrier are asyncio tasks: the agent wakes when a
+worker exits or writes, not on a polling interval, and uses no thread per worker or per log.
+
+Modules, from the worker outwards::
+
+    bootstrap   child side: parent-death signal, exec the binary or run the function
+    failures    record() and error files, ProcessFailure, torchelastic's failure report
+    logs        Std, LogsSpecs (redirects, tee, filters), the tee task
+    process     WorkerProcess: start one worker, await its exit, signal its process group
+    monitor     await the group's exits; on the first failure stop the rest (TERM, KILL)
+    rendezvous  static rendezvous and rank assignment over TCPStore
+    barrier     the exit barrier
+    spec        WorkerSpec, WorkerState, Worker, WorkerGroup, RunResult
+    agent       LocalElasticAgent: rendezvous, start, monitor, restart, barrier, signals
+    cli         aiockpt-run / python -m aiockpt.run
+"""
+
+from __future__ import annotations
+
+from aiockpt.elastic.agent import LocalElasticAgent
+from aiockpt.elastic.failures import ProcessFailure, format_failures, record
+from aiockpt.elastic.logs import LogsSpecs, Std
+from aiockpt.elastic.rendezvous import StaticRendezvous
+from aiockpt.elastic.spec import RunResult, Worker, WorkerGroup, WorkerSpec, WorkerState
+from aiockpt.errors import RendezvousError, SignalException
+
+__all__ = [
+    "LocalElasticAgent",
+    "LogsSpecs",
+    "ProcessFailure",
+    "RendezvousError",
+    "RunResult",
+    "SignalException",
+    "StaticRendezvous",
+    "Std",
+    "Worker",
+    "WorkerGroup",
+    "WorkerSpec",
+    "WorkerState",
+    "format_failures",
+    "record",
+]

@@ -1,0 +1,330 @@
+"""The elastic agent: rendezvous, start the worker group, monitor, restart, exit barrier.
+
+One ``await agent.run()`` is torchelastic's ``LocalElasticAgent.run()``::
+
+    rendezvous (ranks)
+    loop:
+        start the group (attempt = restart count) -> HEALTHY
+        monitor: every exit 0   -> SUCCEEDED -> exit barrier -> RunResult(return values)
+                 first failure  -> stop the siblings (SIGTERM, deadline, SIGKILL)
+                                   restarts left -> STOPPED, restart count + 1, loop
+                                   none left     -> FAILED -> RunResult(failures)
+
+A termination signal to the agent (SIGTERM, SIGINT, SIGHUP, SIGQUIT; ``loop.add_signal_handler``)
+cancels that work, forwards the signal to every worker group, waits ``shutdown_timeout``, kills
+what is left and raises ``SignalException``; the CLI turns it into exit code 128 + signal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from string import Template
+from typing import Any
+
+from aiockpt.elastic.barrier import exit_barrier
+from aiockpt.elastic.logs import LogsDest, LogsSpecs, Std
+from aiockpt.elastic.monitor import GroupOutcome, monitor, stop_processes
+from aiockpt.elastic.process import StreamTarget, WorkerProcess
+from aiockpt.elastic.rendezvous import RendezvousInfo, StaticRendezvous, assign_worker_ranks
+from aiockpt.elastic.spec import RunResult, Worker, WorkerGroup, WorkerSpec, WorkerState
+from aiockpt.errors import SignalException
+
+__all__ = ["DEFAULT_LOG_LINE_PREFIX_TEMPLATE", "DEFAULT_SIGNALS", "LocalElasticAgent"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+#: torchelastic's console prefix for teed lines, e.g. ``[trainer0]:``
+DEFAULT_LOG_LINE_PREFIX_TEMPLATE = "[${role_name}${local_rank}]:"
+#: variables a worker inherits from the agent when set, named for clarity (torchelastic's list)
+_PASSED_THROUGH = ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+
+
+class LocalElasticAgent:
+    """Runs ``spec.local_world_size`` workers on this node until they all succeed or fail.
+
+    ``logs_specs``: where output goes (default: console only). ``exit_barrier_timeout``: how
+    long a successful node waits for the others. ``log_line_prefix_template``: the tee prefix,
+    with ``${role_name}``, ``${local_rank}`` and ``${rank}``. ``shutdown_timeout``: the grace
+    period between the polite signal and SIGKILL, when stopping workers for any reason.
+    ``signals_to_handle``: signals that shut the agent down (empty: leave signals alone, e.g.
+    for several agents in one process). The agent runs once.
+    """
+
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        logs_specs: LogsSpecs | None = None,
+        exit_barrier_timeout: float = 300.0,
+        log_line_prefix_template: str | None = None,
+        shutdown_timeout: float = 30.0,
+        signals_to_handle: Iterable[signal.Signals] = DEFAULT_SIGNALS,
+    ) -> None:
+        self._worker_group = WorkerGroup(spec)
+        self._logs_specs = logs_specs or LogsSpecs()
+        self._exit_barrier_timeout = exit_barrier_timeout
+        self._prefix_template = Template(
+            log_line_prefix_template or DEFAULT_LOG_LINE_PREFIX_TEMPLATE
+        )
+        self._shutdown_timeout = shutdown_timeout
+        self._signals_to_handle = tuple(signals_to_handle)
+        self._rendezvous = spec.rdzv_handler or StaticRendezvous()
+        self._remaining_restarts = spec.max_restarts
+        self._processes: list[WorkerProcess] = []
+        self._rdzv: RendezvousInfo | None = None
+        self._log_dir = ""
+
+    @property
+    def worker_group(self) -> WorkerGroup:
+        """This node's workers, their ranks and the group's state."""
+        return self._worker_group
+
+    async def run(self) -> RunResult:
+        """Run the worker group to completion (with restarts) and return the result.
+
+        Raises ``FileNotFoundError`` for a binary entrypoint that does not exist,
+        ``RendezvousError`` if the nodes cannot meet, ``SignalException`` after a handled
+        signal stopped the workers, and ``OSError`` if log files cannot be created. Workers are
+        stopped whenever ``run`` leaves, including by cancellation.
+        """
+        loop = asyncio.get_running_loop()
+        signalled: asyncio.Future[signal.Signals] = loop.create_future()
+        work = asyncio.create_task(self._invoke_run())
+        try:
+            with self._handle_signals(loop, signalled), self._log_root():
+                try:
+                    first: list[asyncio.Future[Any]] = [work, signalled]
+                    await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+                    if not signalled.done():
+                        return work.result()
+                    sig = signalled.result()
+                    logger.warning("received %s; stopping workers", sig.name)
+                    await _cancel_and_wait(work)
+                    await self._stop_workers(sig)
+                    raise SignalException(
+                        f"Process {os.getpid()} got signal: {sig.name}", sigval=sig
+                    )
+                finally:
+                    await _cancel_and_wait(work)
+                    await self._stop_workers(signal.SIGTERM)
+        finally:
+            signalled.cancel()
+            self._rendezvous.close()
+
+    async def _invoke_run(self) -> RunResult:
+        group = self._worker_group
+        spec = group.spec
+        entrypoint = _resolve_entrypoint(spec.entrypoint)
+        await self._assign_ranks()
+        while True:
+            outcome = await self._run_attempt(entrypoint)
+            if not outcome.failures:
+                group.state = WorkerState.SUCCEEDED
+                if self._rdzv is not None:
+                    await exit_barrier(
+                        self._rdzv.store, self._rdzv.world_size, self._exit_barrier_timeout
+                    )
+                return RunResult(
+                    WorkerState.SUCCEEDED,
+                    return_values={
+                        group.workers[rank].global_rank: value
+                        for rank, value in outcome.return_values.items()
+                    },
+                )
+            if self._remaining_restarts > 0:
+                logger.info(
+                    "[%s] worker group FAILED; %s/%s restarts left; restarting",
+                    spec.role,
+                    self._remaining_restarts,
+                    spec.max_restarts,
+                )
+                self._remaining_restarts -= 1
+                group.state = WorkerState.STOPPED
+                continue
+            group.state = WorkerState.FAILED
+            return RunResult(
+                WorkerState.FAILED,
+                failures={
+                    group.workers[rank].global_rank: failure
+                    for rank, failure in outcome.failures.items()
+                },
+            )
+
+    async def _assign_ranks(self) -> None:
+        group = self._worker_group
+        rdzv = await self._rendezvous.next_rendezvous()
+        self._rdzv = rdzv
+        group.workers = await assign_worker_ranks(
+            rdzv.store, rdzv.rank, rdzv.world_size, group.spec, self._rendezvous.timeout
+        )
+        group.group_rank = rdzv.rank
+        group.group_world_size = rdzv.world_size
+        group.master_addr = rdzv.master_addr
+        group.master_port = rdzv.master_port
+        logger.info(
+            "[%s] rendezvous complete: group_rank=%s group_world_size=%s global_ranks=%s"
+            " master=%s:%s",
+            group.spec.role,
+            rdzv.rank,
+            rdzv.world_size,
+            [w.global_rank for w in group.workers],
+            rdzv.master_addr,
+            rdzv.master_port,
+        )
+
+    async def _run_attempt(self, entrypoint: str | Callable[..., Any]) -> GroupOutcome:
+        """Start the group, monitor it, and stop it; workers still running when this is
+        cancelled are left in ``_processes`` for ``run`` to stop with the right signal."""
+        group = self._worker_group
+        spec = group.spec
+        restart_count = spec.max_restarts - self._remaining_restarts
+        dest = self._logs_specs.reify(
+            self._log_dir, self._rendezvous.get_run_id(), restart_count, spec.local_world_size
+        )
+        for worker in group.workers:
+            rank = worker.local_rank
+            process = await WorkerProcess.start(
+                local_rank=rank,
+                entrypoint=entrypoint,
+                args=_substitute_local_rank(spec.args, rank),
+                env=self._worker_env(worker, restart_count, dest.error_files[rank]),
+                stdout=self._target(dest, worker, Std.OUT),
+                stderr=self._target(dest, worker, Std.ERR),
+            )
+            worker.id = process.pid
+            self._processes.append(process)
+        group.state = WorkerState.HEALTHY
+        outcome = await monitor(self._processes, dest.error_files, self._shutdown_timeout)
+        await self._stop_workers(signal.SIGTERM)
+        return outcome
+
+    async def _stop_workers(self, sig: signal.Signals) -> None:
+        processes, self._processes = self._processes, []
+        await stop_processes(processes, sig, self._shutdown_timeout)
+        for process in processes:
+            await process.close()
+
+    def _worker_env(self, worker: Worker, restart_count: int, error_file: str) -> dict[str, str]:
+        group = self._worker_group
+        spec = group.spec
+        env = dict(os.environ)
+        env.update(
+            {
+                "RANK": str(worker.global_rank),
+                "LOCAL_RANK": str(worker.local_rank),
+                "GROUP_RANK": str(group.group_rank),
+                "ROLE_RANK": str(worker.role_rank),
+                "ROLE_NAME": spec.role,
+                "LOCAL_WORLD_SIZE": str(spec.local_world_size),
+                "WORLD_SIZE": str(worker.world_size),
+                "GROUP_WORLD_SIZE": str(group.group_world_size),
+                "ROLE_WORLD_SIZE": str(worker.role_world_size),
+                "MASTER_ADDR": str(group.master_addr),
+                "MASTER_PORT": str(group.master_port),
+                "TORCHELASTIC_RESTART_COUNT": str(restart_count),
+                "TORCHELASTIC_MAX_RESTARTS": str(spec.max_restarts),
+                "TORCHELASTIC_RUN_ID": self._rendezvous.get_run_id(),
+                # the workers' env:// store is the agent's (see rendezvous.py)
+                "TORCHELASTIC_USE_AGENT_STORE": "True",
+                "TORCHELASTIC_ERROR_FILE": error_file,
+                "TORCH_NCCL_ASYNC_ERROR_HANDLING": os.environ.get(
+                    "TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"
+                ),
+            }
+        )
+        env.update({name: os.environ[name] for name in _PASSED_THROUGH if name in os.environ})
+        return env
+
+    def _target(self, dest: LogsDest, worker: Worker, stream: Std) -> StreamTarget:
+        if stream == Std.OUT:
+            paths, tees = dest.stdouts, dest.tee_stdouts
+        else:
+            paths, tees = dest.stderrs, dest.tee_stderrs
+        rank = worker.local_rank
+        if rank not in tees:
+            return StreamTarget(paths[rank])
+        prefix = self._prefix_template.safe_substitute(
+            role_name=self._worker_group.spec.role, rank=worker.global_rank, local_rank=rank
+        )
+        return StreamTarget(paths[rank], tee_prefix=prefix)
+
+    @contextlib.contextmanager
+    def _handle_signals(
+        self, loop: asyncio.AbstractEventLoop, signalled: asyncio.Future[signal.Signals]
+    ) -> Iterator[None]:
+        def on_signal(sig: signal.Signals) -> None:
+            if not signalled.done():
+                signalled.set_result(sig)
+
+        installed: dict[signal.Signals, Any] = {}
+        for sig in self._signals_to_handle:
+            previous = signal.getsignal(sig)
+            try:
+                loop.add_signal_handler(sig, on_signal, sig)
+            except (ValueError, RuntimeError):  # not the main thread, or not supported
+                logger.warning(
+                    "cannot handle %s here; a signal to the agent may orphan workers", sig.name
+                )
+                continue
+            installed[sig] = previous
+        try:
+            yield
+        finally:
+            for sig, previous in installed.items():
+                loop.remove_signal_handler(sig)
+                if previous is not None:
+                    signal.signal(sig, previous)
+
+    @contextlib.contextmanager
+    def _log_root(self) -> Iterator[None]:
+        """The log directory: the user's, or a temporary one removed at the end (error files
+        are read before that, and nothing else of value lands there without redirects)."""
+        root = self._logs_specs.root_log_dir
+        if root is not None:
+            self._log_dir = root
+            yield
+            return
+        self._log_dir = tempfile.mkdtemp(prefix="aiockpt-elastic-")
+        keep = self._logs_specs.redirects != Std.NONE or self._logs_specs.tee != Std.NONE
+        try:
+            yield
+        finally:
+            if keep:
+                logger.info("worker logs kept in %s", self._log_dir)
+            else:
+                shutil.rmtree(self._log_dir, ignore_errors=True)
+
+
+async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    if task.done():
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _resolve_entrypoint(entrypoint: str | Callable[..., Any]) -> str | Callable[..., Any]:
+    """A binary's path (looked up on PATH like ``execvp``), or the function itself.
+
+    Raises ``FileNotFoundError`` before anything starts if the binary does not exist.
+    """
+    if not isinstance(entrypoint, str):
+        return entrypoint
+    found = shutil.which(entrypoint)
+    if found is None:
+        raise FileNotFoundError(f"worker entrypoint not found or not executable: {entrypoint}")
+    return found
+
+
+def _substitute_local_rank(args: tuple[Any, ...], local_rank: int) -> tuple[Any, ...]:
+    return tuple(
+        Template(arg).safe_substitute(local_rank=local_rank) if isinstance(arg, str) else arg
+        for arg in args
+    )

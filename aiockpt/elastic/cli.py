@@ -1,0 +1,325 @@
+"""``aiockpt-run`` / ``python -m aiockpt.run``: torchrun's command line over the asyncio agent.
+
+Flags keep torchrun's names (dashes or underscores) and defaults; the rendezvous is static
+(``--nnodes N`` with ``--node-rank`` and ``--master-addr/--master-port``), or ``--standalone``
+for one node on a free port. Exit codes: 0 success; 1 the workers failed (torchelastic's
+failure report on stderr) or the launch itself failed; 128 + N after signal N stopped the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from aiockpt.elastic.agent import LocalElasticAgent
+from aiockpt.elastic.failures import format_failures
+from aiockpt.elastic.logs import LogsSpecs, Std
+from aiockpt.elastic.rendezvous import StaticRendezvous
+from aiockpt.elastic.spec import DEFAULT_ROLE, RunResult, WorkerSpec
+from aiockpt.errors import RendezvousError, SignalException
+
+__all__ = ["get_args_parser", "main", "parse_args"]
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_DEFAULT_MASTER_PORT = 29500
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The argument parser, torchrun's flags with torchrun's help texts where they apply."""
+    parser = argparse.ArgumentParser(
+        prog="aiockpt-run",
+        description="aiockpt Elastic Training Launcher (torchrun's flags; asyncio worker agent)",
+    )
+    add = parser.add_argument
+    add(
+        "--nnodes",
+        type=str,
+        default="1",
+        help="Number of nodes (static rendezvous: N, or N:N).",
+    )
+    add(
+        "--nproc-per-node",
+        "--nproc_per_node",
+        type=str,
+        default="1",
+        help="Number of workers per node; supported values: [auto, cpu, gpu, int].",
+    )
+    add(
+        "--standalone",
+        action="store_true",
+        help="Single-node job: the agent hosts its store on a free port and picks a fresh run "
+        "id; --master-addr, --master-port and --run-id are ignored.",
+    )
+    add(
+        "--run-id",
+        "--run_id",
+        "--rdzv-id",
+        "--rdzv_id",
+        dest="run_id",
+        type=str,
+        default="none",
+        help="User-defined job id (names log directories; TORCHELASTIC_RUN_ID).",
+    )
+    add(
+        "--max-restarts",
+        "--max_restarts",
+        type=int,
+        default=0,
+        help="Maximum number of worker group restarts before failing.",
+    )
+    add(
+        "--monitor-interval",
+        "--monitor_interval",
+        type=float,
+        default=0.1,
+        help="Accepted for torchrun compatibility; unused (the agent awaits worker exits).",
+    )
+    add("--role", type=str, default=DEFAULT_ROLE, help="User-defined role for the workers.")
+    add(
+        "-m",
+        "--module",
+        action="store_true",
+        help="Change each process to interpret the launch script as a Python module, executing "
+        "with the same behavior as 'python -m'.",
+    )
+    add(
+        "--no-python",
+        "--no_python",
+        action="store_true",
+        help="Skip prepending the training script with 'python' - just execute it directly. "
+        "Useful when the script is not a Python script.",
+    )
+    add(
+        "--log-dir",
+        "--log_dir",
+        type=str,
+        default=None,
+        help="Base directory to use for log files (e.g. /var/log/torch/elastic); logs go to "
+        "<log-dir>/<run-id>/attempt_<restart>/<local_rank>/.",
+    )
+    add(
+        "-r",
+        "--redirects",
+        type=str,
+        default="0",
+        help="Redirect std streams into a log file in the log directory (e.g. [-r 3] redirects "
+        "both stdout+stderr for all workers, [-r 0:1,1:2] redirects stdout for local rank 0 and "
+        "stderr for local rank 1).",
+    )
+    add(
+        "-t",
+        "--tee",
+        type=str,
+        default="0",
+        help="Tee std streams into a log file and also to console (see --redirects for format).",
+    )
+    add(
+        "--local-ranks-filter",
+        "--local_ranks_filter",
+        type=str,
+        default="",
+        help="Only show logs from specified ranks in console (e.g. [--local_ranks_filter=0,1,2] "
+        "will only show logs from rank 0, 1 and 2). This will only apply to stdout and stderr, "
+        "not to log files saved via --redirect or --tee.",
+    )
+    add(
+        "--log-line-prefix-template",
+        "--log_line_prefix_template",
+        type=str,
+        default=os.environ.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"),
+        help="Prefix of teed console lines, with ${role_name}, ${local_rank} and ${rank} "
+        "(default: [${role_name}${local_rank}]:; env TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE).",
+    )
+    add(
+        "--node-rank",
+        "--node_rank",
+        type=int,
+        default=0,
+        help="Rank of the node for multi-node distributed training.",
+    )
+    add(
+        "--master-addr",
+        "--master_addr",
+        type=str,
+        default="127.0.0.1",
+        help="Address of the master node (rank 0). It should be either the IP address or the "
+        "hostname of rank 0. For single node multi-proc training the --master-addr can simply "
+        "be 127.0.0.1.",
+    )
+    add(
+        "--master-port",
+        "--master_port",
+        type=int,
+        default=None,
+        help="Port on the master node (rank 0) to be used for communication during distributed "
+        f"training. Defaults to a free port on one node and {_DEFAULT_MASTER_PORT} on several.",
+    )
+    add(
+        "--exit-barrier-timeout",
+        "--exit_barrier_timeout",
+        type=float,
+        default=300.0,
+        help="Seconds a node whose workers succeeded waits for the other nodes.",
+    )
+    add(
+        "--shutdown-timeout",
+        "--shutdown_timeout",
+        type=float,
+        default=float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", 30)),
+        help="Time in seconds to wait for graceful shutdown of worker processes before sending "
+        "SIGKILL (env TORCH_ELASTIC_SHUTDOWN_TIMEOUT; default 30).",
+    )
+    add(
+        "training_script",
+        type=str,
+        help="Full path to the (single GPU) training program/script to be launched in parallel, "
+        "followed by all the arguments for the training script.",
+    )
+    add("training_script_args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` (default ``sys.argv[1:]``); argparse exits 2 on bad flags."""
+    return get_args_parser().parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[WorkerSpec, LogsSpecs]:
+    """The worker spec and log settings the flags describe.
+
+    Raises ``ValueError`` for inconsistent flags, ``NotADirectoryError`` for a file as log dir.
+    """
+    nnodes = _parse_nnodes(args.nnodes)
+    nproc = _parse_nproc_per_node(args.nproc_per_node)
+    if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # as torchrun: N busy workers each with all cores' worth of OpenMP threads thrash
+        logger.warning("setting OMP_NUM_THREADS=1 for each worker; tune it for your job")
+        os.environ["OMP_NUM_THREADS"] = "1"
+    if args.standalone:
+        if nnodes != 1:
+            raise ValueError("--standalone runs one node; drop --nnodes or --standalone")
+        rendezvous = StaticRendezvous(run_id=uuid.uuid4().hex)
+    else:
+        port = args.master_port
+        if port is None and nnodes > 1:
+            port = _DEFAULT_MASTER_PORT
+        rendezvous = StaticRendezvous(
+            nnodes=nnodes,
+            node_rank=args.node_rank,
+            master_addr=args.master_addr,
+            master_port=port,
+            run_id=args.run_id,
+        )
+    if args.no_python and args.module:
+        raise ValueError("Don't use both the '--no-python' flag and the '--module' flag")
+    entrypoint: str
+    cmd_args: list[str] = []
+    if args.no_python:
+        entrypoint = args.training_script
+    else:
+        entrypoint = os.environ.get("PYTHON_EXEC", sys.executable)
+        cmd_args.append("-u")
+        if args.module:
+            cmd_args.append("-m")
+        cmd_args.append(args.training_script)
+    cmd_args.extend(args.training_script_args)
+    ranks_filter = None
+    if args.local_ranks_filter:
+        try:
+            ranks_filter = {int(rank) for rank in args.local_ranks_filter.split(",")}
+        except ValueError as exc:
+            raise ValueError(
+                "--local-ranks-filter must be a comma-separated list of integers, e.g. 0,1,2"
+            ) from exc
+    spec = WorkerSpec(
+        role=args.role,
+        local_world_size=nproc,
+        entrypoint=entrypoint,
+        args=tuple(cmd_args),
+        max_restarts=args.max_restarts,
+        monitor_interval=args.monitor_interval,
+        rdzv_handler=rendezvous,
+    )
+    logs_specs = LogsSpecs(
+        log_dir=args.log_dir,
+        redirects=Std.from_str(args.redirects),
+        tee=Std.from_str(args.tee),
+        local_ranks_filter=ranks_filter,
+    )
+    return spec, logs_specs
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``aiockpt-run``: run the agent, then exit with the job's code."""
+    logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"))
+    args = parse_args(argv)
+    try:
+        spec, logs_specs = config_from_args(args)
+    except (ValueError, OSError) as exc:
+        get_args_parser().error(str(exc))
+    agent = LocalElasticAgent(
+        spec,
+        logs_specs,
+        exit_barrier_timeout=args.exit_barrier_timeout,
+        log_line_prefix_template=args.log_line_prefix_template,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    try:
+        result: RunResult = _run_on_fastest_loop(agent.run)
+    except SignalException as exc:
+        sys.exit(128 + exc.sigval)
+    except (FileNotFoundError, RendezvousError) as exc:
+        print(f"aiockpt-run: {exc}", file=sys.stderr)
+        sys.exit(1)
+    if result.is_failed():
+        print(format_failures(spec.get_entrypoint_name(), result.failures), file=sys.stderr)
+        sys.exit(1)
+
+
+def _run_on_fastest_loop(main: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+    """Run on uvloop where installed. Besides speed, uvloop learns of child exits from
+    SIGCHLD; the stock loop on Python < 3.12 starts a waitpid thread per worker."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main())
+
+
+def _parse_nnodes(value: str) -> int:
+    low, _, high = value.partition(":")
+    try:
+        nnodes, max_nodes = int(low), int(high or low)
+    except ValueError as exc:
+        raise ValueError(f"--nnodes must be N or N:N, got {value!r}") from exc
+    if nnodes != max_nodes:
+        raise ValueError(f"--nnodes {value}: only a fixed number of nodes is supported")
+    if nnodes < 1:
+        raise ValueError(f"--nnodes must be positive, got {value!r}")
+    return nnodes
+
+
+def _parse_nproc_per_node(value: str) -> int:
+    if value == "cpu":
+        return os.cpu_count() or 1
+    if value in ("gpu", "auto"):
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.device_count()
+        if value == "gpu":
+            raise ValueError("--nproc-per-node gpu: CUDA is not available")
+        return os.cpu_count() or 1
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise ValueError(f"unsupported --nproc-per-node value: {value!r}") from exc
