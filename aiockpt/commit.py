@@ -1,0 +1,446 @@
+"""Atomic, durable commit of checkpoint directories.
+
+Theory of operation. A directory is a checkpoint if and only if it contains the manifest
+(``aiockpt-manifest.json``), and the manifest is only ever created inside a temporary
+directory, after every file it names has been fsynced, and is itself fsynced before the
+directory is renamed into place. So whoever sees a manifest at a checkpoint path sees a
+complete, durable checkpoint; a crash at any point leaves either the old state or the new one,
+plus at worst a temporary directory that ``remove_stale_temps`` recognises by its name.
+
+A save goes through three phases so that a multi-rank save can run the middle one on every
+rank against one shared temporary directory and the last one on a single rank:
+
+1. ``prepare(path, overwrite=)``: refuse an existing ``path`` unless overwriting (before
+   anything is written), create ``<parent>/aiockpt-tmp-<name>-<random>`` (mode 0o700);
+2. ``write_files(writer, state_dict, temp_path)``: run the writer; hash and fsync whatever
+   files it did not report;
+3. ``finalize(pending, manifest)``: write and fsync the manifest, fsync the directory, rename
+   it into place, fsync the parent. With ``overwrite=True`` an existing checkpoint is swapped
+   out atomically (``renameat2(RENAME_EXCHANGE)`` where the file system has it), so the path
+   never shows a directory without a manifest; elsewhere the old one is renamed aside first
+   and the path is briefly absent, never torn.
+
+``abort(pending)`` removes the temporary directory; ``write_checkpoint`` runs all three and
+aborts on any exception. Removing a checkpoint renames it to ``aiockpt-del-<name>-<random>``
+first, so a crash halfway through deleting never leaves something that looks committed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import shutil
+import stat
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import xxhash
+
+from aiockpt.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    FileEntry,
+    Leaf,
+    Manifest,
+    OpaqueLeaf,
+    check_relative_name,
+    encode_manifest,
+    plain_leaf,
+)
+from aiockpt.writers.base import FileRecord, FileSink, Writer, flatten_state_dict
+
+__all__ = [
+    "TEMP_PREFIX",
+    "TRASH_PREFIX",
+    "CommitResult",
+    "PendingCheckpoint",
+    "abort",
+    "build_manifest",
+    "finalize",
+    "is_committed",
+    "list_committed",
+    "prepare",
+    "remove_checkpoint",
+    "remove_stale_temps",
+    "write_checkpoint",
+    "write_files",
+]
+
+#: name prefix of the temporary directory of a save in progress (or of one that crashed)
+TEMP_PREFIX = "aiockpt-tmp-"
+#: name prefix of a checkpoint being deleted (or replaced) whose removal may have crashed
+TRASH_PREFIX = "aiockpt-del-"
+# Leaves room for the prefixes and random suffixes within NAME_MAX (255).
+_NAME_PART = 100
+_HASH_CHUNK = 8 << 20
+
+
+class CommitResult(msgspec.Struct, frozen=True):
+    """A committed checkpoint: where, how many bytes in all (manifest included), its files,
+    and the seconds spent in the writer and in committing (manifest, fsyncs, renames)."""
+
+    path: str
+    nbytes: int
+    files: list[FileEntry]
+    write_seconds: float
+    commit_seconds: float
+
+
+@dataclass(frozen=True)
+class PendingCheckpoint:
+    """A save between ``prepare`` and ``finalize``/``abort``."""
+
+    path: str
+    temp_path: str
+    overwrite: bool
+
+
+def write_checkpoint(
+    writer: Writer,
+    state_dict: Any,
+    path: str | os.PathLike[str],
+    *,
+    format: str,
+    overwrite: bool = False,
+    metadata: Mapping[str, Any] | None = None,
+) -> CommitResult:
+    """Write ``state_dict`` with ``writer`` and commit it at ``path``; all three phases.
+
+    Raises FileExistsError if ``path`` exists and not ``overwrite`` (nothing written),
+    TypeError if ``metadata`` is not JSON-encodable, and whatever the writer raises; on any
+    exception the temporary directory is removed and ``path`` is untouched.
+    """
+    user_metadata = _check_metadata(metadata)
+    started = time.perf_counter()
+    pending = prepare(path, overwrite=overwrite)
+    try:
+        records = write_files(writer, state_dict, pending.temp_path)
+        written = time.perf_counter()
+        manifest = build_manifest(format, state_dict, records, metadata=user_metadata)
+        manifest_size = finalize(pending, manifest)
+    except BaseException:
+        abort(pending)
+        raise
+    return CommitResult(
+        path=pending.path,
+        nbytes=sum(f.size for f in manifest.files) + manifest_size,
+        files=manifest.files,
+        write_seconds=written - started,
+        commit_seconds=time.perf_counter() - written,
+    )
+
+
+def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    # Fail before writing gigabytes, not after.
+    user_metadata = dict(metadata or {})
+    try:
+        msgspec.json.encode(user_metadata)
+    except (msgspec.EncodeError, TypeError) as exc:
+        raise TypeError(f"checkpoint metadata must be JSON-encodable: {exc}") from exc
+    return user_metadata
+
+
+def prepare(path: str | os.PathLike[str], *, overwrite: bool = False) -> PendingCheckpoint:
+    """Phase 1: check ``path`` and create the temporary directory next to it.
+
+    Creates missing parent directories (durably). Raises FileExistsError if ``path`` exists
+    and not ``overwrite``, ValueError for a path with no final component.
+    """
+    final = os.path.abspath(os.fspath(path))
+    parent, name = os.path.split(final)
+    if not name:
+        raise ValueError(f"checkpoint path {os.fspath(path)!r} has no name")
+    if not overwrite and os.path.lexists(final):
+        raise FileExistsError(errno.EEXIST, "checkpoint path exists and overwrite=False", final)
+    _makedirs_durable(parent)
+    temp = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{name[:_NAME_PART]}-", dir=parent)
+    return PendingCheckpoint(final, temp, overwrite)
+
+
+def write_files(writer: Writer, state_dict: Any, temp_path: str) -> list[FileRecord]:
+    """Phase 2: run ``writer`` in ``temp_path``; return records of every file there.
+
+    Files the writer did not report (all of them when it returns None) are hashed and
+    fsynced here. Raises ValueError if a record names a missing file, a file of another size,
+    or a name outside the directory, or if the writer left something other than regular files
+    and directories.
+    """
+    reported = writer.write(state_dict, temp_path)
+    records = {r.name: r for r in reported or ()}
+    on_disk = _sync_tree(temp_path, skip=records)
+    for record in records.values():
+        check_relative_name(record.name)
+        actual = on_disk.get(record.name)
+        if actual != record.size:
+            raise ValueError(
+                f"writer reported {record.name!r} with {record.size} bytes, found "
+                f"{'no file' if actual is None else f'{actual} bytes'}"
+            )
+    for name in sorted(on_disk.keys() - records.keys()):
+        records[name] = _hash_file(temp_path, name)
+    return list(records.values())
+
+
+def build_manifest(
+    format: str,
+    state_dict: Any,
+    records: Sequence[FileRecord],
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    world_size: int = 1,
+) -> Manifest:
+    """The manifest of ``state_dict`` as written into ``records``.
+
+    Leaves the writer located stay where it put them; plain values go into the manifest;
+    anything else a writer stored without saying where becomes ``OpaqueLeaf``.
+    """
+    skeleton, flat = flatten_state_dict(state_dict)
+    located: dict[int, Leaf] = {}
+    for record in records:
+        located.update(record.leaves)
+    leaves: list[Leaf] = []
+    for index, (_, value) in enumerate(flat):
+        leaf = located.get(index)
+        if leaf is None:
+            leaf = plain_leaf(value)
+        if leaf is None:
+            leaf = OpaqueLeaf(type(value).__qualname__)
+        leaves.append(leaf)
+    files = sorted((FileEntry(r.name, r.size, r.xxh3_64) for r in records), key=_entry_name)
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        format=format,
+        files=files,
+        skeleton=skeleton,
+        leaves=leaves,
+        metadata=dict(metadata or {}),
+        world_size=world_size,
+    )
+
+
+def _entry_name(entry: FileEntry) -> str:
+    return entry.name
+
+
+def finalize(pending: PendingCheckpoint, manifest: Manifest) -> int:
+    """Phase 3: write the manifest, make everything durable, publish at ``pending.path``.
+
+    Returns the manifest's size in bytes. Raises FileExistsError if something appeared at
+    the path meanwhile and not ``overwrite``; the caller then aborts.
+    """
+    with FileSink(pending.temp_path, MANIFEST_NAME) as sink:
+        sink.write(encode_manifest(manifest))
+        size = sink.close().size
+    _fsync_dir(pending.temp_path)
+    parent = os.path.dirname(pending.path)
+    if pending.overwrite and os.path.lexists(pending.path):
+        _replace(pending.temp_path, pending.path)
+    else:
+        _rename_noreplace(pending.temp_path, pending.path)
+        _fsync_dir(parent)
+    return size
+
+
+def abort(pending: PendingCheckpoint) -> None:
+    """Remove the temporary directory of a failed save (best effort, never raises)."""
+    shutil.rmtree(pending.temp_path, ignore_errors=True)
+
+
+def is_committed(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a committed checkpoint: a directory holding a manifest whose name
+    is not one of a save in progress or a removal in progress."""
+    name = os.path.basename(os.path.normpath(os.fspath(path)))
+    if name.startswith((TEMP_PREFIX, TRASH_PREFIX)):
+        return False
+    return os.path.isfile(os.path.join(path, MANIFEST_NAME))
+
+
+def list_committed(root: str | os.PathLike[str]) -> list[str]:
+    """Paths of the committed checkpoints directly under ``root``, in natural name order
+    (``step_9`` before ``step_10``); empty if ``root`` does not exist."""
+    try:
+        entries = list(os.scandir(root))
+    except FileNotFoundError:
+        return []
+    names = [e.name for e in entries if is_committed(e.path)]
+    return [os.path.join(os.fspath(root), n) for n in sorted(names, key=_natural_key)]
+
+
+def _natural_key(name: str) -> list[tuple[int, int | str]]:
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", name) if p]
+
+
+def remove_stale_temps(root: str | os.PathLike[str], *, min_age_s: float = 0.0) -> list[str]:
+    """Remove what crashed saves and removals left directly under ``root``; return the paths.
+
+    Only entries named like a save or removal in progress are touched, and only those last
+    modified at least ``min_age_s`` ago: a save still running under ``root`` in another
+    process would otherwise lose its temporary directory, so call this when none can be
+    (at start-up), or with a generous ``min_age_s``.
+    """
+    removed: list[str] = []
+    now = time.time()
+    try:
+        entries = list(os.scandir(root))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith((TEMP_PREFIX, TRASH_PREFIX)):
+            continue
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime < min_age_s:
+                continue
+            _remove_any(entry.path)
+        except FileNotFoundError:
+            continue  # someone else removed it first
+        removed.append(entry.path)
+    return removed
+
+
+def remove_checkpoint(path: str | os.PathLike[str]) -> None:
+    """Delete the committed checkpoint at ``path``, crash-safely.
+
+    The directory is first renamed aside (atomic: it stops being a checkpoint at once), then
+    deleted; a crash in between leaves an ``aiockpt-del-*`` directory for
+    ``remove_stale_temps``. Raises FileNotFoundError if nothing is at ``path``, ValueError if
+    what is there is not a committed checkpoint (never deletes arbitrary directories).
+    """
+    final = os.path.abspath(os.fspath(path))
+    if not os.path.lexists(final):
+        raise FileNotFoundError(errno.ENOENT, "no checkpoint at this path", final)
+    if not is_committed(final):
+        raise ValueError(f"{final!r} is not a committed checkpoint; not removing it")
+    trash = _aside_name(final)
+    os.rename(final, trash)
+    _fsync_dir(os.path.dirname(final))
+    _remove_any(trash)
+
+
+def _aside_name(path: str) -> str:
+    parent, name = os.path.split(path)
+    return os.path.join(parent, f"{TRASH_PREFIX}{name[:_NAME_PART]}-{uuid.uuid4().hex[:12]}")
+
+
+def _replace(temp: str, final: str) -> None:
+    """Put ``temp`` at ``final``, which exists, then delete what was there."""
+    parent = os.path.dirname(final)
+    if _renameat2(temp, final, _RENAME_EXCHANGE):
+        old = temp  # the exchange left the old checkpoint under the temporary name
+    else:
+        old = _aside_name(final)
+        os.rename(final, old)
+        os.rename(temp, final)
+    _fsync_dir(parent)
+    _remove_any(old)
+
+
+def _rename_noreplace(temp: str, final: str) -> None:
+    if _renameat2(temp, final, _RENAME_NOREPLACE):
+        return
+    # No renameat2: a plain rename would silently replace an empty directory at final.
+    if os.path.lexists(final):
+        raise FileExistsError(errno.EEXIST, "checkpoint path exists and overwrite=False", final)
+    os.rename(temp, final)
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+
+
+def _load_renameat2() -> Any:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not Linux, or a libc without it
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p)
+    function.argtypes += (ctypes.c_uint,)
+    function.restype = ctypes.c_int
+    return function
+
+
+_renameat2_function = _load_renameat2()
+
+
+def _renameat2(src: str, dst: str, flags: int) -> bool:
+    """Linux ``renameat2``; False if the system or file system does not support ``flags``.
+
+    Raises OSError (FileExistsError for RENAME_NOREPLACE onto an existing path).
+    """
+    if _renameat2_function is None:
+        return False
+    if _renameat2_function(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags):
+        code = ctypes.get_errno()
+        if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            return False
+        raise OSError(code, os.strerror(code), src, None, dst)
+    return True
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs_durable(directory: str) -> None:
+    """``os.makedirs``, then fsync the parent of each directory it created."""
+    missing: list[str] = []
+    probe = directory
+    while not os.path.isdir(probe):
+        missing.append(probe)
+        probe = os.path.dirname(probe)
+    if missing:
+        os.makedirs(directory, exist_ok=True)
+        for created in reversed(missing):
+            _fsync_dir(os.path.dirname(created))
+
+
+def _remove_any(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def _sync_tree(top: str, *, skip: Mapping[str, FileRecord]) -> dict[str, int]:
+    """Sizes of all files under ``top`` by relative name; fsync those not in ``skip`` and
+    every subdirectory. Raises ValueError for anything but regular files and directories."""
+    sizes: dict[str, int] = {}
+    for directory, dirnames, filenames in os.walk(top):
+        relative_dir = os.path.relpath(directory, top)
+        for name in dirnames + filenames:
+            full = os.path.join(directory, name)
+            info = os.lstat(full)
+            if stat.S_ISDIR(info.st_mode):
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                raise ValueError(f"writer left {full!r}, which is not a regular file")
+            relative = name if relative_dir == "." else f"{relative_dir}/{name}"
+            sizes[relative] = info.st_size
+        if directory != top:
+            _fsync_dir(directory)
+    return sizes
+
+
+def _hash_file(top: str, name: str) -> FileRecord:
+    """Hash and fsync ``top/name`` for a writer that did not report it."""
+    digest = xxhash.xxh3_64()
+    size = 0
+    with open(os.path.join(top, name), "rb", buffering=0) as f:
+        buffer = bytearray(_HASH_CHUNK)
+        view = memoryview(buffer)
+        while count := f.readinto(buffer):
+            digest.update(view[:count])
+            size += count
+        os.fsync(f.fileno())
+    return FileRecord(name, size, digest.hexdigest())

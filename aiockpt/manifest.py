@@ -1,0 +1,197 @@
+"""The manifest: the one file whose presence makes a directory a checkpoint.
+
+A checkpoint directory holds the files a writer produced (DCP data files and ``.metadata``, or
+safetensors files) plus ``aiockpt-manifest.json``, written last, which names every file with its
+size and xxh3_64 checksum, and describes the state dict: its ``skeleton`` (the tree with int
+keys and tuples intact, see ``aiockpt.tree``) and one entry per leaf, in skeleton order:
+
+* ``tensor``: raw little-endian bytes of a contiguous tensor at ``offset`` in ``file``;
+* ``value`` / ``float`` / ``bigint`` / ``bytes``: plain values stored in the manifest itself
+  (floats as ``repr`` text so that nan, inf and -0.0 survive JSON);
+* ``object``: a pickle at ``offset`` in ``file`` (only when the user opted into pickling; never
+  unpickled on load unless the caller allows it);
+* ``opaque``: a leaf a custom writer stored in its own way, which only its format can read.
+
+Example (abridged)::
+
+    {"format_version": 1, "format": "safetensors", "world_size": 1,
+     "files": [{"name": "model.safetensors", "size": 1088, "xxh3_64": "3b5d..."}],
+     "skeleton": ["dict", ["w", "step"], [["leaf", 0], ["leaf", 1]]],
+     "leaves": [{"type": "tensor", "file": "model.safetensors", "offset": 64,
+                 "dtype": "float32", "shape": [16, 16]},
+                {"type": "value", "value": 100}],
+     "metadata": {"epoch": 3}}
+
+Everything here is plain msgspec: no torch import, no I/O.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Any, TypeAlias
+
+import msgspec
+
+from aiockpt.tree import Node
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "BigIntLeaf",
+    "BytesLeaf",
+    "FileEntry",
+    "FloatLeaf",
+    "Leaf",
+    "Manifest",
+    "ObjectLeaf",
+    "OpaqueLeaf",
+    "TensorLeaf",
+    "ValueLeaf",
+    "check_relative_name",
+    "decode_manifest",
+    "encode_manifest",
+    "plain_leaf",
+    "plain_value",
+]
+
+#: bumped when a reader of an older version could misread a newer manifest
+FORMAT_VERSION = 1
+#: file name of the manifest inside a checkpoint directory
+MANIFEST_NAME = "aiockpt-manifest.json"
+
+# msgpack and JSON both carry ints in this range exactly; larger ones go through BigIntLeaf.
+_INT_MIN = -(2**63)
+_INT_MAX = 2**64 - 1
+
+
+class FileEntry(msgspec.Struct, frozen=True):
+    """One file of a checkpoint: its name relative to the checkpoint directory."""
+
+    name: str
+    size: int
+    xxh3_64: str
+
+
+class TensorLeaf(msgspec.Struct, frozen=True, tag="tensor", tag_field="type"):
+    """A contiguous tensor stored as raw bytes at ``offset`` in ``file``."""
+
+    file: str
+    offset: int
+    dtype: str
+    shape: list[int]
+
+
+class ObjectLeaf(msgspec.Struct, frozen=True, tag="object", tag_field="type"):
+    """A pickled object of ``nbytes`` at ``offset`` in ``file`` (user opted into pickling)."""
+
+    file: str
+    offset: int
+    nbytes: int
+
+
+class ValueLeaf(msgspec.Struct, frozen=True, tag="value", tag_field="type"):
+    """A str, bool, None or 64-bit int, stored in the manifest itself."""
+
+    value: int | str | bool | None
+
+
+class FloatLeaf(msgspec.Struct, frozen=True, tag="float", tag_field="type"):
+    """A float as ``repr`` text: JSON has no nan or inf, and ``float(repr(x)) == x``."""
+
+    value: str
+
+
+class BigIntLeaf(msgspec.Struct, frozen=True, tag="bigint", tag_field="type"):
+    """An int outside the 64-bit range, as decimal text."""
+
+    value: str
+
+
+class BytesLeaf(msgspec.Struct, frozen=True, tag="bytes", tag_field="type"):
+    """A bytes value (base64 in JSON)."""
+
+    value: bytes
+
+
+class OpaqueLeaf(msgspec.Struct, frozen=True, tag="opaque", tag_field="type"):
+    """A leaf a custom writer stored without telling where; ``kind`` is its Python type name."""
+
+    kind: str
+
+
+Leaf: TypeAlias = (
+    TensorLeaf | ObjectLeaf | ValueLeaf | FloatLeaf | BigIntLeaf | BytesLeaf | OpaqueLeaf
+)
+
+
+class Manifest(msgspec.Struct, frozen=True):
+    """Everything needed to verify and load a checkpoint directory without unpickling."""
+
+    format_version: int
+    format: str
+    files: list[FileEntry]
+    skeleton: Node
+    leaves: list[Leaf]
+    metadata: dict[str, Any] = {}
+    world_size: int = 1
+
+
+def plain_leaf(value: Any) -> Leaf | None:
+    """The manifest entry for a plain leaf value, or None if ``value`` is not plain.
+
+    Plain means exactly ``int``, ``float``, ``str``, ``bool``, ``None`` or ``bytes`` (not
+    subclasses: an ``IntEnum`` or ``numpy.float64`` would come back as a different type).
+    """
+    kind = type(value)
+    if kind is float:
+        return FloatLeaf(repr(value))
+    if kind is int:
+        return ValueLeaf(value) if _INT_MIN <= value <= _INT_MAX else BigIntLeaf(str(value))
+    if kind is str or kind is bool or value is None:
+        return ValueLeaf(value)
+    if kind is bytes:
+        return BytesLeaf(value)
+    return None
+
+
+def plain_value(leaf: ValueLeaf | FloatLeaf | BigIntLeaf | BytesLeaf) -> Any:
+    """The Python value a plain leaf entry stands for (inverse of ``plain_leaf``)."""
+    if isinstance(leaf, FloatLeaf):
+        return float(leaf.value)
+    if isinstance(leaf, BigIntLeaf):
+        return int(leaf.value)
+    return leaf.value
+
+
+def check_relative_name(name: str) -> str:
+    """Return ``name`` if it names a file inside a checkpoint directory, else raise ValueError.
+
+    Manifests are data read from disk: a name such as ``../../etc/passwd`` or ``/etc/passwd``
+    must never make a reader (or remover) touch anything outside the checkpoint.
+    """
+    normalized = posixpath.normpath(name)
+    if (
+        not name
+        or "\0" in name
+        or "\\" in name
+        or name.startswith("/")
+        or normalized != name
+        or normalized == "."
+        or normalized.split("/")[0] == ".."
+    ):
+        raise ValueError(f"{name!r} is not a relative file name inside a checkpoint")
+    return name
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Manifest)
+
+
+def encode_manifest(manifest: Manifest) -> bytes:
+    """JSON bytes for ``manifest`` (``msgspec.EncodeError`` for unencodable user metadata)."""
+    return _encoder.encode(manifest)
+
+
+def decode_manifest(data: bytes) -> Manifest:
+    """Parse manifest bytes; raises ``msgspec.DecodeError`` or ``msgspec.ValidationError``."""
+    return _decoder.decode(data)

@@ -1,0 +1,279 @@
+"""The writer protocol and the pieces every built-in writer shares.
+
+A writer turns a state dict into files inside a directory that commit created for it (empty,
+owner-only, temporary); commit then writes the manifest and renames the directory into place.
+Writers run in a worker thread of the checkpoint process, on tensors that are views into a
+shared-memory mapping, so they must write straight from tensor memory and keep no reference to
+a tensor after ``write`` returns.
+
+``FileSink`` is how built-in writers produce files: sequential writes from tensor memory, the
+xxh3_64 checksum computed on the same bytes just before they are written (hot in cache, no
+second pass), the ``write`` system calls on a helper thread so that hashing one chunk overlaps
+writing the previous one (xxhash holds the GIL, ``os.write`` releases it), and fsync on close.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pickle
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol, runtime_checkable
+
+import msgspec
+import torch
+import xxhash
+
+from aiockpt.manifest import Leaf, ObjectLeaf, plain_leaf
+from aiockpt.tree import KeyPath, Node, flatten
+
+__all__ = [
+    "FileRecord",
+    "FileSink",
+    "Writer",
+    "dtype_from_name",
+    "dtype_name",
+    "flatten_state_dict",
+    "is_tensor",
+    "open_new_file",
+    "split_leaves",
+    "tensor_bytes",
+    "tensor_for_write",
+    "write_objects",
+]
+
+
+class FileRecord(msgspec.Struct, frozen=True):
+    """A file a writer wrote and fsynced: name relative to the checkpoint directory, size,
+    xxh3_64 hex digest, and where in it the writer put leaves of the state dict (leaf index in
+    ``flatten_state_dict`` order -> location)."""
+
+    name: str
+    size: int
+    xxh3_64: str
+    leaves: dict[int, Leaf] = {}
+
+
+@runtime_checkable
+class Writer(Protocol):
+    """Writes a state dict into ``path``, an existing, empty, owner-only directory.
+
+    Returns a ``FileRecord`` for every file written (each already fsynced), or ``None`` to let
+    commit hash and fsync every file it finds in ``path``. Called in a worker thread; may raise
+    anything, in which case commit removes ``path`` and re-raises.
+    """
+
+    def write(self, state_dict: Any, path: str, **kwargs: Any) -> Sequence[FileRecord] | None:
+        """Write ``state_dict`` into ``path``."""
+        ...
+
+
+def is_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor)
+
+
+def flatten_state_dict(state_dict: Any) -> tuple[Node, list[tuple[KeyPath, Any]]]:
+    """The skeleton and the ``(key path, leaf)`` pairs of a state dict; tensors are leaves.
+
+    Writers and commit both call this, so leaf indices agree between ``FileRecord.leaves``
+    and the manifest. Raises ``TypeError`` for dict keys that are neither str nor int.
+    """
+    return flatten(state_dict, is_tensor)
+
+
+# dtype <-> name, as in ``str(torch.float32)`` without the prefix. Built from torch itself so
+# that new dtypes work, and looked up in this table on load: a manifest is data read from disk,
+# and ``getattr(torch, name)`` on it could return anything.
+_DTYPES: dict[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """The torch dtype called ``name`` (``"bfloat16"``); ValueError if there is none."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}") from None
+
+
+_memoryview_from_memory = ctypes.pythonapi.PyMemoryView_FromMemory
+_memoryview_from_memory.restype = ctypes.py_object
+_memoryview_from_memory.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
+_PYBUF_WRITE = 0x200
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory, without copying.
+
+    Works for every dtype (numpy has no bfloat16 or float8) and needs no numpy. The view does
+    not keep ``tensor`` alive: use it only while holding the tensor.
+    """
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise ValueError("tensor_bytes needs a contiguous CPU tensor")
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return memoryview(b"")
+    view: memoryview = _memoryview_from_memory(tensor.data_ptr(), nbytes, _PYBUF_WRITE)
+    return view
+
+
+def tensor_for_write(tensor: torch.Tensor, where: str) -> torch.Tensor:
+    """``tensor`` as a plain contiguous CPU tensor (a copy only if it is not one already).
+
+    The worker hands writers contiguous CPU tensors; this keeps direct callers correct too.
+    Raises TypeError, naming ``where``, for sparse, quantized or other non-strided tensors.
+    """
+    if tensor.layout != torch.strided or tensor.is_quantized:
+        raise TypeError(f"{where}: cannot checkpoint a {tensor.layout} / {tensor.dtype} tensor")
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    if tensor.is_conj() or tensor.is_neg():
+        tensor = tensor.resolve_conj().resolve_neg()
+    return tensor.contiguous()
+
+
+def open_new_file(directory: str, name: str) -> int:
+    """Create ``directory/name`` for writing, owner-only; never follows or reuses a path.
+
+    ``name`` is always chosen by the writer, never derived from state-dict keys. Raises
+    FileExistsError if it exists.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    return os.open(os.path.join(directory, name), flags, 0o600)
+
+
+#: bytes hashed and written per step: large enough for few system calls, small enough that a
+#: chunk is still in cache when written right after being hashed
+CHUNK_BYTES = 4 << 20
+# Writes smaller than this are gathered (zip headers, pickles) into one system call.
+_SMALL_WRITE = 64 << 10
+# How many chunks may wait for the write thread: bounds how far hashing runs ahead.
+_WRITE_DEPTH = 2
+
+
+class FileSink:
+    """One file written sequentially, hashed as it goes, fsynced on ``close``.
+
+    Use as a context manager: leaving the block with an exception closes the descriptor and
+    leaves the partial file to be removed with its temporary directory. Buffers passed to
+    ``write`` must stay valid until ``close`` returns (tensor memory does).
+    """
+
+    def __init__(self, directory: str, name: str, *, chunk_bytes: int = CHUNK_BYTES) -> None:
+        self.name = name
+        self.offset = 0
+        self._fd = open_new_file(directory, name)
+        self._hash = xxhash.xxh3_64()
+        self._chunk = chunk_bytes
+        self._small = bytearray()
+        self._pending: deque[Future[None]] = deque()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> FileSink:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._shutdown()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Append ``data``; return the offset in the file where it starts."""
+        view = memoryview(data).cast("B")
+        start = self.offset
+        self.offset += view.nbytes
+        if view.nbytes < _SMALL_WRITE:
+            self._hash.update(view)
+            self._small += view
+            if len(self._small) >= _SMALL_WRITE:
+                self._flush_small()
+            return start
+        self._flush_small()
+        for begin in range(0, view.nbytes, self._chunk):
+            chunk = view[begin : begin + self._chunk]
+            self._hash.update(chunk)
+            self._submit(chunk)
+        return start
+
+    def align(self, alignment: int) -> int:
+        """Pad with zeros up to a multiple of ``alignment``; return the new offset."""
+        self.write(bytes(-self.offset % alignment))
+        return self.offset
+
+    def close(self) -> FileRecord:
+        """Finish all writes, fsync and close; the record of the file as written."""
+        try:
+            self._flush_small()
+            while self._pending:
+                self._pending.popleft().result()
+            os.fsync(self._fd)
+        finally:
+            self._shutdown()
+        return FileRecord(self.name, self.offset, self._hash.hexdigest())
+
+    def _flush_small(self) -> None:
+        if self._small:
+            self._submit(memoryview(bytes(self._small)))
+            self._small.clear()
+
+    def _submit(self, chunk: memoryview) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="aiockpt-write")
+        while len(self._pending) >= _WRITE_DEPTH:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(_write_all, self._fd, chunk))
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            # Waits for a write in progress: its buffer must not be released under it.
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        written = os.write(fd, data)
+        data = data[written:]
+
+
+def write_objects(
+    objects: Sequence[tuple[int, Any]], directory: str, name: str
+) -> FileRecord | None:
+    """Pickle ``(leaf index, object)`` pairs into ``directory/name``; None if there are none.
+
+    Only reached for leaves that are not tensors or plain values, which the caller let into
+    the state dict by opting into pickling; loading them again needs the same opt-in.
+    """
+    if not objects:
+        return None
+    leaves: dict[int, Leaf] = {}
+    with FileSink(directory, name) as sink:
+        for index, obj in objects:
+            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+            leaves[index] = ObjectLeaf(name, sink.write(data), len(data))
+        record = sink.close()
+    return msgspec.structs.replace(record, leaves=leaves)
+
+
+def split_leaves(
+    leaves: Sequence[tuple[KeyPath, Any]],
+) -> tuple[list[tuple[int, KeyPath, torch.Tensor]], list[tuple[int, Any]]]:
+    """Tensor leaves ``(index, key path, tensor)`` and object leaves ``(index, object)``;
+    plain values are left out (commit stores them in the manifest)."""
+    tensors: list[tuple[int, KeyPath, torch.Tensor]] = []
+    objects: list[tuple[int, Any]] = []
+    for index, (path, value) in enumerate(leaves):
+        if isinstance(value, torch.Tensor):
+            tensors.append((index, path, value))
+        elif plain_leaf(value) is None:
+            objects.append((index, value))
+    return tensors, objects

@@ -1,0 +1,258 @@
+"""The DCP writer: a directory ``torch.distributed.checkpoint.load`` reads, written fast.
+
+``dcp.save`` with ``FileSystemWriter`` serializes each tensor with ``torch.save`` into a
+Python stream, which copies every tensor into a ``bytes`` object on the way and CRC32s it. This
+writer produces the same layout without either:
+
+* the plan, the flattening of nested state dicts and the ``Metadata`` come from torch's own
+  ``DefaultSavePlanner``, so FQNs, ``planner_data`` and chunk metadata are exactly what
+  ``dcp.load`` expects;
+* each tensor item is a complete ``torch.save`` zip archive in the rank's ``.distcp`` file, as
+  ``FileSystemReader`` needs (it calls ``torch.load(weights_only=True)`` on each slice): the
+  pickle and small records come from torch's own ``torch.serialization._save``, run on a
+  surrogate tensor that aliases the real one's memory; the zip framing is built here, and the
+  tensor's bytes are written straight from its memory, 64-byte aligned. Like
+  ``torch.serialization.set_crc32_options(False)``, the zip CRC fields are 0; ``torch.load``
+  does not check them (integrity is the manifest's xxh3_64);
+* non-tensor items are what the planner makes of them (``torch.save`` of the object), as in
+  ``dcp.save``; ``.metadata`` is a pickle of torch's ``Metadata``, as in ``dcp.save``.
+
+The manifest's tensor index points at the raw bytes inside each archive, so ``aiockpt.load``
+reads DCP checkpoints without unpickling ``.metadata`` or any data item. Tensors that DCP itself
+pickles as part of a bigger object (tensors inside tuples, which DCP treats as opaque values)
+are additionally written raw after the DCP items so that the index covers every tensor.
+
+Single rank for now: the writer writes its data file and ``.metadata`` itself. A multi-rank
+save would split this into per-rank data writes and one ``.metadata`` write on the finalizing
+rank (``_write_data`` returns what that step needs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import struct
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import torch
+import torch.serialization
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
+from torch.distributed.checkpoint.metadata import MetadataIndex, StorageMeta
+
+from aiockpt.manifest import Leaf, TensorLeaf
+from aiockpt.protocol import RankInfo
+from aiockpt.tree import format_key_path
+from aiockpt.writers.base import (
+    FileRecord,
+    FileSink,
+    dtype_name,
+    flatten_state_dict,
+    split_leaves,
+    tensor_bytes,
+    tensor_for_write,
+    write_objects,
+)
+
+__all__ = ["DcpWriter", "torch_save_framing"]
+
+_ALIGN = 64
+_U32_MAX = 0xFFFFFFFF
+_LOCAL = struct.Struct("<IHHHHHIIIHH")
+_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
+_EOCD = struct.Struct("<IHHHHIIH")
+_ZIP64_EOCD = struct.Struct("<IQHHIIQQQQ")
+_ZIP64_LOCATOR = struct.Struct("<IIQI")
+_ZIP64_EXTRA_ID = 0x0001
+# miniz (torch's zip library) pads with an extra field of this id; readers skip unknown ids.
+_PADDING_EXTRA_ID = 0x4246
+_DOS_DATE_1980 = 0x21
+# torch.save's archive layout: small records first, the storage last (the storage record is
+# named "data/0" for a single tensor), "version" as torch's zip writer adds it.
+_ARCHIVE = "archive/"
+_VERSION_RECORD = ("version", b"3\n")
+
+
+class DcpWriter:
+    """Writes a dict state dict in the layout of ``torch.distributed.checkpoint.save``."""
+
+    def __init__(self, rank_info: RankInfo | None = None, **options: Any) -> None:
+        if options:
+            raise TypeError(f"DcpWriter got unknown options {sorted(options)}")
+        self.rank_info = rank_info or RankInfo()
+
+    def write(self, state_dict: Any, path: str, **kwargs: Any) -> Sequence[FileRecord]:
+        """Write ``state_dict`` into the directory ``path``.
+
+        Raises TypeError if ``state_dict`` is not a dict (DCP's rule) or holds non-strided
+        tensors, ValueError for two leaves with the same DCP name, OSError from the file system.
+        """
+        if not isinstance(state_dict, dict):
+            raise TypeError(
+                f"format='dcp' needs a dict at the top of the state dict, got "
+                f"{type(state_dict).__name__}"
+            )
+        planner = DefaultSavePlanner()
+        planner.set_up_planner(state_dict, storage_meta=None, is_coordinator=True)
+        local_plan = planner.create_local_plan()
+        global_plans, metadata = planner.create_global_plan([local_plan])
+        plan = planner.finish_plan(global_plans[0])
+        records, storage = self._write_data(state_dict, planner, plan.items, path)
+        metadata = dataclasses.replace(
+            metadata,
+            storage_data=storage,
+            storage_meta=StorageMeta(save_id=str(uuid.uuid4())),
+            version=CURRENT_DCP_VERSION,
+        )
+        with FileSink(path, ".metadata") as sink:
+            sink.write(pickle.dumps(metadata))
+            records.append(sink.close())
+        return records
+
+    def _write_data(
+        self, state_dict: dict[Any, Any], planner: DefaultSavePlanner, items: Any, path: str
+    ) -> tuple[list[FileRecord], dict[MetadataIndex, _StorageInfo]]:
+        rank = self.rank_info.global_rank
+        data_file = f"__{rank}_0.distcp"
+        _, flat = flatten_state_dict(state_dict)
+        tensors, objects = split_leaves(flat)
+        storage: dict[MetadataIndex, _StorageInfo] = {}
+        # id of a tensor object in state_dict -> offset of its raw bytes in data_file.
+        raw_offsets: dict[int, int] = {}
+        with FileSink(path, data_file) as sink:
+            for item in items:
+                data = planner.resolve_data(item)
+                start = sink.align(_ALIGN)
+                if isinstance(data, torch.Tensor):
+                    raw = _write_torch_save(sink, tensor_for_write(data, item.index.fqn))
+                    raw_offsets.setdefault(id(data), raw)
+                else:  # WriteItemType.BYTE_IO: torch.save of the object, as dcp.save writes it
+                    sink.write(data.getbuffer())
+                storage[item.index] = _StorageInfo(data_file, start, sink.offset - start)
+            leaves: dict[int, Leaf] = {}
+            for index, key_path, tensor in tensors:
+                plain = tensor_for_write(tensor, format_key_path(key_path))
+                offset = raw_offsets.get(id(tensor))
+                if offset is None:
+                    sink.align(_ALIGN)
+                    offset = sink.write(tensor_bytes(plain))
+                leaves[index] = TensorLeaf(
+                    data_file, offset, dtype_name(plain.dtype), list(plain.shape)
+                )
+            record = msgspec.structs.replace(sink.close(), leaves=leaves)
+        records = [record]
+        object_record = write_objects(objects, path, f"__{rank}_objects.pkl")
+        if object_record is not None:
+            records.append(object_record)
+        return records, storage
+
+
+def _write_torch_save(sink: FileSink, tensor: torch.Tensor) -> int:
+    """Write ``tensor`` as a ``torch.save`` archive; return the offset of its raw bytes."""
+    nbytes = tensor.numel() * tensor.element_size()
+    head, tail = torch_save_framing(tensor, zip64=nbytes >= _U32_MAX)
+    raw = sink.write(head) + len(head)
+    sink.write(tensor_bytes(tensor))
+    sink.write(tail)
+    return raw
+
+
+class _RecordCollector:
+    """Stands in for torch's zip writer to learn the records ``torch.save`` would write."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, bytes | None]] = []
+
+    def write_record(self, name: str, data: Any, nbytes: int) -> None:
+        if isinstance(data, str):
+            data = data.encode()
+        # Storages (the tensor data) are recorded as None: their bytes come from the tensor.
+        self.records.append((name, data if isinstance(data, bytes) else None))
+
+
+def torch_save_framing(tensor: torch.Tensor, *, zip64: bool = False) -> tuple[bytes, bytes]:
+    """``(head, tail)`` such that ``head + tensor bytes + tail`` is what ``torch.load`` reads
+    as ``tensor`` (a torch.save zip archive with CRC fields 0, data 64-byte aligned).
+
+    ``zip64`` forces zip64 records (needed, and chosen automatically, from 4 GiB).
+    """
+    # A tensor whose storage is exactly its bytes at offset 0 (the real one may be a view into
+    # a larger arena, which torch.save would write whole). It aliases the memory: no copy.
+    if tensor.numel() == 0:
+        surrogate = torch.empty(tensor.shape, dtype=tensor.dtype)
+    else:
+        flat = torch.frombuffer(tensor_bytes(tensor), dtype=torch.uint8)
+        surrogate = flat.view(tensor.dtype).reshape(tensor.shape)
+    collector = _RecordCollector()
+    torch.serialization._save(surrogate, collector, pickle, 2, False)  # type: ignore[no-untyped-call]
+    small = [(name, data) for name, data in collector.records if data is not None]
+    storage_names = [name for name, data in collector.records if data is None]
+    if len(storage_names) != 1:  # pragma: no cover - torch.save of one tensor has one storage
+        raise RuntimeError(f"unexpected torch.save records {storage_names}")
+    return _zip_framing(
+        [*small, _VERSION_RECORD], storage_names[0], surrogate.untyped_storage().nbytes(), zip64
+    )
+
+
+def _zip_framing(
+    small: list[tuple[str, bytes]], data_name: str, data_size: int, zip64: bool
+) -> tuple[bytes, bytes]:
+    head = bytearray()
+    central = bytearray()
+    entries = [(name, len(payload), payload) for name, payload in small]
+    entries.append((data_name, data_size, b""))  # its bytes follow the head
+    for name, size, payload in entries:
+        offset = len(head)
+        head += _local_header(name, size, offset, zip64)
+        head += payload
+        central += _central_header(name, size, offset, zip64)
+    central_offset = len(head) + data_size
+    return bytes(head), bytes(central) + _end_records(
+        len(small) + 1, len(central), central_offset, zip64
+    )
+
+
+def _local_header(name: str, size: int, offset: int, zip64: bool) -> bytes:
+    encoded = (_ARCHIVE + name).encode()
+    big = zip64 or size >= _U32_MAX
+    extra = struct.pack("<HHQQ", _ZIP64_EXTRA_ID, 16, size, size) if big else b""
+    pad = -(offset + _LOCAL.size + len(encoded) + len(extra)) % _ALIGN
+    if pad:
+        pad += _ALIGN if pad < 4 else 0  # an extra field needs 4 bytes of its own
+        extra += struct.pack("<HH", _PADDING_EXTRA_ID, pad - 4) + b"Z" * (pad - 4)
+    size32 = _U32_MAX if big else size
+    version = 45 if big else 20
+    fields = (0x04034B50, version, 0, 0, 0, _DOS_DATE_1980, 0, size32, size32)
+    return _LOCAL.pack(*fields, len(encoded), len(extra)) + encoded + extra
+
+
+def _central_header(name: str, size: int, offset: int, zip64: bool) -> bytes:
+    encoded = (_ARCHIVE + name).encode()
+    big_size = zip64 or size >= _U32_MAX
+    big_offset = zip64 or offset >= _U32_MAX
+    values = ([size, size] if big_size else []) + ([offset] if big_offset else [])
+    extra = b""
+    if values:
+        extra = struct.pack(f"<HH{len(values)}Q", _ZIP64_EXTRA_ID, 8 * len(values), *values)
+    version = 45 if values else 20
+    size32 = _U32_MAX if big_size else size
+    fields = (0x02014B50, version, version, 0, 0, 0, _DOS_DATE_1980, 0, size32, size32)
+    tail = (len(encoded), len(extra), 0, 0, 0, 0, _U32_MAX if big_offset else offset)
+    return _CENTRAL.pack(*fields, *tail) + encoded + extra
+
+
+def _end_records(count: int, central_size: int, central_offset: int, zip64: bool) -> bytes:
+    big = zip64 or central_offset >= _U32_MAX
+    records = b""
+    if big:
+        zip64_offset = central_offset + central_size
+        records += _ZIP64_EOCD.pack(
+            0x06064B50, _ZIP64_EOCD.size - 12, 45, 45, 0, 0, count, count, central_size,
+            central_offset,
+        )  # fmt: skip
+        records += _ZIP64_LOCATOR.pack(0x07064B50, 0, zip64_offset, 1)
+    offset32 = _U32_MAX if big else central_offset
+    return records + _EOCD.pack(0x06054B50, 0, 0, count, count, central_size, offset32, 0)
