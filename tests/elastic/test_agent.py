@@ -1,0 +1,217 @@
+"""One agent, in this process, with real worker processes (ported from torchelastic's
+multiprocessing/api_test.py, agent/server/test/api_test.py and local_elastic_agent_test.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aiockpt.elastic import (
+    LocalElasticAgent,
+    LogsSpecs,
+    RunResult,
+    StaticRendezvous,
+    Std,
+    WorkerSpec,
+    WorkerState,
+)
+from aiockpt.elastic.failures import NO_ERROR_FILE_MESSAGE, NOT_AVAILABLE
+from tests.elastic import workers
+
+SCRIPT = str(Path(__file__).with_name("worker_script.py"))
+RUN_ID = "test-run"
+
+
+async def run_agent(
+    entrypoint: Any,
+    *args: Any,
+    nproc: int = 1,
+    max_restarts: int = 0,
+    logs_specs: LogsSpecs | None = None,
+    **agent_kwargs: Any,
+) -> RunResult:
+    spec = WorkerSpec(
+        role="trainer",
+        local_world_size=nproc,
+        entrypoint=entrypoint,
+        args=args,
+        max_restarts=max_restarts,
+        rdzv_handler=StaticRendezvous(run_id=RUN_ID, timeout=30),
+    )
+    agent = LocalElasticAgent(spec, logs_specs, shutdown_timeout=10, **agent_kwargs)
+    return await agent.run()
+
+
+async def test_success_with_return_values() -> None:
+    result = await run_agent(workers.echo, {"payload": [1, 2]}, nproc=2)
+    assert result.state == WorkerState.SUCCEEDED
+    assert not result.is_failed()
+    assert result.return_values == {0: (0, {"payload": [1, 2]}), 1: (1, {"payload": [1, 2]})}
+    assert result.failures == {}
+
+
+async def test_env_vars_and_local_rank_macro(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,6")
+    result = await run_agent(
+        workers.env_and_args, "--local-rank=${local_rank}", 7, nproc=2, max_restarts=2
+    )
+    assert result.state == WorkerState.SUCCEEDED
+    for rank in (0, 1):
+        env = result.return_values[rank]
+        assert env["args"] == (f"--local-rank={rank}", 7)
+        assert env["RANK"] == env["LOCAL_RANK"] == env["ROLE_RANK"] == str(rank)
+        assert env["WORLD_SIZE"] == env["LOCAL_WORLD_SIZE"] == env["ROLE_WORLD_SIZE"] == "2"
+        assert env["GROUP_RANK"] == "0"
+        assert env["GROUP_WORLD_SIZE"] == "1"
+        assert env["ROLE_NAME"] == "trainer"
+        assert env["MASTER_ADDR"] == "127.0.0.1"
+        assert int(env["MASTER_PORT"]) > 0
+        assert env["TORCHELASTIC_RESTART_COUNT"] == "0"
+        assert env["TORCHELASTIC_MAX_RESTARTS"] == "2"
+        assert env["TORCHELASTIC_RUN_ID"] == RUN_ID
+        assert env["TORCHELASTIC_ERROR_FILE"].endswith(f"attempt_0/{rank}/error.json")
+        assert env["OMP_NUM_THREADS"] == "3"
+        assert env["CUDA_VISIBLE_DEVICES"] == "5,6"
+
+
+async def test_function_raises_records_error_file(tmp_path: Path) -> None:
+    result = await run_agent(
+        workers.raise_value_error, "worker broke", logs_specs=LogsSpecs(log_dir=tmp_path)
+    )
+    assert result.state == WorkerState.FAILED
+    failure = result.failures[0]
+    assert failure.exitcode == 1
+    assert failure.message == "ValueError: worker broke"
+    assert failure.traceback is not None and "raise_value_error" in failure.traceback
+    error_file = tmp_path / RUN_ID / "attempt_0" / "0" / "error.json"
+    assert failure.error_file == str(error_file)
+    recorded = json.loads(error_file.read_text())
+    assert recorded["message"]["message"] == failure.message
+
+
+async def test_function_sys_exit_138() -> None:
+    result = await run_agent(workers.exit_with, 138)
+    assert result.is_failed()
+    failure = result.failures[0]
+    assert failure.exitcode == 138
+    assert failure.error_file == NOT_AVAILABLE
+    assert failure.message == NO_ERROR_FILE_MESSAGE
+
+
+async def test_binary_exit_138_stops_running_sibling() -> None:
+    result = await run_agent(sys.executable, "-u", SCRIPT, "exit-rank", "0", "138", nproc=2)
+    assert result.state == WorkerState.FAILED
+    assert list(result.failures) == [0, 1], "the root cause is recorded first"
+    root, sibling = result.failures[0], result.failures[1]
+    assert root.exitcode == 138
+    assert root.signal_name() == NOT_AVAILABLE
+    assert sibling.exitcode == -signal.SIGTERM
+    assert sibling.signal_name() == "SIGTERM"
+    assert sibling.message == f"Signal 15 (SIGTERM) received by PID {sibling.pid}"
+    assert root.timestamp <= sibling.timestamp
+
+
+async def test_binary_record_writes_error_file() -> None:
+    result = await run_agent(sys.executable, SCRIPT, "record-raise", "from a binary")
+    assert result.failures[0].exitcode == 1
+    assert result.failures[0].message == "ValueError: from a binary"
+
+
+async def test_segfault_is_sigsegv() -> None:
+    result = await run_agent(workers.segfault)
+    failure = result.failures[0]
+    assert failure.exitcode == -signal.SIGSEGV
+    assert failure.signal_name() == "SIGSEGV"
+
+
+async def test_missing_binary_raises_file_not_found(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        await run_agent(str(tmp_path / "no-such-binary"))
+
+
+@pytest.mark.parametrize(
+    ("redirects", "tee", "console_out", "console_err", "files"),
+    [
+        (Std.NONE, Std.NONE, True, True, set()),
+        (Std.ALL, Std.NONE, False, False, {"stdout.log", "stderr.log"}),
+        (Std.OUT, Std.ERR, False, True, {"stdout.log", "stderr.log"}),
+        (Std.NONE, Std.ALL, True, True, {"stdout.log", "stderr.log"}),
+    ],
+)
+async def test_redirects_and_tee(
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    redirects: Std,
+    tee: Std,
+    console_out: bool,
+    console_err: bool,
+    files: set[str],
+) -> None:
+    specs = LogsSpecs(log_dir=tmp_path, redirects=redirects, tee=tee)
+    result = await run_agent(workers.print_lines, 2, nproc=2, logs_specs=specs)
+    assert result.state == WorkerState.SUCCEEDED
+    out, err = capfd.readouterr()
+    for rank in (0, 1):
+        rank_dir = tmp_path / RUN_ID / "attempt_0" / str(rank)
+        assert {p.name for p in rank_dir.iterdir()} == files
+        if "stdout.log" in files:
+            expected = f"out 0 of rank {rank}\nout 1 of rank {rank}\n"
+            assert (rank_dir / "stdout.log").read_text() == expected
+        if "stderr.log" in files:
+            assert f"err 1 of rank {rank}\n" in (rank_dir / "stderr.log").read_text()
+        teed = f"[trainer{rank}]:" if tee else ""
+        assert (f"{teed}out 1 of rank {rank}\n" in out) == console_out
+        assert (f"{teed}err 1 of rank {rank}\n" in err) == console_err
+
+
+async def test_prefix_template_and_local_ranks_filter(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    specs = LogsSpecs(log_dir=tmp_path, tee=Std.OUT, local_ranks_filter={1})
+    result = await run_agent(
+        workers.print_lines,
+        1,
+        nproc=3,
+        logs_specs=specs,
+        log_line_prefix_template="<${role_name}|${rank}|${local_rank}> ",
+    )
+    assert result.state == WorkerState.SUCCEEDED
+    out, err = capfd.readouterr()
+    assert "<trainer|1|1> out 0 of rank 1\n" in out
+    assert "rank 0" not in out + err and "rank 2" not in out + err, "filtered ranks stay quiet"
+    for rank in (0, 1, 2):  # the files are complete whatever the filter
+        stdout_log = tmp_path / RUN_ID / "attempt_0" / str(rank) / "stdout.log"
+        assert stdout_log.read_text() == f"out 0 of rank {rank}\n"
+
+
+async def test_restart_until_success(tmp_path: Path) -> None:
+    result = await run_agent(
+        workers.fail_on_first_attempt,
+        1,
+        nproc=2,
+        max_restarts=2,
+        logs_specs=LogsSpecs(log_dir=tmp_path),
+    )
+    assert result.state == WorkerState.SUCCEEDED
+    assert result.return_values == {0: 1, 1: 1}, "both ranks ran again with restart count 1"
+    run_dir = tmp_path / RUN_ID
+    assert sorted(os.listdir(run_dir)) == ["attempt_0", "attempt_1"]
+    first_error = json.loads((run_dir / "attempt_0" / "1" / "error.json").read_text())
+    assert "fails on attempt 0" in first_error["message"]["message"]
+
+
+async def test_restarts_exhausted_fails(tmp_path: Path) -> None:
+    result = await run_agent(
+        workers.always_fail, nproc=1, max_restarts=2, logs_specs=LogsSpecs(log_dir=tmp_path)
+    )
+    assert result.state == WorkerState.FAILED
+    assert result.failures[0].message == "RuntimeError: rank 0 always fails"
+    assert sorted(os.listdir(tmp_path / RUN_ID)) == ["attempt_0", "attempt_1", "attempt_2"]
+    assert result.return_values == {}

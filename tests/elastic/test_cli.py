@@ -1,0 +1,142 @@
+"""``aiockpt-run`` as users run it: a separate agent process, signalled and killed from outside."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+SCRIPT = str(Path(__file__).with_name("worker_script.py"))
+LAUNCH = [sys.executable, "-m", "aiockpt.run"]
+#: a hang guard, not a performance bound
+DEADLINE_S = 60.0
+
+
+def launch(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*LAUNCH, *args],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+        check=False,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def test_help_reads_like_torchrun() -> None:
+    done = launch("--help")
+    assert done.returncode == 0
+    for flag in (
+        "--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port",
+        "--standalone", "--max-restarts", "--monitor-interval", "--redirects", "--tee",
+        "--log-dir", "--local-ranks-filter", "--run-id", "--role", "--module", "--no-python",
+        "training_script",
+    ):  # fmt: skip
+        assert flag in done.stdout
+    assert done.stdout.startswith("usage: aiockpt-run")
+
+
+def test_runs_script_with_tee_and_log_dir(tmp_path: Path) -> None:
+    done = launch(
+        "--nproc-per-node=2", "--tee=1", f"--log-dir={tmp_path}", "--run-id=cli",
+        "--role=worker", SCRIPT, "print", "2",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    for rank in (0, 1):
+        assert f"[worker{rank}]:line 1 of rank {rank}\n" in done.stdout
+        log = tmp_path / "cli" / "attempt_0" / str(rank) / "stdout.log"
+        assert log.read_text() == f"line 0 of rank {rank}\nline 1 of rank {rank}\n"
+
+
+def test_failure_report_and_exit_code() -> None:
+    done = launch("--standalone", "--nproc-per-node=2", SCRIPT, "exit-rank", "1", "7")
+    assert done.returncode == 1
+    root_cause = done.stderr.split("Root Cause (first observed failure):")[1]
+    assert "exitcode  : 7" in root_cause
+    assert "(SIGTERM)" in done.stderr, "the stopped sibling is reported with its signal"
+
+
+def test_module_and_no_python(tmp_path: Path) -> None:
+    done = launch("-m", "tests.elastic.worker_script", "print", "1", cwd=Path.cwd())
+    assert done.returncode == 0, done.stderr
+    assert "line 0 of rank 0" in done.stdout
+    done = launch("--no-python", "--nproc-per-node=2", sys.executable, SCRIPT, "print", "1")
+    assert done.returncode == 0, done.stderr
+    assert "line 0 of rank 1" in done.stdout
+    bad = launch("--no-python", "-m", "x")
+    assert bad.returncode == 2 and "--no-python" in bad.stderr
+
+
+@contextmanager
+def running_agent(
+    argv: list[str], pid_dir: Path, nproc: int
+) -> Iterator[tuple[subprocess.Popen[bytes], list[int]]]:
+    """Start an agent and wait until its ``nproc`` workers wrote their pid files."""
+    agent = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        pid_files = [pid_dir / f"{rank}.pid" for rank in range(nproc)]
+        while not all(p.exists() for p in pid_files):
+            assert agent.poll() is None, agent.stderr.read() if agent.stderr else ""
+            assert time.monotonic() < deadline, "workers did not start"
+            time.sleep(0.05)
+        yield agent, [int(p.read_text()) for p in pid_files]
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        agent.wait(DEADLINE_S)
+        if agent.stderr:
+            agent.stderr.close()
+
+
+def gone(pid: int) -> bool:
+    """Whether ``pid`` is dead (a zombie waiting for a reaper counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def wait_gone(pids: list[int]) -> bool:
+    deadline = time.monotonic() + DEADLINE_S
+    while not all(gone(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_agent_stops_workers_and_exits_with_its_code(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    argv = [*LAUNCH, "--nproc-per-node=2", "--shutdown-timeout=20", SCRIPT, "pid-then-sleep",
+            str(tmp_path)]  # fmt: skip
+    with running_agent(argv, tmp_path, 2) as (agent, pids):
+        agent.send_signal(sig)
+        assert agent.wait(DEADLINE_S) == 128 + sig
+        for rank, pid in enumerate(pids):
+            assert gone(pid), f"worker {pid} outlived its agent"
+            # SIGINT too is forwarded as what it is, and the workers' handler only knows TERM
+            assert (tmp_path / f"{rank}.term").exists() == (sig == signal.SIGTERM)
+
+
+@pytest.mark.parametrize("entrypoint", ["binary", "function"])
+def test_sigkilled_agent_leaves_no_worker(tmp_path: Path, entrypoint: str) -> None:
+    # a SIGKILLed agent cannot remove a temporary log directory: give it one to use
+    if entrypoint == "binary":
+        argv = [*LAUNCH, "--nproc-per-node=2", f"--log-dir={tmp_path / 'logs'}", SCRIPT,
+                "pid-then-sleep", str(tmp_path)]  # fmt: skip
+    else:
+        argv = [sys.executable, "-m", "tests.elastic.function_agent", str(tmp_path)]
+    with running_agent(argv, tmp_path, 2) as (agent, pids):
+        agent.kill()
+        agent.wait(DEADLINE_S)
+        assert wait_gone(pids), "the parent-death signal did not kill every worker"

@@ -1,0 +1,54 @@
+"""A worker *binary* for the agent tests: ``python worker_script.py <mode> [args]``.
+
+Modes: ``exit-rank R CODE`` (local rank R exits CODE after a moment, the others sleep),
+``record-raise MESSAGE`` (an ``@record`` main raising ValueError), ``print N``,
+``pid-then-sleep DIR`` (write DIR/<local_rank>.pid, note SIGTERM in DIR/<local_rank>.term).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from types import FrameType
+
+
+def main(argv: list[str]) -> None:
+    mode = argv[1]
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if mode == "exit-rank":
+        if local_rank == int(argv[2]):
+            time.sleep(0.3)  # so that the siblings are surely running when it fails
+            sys.exit(int(argv[3]))
+        time.sleep(60)
+    elif mode == "record-raise":
+        from aiockpt.elastic import record
+
+        @record
+        def failing_main() -> None:
+            raise ValueError(argv[2])
+
+        failing_main()
+    elif mode == "print":
+        for i in range(int(argv[2])):
+            print(f"line {i} of rank {local_rank}", flush=True)
+    elif mode == "pid-then-sleep":
+        directory = argv[2]
+
+        def on_term(signum: int, frame: FrameType | None) -> None:
+            open(os.path.join(directory, f"{local_rank}.term"), "w").close()
+            sys.exit(0)
+
+        signal.signal(signal.SIGTERM, on_term)
+        path = os.path.join(directory, f"{local_rank}.pid")
+        with open(path + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.rename(path + ".tmp", path)
+        time.sleep(120)
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+
+
+if __name__ == "__main__":
+    main(sys.argv)
