@@ -1,12 +1,311 @@
-"""Frames and messages between a trainer and its checkpoint worker (sans-IO, work in progress)."""
+"""Frames and messages between a trainer and its checkpoint worker. Sans-IO: no sockets, no
+asyncio, no torch; the parent (``aiockpt.process``) and the worker (``aiockpt.worker``) wrap it
+in streams.
+
+Theory of operation
+-------------------
+The channel is a byte stream (a socketpair). Each message is one *frame*: a 4-byte big-endian
+length, then that many bytes of msgpack. ``FrameDecoder`` accepts bytes in whatever chunks the
+stream delivers, split or coalesced, and yields whole frame bodies; a length above the
+configured maximum is a ``ProtocolError`` at once, before any of the body is buffered.
+
+The parent sends ``WorkerRequest``s and the worker answers each with one ``WorkerResponse``
+carrying the same ``request_id``, so several requests may be in flight at once (a PING is
+answered while a write runs). The first exchange is the handshake: an INIT request that carries
+the protocol version, the init functions (as import references) and their arguments; the worker
+answers with READY once the init functions have run. A version mismatch is detected from a
+probe that reads only the version, so it is reported as such even when the rest of the message
+no longer decodes.
+
+Tensor bytes do not belong in frames: a WRITE_CHECKPOINT request describes the state dict as a
+skeleton plus leaves (``aiockpt.tree``), and tensor leaves point into a shared-memory arena by
+offset (``TensorInArena``). ``TensorInline`` exists for small ad-hoc writes through the bare
+``CheckpointProcess`` where no arena has been set up.
+"""
 
 from __future__ import annotations
 
+import enum
+import struct
+from typing import Any, TypeAlias
+
 import msgspec
 
+from aiockpt.errors import ProtocolError, ProtocolVersionMismatch
+from aiockpt.tree import Node
 
-class RankInfo(msgspec.Struct, frozen=True):
+__all__ = [
+    "DEFAULT_MAX_FRAME_SIZE",
+    "PROTOCOL_VERSION",
+    "ArenaRef",
+    "FrameDecoder",
+    "GcOptions",
+    "InitPayload",
+    "Leaf",
+    "MessageCodec",
+    "PickledObject",
+    "PlainValue",
+    "RankInfo",
+    "ReadyPayload",
+    "RequestType",
+    "StateDictPayload",
+    "TensorInArena",
+    "TensorInline",
+    "WorkerRequest",
+    "WorkerResponse",
+    "WritePayload",
+    "WriteResultPayload",
+    "check_version",
+    "encode_frame",
+]
+
+PROTOCOL_VERSION = 1
+#: frames carry metadata only (tensor bytes go through shared memory), so 64 MiB is generous
+DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
+
+_LENGTH = struct.Struct(">I")
+_LENGTH_MAX = 2**32 - 1
+
+
+class RequestType(enum.Enum):
+    INIT = "init"
+    PING = "ping"
+    WRITE_CHECKPOINT = "write_checkpoint"
+    TERMINATE_PROCESS = "terminate_process"
+
+
+class RankInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Where a checkpoint worker's trainer stands in the job (torch's ``RankInfo``)."""
 
     global_rank: int = 0
     global_world_size: int = 1
+
+
+class GcOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Garbage-collector controls in the worker, as torch's process executor offers them.
+
+    A worker holds few cyclic objects, so a full collection mostly walks torch's module graph;
+    freezing that graph after the first write keeps later collections cheap.
+    """
+
+    disable_automatic: bool = False
+    collect_after_write: bool = False
+    freeze_after_first_write: bool = False
+
+
+# --- state-dict leaves -------------------------------------------------------------------------
+
+
+class TensorInArena(msgspec.Struct, frozen=True, tag="arena", array_like=True):
+    """A contiguous tensor whose bytes lie at ``offset`` in the request's arena."""
+
+    dtype: str
+    shape: list[int]
+    offset: int
+    nbytes: int
+
+
+class TensorInline(msgspec.Struct, frozen=True, tag="inline", array_like=True):
+    """A contiguous tensor whose bytes travel in the frame (small ad-hoc writes only)."""
+
+    dtype: str
+    shape: list[int]
+    data: bytes
+
+
+class PlainValue(msgspec.Struct, frozen=True, tag="value", array_like=True):
+    """A non-tensor leaf: int, float, str, bool, None or bytes (msgpack keeps them apart)."""
+
+    value: Any
+
+
+class PickledObject(msgspec.Struct, frozen=True, tag="pickled", array_like=True):
+    """Any other object, pickled only because the caller explicitly allowed it."""
+
+    data: bytes
+
+
+Leaf: TypeAlias = TensorInArena | TensorInline | PlainValue | PickledObject
+
+
+class ArenaRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A shared-memory file the worker maps: its path and size in bytes."""
+
+    path: str
+    size: int
+
+
+class StateDictPayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    skeleton: Node
+    leaves: list[Leaf]
+    arena: ArenaRef | None = None
+
+
+# --- requests ----------------------------------------------------------------------------------
+
+
+class InitPayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="init"):
+    protocol_version: int
+    rank_info: RankInfo
+    #: the parent's sys.path, so that import references resolve in the worker as in the parent
+    sys_path: list[str]
+    subprocess_init_fn: str | None
+    subprocess_init_args: list[Any]
+    checkpoint_writer_init_fn: str
+    checkpoint_writer_init_args: dict[str, Any]
+    gc: GcOptions = GcOptions()
+
+
+class WritePayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="write"):
+    path: str
+    state_dict: StateDictPayload
+    kwargs: dict[str, Any] = {}
+
+
+class WorkerRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    request_id: int
+    request_type: RequestType
+    payload: InitPayload | WritePayload | None = None
+
+
+# --- responses ---------------------------------------------------------------------------------
+
+
+class ReadyPayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="ready"):
+    protocol_version: int
+    pid: int
+
+
+class WriteResultPayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="written"):
+    #: seconds the writer took in the worker
+    write_seconds: float
+    #: whatever the writer returned, when it is msgspec-encodable
+    result: Any = None
+
+
+class WorkerResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    request_id: int
+    request_type: RequestType
+    success: bool
+    #: on failure: the exception's qualified type name, its message, and the full traceback
+    error_type: str | None = None
+    error_msg: str | None = None
+    traceback: str | None = None
+    payload: ReadyPayload | WriteResultPayload | None = None
+
+
+class _InitProbe(msgspec.Struct, tag="init"):
+    protocol_version: int
+
+
+class _RequestProbe(msgspec.Struct):
+    payload: _InitProbe | None = None
+
+
+class _ReadyProbe(msgspec.Struct, tag="ready"):
+    protocol_version: int
+
+
+class _ResponseProbe(msgspec.Struct):
+    payload: _ReadyProbe | None = None
+
+
+# --- framing -----------------------------------------------------------------------------------
+
+
+def encode_frame(body: bytes) -> bytes:
+    """Prefix ``body`` with its length."""
+    if len(body) > _LENGTH_MAX:
+        raise ProtocolError(f"frame of {len(body)} bytes exceeds the 4 GiB length prefix")
+    return _LENGTH.pack(len(body)) + body
+
+
+class FrameDecoder:
+    """Turns a byte stream, fed in arbitrary chunks, into frame bodies."""
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        if not 0 < max_frame_size <= _LENGTH_MAX:
+            raise ValueError(f"max_frame_size must be in 1..{_LENGTH_MAX}, got {max_frame_size}")
+        self.max_frame_size = max_frame_size
+        self._buffer = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received that do not make a whole frame yet (non-zero at EOF: truncated)."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add ``data``; return every frame body completed by it, in order.
+
+        Raises ``ProtocolError`` when a length prefix exceeds ``max_frame_size``; the decoder
+        is unusable afterwards (the stream has lost its framing).
+        """
+        self._buffer += data
+        frames: list[bytes] = []
+        start = 0
+        end = len(self._buffer)
+        while end - start >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(self._buffer, start)
+            if length > self.max_frame_size:
+                raise ProtocolError(
+                    f"frame of {length} bytes exceeds the maximum frame size of "
+                    f"{self.max_frame_size} bytes"
+                )
+            if end - start - _LENGTH.size < length:
+                break
+            body_start = start + _LENGTH.size
+            frames.append(bytes(self._buffer[body_start : body_start + length]))
+            start = body_start + length
+        del self._buffer[:start]
+        return frames
+
+
+class MessageCodec:
+    """Encodes and decodes the two message types; every decoding failure is a ProtocolError."""
+
+    def __init__(self) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self._request_decoder = msgspec.msgpack.Decoder(WorkerRequest)
+        self._response_decoder = msgspec.msgpack.Decoder(WorkerResponse)
+        self._request_probe = msgspec.msgpack.Decoder(_RequestProbe)
+        self._response_probe = msgspec.msgpack.Decoder(_ResponseProbe)
+
+    def encode(self, message: WorkerRequest | WorkerResponse) -> bytes:
+        """The whole frame (length prefix included) for ``message``."""
+        return encode_frame(self._encoder.encode(message))
+
+    def decode_request(self, body: bytes) -> WorkerRequest:
+        request: WorkerRequest = self._decode(self._request_decoder, body, "request")
+        return request
+
+    def decode_response(self, body: bytes) -> WorkerResponse:
+        response: WorkerResponse = self._decode(self._response_decoder, body, "response")
+        return response
+
+    def check_handshake_request(self, body: bytes) -> None:
+        """Raise ``ProtocolVersionMismatch`` if ``body`` is an INIT of another version."""
+        probe = self._decode(self._request_probe, body, "handshake request")
+        if probe.payload is not None:
+            check_version(probe.payload.protocol_version, "parent")
+
+    def check_handshake_response(self, body: bytes) -> None:
+        """Raise ``ProtocolVersionMismatch`` if ``body`` is a READY of another version."""
+        probe = self._decode(self._response_probe, body, "handshake response")
+        if probe.payload is not None:
+            check_version(probe.payload.protocol_version, "worker")
+
+    @staticmethod
+    def _decode(decoder: msgspec.msgpack.Decoder[Any], body: bytes, what: str) -> Any:
+        try:
+            return decoder.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ProtocolError(f"malformed {what} frame ({len(body)} bytes): {exc}") from exc
+
+
+def check_version(peer_version: int, peer: str) -> None:
+    """Raise ``ProtocolVersionMismatch`` unless ``peer_version`` is ours."""
+    if peer_version != PROTOCOL_VERSION:
+        raise ProtocolVersionMismatch(
+            f"the {peer} speaks aiockpt protocol version {peer_version}, this side speaks "
+            f"{PROTOCOL_VERSION}; install the same aiockpt version on both sides"
+        )

@@ -102,7 +102,9 @@ def unflatten(skeleton: Node, leaves: Sequence[Any]) -> Any:
     if isinstance(skeleton, LeafNode):
         return leaves[skeleton.index]
     if isinstance(skeleton, DictNode):
-        return {k: unflatten(c, leaves) for k, c in zip(skeleton.keys, skeleton.children)}
+        return {
+            k: unflatten(c, leaves) for k, c in zip(skeleton.keys, skeleton.children, strict=True)
+        }
     if isinstance(skeleton, ListNode):
         return [unflatten(c, leaves) for c in skeleton.children]
     return tuple(unflatten(c, leaves) for c in skeleton.children)
@@ -113,7 +115,7 @@ def iter_key_paths(skeleton: Node, path: KeyPath = ()) -> Iterator[tuple[int, Ke
     if isinstance(skeleton, LeafNode):
         yield skeleton.index, path
     elif isinstance(skeleton, DictNode):
-        for key, child in zip(skeleton.keys, skeleton.children):
+        for key, child in zip(skeleton.keys, skeleton.children, strict=True):
             yield from iter_key_paths(child, (*path, key))
     else:
         for i, child in enumerate(skeleton.children):

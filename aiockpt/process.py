@@ -1,0 +1,456 @@
+"""``CheckpointProcess``: the parent's side of one persistent checkpoint worker.
+
+The asyncio counterpart of torch's ``_experimental/checkpoint_process.py``: the worker is a
+``python -m aiockpt.worker`` subprocess, the channel is an asyncio stream over a socketpair, and
+three kinds of task run on the caller's loop, all owned by this object and ended by ``close``:
+
+- the *reader* decodes response frames and resolves the matching request futures;
+- the *monitor* awaits the worker's exit; an exit nobody asked for fails every pending request
+  with ``WorkerCrashed`` at once (no polling), and every later request too;
+- one task per ``write``, so that a write may wait for its staging future before it is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiockpt
+from aiockpt.channel import Channel
+from aiockpt.errors import (
+    CheckpointWriteError,
+    ProtocolError,
+    ProtocolVersionMismatch,
+    WorkerClosed,
+    WorkerCrashed,
+    WorkerError,
+    WorkerStartError,
+    WorkerStartTimeout,
+)
+from aiockpt.protocol import (
+    DEFAULT_MAX_FRAME_SIZE,
+    PROTOCOL_VERSION,
+    GcOptions,
+    InitPayload,
+    RankInfo,
+    RequestType,
+    StateDictPayload,
+    WorkerRequest,
+    WorkerResponse,
+    WritePayload,
+    WriteResultPayload,
+)
+from aiockpt.refs import check_encodable, import_ref
+from aiockpt.tensors import describe_inline
+
+__all__ = ["CheckpointProcess", "CheckpointProcessConfig", "WriteResult", "describe_exit"]
+
+logger = logging.getLogger("aiockpt.process")
+
+#: what a successful write returns: the seconds the writer took, and what it returned
+WriteResult = WriteResultPayload
+
+#: the built-in writer used when none is given
+DEFAULT_WRITER = "aiockpt.writers.dcp:DcpWriter"
+
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(aiockpt.__file__)))
+
+
+@dataclass(frozen=True)
+class CheckpointProcessConfig:
+    """Options of a ``CheckpointProcess`` (torch's names, plus a few of aiockpt's).
+
+    Attributes:
+        subprocess_init_timeout_secs: how long spawn + init functions + handshake may take.
+        subprocess_shutdown_timeout_secs: how long ``close`` waits for in-flight writes and a
+            graceful exit before it escalates to SIGTERM, then SIGKILL.
+        sigterm_grace_secs: how long ``close`` waits after SIGTERM before SIGKILL.
+        max_frame_size: the largest frame either side accepts.
+        gc: garbage-collector controls in the worker.
+    """
+
+    subprocess_init_timeout_secs: float = 30
+    subprocess_shutdown_timeout_secs: float = 60
+    sigterm_grace_secs: float = 5
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    gc: GcOptions = field(default_factory=GcOptions)
+
+
+def describe_exit(returncode: int) -> str:
+    """``-9`` -> ``"was killed by SIGKILL"``, ``3`` -> ``"exited with code 3"``."""
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
+class CheckpointProcess:
+    """A persistent checkpoint worker process and the channel to it.
+
+    ``subprocess_init_fn(*subprocess_init_args)`` runs in the worker first, then
+    ``checkpoint_writer_init_fn(**checkpoint_writer_init_args)`` (with ``rank_info`` added when
+    absent) builds the writer whose ``write(state_dict=..., path=..., **kwargs)`` serves every
+    write. Functions are import references (``"package.module:name"``) or module-level
+    callables; arguments must be msgspec-encodable.
+
+    Raises ``TypeError`` at construction, naming the value, for a lambda, a local function or an
+    argument that cannot cross the process boundary.
+    """
+
+    def __init__(
+        self,
+        rank_info: RankInfo | None = None,
+        config: CheckpointProcessConfig | None = None,
+        subprocess_init_fn: str | Callable[..., Any] | None = None,
+        subprocess_init_args: Sequence[Any] = (),
+        checkpoint_writer_init_fn: str | Callable[..., Any] = DEFAULT_WRITER,
+        checkpoint_writer_init_args: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.rank_info = rank_info if rank_info is not None else RankInfo()
+        self.config = config if config is not None else CheckpointProcessConfig()
+        init_fn = (
+            None
+            if subprocess_init_fn is None
+            else import_ref(subprocess_init_fn, "subprocess_init_fn")
+        )
+        init_args = list(subprocess_init_args)
+        writer_args = dict(checkpoint_writer_init_args or {})
+        check_encodable(init_args, "subprocess_init_args")
+        check_encodable(writer_args, "checkpoint_writer_init_args")
+        self._init_payload = InitPayload(
+            protocol_version=PROTOCOL_VERSION,
+            rank_info=self.rank_info,
+            sys_path=list(sys.path),
+            subprocess_init_fn=init_fn,
+            subprocess_init_args=init_args,
+            checkpoint_writer_init_fn=import_ref(
+                checkpoint_writer_init_fn, "checkpoint_writer_init_fn"
+            ),
+            checkpoint_writer_init_args=writer_args,
+            gc=self.config.gc,
+        )
+        self._process: asyncio.subprocess.Process | None = None
+        self._channel: Channel | None = None
+        self._pending: dict[int, asyncio.Future[WorkerResponse]] = {}
+        self._request_ids = itertools.count(1)
+        self._start_lock: asyncio.Lock | None = None
+        self._ready = False
+        self._reader: asyncio.Task[None] | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._writes: set[asyncio.Task[WriteResult]] = set()
+        self._crashed: WorkerCrashed | None = None
+        self._closing = False
+        self._close_task: asyncio.Task[None] | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        """The worker's pid once spawned."""
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def alive(self) -> bool:
+        """True while the worker is running and usable."""
+        return self._ready and self._crashed is None and not self._closing
+
+    async def __aenter__(self) -> CheckpointProcess:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Spawn the worker and complete the handshake; return at once if already started.
+
+        Raises ``WorkerStartTimeout`` (a ``TimeoutError``) when the handshake does not complete
+        within ``subprocess_init_timeout_secs`` (the worker is killed), ``WorkerStartError``
+        with the worker's traceback when an init function raises, ``ProtocolVersionMismatch``
+        when the worker speaks another protocol version, and ``WorkerCrashed`` /
+        ``WorkerClosed`` when this process crashed or was closed earlier.
+        """
+        self._check_usable()
+        await self._ensure_started()
+
+    async def _ensure_started(self) -> None:
+        # Writes accepted before close() began still start the worker: nothing is lost.
+        if self._crashed is not None:
+            raise self._crashed
+        if self._ready:
+            return
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if not self._ready:
+                await self._spawn_and_handshake()
+
+    async def _spawn_and_handshake(self) -> None:
+        loop = asyncio.get_running_loop()
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ)
+        # The worker must import this very aiockpt, installed or not.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+        started = time.perf_counter()
+        try:
+            with child_end:
+                self._process = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "aiockpt.worker",
+                    "--fd",
+                    str(child_end.fileno()),
+                    "--max-frame-size",
+                    str(self.config.max_frame_size),
+                    pass_fds=(child_end.fileno(),),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    env=env,
+                )
+            self._channel = await Channel.open(
+                parent_end, max_frame_size=self.config.max_frame_size
+            )
+        except BaseException:
+            parent_end.close()
+            await self._kill()
+            raise
+        self._monitor = loop.create_task(self._watch_exit(), name=f"aiockpt-monitor-{self.pid}")
+        self._reader = loop.create_task(self._read_responses(), name=f"aiockpt-reader-{self.pid}")
+        timeout = self.config.subprocess_init_timeout_secs
+        try:
+            async with asyncio.timeout(timeout):
+                response = await self._request(RequestType.INIT, self._init_payload)
+        except TimeoutError:
+            await self._kill()
+            raise WorkerStartTimeout(
+                f"checkpoint worker (pid {self.pid}) did not finish its start-up within "
+                f"{timeout} s (subprocess_init_timeout_secs); it was killed"
+            ) from None
+        except WorkerCrashed as exc:
+            raise WorkerStartError(f"checkpoint worker failed to start: {exc}") from exc
+        except BaseException:
+            await self._kill()
+            raise
+        if not response.success:
+            await self._kill()
+            message = f"checkpoint worker (pid {self.pid}) failed to initialise: "
+            message += f"{response.error_type}: {response.error_msg}"
+            if response.error_type == "aiockpt.errors.ProtocolVersionMismatch":
+                raise ProtocolVersionMismatch(response.error_msg or message)
+            raise WorkerStartError(
+                message, error_type=response.error_type, traceback=response.traceback
+            )
+        self._ready = True
+        logger.debug(
+            "checkpoint worker %s ready in %.3f s", self.pid, time.perf_counter() - started
+        )
+
+    async def close(self) -> None:
+        """Stop the worker; idempotent, and safe to call concurrently.
+
+        In-flight writes may finish, then the worker is asked to exit; past
+        ``subprocess_shutdown_timeout_secs`` it gets SIGTERM, then SIGKILL after
+        ``sigterm_grace_secs``. Writes still pending then fail with ``WorkerClosed``.
+        """
+        if self._close_task is None:
+            self._closing = True
+            self._close_task = asyncio.get_running_loop().create_task(self._shut_down())
+        await asyncio.shield(self._close_task)
+
+    async def _shut_down(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.subprocess_shutdown_timeout_secs
+        try:
+            async with asyncio.timeout_at(deadline):
+                if self._writes:
+                    await asyncio.wait(set(self._writes))
+                process = self._process
+                if process is not None and process.returncode is None:
+                    if self._ready:
+                        await self._request(RequestType.TERMINATE_PROCESS)
+                    await process.wait()
+        except (TimeoutError, WorkerError, ConnectionError):
+            pass
+        process = self._process
+        if process is not None and process.returncode is None:
+            await self._escalate(process)
+        self._fail_pending(WorkerClosed("the checkpoint process was closed before this finished"))
+        await asyncio.sleep(0)  # let writes that just failed finish with that error
+        for task in self._writes:
+            task.cancel()  # still waiting for their state dict: never sent
+        await asyncio.gather(*self._writes, return_exceptions=True)
+        for owned in (self._reader, self._monitor):
+            if owned is not None:
+                owned.cancel()
+                await asyncio.gather(owned, return_exceptions=True)
+        if self._channel is not None:
+            await self._channel.aclose()
+        self._fail_pending(WorkerClosed("the checkpoint process was closed"))
+
+    async def _escalate(self, process: asyncio.subprocess.Process) -> None:
+        logger.warning(
+            "checkpoint worker (pid %s) did not exit within %s s; sending SIGTERM",
+            process.pid,
+            self.config.subprocess_shutdown_timeout_secs,
+        )
+        try:
+            process.terminate()
+            async with asyncio.timeout(self.config.sigterm_grace_secs):
+                await process.wait()
+            return
+        except ProcessLookupError:
+            return
+        except TimeoutError:
+            pass
+        logger.warning("checkpoint worker (pid %s) ignored SIGTERM; sending SIGKILL", process.pid)
+        await self._kill()
+
+    async def _kill(self) -> None:
+        """SIGKILL the worker and reap it."""
+        if self._process is None or self._process.returncode is not None:
+            return
+        try:
+            self._process.kill()
+        except ProcessLookupError:
+            pass
+        await self._process.wait()
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def write(
+        self,
+        state_dict: Any | Awaitable[Any],
+        path: str | os.PathLike[str],
+        **kwargs: Any,
+    ) -> asyncio.Task[WriteResult]:
+        """Start writing ``state_dict`` to ``path`` in the worker; return the awaitable write.
+
+        ``state_dict`` may be an awaitable (a staging future), resolved before sending; a plain
+        state dict has its tensor bytes copied into the request here. The first write starts
+        the worker if needed. Raises ``TypeError`` here, naming the key, for a state-dict entry
+        or keyword argument that cannot cross the process boundary. Awaiting the result raises
+        ``CheckpointWriteError`` (with the worker's traceback) when the writer raised,
+        ``WorkerCrashed`` when the worker died, ``WorkerClosed`` after ``close``.
+        """
+        self._check_usable()
+        check_encodable(kwargs, "write() keyword arguments")
+        payload = state_dict if inspect.isawaitable(state_dict) else describe_inline(state_dict)
+        task = asyncio.get_running_loop().create_task(self._write(payload, os.fspath(path), kwargs))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        return task
+
+    async def _write(
+        self, state_dict: StateDictPayload | Awaitable[Any], path: str, kwargs: dict[str, Any]
+    ) -> WriteResult:
+        if not isinstance(state_dict, StateDictPayload):
+            resolved = await state_dict
+            state_dict = (
+                resolved if isinstance(resolved, StateDictPayload) else describe_inline(resolved)
+            )
+        await self._ensure_started()
+        response = await self._request(
+            RequestType.WRITE_CHECKPOINT, WritePayload(path, state_dict, kwargs)
+        )
+        if not response.success:
+            raise CheckpointWriteError(
+                f"writing {path} failed in the checkpoint worker (pid {self.pid}): "
+                f"{response.error_type}: {response.error_msg}",
+                error_type=response.error_type,
+                traceback=response.traceback,
+            )
+        assert isinstance(response.payload, WriteResultPayload)
+        return response.payload
+
+    async def ping(self) -> float:
+        """Round trip to the worker in seconds; answered even while a write runs."""
+        await self.start()
+        started = time.perf_counter()
+        await self._request(RequestType.PING)
+        return time.perf_counter() - started
+
+    async def _request(
+        self, request_type: RequestType, payload: InitPayload | WritePayload | None = None
+    ) -> WorkerResponse:
+        if self._crashed is not None:
+            raise self._crashed
+        assert self._channel is not None
+        request_id = next(self._request_ids)
+        future: asyncio.Future[WorkerResponse] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            try:
+                await self._channel.send(WorkerRequest(request_id, request_type, payload))
+            except ConnectionError:
+                pass  # the worker is gone: the monitor fails the future with its exit status
+            return await future
+        finally:
+            self._pending.pop(request_id, None)
+
+    def _check_usable(self) -> None:
+        if self._closing:
+            raise WorkerClosed("the checkpoint process was closed")
+        if self._crashed is not None:
+            raise self._crashed
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(exc)
+        self._pending.clear()
+
+    # --- owned tasks ---------------------------------------------------------------------------
+
+    async def _read_responses(self) -> None:
+        assert self._channel is not None
+        codec = self._channel.codec
+        handshake = True
+        try:
+            async for body in self._channel.frames():
+                if handshake:
+                    codec.check_handshake_response(body)
+                    handshake = False
+                response = codec.decode_response(body)
+                future = self._pending.get(response.request_id)
+                if future is not None and not future.done():
+                    future.set_result(response)
+        except (ProtocolError, ConnectionError) as exc:
+            logger.error("checkpoint worker (pid %s) broke the channel: %s", self.pid, exc)
+            self._fail_pending(exc if isinstance(exc, ProtocolError) else ProtocolError(str(exc)))
+            await self._kill()
+
+    async def _watch_exit(self) -> None:
+        process = self._process
+        assert process is not None
+        try:
+            returncode = await process.wait()
+        except asyncio.CancelledError:
+            # The loop is shutting down without close(): never leave the worker behind.
+            if process.returncode is None:
+                try:
+                    process.kill()
+                except ProcessLookupError:
+                    pass
+                await process.wait()
+            raise
+        if self._closing:
+            self._fail_pending(WorkerClosed("the checkpoint process was closed"))
+            return
+        self._crashed = WorkerCrashed(
+            f"checkpoint worker (pid {process.pid}) {describe_exit(returncode)}",
+            returncode=returncode,
+        )
+        if self._pending:
+            logger.error("%s with %d request(s) pending", self._crashed, len(self._pending))
+        self._fail_pending(self._crashed)

@@ -1,0 +1,137 @@
+"""Tensors and plain values <-> the protocol's leaf descriptions (both sides of the channel)."""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import torch
+
+from aiockpt.protocol import (
+    Leaf,
+    PickledObject,
+    PlainValue,
+    StateDictPayload,
+    TensorInArena,
+    TensorInline,
+)
+from aiockpt.tree import KeyPath, flatten, format_key_path
+
+__all__ = [
+    "as_bytes",
+    "describe_inline",
+    "dtype_from_name",
+    "dtype_name",
+    "inline_tensor",
+    "is_tensor",
+    "plain_leaf",
+    "tensor_from_leaf",
+    "value_from_leaf",
+]
+
+_PLAIN_TYPES = (int, float, str, bool, bytes, type(None))
+
+
+def is_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16``; ``ValueError`` for anything that is not a dtype."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{name!r} is not a torch dtype")
+    return dtype
+
+
+def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a contiguous CPU tensor's bytes (any dtype, 0-d and empty too)."""
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+def inline_tensor(tensor: torch.Tensor) -> TensorInline:
+    """Describe ``tensor`` with its bytes copied into the description."""
+    flat = tensor.detach().to("cpu").contiguous()
+    return TensorInline(dtype_name(flat.dtype), list(flat.shape), as_bytes(flat).numpy().tobytes())
+
+
+def plain_leaf(path: KeyPath, value: Any, *, allow_pickle: bool) -> Leaf:
+    """Describe a non-tensor leaf.
+
+    Raises ``TypeError`` naming the key for an object that is not a plain value, unless
+    ``allow_pickle`` says the caller accepts pickling it.
+    """
+    if isinstance(value, _PLAIN_TYPES):
+        return PlainValue(value)
+    if allow_pickle:
+        return PickledObject(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+    raise TypeError(
+        f"state dict entry {format_key_path(path)!r} is a {type(value).__qualname__}; only "
+        "tensors, int, float, str, bool, None, bytes and lists/tuples/dicts of these can be "
+        "checkpointed without pickling (pass allow_pickle=True to pickle it)"
+    )
+
+
+def tensor_from_leaf(leaf: TensorInArena | TensorInline, arena: memoryview | None) -> torch.Tensor:
+    """The tensor a leaf describes; arena tensors are views of ``arena`` (no copy).
+
+    Raises ``ValueError`` when the description does not fit its bytes.
+    """
+    dtype = dtype_from_name(leaf.dtype)
+    shape = tuple(leaf.shape)
+    if isinstance(leaf, TensorInline):
+        # torch.frombuffer wants a writable buffer; inline tensors are small, copying is fine.
+        buffer: memoryview | bytearray = bytearray(leaf.data)
+        offset, nbytes = 0, len(leaf.data)
+    else:
+        if arena is None:
+            raise ValueError("tensor described in an arena, but the request names no arena")
+        buffer, offset, nbytes = arena, leaf.offset, leaf.nbytes
+        if offset < 0 or offset + nbytes > len(arena):
+            raise ValueError(f"tensor bytes {offset}..{offset + nbytes} lie outside the arena")
+    expected = _numel(shape) * dtype.itemsize
+    if nbytes != expected:
+        raise ValueError(f"{nbytes} bytes cannot hold a {leaf.dtype} tensor of shape {shape}")
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    raw = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=offset)
+    return raw.view(dtype).reshape(shape)
+
+
+def value_from_leaf(leaf: PlainValue | PickledObject) -> Any:
+    if isinstance(leaf, PlainValue):
+        return leaf.value
+    return pickle.loads(leaf.data)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        if d < 0:
+            raise ValueError(f"negative dimension in shape {shape}")
+        n *= d
+    return n
+
+
+def describe_inline(state_dict: Any, *, allow_pickle: bool = False) -> StateDictPayload:
+    """Describe ``state_dict`` with every tensor's bytes copied into the description.
+
+    For small ad-hoc writes through a bare ``CheckpointProcess``; saves go through a
+    shared-memory arena instead. Raises ``TypeError`` naming the key of an entry that cannot
+    cross the process boundary.
+    """
+    skeleton, leaves = flatten(state_dict, is_tensor)
+    return StateDictPayload(
+        skeleton,
+        [
+            inline_tensor(value)
+            if is_tensor(value)
+            else plain_leaf(path, value, allow_pickle=allow_pickle)
+            for path, value in leaves
+        ],
+    )

@@ -1,0 +1,33 @@
+"""Entry point of the checkpoint worker process (started by ``aiockpt.CheckpointProcess``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from aiockpt.protocol import DEFAULT_MAX_FRAME_SIZE
+from aiockpt.worker.serve import serve
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m aiockpt.worker")
+    parser.add_argument("--fd", type=int, required=True, help="inherited socketpair end")
+    parser.add_argument("--max-frame-size", type=int, default=DEFAULT_MAX_FRAME_SIZE)
+    args = parser.parse_args(argv)
+    # Ctrl-C in the trainer's terminal reaches the whole foreground process group; the trainer,
+    # not the terminal, decides when its checkpoint worker stops (a save may be committing).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.WARNING, format="[aiockpt worker %(process)d] %(message)s")
+    coro = serve(args.fd, max_frame_size=args.max_frame_size)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is installed wherever the platform has it
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

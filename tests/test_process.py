@@ -1,0 +1,423 @@
+"""CheckpointProcess against a real worker subprocess: torch's CheckpointProcess tests and more."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from aiockpt import (
+    CheckpointWriteError,
+    ProtocolVersionMismatch,
+    WorkerClosed,
+    WorkerCrashed,
+    WorkerStartError,
+    WorkerStartTimeout,
+)
+from aiockpt.channel import Channel
+from aiockpt.process import CheckpointProcess, CheckpointProcessConfig, describe_exit
+from aiockpt.protocol import (
+    PROTOCOL_VERSION,
+    GcOptions,
+    InitPayload,
+    RankInfo,
+    RequestType,
+    WorkerRequest,
+)
+from aiockpt.tensors import as_bytes
+from tests import workers
+from tests.workers import RawWriter, read_raw
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_process(**overrides: object) -> CheckpointProcess:
+    kwargs: dict[str, object] = {
+        "rank_info": RankInfo(0, 1),
+        "config": CheckpointProcessConfig(subprocess_shutdown_timeout_secs=10),
+        "checkpoint_writer_init_fn": RawWriter,
+        "checkpoint_writer_init_args": {},
+    }
+    kwargs.update(overrides)
+    return CheckpointProcess(**kwargs)  # type: ignore[arg-type]
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_init_functions_run_in_the_worker(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    async with make_process(
+        rank_info=RankInfo(3, 8),
+        subprocess_init_fn=workers.init_writes_marker,
+        subprocess_init_args=(str(marker), "hello"),
+        checkpoint_writer_init_args={"delay": 0.0},
+    ) as proc:
+        assert marker.read_text() == f"hello pid={proc.pid}"
+        result = await proc.write({"x": torch.ones(2)}, tmp_path / "ck")
+        assert read_raw(str(tmp_path / "ck"))["rank"] == 3  # rank_info reached the writer
+        assert result.result["pid"] == proc.pid
+
+
+async def test_init_function_raising_fails_start_with_the_worker_traceback() -> None:
+    proc = make_process(
+        subprocess_init_fn="tests.workers:init_raises", subprocess_init_args=["nope"]
+    )
+    with pytest.raises(WorkerStartError) as info:
+        await proc.start()
+    assert info.value.error_type == "RuntimeError"
+    assert "init_raises" in (info.value.traceback or "")
+    assert "nope" in str(info.value)
+    await proc.close()
+
+
+async def test_init_timeout_kills_the_worker() -> None:
+    proc = make_process(
+        config=CheckpointProcessConfig(subprocess_init_timeout_secs=0.5),
+        subprocess_init_fn=workers.init_hangs,
+        subprocess_init_args=[60],
+    )
+    with pytest.raises(WorkerStartTimeout, match=r"within 0\.5 s") as info:
+        await proc.start()
+    assert isinstance(info.value, TimeoutError)
+    assert proc.pid is not None and not alive(proc.pid)
+    await proc.close()
+
+
+async def test_write_round_trips_every_dtype_and_plain_values(tmp_path: Path) -> None:
+    state = {
+        "f32": torch.randn(3, 4),
+        "bf16": torch.randn(5).to(torch.bfloat16),
+        "f8": torch.randn(4).to(torch.float8_e4m3fn),
+        "i64": torch.arange(6).reshape(2, 3),
+        "u8": torch.arange(7, dtype=torch.uint8),
+        "bool": torch.tensor([True, False]),
+        "c64": torch.randn(2, dtype=torch.complex64),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.empty(0, 3),
+        "strided": torch.arange(12.0).reshape(3, 4).t(),
+        "meta": {"step": 10, "name": "run", "lr": 0.1, "ok": True, "none": None, "raw": b"\x00"},
+    }
+    async with make_process() as proc:
+        await proc.write(state, tmp_path / "ck", tag="v1")
+    back = read_raw(str(tmp_path / "ck"))
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            assert back[key].dtype == value.dtype and back[key].shape == value.shape
+            assert torch.equal(as_bytes(back[key]), as_bytes(value.contiguous()))
+    assert back["meta.step"] == 10 and back["meta.raw"] == "00" and back["meta.none"] is None
+    assert back["kwargs"] == {"tag": "v1"}
+
+
+async def test_writer_raising_is_reported_and_the_worker_keeps_serving(tmp_path: Path) -> None:
+    async with make_process(checkpoint_writer_init_args={"fail_on": "bad"}) as proc:
+        with pytest.raises(CheckpointWriteError) as info:
+            await proc.write({"x": torch.ones(1)}, tmp_path / "bad")
+        assert info.value.error_type == "OSError"
+        assert "injected failure" in (info.value.traceback or "")
+        assert "Worker traceback" in str(info.value)
+        await proc.write({"x": torch.ones(1)}, tmp_path / "good")
+        assert torch.equal(read_raw(str(tmp_path / "good"))["x"], torch.ones(1))
+
+
+async def test_sigkill_during_a_slow_write_fails_it_with_worker_crashed(tmp_path: Path) -> None:
+    async with make_process(checkpoint_writer_init_args={"delay": 30}) as proc:
+        write = proc.write({"x": torch.ones(1)}, tmp_path / "ck")
+        await asyncio.sleep(0.2)
+        assert proc.pid is not None
+        killed_at = time.perf_counter()
+        os.kill(proc.pid, signal.SIGKILL)
+        with pytest.raises(WorkerCrashed, match="killed by SIGKILL") as info:
+            await write
+        detection = time.perf_counter() - killed_at
+        assert info.value.returncode == -signal.SIGKILL
+        print(f"crash detected after {detection * 1000:.1f} ms")
+        # Later requests fail the same way instead of hanging.
+        with pytest.raises(WorkerCrashed):
+            await proc.ping()
+        with pytest.raises(WorkerCrashed):
+            proc.write({"x": torch.ones(1)}, tmp_path / "again")
+
+
+async def test_close_is_graceful_and_idempotent() -> None:
+    proc = make_process()
+    await proc.start()
+    pid = proc.pid
+    assert pid is not None
+    await asyncio.gather(proc.close(), proc.close())
+    await proc.close()
+    assert proc._process is not None and proc._process.returncode == 0
+    assert not alive(pid)
+    with pytest.raises(WorkerClosed):
+        await proc.ping()
+
+
+async def test_close_waits_for_in_flight_writes(tmp_path: Path) -> None:
+    proc = make_process(checkpoint_writer_init_args={"delay": 0.3})
+    write = proc.write({"x": torch.ones(1)}, tmp_path / "ck")
+    await proc.close()
+    assert (await write).write_seconds >= 0.3
+    assert torch.equal(read_raw(str(tmp_path / "ck"))["x"], torch.ones(1))
+
+
+async def test_close_escalates_when_the_worker_ignores_terminate(tmp_path: Path) -> None:
+    proc = make_process(
+        config=CheckpointProcessConfig(
+            subprocess_shutdown_timeout_secs=0.5, sigterm_grace_secs=0.5
+        ),
+        subprocess_init_fn=workers.init_ignores_sigterm,
+        checkpoint_writer_init_args={"delay": 60},
+    )
+    await proc.start()
+    write = proc.write({"x": torch.ones(1)}, tmp_path / "ck")
+    await asyncio.sleep(0.1)
+    await proc.close()  # TERMINATE queues behind the 60 s write; SIGTERM is ignored; SIGKILL
+    assert proc._process is not None and proc._process.returncode == -signal.SIGKILL
+    with pytest.raises(WorkerClosed):
+        await write
+
+
+async def test_no_worker_survives_an_exception_in_the_caller() -> None:
+    pid = None
+    with pytest.raises(ZeroDivisionError):
+        async with make_process() as proc:
+            pid = proc.pid
+            1 / 0  # noqa: B018
+    assert pid is not None and not alive(pid)
+
+
+def run_script(body: str, *args: str) -> subprocess.Popen[str]:
+    code = "import asyncio, os, sys, time, torch\n" + textwrap.dedent(body)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+def wait_gone(pid: int, timeout: float = 10) -> float:
+    started = time.monotonic()
+    while alive(pid):
+        assert time.monotonic() - started < timeout, f"worker {pid} still running"
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("runner", ["asyncio.run", "uvloop.run"])
+def test_no_worker_survives_the_loop_ending_without_close(runner: str) -> None:
+    script = run_script(
+        f"""
+        import uvloop
+        from aiockpt.process import CheckpointProcess
+        async def main():
+            proc = CheckpointProcess(checkpoint_writer_init_fn="tests.workers:RawWriter")
+            await proc.start()
+            print(proc.pid, flush=True)
+        {runner}(main())
+        print("loop ended", flush=True)
+        time.sleep(30)
+        """
+    )
+    try:
+        assert script.stdout is not None
+        pid = int(script.stdout.readline())
+        assert script.stdout.readline().strip() == "loop ended"
+        wait_gone(pid)  # gone while the interpreter still runs: the loop's end reaped it
+    finally:
+        script.kill()
+        script.wait()
+
+
+def test_worker_exits_when_its_parent_is_killed() -> None:
+    script = run_script(
+        """
+        from aiockpt.process import CheckpointProcess
+        async def main():
+            proc = CheckpointProcess(checkpoint_writer_init_fn="tests.workers:RawWriter")
+            await proc.start()
+            print(proc.pid, flush=True)
+            await asyncio.sleep(60)
+        asyncio.run(main())
+        """
+    )
+    assert script.stdout is not None
+    pid = int(script.stdout.readline())
+    script.kill()
+    script.wait()
+    # The worker is reparented once its parent dies; EOF on the channel makes it exit.
+    gone_after = wait_gone(pid)
+    print(f"worker exited {gone_after * 1000:.0f} ms after its parent was killed")
+
+
+async def test_thousand_pings() -> None:
+    async with make_process() as proc:
+        round_trips = [await proc.ping() for _ in range(1000)]
+    assert len(round_trips) == 1000 and all(rtt > 0 for rtt in round_trips)
+
+
+async def test_concurrent_pings_are_matched_by_request_id() -> None:
+    async with make_process() as proc:
+        round_trips = await asyncio.gather(*(proc.ping() for _ in range(200)))
+    assert len(round_trips) == 200
+
+
+async def test_ping_is_answered_during_a_slow_write(tmp_path: Path) -> None:
+    async with make_process(checkpoint_writer_init_args={"delay": 1.0}) as proc:
+        write = proc.write({"x": torch.ones(1)}, tmp_path / "ck")
+        await asyncio.sleep(0.1)
+        rtt = await proc.ping()
+        assert not write.done()  # the ping came back while the write was still running
+        await write
+    assert rtt < 1.0
+
+
+async def test_state_dict_may_be_an_awaitable(tmp_path: Path) -> None:
+    loop = asyncio.get_running_loop()
+    staged: asyncio.Future[dict[str, torch.Tensor]] = loop.create_future()
+    async with make_process() as proc:
+        write = proc.write(staged, tmp_path / "ck")
+        await asyncio.sleep(0.05)
+        assert not write.done()
+        staged.set_result({"x": torch.full((2,), 7.0)})
+        await write
+    assert torch.equal(read_raw(str(tmp_path / "ck"))["x"], torch.full((2,), 7.0))
+
+
+async def test_first_write_starts_the_worker_and_start_is_idempotent(tmp_path: Path) -> None:
+    proc = make_process()
+    try:
+        await asyncio.gather(proc.start(), proc.start())
+        pid = proc.pid
+        await proc.start()
+        await proc.write({"x": torch.ones(1)}, tmp_path / "ck")
+        assert proc.pid == pid
+    finally:
+        await proc.close()
+    lazy = make_process()
+    try:
+        await lazy.write({"x": torch.ones(1)}, tmp_path / "lazy")
+        assert lazy.alive
+    finally:
+        await lazy.close()
+
+
+async def test_gc_controls_reach_the_worker(tmp_path: Path) -> None:
+    config = CheckpointProcessConfig(
+        gc=GcOptions(
+            disable_automatic=True, collect_after_write=True, freeze_after_first_write=True
+        )
+    )
+    async with make_process(
+        config=config, checkpoint_writer_init_fn=workers.GcReportingWriter
+    ) as p:
+        first = (await p.write({}, tmp_path / "a")).result
+        second = (await p.write({}, tmp_path / "b")).result
+    assert first == {"enabled": False, "frozen": 0}
+    assert second["enabled"] is False and second["frozen"] > 0
+
+
+def local_function() -> None:
+    pass
+
+
+class NotEncodable:
+    pass
+
+
+def test_unimportable_functions_and_unencodable_arguments_are_type_errors() -> None:
+    def nested() -> None:
+        pass
+
+    with pytest.raises(TypeError, match="lambda"):
+        CheckpointProcess(subprocess_init_fn=lambda: None)
+    with pytest.raises(TypeError, match="nested"):
+        CheckpointProcess(subprocess_init_fn=nested)
+    with pytest.raises(TypeError, match=r"subprocess_init_args\[1\] = .*NotEncodable"):
+        CheckpointProcess(
+            subprocess_init_fn=local_function, subprocess_init_args=(1, NotEncodable())
+        )
+    with pytest.raises(TypeError, match=r"checkpoint_writer_init_args\['opts'\]\['f'\]"):
+        CheckpointProcess(checkpoint_writer_init_args={"opts": {"f": NotEncodable()}})
+    with pytest.raises(ValueError, match="not an import reference"):
+        CheckpointProcess(checkpoint_writer_init_fn="no_colon")
+
+
+async def test_unencodable_state_dict_entry_is_a_type_error_naming_the_key(tmp_path: Path) -> None:
+    proc = make_process()
+    with pytest.raises(TypeError, match=r"'model\.obj'"):
+        proc.write({"model": {"obj": NotEncodable()}}, tmp_path / "ck")
+    with pytest.raises(TypeError, match=r"write\(\) keyword arguments"):
+        proc.write({}, tmp_path / "ck", opt=NotEncodable())
+    await proc.close()
+    assert proc.pid is None  # nothing was spawned for requests refused up front
+
+
+async def test_protocol_version_mismatch_is_a_clear_error() -> None:
+    """A real worker, handed an INIT from a future protocol version, refuses it."""
+    parent_end, child_end = socket.socketpair()
+    with child_end:
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "aiockpt.worker",
+            "--fd",
+            str(child_end.fileno()),
+            pass_fds=(child_end.fileno(),),
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+    channel = await Channel.open(parent_end)
+    init = InitPayload(
+        PROTOCOL_VERSION + 1, RankInfo(), [], None, [], "tests.workers:RawWriter", {}
+    )
+    await channel.send(WorkerRequest(0, RequestType.INIT, init))
+    body = await anext(channel.frames())
+    response = channel.codec.decode_response(body)
+    assert not response.success
+    assert response.error_type == "aiockpt.errors.ProtocolVersionMismatch"
+    assert f"version {PROTOCOL_VERSION + 1}" in (response.error_msg or "")
+    assert await worker.wait() == 2
+    await channel.aclose()
+    assert ProtocolVersionMismatch.__name__ in response.error_type
+
+
+async def test_garbage_on_the_channel_ends_the_worker_not_the_parent() -> None:
+    parent_end, child_end = socket.socketpair()
+    with child_end:
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "aiockpt.worker",
+            "--fd",
+            str(child_end.fileno()),
+            "--max-frame-size",
+            "1024",
+            pass_fds=(child_end.fileno(),),
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+    channel = await Channel.open(parent_end)
+    channel._writer.write(b"\xff\xff\xff\xff" + b"junk")
+    assert await asyncio.wait_for(worker.wait(), 10) == 2
+    await channel.aclose()
+
+
+def test_describe_exit() -> None:
+    assert describe_exit(-9) == "was killed by SIGKILL"
+    assert describe_exit(3) == "exited with code 3"
+    assert describe_exit(-200) == "was killed by signal 200"

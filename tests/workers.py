@@ -1,0 +1,100 @@
+"""Init functions and writers that the worker imports by reference in tests."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aiockpt.protocol import RankInfo
+from aiockpt.tree import flatten, format_key_path
+
+
+def init_writes_marker(path: str, text: str) -> None:
+    Path(path).write_text(f"{text} pid={os.getpid()}")
+
+
+def init_raises(message: str) -> None:
+    raise RuntimeError(message)
+
+
+def init_hangs(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def init_ignores_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class RawWriter:
+    """Writes each tensor's raw bytes to ``<path>/<n>.bin`` and an index as JSON.
+
+    A deliberately simple format, independent of aiockpt's writers, so that tests of the
+    process machinery read back exactly what crossed the boundary.
+    """
+
+    def __init__(self, rank_info: RankInfo, delay: float = 0.0, fail_on: str | None = None):
+        self.rank_info = rank_info
+        self.delay = delay
+        self.fail_on = fail_on
+
+    def write(self, state_dict: Any, path: str, **kwargs: Any) -> dict[str, Any]:
+        if self.fail_on is not None and self.fail_on in path:
+            raise OSError(f"injected failure writing {path}")
+        time.sleep(kwargs.get("delay", self.delay))
+        os.makedirs(path, exist_ok=True)
+        _, leaves = flatten(state_dict, lambda v: isinstance(v, torch.Tensor))
+        index: dict[str, Any] = {"rank": self.rank_info.global_rank, "kwargs": kwargs}
+        for n, (key_path, value) in enumerate(leaves):
+            name = format_key_path(key_path)
+            if isinstance(value, torch.Tensor):
+                with open(os.path.join(path, f"{n}.bin"), "wb") as f:
+                    f.write(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+                index[name] = {
+                    "file": f"{n}.bin",
+                    "dtype": str(value.dtype),
+                    "shape": list(value.shape),
+                }
+            else:
+                index[name] = {"value": value if not isinstance(value, bytes) else value.hex()}
+        with open(os.path.join(path, "index.json"), "w") as f:
+            json.dump(index, f)
+        return {"entries": len(leaves), "pid": os.getpid()}
+
+
+def read_raw(path: str) -> dict[str, Any]:
+    """Read what ``RawWriter`` wrote: ``{key: tensor or value}``."""
+    with open(os.path.join(path, "index.json")) as f:
+        index = json.load(f)
+    out: dict[str, Any] = {}
+    for name, entry in index.items():
+        if name in ("rank", "kwargs"):
+            out[name] = entry
+        elif "file" in entry:
+            dtype = getattr(torch, entry["dtype"].removeprefix("torch."))
+            data = bytearray(Path(path, entry["file"]).read_bytes())
+            flat = (
+                torch.frombuffer(data, dtype=torch.uint8)
+                if data
+                else torch.empty(0, dtype=torch.uint8)
+            )
+            out[name] = flat.view(dtype).reshape(entry["shape"])
+        else:
+            out[name] = entry["value"]
+    return out
+
+
+class GcReportingWriter:
+    """Reports the worker's garbage-collector state as seen during each write."""
+
+    def __init__(self, rank_info: RankInfo):
+        self.rank_info = rank_info
+
+    def write(self, state_dict: Any, path: str, **kwargs: Any) -> dict[str, Any]:
+        return {"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}
