@@ -19,12 +19,16 @@ Modules, from the worker outwards::
 
 from __future__ import annotations
 
-from aiockpt.elastic.agent import LocalElasticAgent
-from aiockpt.elastic.failures import ProcessFailure, format_failures, record
-from aiockpt.elastic.logs import LogsSpecs, Std
-from aiockpt.elastic.rendezvous import StaticRendezvous
-from aiockpt.elastic.spec import RunResult, Worker, WorkerGroup, WorkerSpec, WorkerState
-from aiockpt.errors import RendezvousError, SignalException
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aiockpt.elastic.agent import LocalElasticAgent
+    from aiockpt.elastic.failures import ProcessFailure, format_failures, record
+    from aiockpt.elastic.logs import LogsSpecs, Std
+    from aiockpt.elastic.rendezvous import StaticRendezvous
+    from aiockpt.elastic.spec import RunResult, Worker, WorkerGroup, WorkerSpec, WorkerState
+    from aiockpt.errors import RendezvousError, SignalException
 
 __all__ = [
     "LocalElasticAgent",
@@ -42,3 +46,36 @@ __all__ = [
     "format_failures",
     "record",
 ]
+
+# Imported on first use: every function worker starts as ``python -m aiockpt.elastic.bootstrap``
+# and so imports this package; it needs ``record``, not asyncio and the agent (~60 ms).
+_HOME = {
+    "LocalElasticAgent": "aiockpt.elastic.agent",
+    "LogsSpecs": "aiockpt.elastic.logs",
+    "ProcessFailure": "aiockpt.elastic.failures",
+    "RendezvousError": "aiockpt.errors",
+    "RunResult": "aiockpt.elastic.spec",
+    "SignalException": "aiockpt.errors",
+    "StaticRendezvous": "aiockpt.elastic.rendezvous",
+    "Std": "aiockpt.elastic.logs",
+    "Worker": "aiockpt.elastic.spec",
+    "WorkerGroup": "aiockpt.elastic.spec",
+    "WorkerSpec": "aiockpt.elastic.spec",
+    "WorkerState": "aiockpt.elastic.spec",
+    "format_failures": "aiockpt.elastic.failures",
+    "record": "aiockpt.elastic.failures",
+}
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        home = _HOME[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

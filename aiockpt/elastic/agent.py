@@ -116,6 +116,7 @@ class LocalElasticAgent:
                     await self._stop_workers(signal.SIGTERM)
         finally:
             signalled.cancel()
+            self._rdzv = None
             self._rendezvous.close()
 
     async def _invoke_run(self) -> RunResult:

@@ -3,6 +3,7 @@ multiprocessing/api_test.py, agent/server/test/api_test.py and local_elastic_age
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ from aiockpt.elastic import (
     LocalElasticAgent,
     LogsSpecs,
     RunResult,
+    SignalException,
     StaticRendezvous,
     Std,
     WorkerSpec,
@@ -215,3 +217,38 @@ async def test_restarts_exhausted_fails(tmp_path: Path) -> None:
     assert result.failures[0].message == "RuntimeError: rank 0 always fails"
     assert sorted(os.listdir(tmp_path / RUN_ID)) == ["attempt_0", "attempt_1", "attempt_2"]
     assert result.return_values == {}
+
+
+async def wait_for_pid_files(directory: Path, count: int) -> list[int]:
+    deadline = asyncio.get_running_loop().time() + 30
+    files = [directory / f"{rank}.pid" for rank in range(count)]
+    while not all(f.exists() for f in files):
+        assert asyncio.get_running_loop().time() < deadline, "workers did not start"
+        await asyncio.sleep(0.05)
+    return [int(f.read_text()) for f in files]
+
+
+def assert_reaped(pids: list[int]) -> None:
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists(), f"worker {pid} is still there"
+
+
+async def test_cancelling_run_stops_workers(tmp_path: Path) -> None:
+    run = asyncio.create_task(run_agent(workers.write_pid_then_sleep, str(tmp_path), nproc=2))
+    pids = await wait_for_pid_files(tmp_path, 2)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert_reaped(pids)
+
+
+async def test_sigterm_to_agent_process_raises_signal_exception(tmp_path: Path) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    run = asyncio.create_task(run_agent(workers.write_pid_then_sleep, str(tmp_path), nproc=2))
+    pids = await wait_for_pid_files(tmp_path, 2)
+    os.kill(os.getpid(), signal.SIGTERM)  # handled by the agent's loop handler, not fatal
+    with pytest.raises(SignalException) as raised:
+        await run
+    assert raised.value.sigval == signal.SIGTERM
+    assert_reaped(pids)
+    assert signal.getsignal(signal.SIGTERM) == before, "the previous handler is back"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import aiockpt.elastic
 from aiockpt.elastic import LogsSpecs, ProcessFailure, Std, WorkerSpec, record
 from aiockpt.elastic.failures import NO_ERROR_FILE_MESSAGE, NOT_AVAILABLE, format_failures
 from aiockpt.elastic.logs import tee_stream, to_map
@@ -156,3 +157,11 @@ def test_worker_spec_validation() -> None:
         WorkerSpec(role="r", local_world_size=1, entrypoint="")
     assert WorkerSpec("r", 1, entrypoint="/usr/bin/env").get_entrypoint_name() == "env"
     assert WorkerSpec("r", 1, entrypoint=test_to_map).get_entrypoint_name() == "test_to_map"
+
+
+def test_public_names_resolve() -> None:
+    assert sorted(aiockpt.elastic.__all__) == sorted(set(aiockpt.elastic.__all__))
+    for name in aiockpt.elastic.__all__:
+        assert getattr(aiockpt.elastic, name).__name__ == name
+    with pytest.raises(AttributeError):
+        aiockpt.elastic.NotAName  # noqa: B018
