@@ -43,8 +43,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 #: torchelastic's console prefix for teed lines, e.g. ``[trainer0]:``
 DEFAULT_LOG_LINE_PREFIX_TEMPLATE = "[${role_name}${local_rank}]:"
-#: variables a worker inherits from the agent when set, named for clarity (torchelastic's list)
-_PASSED_THROUGH = ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
 
 
 class LocalElasticAgent:
@@ -78,7 +76,6 @@ class LocalElasticAgent:
         self._rendezvous = spec.rdzv_handler or StaticRendezvous()
         self._remaining_restarts = spec.max_restarts
         self._processes: list[WorkerProcess] = []
-        self._rdzv: RendezvousInfo | None = None
         self._log_dir = ""
 
     @property
@@ -97,41 +94,37 @@ class LocalElasticAgent:
         loop = asyncio.get_running_loop()
         signalled: asyncio.Future[signal.Signals] = loop.create_future()
         work = asyncio.create_task(self._invoke_run())
+        stop_signal = signal.SIGTERM  # workers get the agent's signal when there is one
         try:
             with self._handle_signals(loop, signalled), self._log_root():
                 try:
                     first: list[asyncio.Future[Any]] = [work, signalled]
                     await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
-                    if not signalled.done():
-                        return work.result()
-                    sig = signalled.result()
-                    logger.warning("received %s; stopping workers", sig.name)
-                    await _cancel_and_wait(work)
-                    await self._stop_workers(sig)
-                    raise SignalException(
-                        f"Process {os.getpid()} got signal: {sig.name}", sigval=sig
-                    )
+                    if signalled.done():
+                        stop_signal = signalled.result()
+                        logger.warning("received %s; stopping workers", stop_signal.name)
+                        raise SignalException(
+                            f"Process {os.getpid()} got signal: {stop_signal.name}",
+                            sigval=stop_signal,
+                        )
+                    return work.result()
                 finally:
                     await _cancel_and_wait(work)
-                    await self._stop_workers(signal.SIGTERM)
+                    await self._stop_workers(stop_signal)
         finally:
             signalled.cancel()
-            self._rdzv = None
             self._rendezvous.close()
 
     async def _invoke_run(self) -> RunResult:
         group = self._worker_group
         spec = group.spec
         entrypoint = _resolve_entrypoint(spec.entrypoint)
-        await self._assign_ranks()
+        rdzv = await self._assign_ranks()
         while True:
             outcome = await self._run_attempt(entrypoint)
             if not outcome.failures:
                 group.state = WorkerState.SUCCEEDED
-                if self._rdzv is not None:
-                    await exit_barrier(
-                        self._rdzv.store, self._rdzv.world_size, self._exit_barrier_timeout
-                    )
+                await exit_barrier(rdzv.store, rdzv.world_size, self._exit_barrier_timeout)
                 return RunResult(
                     WorkerState.SUCCEEDED,
                     return_values={
@@ -158,10 +151,9 @@ class LocalElasticAgent:
                 },
             )
 
-    async def _assign_ranks(self) -> None:
+    async def _assign_ranks(self) -> RendezvousInfo:
         group = self._worker_group
         rdzv = await self._rendezvous.next_rendezvous()
-        self._rdzv = rdzv
         group.workers = await assign_worker_ranks(
             rdzv.store, rdzv.rank, rdzv.world_size, group.spec, self._rendezvous.timeout
         )
@@ -179,6 +171,7 @@ class LocalElasticAgent:
             rdzv.master_addr,
             rdzv.master_port,
         )
+        return rdzv
 
     async def _run_attempt(self, entrypoint: str | Callable[..., Any]) -> GroupOutcome:
         """Start the group, monitor it, and stop it; workers still running when this is
@@ -215,6 +208,7 @@ class LocalElasticAgent:
     def _worker_env(self, worker: Worker, restart_count: int, error_file: str) -> dict[str, str]:
         group = self._worker_group
         spec = group.spec
+        # inherited like everything else: OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES
         env = dict(os.environ)
         env.update(
             {
@@ -240,7 +234,6 @@ class LocalElasticAgent:
                 ),
             }
         )
-        env.update({name: os.environ[name] for name in _PASSED_THROUGH if name in os.environ})
         return env
 
     def _target(self, dest: LogsDest, worker: Worker, stream: Std) -> StreamTarget:

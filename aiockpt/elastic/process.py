@@ -64,7 +64,6 @@ class WorkerProcess:
         to_close: list[Callable[[], None]],
     ) -> None:
         self.local_rank = local_rank
-        self.process = process
         self.pid = process.pid
         #: resolves to the exit code (negative: the signal that killed the worker)
         self.exited: asyncio.Task[int] = asyncio.create_task(process.wait())
@@ -91,9 +90,11 @@ class WorkerProcess:
         loop = asyncio.get_running_loop()
         to_close: list[Callable[[], None]] = []  # agent-side resources, released by close()
         child_fds: list[int] = []  # the child's ends, closed here once it has started
-        # (pipe read end, log file fd, prefix, which stream) for each tee to start
-        tees: list[tuple[int, int, str, Std]] = []
+        # (pipe reader, log file fd, prefix, which stream) for each tee to start
+        tees: list[tuple[asyncio.StreamReader, int, str, Std]] = []
         call = b""
+        # Everything that awaits happens before the spawn: once the child exists, nothing may
+        # be cancelled before it is handed to the caller, or it would run untracked.
         try:
             std_fds: list[int | None] = []
             for stream, target in ((Std.OUT, stdout), (Std.ERR, stderr)):
@@ -111,7 +112,13 @@ class WorkerProcess:
                         read_end, write_end = os.pipe()
                         child_fds.append(write_end)
                         std_fds.append(write_end)
-                        tees.append((read_end, log_fd, target.tee_prefix, stream))
+                        reader = asyncio.StreamReader()
+                        transport, _ = await loop.connect_read_pipe(
+                            functools.partial(asyncio.StreamReaderProtocol, reader),
+                            os.fdopen(read_end, "rb", buffering=0),
+                        )
+                        to_close.append(transport.close)
+                        tees.append((reader, log_fd, target.tee_prefix, stream))
 
             channel: socket.socket | None = None
             if isinstance(entrypoint, str):
@@ -119,6 +126,7 @@ class WorkerProcess:
                 pass_fds: tuple[int, ...] = ()
             else:
                 channel, child_end = socket.socketpair()
+                to_close.append(channel.close)
                 child_fds.append(child_end.detach())
                 argv = function_command(os.getpid(), child_fds[-1])
                 pass_fds = (child_fds[-1],)
@@ -133,7 +141,7 @@ class WorkerProcess:
                 pass_fds=pass_fds,
             )
         except BaseException:
-            for fd in child_fds + [tee[0] for tee in tees]:
+            for fd in child_fds:
                 os.close(fd)
             for release in to_close:
                 release()
@@ -141,17 +149,10 @@ class WorkerProcess:
         for fd in child_fds:
             os.close(fd)
 
-        tee_tasks = []
-        for read_end, log_fd, prefix, stream in tees:
-            reader = asyncio.StreamReader()
-            transport, _ = await loop.connect_read_pipe(
-                functools.partial(asyncio.StreamReaderProtocol, reader),
-                os.fdopen(read_end, "rb", buffering=0),
-            )
-            to_close.append(transport.close)
-            tee_tasks.append(
-                asyncio.create_task(tee_stream(reader, log_fd, console_for(stream), prefix))
-            )
+        tee_tasks = [
+            asyncio.create_task(tee_stream(reader, log_fd, console_for(stream), prefix))
+            for reader, log_fd, prefix, stream in tees
+        ]
         reply = None
         if channel is not None:
             reply = asyncio.create_task(_exchange(channel, call))

@@ -18,14 +18,9 @@ LAUNCH = [sys.executable, "-m", "aiockpt.run"]
 DEADLINE_S = 60.0
 
 
-def launch(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+def launch(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*LAUNCH, *args],
-        capture_output=True,
-        text=True,
-        timeout=DEADLINE_S,
-        check=False,
-        **kwargs,  # type: ignore[arg-type]
+        [*LAUNCH, *args], capture_output=True, text=True, timeout=DEADLINE_S, check=False, cwd=cwd
     )
 
 
