@@ -1,0 +1,272 @@
+"""Commit: temporary directory, manifest, fsync, rename; checkpoint housekeeping."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import torch
+import xxhash
+
+import aiockpt.commit as commit
+from aiockpt.commit import (
+    TEMP_PREFIX,
+    TRASH_PREFIX,
+    abort,
+    build_manifest,
+    finalize,
+    is_committed,
+    list_committed,
+    prepare,
+    remove_checkpoint,
+    remove_stale_temps,
+    write_checkpoint,
+    write_files,
+)
+from aiockpt.loading import load, read_manifest, verify
+from aiockpt.manifest import MANIFEST_NAME, OpaqueLeaf, ValueLeaf, decode_manifest
+from aiockpt.writers.base import FileRecord
+from aiockpt.writers.safetensors import SafetensorsWriter
+from tests.writer_fixtures import FailingWriter, NoneReturningWriter, assert_same
+
+
+def state(value: float = 1.0) -> dict[str, Any]:
+    return {"w": torch.full((4,), value), "step": int(value)}
+
+
+def save(path: Path, value: float = 1.0, **kwargs: Any) -> commit.CommitResult:
+    return write_checkpoint(SafetensorsWriter(), state(value), path, format="safetensors", **kwargs)
+
+
+def leftovers(parent: Path) -> list[str]:
+    return [n for n in os.listdir(parent) if n.startswith((TEMP_PREFIX, TRASH_PREFIX))]
+
+
+class RecordingWriter:
+    """Remembers what commit handed it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, list[str]]] = []
+
+    def write(self, state_dict: Any, path: str, **kwargs: Any) -> list[FileRecord]:
+        self.calls.append((path, os.stat(path).st_mode & 0o777, os.listdir(path)))
+        return list(SafetensorsWriter().write(state_dict, path))
+
+
+def test_write_checkpoint_commits(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt"
+    result = save(path, metadata={"epoch": 3, "tags": ["a"]})
+    assert result.path == str(path)
+    names = sorted(os.listdir(path))
+    assert names == [MANIFEST_NAME, "model.safetensors"]
+    assert result.nbytes == sum(os.path.getsize(path / n) for n in names)
+    assert [f.name for f in result.files] == ["model.safetensors"]
+    assert result.write_seconds >= 0 and result.commit_seconds >= 0
+    manifest = decode_manifest((path / MANIFEST_NAME).read_bytes())
+    assert manifest.format == "safetensors" and manifest.format_version == 1
+    assert manifest.metadata == {"epoch": 3, "tags": ["a"]}
+    assert manifest.leaves[1] == ValueLeaf(1)
+    data = (path / "model.safetensors").read_bytes()
+    assert manifest.files[0].xxh3_64 == xxhash.xxh3_64_hexdigest(data)
+    assert is_committed(path) and leftovers(tmp_path) == []
+    assert_same(load(path), state())
+    assert msgspec.json.decode(msgspec.json.encode(result), type=commit.CommitResult) == result
+
+
+def test_writer_gets_an_empty_owner_only_temp_sibling(tmp_path: Path) -> None:
+    writer = RecordingWriter()
+    write_checkpoint(writer, state(), tmp_path / "ckpt", format="safetensors")
+    ((temp, mode, contents),) = writer.calls
+    assert os.path.dirname(temp) == str(tmp_path)
+    assert os.path.basename(temp).startswith(f"{TEMP_PREFIX}ckpt-")
+    assert mode == 0o700 and contents == []
+
+
+def test_existing_path_without_overwrite_raises_before_writing(tmp_path: Path) -> None:
+    save(tmp_path / "ckpt", 1.0)
+    writer = RecordingWriter()
+    with pytest.raises(FileExistsError):
+        write_checkpoint(writer, state(2.0), tmp_path / "ckpt", format="safetensors")
+    assert writer.calls == []
+    assert leftovers(tmp_path) == []
+    assert_same(load(tmp_path / "ckpt"), state(1.0))
+
+
+def test_existing_empty_directory_is_not_silently_replaced(tmp_path: Path) -> None:
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(FileExistsError):
+        save(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "portable"])
+def test_overwrite_replaces_a_checkpoint(
+    tmp_path: Path, renameat2: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not renameat2:
+        monkeypatch.setattr(commit, "_renameat2_function", None)
+    save(tmp_path / "ckpt", 1.0)
+    save(tmp_path / "ckpt", 2.0, overwrite=True)
+    assert_same(load(tmp_path / "ckpt"), state(2.0))
+    assert os.listdir(tmp_path) == ["ckpt"]
+
+
+def test_overwrite_replaces_a_file_or_torn_directory(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a checkpoint")
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "__0_0.distcp").write_bytes(b"half")
+    for name in ("file", "torn"):
+        save(tmp_path / name, 2.0, overwrite=True)
+        assert_same(load(tmp_path / name), state(2.0))
+    assert sorted(os.listdir(tmp_path)) == ["file", "torn"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_failing_writer_leaves_nothing(tmp_path: Path, overwrite: bool) -> None:
+    if overwrite:
+        save(tmp_path / "ckpt", 1.0)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        write_checkpoint(
+            FailingWriter(), state(), tmp_path / "ckpt", format="x", overwrite=overwrite
+        )
+    assert leftovers(tmp_path) == []
+    if overwrite:
+        assert_same(load(tmp_path / "ckpt"), state(1.0))
+    else:
+        assert not os.path.lexists(tmp_path / "ckpt")
+
+
+def test_custom_writer_returning_none_is_hashed_and_fsynced_by_commit(tmp_path: Path) -> None:
+    state_dict = {"a": torch.arange(4, dtype=torch.int32), "b": torch.ones(2), "n": 5}
+    result = write_checkpoint(NoneReturningWriter(), state_dict, tmp_path / "ckpt", format="custom")
+    files = {f.name: f for f in result.files}
+    assert set(files) == {"weights.bin", "extra/notes.txt"}
+    data = (tmp_path / "ckpt" / "weights.bin").read_bytes()
+    assert files["weights.bin"].size == len(data) == 24
+    assert files["weights.bin"].xxh3_64 == xxhash.xxh3_64_hexdigest(data)
+    manifest = verify(tmp_path / "ckpt")
+    assert manifest.leaves == [OpaqueLeaf("Tensor"), OpaqueLeaf("Tensor"), ValueLeaf(5)]
+    with pytest.raises(ValueError, match="its own way"):
+        load(tmp_path / "ckpt")
+
+
+class LyingWriter:
+    def __init__(self, records: list[FileRecord], symlink: bool = False) -> None:
+        self.records = records
+        self.symlink = symlink
+
+    def write(self, state_dict: Any, path: str, **kwargs: Any) -> list[FileRecord]:
+        with open(os.path.join(path, "f"), "wb") as f:
+            f.write(b"12345")
+        if self.symlink:
+            os.symlink("/etc/passwd", os.path.join(path, "link"))
+        return self.records
+
+
+@pytest.mark.parametrize(
+    ("writer", "match"),
+    [
+        (LyingWriter([FileRecord("f", 4, "0")]), "4 bytes, found 5 bytes"),
+        (LyingWriter([FileRecord("f", 5, "0"), FileRecord("g", 1, "0")]), "found no file"),
+        (LyingWriter([FileRecord("../f", 5, "0")]), "not a relative file name"),
+        (LyingWriter([], symlink=True), "not a regular file"),
+    ],
+)
+def test_writer_records_are_checked(tmp_path: Path, writer: LyingWriter, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        write_checkpoint(writer, {}, tmp_path / "ckpt", format="x")
+    assert os.listdir(tmp_path) == []
+
+
+def test_unencodable_metadata_fails_before_writing(tmp_path: Path) -> None:
+    writer = RecordingWriter()
+    with pytest.raises(TypeError, match="JSON-encodable"):
+        write_checkpoint(
+            writer, state(), tmp_path / "ckpt", format="safetensors", metadata={"x": object()}
+        )
+    assert writer.calls == [] and os.listdir(tmp_path) == []
+
+
+def test_phases_and_a_crash_before_finalize(tmp_path: Path) -> None:
+    pending = prepare(tmp_path / "deep" / "er" / "ckpt")  # creates parents
+    records = write_files(SafetensorsWriter(), state(), pending.temp_path)
+    manifest = build_manifest("safetensors", state(), records)
+    # "Crash": the manifest is written in the temp directory but never renamed into place.
+    (Path(pending.temp_path) / MANIFEST_NAME).write_bytes(msgspec.json.encode(manifest))
+    parent = tmp_path / "deep" / "er"
+    assert not os.path.lexists(parent / "ckpt")
+    assert not is_committed(pending.temp_path)
+    assert list_committed(parent) == []
+    assert remove_stale_temps(parent) == [pending.temp_path]
+    assert os.listdir(parent) == []
+
+
+def test_finalize_then_abort_is_harmless(tmp_path: Path) -> None:
+    pending = prepare(tmp_path / "ckpt")
+    records = write_files(SafetensorsWriter(), state(), pending.temp_path)
+    finalize(pending, build_manifest("safetensors", state(), records))
+    abort(pending)  # nothing left to remove
+    assert is_committed(tmp_path / "ckpt")
+
+
+def test_something_appearing_at_the_path_meanwhile_wins(tmp_path: Path) -> None:
+    pending = prepare(tmp_path / "ckpt")
+    records = write_files(SafetensorsWriter(), state(), pending.temp_path)
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(FileExistsError):
+        finalize(pending, build_manifest("safetensors", state(), records))
+    abort(pending)
+    assert os.listdir(tmp_path) == ["ckpt"]
+
+
+def test_list_committed_and_is_committed(tmp_path: Path) -> None:
+    for step in (10, 9, 100):
+        save(tmp_path / f"step_{step}")
+    (tmp_path / "step_11").mkdir()  # no manifest: never a checkpoint
+    (tmp_path / "notes.txt").write_text("x")
+    crashed = tmp_path / f"{TEMP_PREFIX}step_12-abc"
+    crashed.mkdir()
+    (crashed / MANIFEST_NAME).write_text("{}")
+    assert list_committed(tmp_path) == [str(tmp_path / f"step_{s}") for s in (9, 10, 100)]
+    assert not is_committed(tmp_path / "step_11")
+    assert not is_committed(crashed)
+    assert not is_committed(tmp_path / "missing")
+    assert list_committed(tmp_path / "missing") == []
+
+
+def test_remove_stale_temps_only_touches_its_own(tmp_path: Path) -> None:
+    save(tmp_path / "keep")
+    (tmp_path / "unrelated").mkdir()
+    stale = [tmp_path / f"{TEMP_PREFIX}a-1", tmp_path / f"{TRASH_PREFIX}b-2"]
+    for directory in stale:
+        directory.mkdir()
+        (directory / "data").write_bytes(b"x")
+    fresh = tmp_path / f"{TEMP_PREFIX}c-3"
+    fresh.mkdir()
+    old = time.time() - 3600
+    for directory in stale:
+        os.utime(directory, (old, old))
+    assert sorted(remove_stale_temps(tmp_path, min_age_s=60)) == sorted(map(str, stale))
+    assert sorted(os.listdir(tmp_path)) == [f"{TEMP_PREFIX}c-3", "keep", "unrelated"]
+    assert remove_stale_temps(tmp_path) == [str(fresh)]
+    assert remove_stale_temps(tmp_path / "missing") == []
+
+
+def test_remove_checkpoint(tmp_path: Path) -> None:
+    save(tmp_path / "ckpt")
+    remove_checkpoint(tmp_path / "ckpt")
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(FileNotFoundError):
+        remove_checkpoint(tmp_path / "ckpt")
+    (tmp_path / "precious").mkdir()
+    with pytest.raises(ValueError, match="not a committed checkpoint"):
+        remove_checkpoint(tmp_path / "precious")
+    assert os.listdir(tmp_path) == ["precious"]
+
+
+def test_read_manifest_of_a_commit(tmp_path: Path) -> None:
+    save(tmp_path / "ckpt", metadata={"k": 1})
+    assert read_manifest(tmp_path / "ckpt").metadata == {"k": 1}

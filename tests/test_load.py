@@ -1,0 +1,190 @@
+"""aiockpt.load and verify: exact trees, in-place fills, corruption, no unpickling."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import torch
+
+from aiockpt.commit import write_checkpoint
+from aiockpt.errors import CorruptCheckpoint
+from aiockpt.loading import load, verify
+from aiockpt.manifest import MANIFEST_NAME, TensorLeaf, decode_manifest, encode_manifest
+from aiockpt.writers import create_writer
+from tests.writer_fixtures import assert_same, full_state_dict, like, random_tensor
+
+FORMATS = ["dcp", "safetensors"]
+DATA_FILE = {"dcp": "__0_0.distcp", "safetensors": "model.safetensors"}
+
+
+def save(tmp_path: Path, state_dict: Any, fmt: str, name: str = "ckpt") -> Path:
+    path = tmp_path / name
+    write_checkpoint(create_writer(fmt), state_dict, path, format=fmt)
+    return path
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_load_returns_the_exact_tree(tmp_path: Path, fmt: str) -> None:
+    state_dict = full_state_dict()
+    loaded = load(save(tmp_path, state_dict, fmt))
+    assert_same(loaded, state_dict)
+    assert isinstance(loaded["optimizer"]["param_groups"][0]["betas"], tuple)
+    assert list(loaded["optimizer"]["state"]) == [0, 1]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_load_fills_a_state_dict_in_place(tmp_path: Path, fmt: str) -> None:
+    state_dict = full_state_dict()
+    path = save(tmp_path, state_dict, fmt)
+    target = like(state_dict)
+    target["optimizer"]["state"][0]["exp_avg"] = torch.nn.Parameter(torch.zeros(7))
+    tensors_before = {
+        "w": target["model"]["w_float32"],
+        "param": target["optimizer"]["state"][0]["exp_avg"],
+    }
+    groups = target["optimizer"]["param_groups"]
+    result = load(path, target)
+    assert result is target
+    assert_same(
+        target["optimizer"]["state"][0]["exp_avg"].detach(),
+        state_dict["optimizer"]["state"][0]["exp_avg"],
+    )
+    target["optimizer"]["state"][0]["exp_avg"] = state_dict["optimizer"]["state"][0]["exp_avg"]
+    assert_same(target, state_dict)
+    # Tensors keep their identity (copy_); containers are the caller's; leaves are replaced.
+    assert target["model"]["w_float32"] is tensors_before["w"]
+    assert target["optimizer"]["param_groups"] is groups
+    assert tensors_before["param"].requires_grad
+
+
+def test_load_into_a_partial_state_dict_converting_dtypes(tmp_path: Path) -> None:
+    path = save(tmp_path, {"a": torch.arange(4, dtype=torch.float32), "b": torch.ones(2)}, "dcp")
+    target = {"a": torch.zeros(4, dtype=torch.float64)}  # "b" is not asked for
+    load(path, target)
+    assert target["a"].dtype == torch.float64 and target["a"].tolist() == [0, 1, 2, 3]
+
+
+def test_load_into_a_non_contiguous_tensor(tmp_path: Path) -> None:
+    path = save(tmp_path, {"a": torch.arange(6.0).reshape(2, 3)}, "safetensors")
+    target = {"a": torch.zeros(3, 2).t()}
+    load(path, target)
+    assert torch.equal(target["a"], torch.arange(6.0).reshape(2, 3))
+
+
+def test_load_key_and_shape_mismatches(tmp_path: Path) -> None:
+    path = save(tmp_path, {"a": torch.ones(4), "nested": {"b": 1}}, "safetensors")
+    with pytest.raises(KeyError, match=r"nested\.c"):
+        load(path, {"nested": {"c": 2}})
+    with pytest.raises(ValueError, match="shape"):
+        load(path, {"a": torch.zeros(2, 2)})
+
+
+def test_tied_tensors_come_back_tied_from_dcp(tmp_path: Path) -> None:
+    weight = torch.randn(3, 3)
+    loaded = load(save(tmp_path, {"embed": weight, "head": weight}, "dcp"))
+    assert loaded["embed"] is loaded["head"]
+    target = {"embed": torch.zeros(3, 3), "head": torch.zeros(3, 3)}
+    load(tmp_path / "ckpt", target)
+    assert torch.equal(target["embed"], weight) and torch.equal(target["head"], weight)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_pickled_leaves_need_explicit_permission(tmp_path: Path, fmt: str) -> None:
+    state_dict = {"w": torch.ones(2), "obj": {1, 2, 3}, "frozen": frozenset({4})}
+    path = save(tmp_path, state_dict, fmt)
+    with pytest.raises(ValueError, match="allow_pickle=True"):
+        load(path)
+    assert_same(load(path, allow_pickle=True), state_dict)
+
+
+# --- verification -----------------------------------------------------------------------------
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_flipped_byte_is_caught_naming_the_file(tmp_path: Path, fmt: str) -> None:
+    state_dict = {"w": random_tensor(torch.float32, (64, 64)), "step": 3}
+    path = save(tmp_path, state_dict, fmt)
+    data = path / DATA_FILE[fmt]
+    leaf = decode_manifest((path / MANIFEST_NAME).read_bytes()).leaves[0]
+    assert isinstance(leaf, TensorLeaf)
+    flip_byte(data, leaf.offset + 100)  # inside the tensor's bytes
+    for call in (verify, load):
+        with pytest.raises(CorruptCheckpoint, match=DATA_FILE[fmt]) as info:
+            call(path)
+        assert info.value.path == str(data)
+    flip_byte(data, leaf.offset + 100)
+    flip_byte(data, 3)  # a header byte, outside any tensor
+    with pytest.raises(CorruptCheckpoint) as info:
+        load(path)
+    assert info.value.path == str(data)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_truncated_or_missing_file_is_caught(tmp_path: Path, fmt: str) -> None:
+    path = save(tmp_path, {"w": random_tensor(torch.float32, (64, 64))}, fmt)
+    data = path / DATA_FILE[fmt]
+    os.truncate(data, os.path.getsize(data) - 10)
+    for kwargs in ({"verify": True}, {"verify": False}):  # sizes are checked either way
+        with pytest.raises(CorruptCheckpoint, match="truncated") as info:
+            load(path, **kwargs)
+        assert info.value.path == str(data)
+    os.unlink(data)
+    with pytest.raises(CorruptCheckpoint) as info:
+        verify(path)
+    assert info.value.path == str(data)
+
+
+def test_missing_or_broken_manifest(tmp_path: Path) -> None:
+    path = save(tmp_path, {"w": torch.ones(2)}, "safetensors")
+    manifest = path / MANIFEST_NAME
+    manifest.write_bytes(manifest.read_bytes()[:-5])
+    with pytest.raises(CorruptCheckpoint, match="unreadable manifest") as info:
+        load(path)
+    assert info.value.path == str(manifest)
+    os.unlink(manifest)
+    for call in (verify, load):
+        with pytest.raises(CorruptCheckpoint, match="never committed"):
+            call(path)
+    with pytest.raises(FileNotFoundError):
+        load(tmp_path / "missing")
+
+
+def test_hostile_manifest_cannot_point_outside(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_bytes(b"s" * 64)
+    path = save(tmp_path, {"w": torch.ones(2)}, "safetensors")
+    manifest = decode_manifest((path / MANIFEST_NAME).read_bytes())
+    entry = msgspec.structs.replace(manifest.files[0], name="../secret")
+    leaf = msgspec.structs.replace(manifest.leaves[0], file="../secret")
+    hostile = msgspec.structs.replace(manifest, files=[entry], leaves=[leaf])
+    (path / MANIFEST_NAME).write_bytes(encode_manifest(hostile))
+    with pytest.raises(CorruptCheckpoint, match="not a relative file name"):
+        load(path, verify=False)
+
+
+def test_dcp_load_never_unpickles_metadata(tmp_path: Path) -> None:
+    path = save(tmp_path, {"w": torch.arange(3.0), "step": 4}, "dcp")
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (open, (str(marker), "w"))
+
+    (path / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    loaded = load(path, verify=False)  # verify=True would (rightly) reject the new .metadata
+    assert loaded["step"] == 4 and loaded["w"].tolist() == [0.0, 1.0, 2.0]
+    assert not marker.exists()
+    with pytest.raises(CorruptCheckpoint, match=r"\.metadata"):
+        load(path)

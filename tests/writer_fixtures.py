@@ -1,0 +1,145 @@
+"""State dicts, comparisons and small custom writers shared by the writer/commit/load tests."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from aiockpt.writers.base import FileRecord, tensor_bytes
+
+#: every dtype the contract names, plus the newer ones torch.save handles
+DTYPES: list[torch.dtype] = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.float8_e4m3fnuz,
+    torch.float8_e5m2fnuz,
+    torch.float8_e8m0fnu,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+    torch.bool,
+    torch.complex64,
+    torch.complex128,
+]
+
+
+def random_tensor(dtype: torch.dtype, shape: Sequence[int], seed: int = 0) -> torch.Tensor:
+    """Random bits of ``dtype`` (every bit pattern, NaNs included: comparisons are bitwise)."""
+    generator = torch.Generator().manual_seed(seed)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    numel = math.prod(shape)
+    raw = torch.randint(0, 256, (numel * itemsize,), dtype=torch.uint8, generator=generator)
+    if dtype == torch.bool:
+        raw = raw % 2  # other bytes are not valid bools
+    return raw.view(dtype).reshape(shape) if numel else torch.empty(shape, dtype=dtype)
+
+
+def full_state_dict() -> dict[str, Any]:
+    """Every dtype, 0-d and empty tensors, nesting, int keys, tuples and plain leaves."""
+    return {
+        "model": {
+            f"w_{str(d).removeprefix('torch.')}": random_tensor(d, (3, 5), i)
+            for i, d in enumerate(DTYPES)
+        },
+        "scalar": random_tensor(torch.float32, (), 99),
+        "empty": torch.empty(0, 4, dtype=torch.bfloat16),
+        "optimizer": {
+            "state": {
+                0: {"step": torch.tensor(12.0), "exp_avg": random_tensor(torch.float32, (7,), 5)},
+                1: {"step": torch.tensor(12.0), "exp_avg": random_tensor(torch.float32, (2, 2), 6)},
+            },
+            "param_groups": [
+                {"lr": 1e-3, "betas": (0.9, 0.999), "params": [0, 1], "fused": None, "name": "g"}
+            ],
+        },
+        "list_of_tensors": [
+            random_tensor(torch.int64, (4,), 7),
+            random_tensor(torch.int8, (1,), 8),
+        ],
+        "step": 1234,
+        "big": 2**70,
+        "neg_zero": -0.0,
+        "nan": float("nan"),
+        "inf": float("-inf"),
+        "flag": True,
+        "blob": b"\x00\xffbytes",
+        "text": "héllo",
+    }
+
+
+def like(tree: Any) -> Any:
+    """A tree of the same structure with zeroed tensors and dummy plain leaves (a load target)."""
+    if isinstance(tree, torch.Tensor):
+        return torch.zeros_like(tree)
+    if isinstance(tree, dict):
+        return {k: like(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [like(v) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(like(v) for v in tree)
+    return None
+
+
+def assert_same(actual: Any, expected: Any, path: str = "") -> None:
+    """Structure, types, dtypes, shapes and bits all equal (NaN equals NaN bitwise)."""
+    assert type(actual) is type(expected), f"{path}: {type(actual)} != {type(expected)}"
+    if isinstance(expected, torch.Tensor):
+        assert actual.dtype == expected.dtype, f"{path}: {actual.dtype} != {expected.dtype}"
+        assert actual.shape == expected.shape, f"{path}: {actual.shape} != {expected.shape}"
+        assert actual.device.type == "cpu"
+        assert bytes(tensor_bytes(actual.contiguous())) == bytes(
+            tensor_bytes(expected.contiguous())
+        ), f"{path}: bytes differ"
+    elif isinstance(expected, dict):
+        assert list(actual) == list(expected), f"{path}: keys {list(actual)} != {list(expected)}"
+        for key in expected:
+            assert type(key) is type(next(k for k in actual if k == key)), f"{path}.{key}"
+            assert_same(actual[key], expected[key], f"{path}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), f"{path}: lengths differ"
+        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            assert_same(a, e, f"{path}.{i}")
+    elif isinstance(expected, float) and math.isnan(expected):
+        assert math.isnan(actual), path
+    elif isinstance(expected, float):
+        assert math.copysign(1, actual) == math.copysign(1, expected) and actual == expected, path
+    else:
+        assert actual == expected, f"{path}: {actual!r} != {expected!r}"
+
+
+class NoneReturningWriter:
+    """A custom writer in the torch style: writes files (one in a subdirectory), returns None."""
+
+    def __init__(self, rank_info: Any = None, **options: Any) -> None:
+        self.options = options
+
+    def write(self, state_dict: Any, path: str, **kwargs: Any) -> None:
+        with open(os.path.join(path, "weights.bin"), "wb") as f:
+            for value in state_dict.values():
+                if isinstance(value, torch.Tensor):
+                    f.write(tensor_bytes(value.contiguous()))
+        os.mkdir(os.path.join(path, "extra"))
+        with open(os.path.join(path, "extra", "notes.txt"), "w") as f:
+            f.write("custom")
+
+
+class FailingWriter:
+    """Writes half a file, then raises."""
+
+    def write(self, state_dict: Any, path: str, **kwargs: Any) -> Sequence[FileRecord] | None:
+        with open(os.path.join(path, "partial.bin"), "wb") as f:
+            f.write(b"x" * 1000)
+        raise RuntimeError("disk on fire")
