@@ -139,7 +139,7 @@ def main() -> None:
     def median(name: str, field: str) -> float:
         return statistics.median(getattr(t, field) for t in runs[name])
 
-    print(f"{args.repeats} interleaved runs each, 2 workers, --standalone, medians (min..max)")
+    print(f"{args.repeats} interleaved runs each, 2 workers, --standalone: medians, then every run")
     print(f"{'':34}{'aiockpt-run':>16}{'torchrun':>16}{'ratio':>9}")
     for field, label in (
         ("replace_s", "crash -> replacement running"),
