@@ -291,8 +291,8 @@ def _run_on_fastest_loop(main: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
         import uvloop
     except ImportError:
         return asyncio.run(main())
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main())
+    result: _T = uvloop.run(main())
+    return result
 
 
 def _parse_nnodes(value: str) -> int:
