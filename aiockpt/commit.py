@@ -168,13 +168,15 @@ def write_files(writer: Writer, state_dict: Any, temp_path: str) -> list[FileRec
     """Phase 2: run ``writer`` in ``temp_path``; return records of every file there.
 
     Files the writer did not report (all of them when it returns None) are hashed and
-    fsynced here. Raises ValueError if a record names a missing file, a file of another size,
-    or a name outside the directory, or if the writer left something other than regular files
-    and directories.
+    fsynced here, and so are subdirectories. Raises ValueError if a record names a missing
+    file, a file of another size, or a name outside the directory, or if the writer left
+    something other than regular files and directories, or a file named like the manifest.
     """
     reported = writer.write(state_dict, temp_path)
     records = {r.name: r for r in reported or ()}
     on_disk = _sync_tree(temp_path, skip=records)
+    if MANIFEST_NAME in on_disk:
+        raise ValueError(f"writers must not write {MANIFEST_NAME}: commit writes it")
     for record in records.values():
         check_relative_name(record.name)
         actual = on_disk.get(record.name)

@@ -85,6 +85,10 @@ def _check_consistent(manifest: Manifest) -> None:
     for leaf in manifest.leaves:
         if isinstance(leaf, (TensorLeaf, ObjectLeaf)) and leaf.file not in names:
             raise ValueError(f"a leaf points into {leaf.file!r}, which is not listed")
+        if isinstance(leaf, TensorLeaf):
+            dtype_from_name(leaf.dtype)
+            if any(size < 0 for size in leaf.shape):
+                raise ValueError(f"negative size in tensor shape {leaf.shape}")
     indices = sorted(index for index, _ in iter_key_paths(manifest.skeleton))
     if indices != list(range(len(manifest.leaves))):
         raise ValueError("skeleton and leaves disagree")
@@ -260,12 +264,13 @@ def _new_buffer(
     if isinstance(leaf, ObjectLeaf):
         data = bytearray(leaf.nbytes)
         return data, memoryview(data)
+    if destination is not None:
+        return destination, tensor_bytes(destination)
     try:
-        dtype = dtype_from_name(leaf.dtype)
-        tensor = destination if destination is not None else torch.empty(leaf.shape, dtype=dtype)
-    except (ValueError, RuntimeError) as exc:
+        tensor = torch.empty(leaf.shape, dtype=dtype_from_name(leaf.dtype))
+    except RuntimeError as exc:  # a shape no memory can hold: the manifest is wrong
         raise CorruptCheckpoint(
-            f"bad tensor entry: {exc}", path=os.path.join(root, MANIFEST_NAME)
+            f"cannot allocate tensor entry: {exc}", path=os.path.join(root, MANIFEST_NAME)
         ) from exc
     return tensor, tensor_bytes(tensor)
 

@@ -91,8 +91,14 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 
+# str(dtype) takes tens of microseconds: too slow for thousands of tensors per save.
+_DTYPE_NAMES: dict[torch.dtype, str] = {d: n for n, d in _DTYPES.items() if str(d) == f"torch.{n}"}
+
+
 def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    name = _DTYPE_NAMES.get(dtype)
+    return name if name is not None else str(dtype).removeprefix("torch.")
 
 
 def dtype_from_name(name: str) -> torch.dtype:
@@ -244,6 +250,10 @@ class FileSink:
 
     def _submit(self, chunk: memoryview) -> None:
         if self._pool is None:
+            if chunk.nbytes < self._chunk:
+                # Nothing in flight and little to write (manifests, .metadata): no thread.
+                self._write_chunk(chunk)
+                return
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="aiockpt-write")
         while len(self._pending) >= _WRITE_DEPTH:
             self._pending.popleft().result()

@@ -33,6 +33,7 @@ import dataclasses
 import pickle
 import struct
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -134,13 +135,13 @@ class DcpWriter:
                 storage[item.index] = _StorageInfo(data_file, start, sink.offset - start)
             leaves: dict[int, Leaf] = {}
             for index, key_path, tensor in tensors:
-                plain = tensor_for_write(tensor, format_key_path(key_path))
                 offset = raw_offsets.get(id(tensor))
                 if offset is None:
                     sink.align(_ALIGN)
+                    plain = tensor_for_write(tensor, format_key_path(key_path))
                     offset = sink.write(tensor_bytes(plain))
                 leaves[index] = TensorLeaf(
-                    data_file, offset, dtype_name(plain.dtype), list(plain.shape)
+                    data_file, offset, dtype_name(tensor.dtype), list(tensor.shape)
                 )
             record = msgspec.structs.replace(sink.close(), leaves=leaves)
         records = [record]
@@ -173,12 +174,30 @@ class _RecordCollector:
         self.records.append((name, data if isinstance(data, bytes) else None))
 
 
+# (dtype, shape, zip64) -> (head, tail): the framing depends on nothing else, and the same
+# shapes come back at every save of a training run.
+_framing_cache: OrderedDict[tuple[torch.dtype, tuple[int, ...], bool], tuple[bytes, bytes]] = (
+    OrderedDict()
+)
+_FRAMING_CACHE_SIZE = 8192
+
+
 def torch_save_framing(tensor: torch.Tensor, *, zip64: bool = False) -> tuple[bytes, bytes]:
     """``(head, tail)`` such that ``head + tensor bytes + tail`` is what ``torch.load`` reads
     as ``tensor`` (a torch.save zip archive with CRC fields 0, data 64-byte aligned).
 
     ``zip64`` forces zip64 records (needed, and chosen automatically, from 4 GiB).
     """
+    key = (tensor.dtype, tuple(tensor.shape), zip64)
+    framing = _framing_cache.get(key)
+    if framing is None:
+        framing = _framing_cache[key] = _torch_save_framing(tensor, zip64)
+        if len(_framing_cache) > _FRAMING_CACHE_SIZE:
+            _framing_cache.popitem(last=False)
+    return framing
+
+
+def _torch_save_framing(tensor: torch.Tensor, zip64: bool) -> tuple[bytes, bytes]:
     # A tensor whose storage is exactly its bytes at offset 0 (the real one may be a view into
     # a larger arena, which torch.save would write whole). It aliases the memory: no copy.
     if tensor.numel() == 0:
