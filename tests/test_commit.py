@@ -154,15 +154,18 @@ def test_custom_writer_returning_none_is_hashed_and_fsynced_by_commit(tmp_path: 
 
 
 class LyingWriter:
-    def __init__(self, records: list[FileRecord], symlink: bool = False) -> None:
+    def __init__(self, records: list[FileRecord], extra: str = "") -> None:
         self.records = records
-        self.symlink = symlink
+        self.extra = extra
 
     def write(self, state_dict: Any, path: str, **kwargs: Any) -> list[FileRecord]:
         with open(os.path.join(path, "f"), "wb") as f:
             f.write(b"12345")
-        if self.symlink:
+        if self.extra == "symlink":
             os.symlink("/etc/passwd", os.path.join(path, "link"))
+        elif self.extra == "manifest":
+            with open(os.path.join(path, MANIFEST_NAME), "w") as f:
+                f.write("{}")
         return self.records
 
 
@@ -172,7 +175,8 @@ class LyingWriter:
         (LyingWriter([FileRecord("f", 4, "0")]), "4 bytes, found 5 bytes"),
         (LyingWriter([FileRecord("f", 5, "0"), FileRecord("g", 1, "0")]), "found no file"),
         (LyingWriter([FileRecord("../f", 5, "0")]), "not a relative file name"),
-        (LyingWriter([], symlink=True), "not a regular file"),
+        (LyingWriter([], extra="symlink"), "not a regular file"),
+        (LyingWriter([], extra="manifest"), "must not write"),
     ],
 )
 def test_writer_records_are_checked(tmp_path: Path, writer: LyingWriter, match: str) -> None:

@@ -162,6 +162,17 @@ def test_missing_or_broken_manifest(tmp_path: Path) -> None:
         load(tmp_path / "missing")
 
 
+def test_manifest_with_an_unknown_dtype_is_corrupt(tmp_path: Path) -> None:
+    path = save(tmp_path, {"w": torch.ones(2)}, "safetensors")
+    manifest = decode_manifest((path / MANIFEST_NAME).read_bytes())
+    leaf = msgspec.structs.replace(manifest.leaves[0], dtype="__class__")
+    (path / MANIFEST_NAME).write_bytes(
+        encode_manifest(msgspec.structs.replace(manifest, leaves=[leaf]))
+    )
+    with pytest.raises(CorruptCheckpoint, match="unknown dtype"):
+        load(path)
+
+
 def test_hostile_manifest_cannot_point_outside(tmp_path: Path) -> None:
     (tmp_path / "secret").write_bytes(b"s" * 64)
     path = save(tmp_path, {"w": torch.ones(2)}, "safetensors")

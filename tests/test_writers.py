@@ -200,6 +200,9 @@ def test_hostile_keys_stay_inside(tmp_path: Path, fmt: str) -> None:
         allowed = {"aiockpt-manifest.json", ".metadata", "__0_0.distcp", "model.safetensors"}
         assert set(filenames) <= allowed
     assert_same(load(path), state_dict)
+    if fmt == "safetensors":  # the names live in the header, escaped, and load as they were
+        loaded = load_file(os.path.join(path, "model.safetensors"))
+        assert set(loaded) == {f"{key}.t" for key in HOSTILE_KEYS}
 
 
 def test_writers_are_resolved_by_format_name() -> None:
