@@ -182,6 +182,24 @@ def test_records_match_files(tmp_path: Path, fmt: str) -> None:
                 )
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_non_contiguous_and_grad_tensors_are_written_as_values(tmp_path: Path, fmt: str) -> None:
+    # Not what the worker hands writers, but direct callers may: the contiguous copies must
+    # live until their bytes are written (the write thread may still be on them).
+    state_dict = {
+        "t": random_tensor(torch.float32, (300, 700), seed=4).t(),
+        "strided": torch.arange(300_000)[::3],
+        "param": torch.nn.Parameter(torch.ones(3)),
+    }
+    path = save(tmp_path, state_dict, fmt)
+    expected = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    assert_same(load(path), expected)
+    if fmt == "dcp":
+        target = like(expected)
+        torch_dcp_load(target, path)
+        assert_same(target, expected)
+
+
 HOSTILE_KEYS = ["../escape", "../../etc/passwd", "/abs/path", "a\0b", "x/y", "..", "c\\d", ""]
 
 

@@ -187,7 +187,7 @@ class FileSink:
 
     Use as a context manager: leaving the block with an exception closes the descriptor and
     leaves the partial file to be removed with its temporary directory. Buffers passed to
-    ``write`` must stay valid until ``close`` returns (tensor memory does).
+    ``write`` must stay valid until ``close`` returns; ``write_tensor`` sees to that itself.
     """
 
     def __init__(self, directory: str, name: str, *, chunk_bytes: int = CHUNK_BYTES) -> None:
@@ -199,6 +199,7 @@ class FileSink:
         self._small = bytearray()
         self._pending: deque[Future[None]] = deque()
         self._pool: ThreadPoolExecutor | None = None
+        self._keep: list[torch.Tensor] = []
         # Only the write thread touches these two.
         self._written = 0
         self._writeback_from = 0 if _sync_file_range is not None else -1
@@ -226,6 +227,15 @@ class FileSink:
             self._hash.update(chunk)
             self._submit(chunk)
         return start
+
+    def write_tensor(self, tensor: torch.Tensor) -> int:
+        """Append a contiguous CPU tensor's bytes straight from its memory; return the offset.
+
+        The sink holds the tensor until ``close`` (its bytes may still be in flight), then lets
+        go: writers must not keep tensors (views of shared memory) past ``write``.
+        """
+        self._keep.append(tensor)
+        return self.write(tensor_bytes(tensor))
 
     def align(self, alignment: int) -> int:
         """Pad with zeros up to a multiple of ``alignment``; return the new offset."""
@@ -279,6 +289,7 @@ class FileSink:
             # Waits for a write in progress: its buffer must not be released under it.
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        self._keep.clear()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

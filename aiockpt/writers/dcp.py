@@ -138,8 +138,7 @@ class DcpWriter:
                 offset = raw_offsets.get(id(tensor))
                 if offset is None:
                     sink.align(_ALIGN)
-                    plain = tensor_for_write(tensor, format_key_path(key_path))
-                    offset = sink.write(tensor_bytes(plain))
+                    offset = sink.write_tensor(tensor_for_write(tensor, format_key_path(key_path)))
                 leaves[index] = TensorLeaf(
                     data_file, offset, dtype_name(tensor.dtype), list(tensor.shape)
                 )
@@ -156,7 +155,7 @@ def _write_torch_save(sink: FileSink, tensor: torch.Tensor) -> int:
     nbytes = tensor.numel() * tensor.element_size()
     head, tail = torch_save_framing(tensor, zip64=nbytes >= _U32_MAX)
     raw = sink.write(head) + len(head)
-    sink.write(tensor_bytes(tensor))
+    sink.write_tensor(tensor)
     sink.write(tail)
     return raw
 

@@ -34,7 +34,6 @@ from aiockpt.writers.base import (
     dtype_name,
     flatten_state_dict,
     split_leaves,
-    tensor_bytes,
     tensor_for_write,
     write_objects,
 )
@@ -112,7 +111,7 @@ class SafetensorsWriter:
             sink.write(header)
             data_start = sink.offset
             for (index, _, t), offset in zip(entries, offsets, strict=True):
-                sink.write(tensor_bytes(t))
+                sink.write_tensor(t)
                 leaves[index] = TensorLeaf(
                     tensor_file, data_start + offset, dtype_name(t.dtype), list(t.shape)
                 )
