@@ -37,6 +37,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,18 +111,20 @@ def write_checkpoint(
     format: str,
     overwrite: bool = False,
     metadata: Mapping[str, Any] | None = None,
+    writer_kwargs: Mapping[str, Any] | None = None,
 ) -> CommitResult:
     """Write ``state_dict`` with ``writer`` and commit it at ``path``; all three phases.
 
-    Raises FileExistsError if ``path`` exists and not ``overwrite`` (nothing written),
-    TypeError if ``metadata`` is not JSON-encodable, and whatever the writer raises; on any
-    exception the temporary directory is removed and ``path`` is untouched.
+    ``writer_kwargs`` are passed on to ``writer.write``. Raises FileExistsError if ``path``
+    exists and not ``overwrite`` (nothing written), TypeError if ``metadata`` is not
+    JSON-encodable, and whatever the writer raises; on any exception the temporary directory
+    is removed and ``path`` is untouched.
     """
     user_metadata = _check_metadata(metadata)
     started = time.perf_counter()
     pending = prepare(path, overwrite=overwrite)
     try:
-        records = write_files(writer, state_dict, pending.temp_path)
+        records = write_files(writer, state_dict, pending.temp_path, **(writer_kwargs or {}))
         written = time.perf_counter()
         manifest = build_manifest(format, state_dict, records, metadata=user_metadata)
         manifest_size = finalize(pending, manifest)
@@ -164,16 +167,25 @@ def prepare(path: str | os.PathLike[str], *, overwrite: bool = False) -> Pending
     return PendingCheckpoint(final, temp, overwrite)
 
 
-def write_files(writer: Writer, state_dict: Any, temp_path: str) -> list[FileRecord]:
+def write_files(
+    writer: Writer, state_dict: Any, temp_path: str, **writer_kwargs: Any
+) -> list[FileRecord]:
     """Phase 2: run ``writer`` in ``temp_path``; return records of every file there.
 
-    Files the writer did not report (all of them when it returns None) are hashed and
-    fsynced here, and so are subdirectories. Raises ValueError if a record names a missing
-    file, a file of another size, or a name outside the directory, or if the writer left
-    something other than regular files and directories, or a file named like the manifest.
+    The writer is called with keywords (torch's experimental ``CheckpointWriter.write`` takes
+    ``path`` first); a ``concurrent.futures.Future`` it returns is waited for. Files the
+    writer did not report (all of them when it returns anything but ``FileRecord``s) are
+    hashed and fsynced here, and so are subdirectories. Raises what the writer raises, and
+    ValueError if a record names a missing file, a file of another size, or a name outside the
+    directory, or if the writer left something other than regular files and directories, or a
+    file named like the manifest.
     """
-    reported = writer.write(state_dict, temp_path)
-    records = {r.name: r for r in reported or ()}
+    reported = writer.write(state_dict=state_dict, path=temp_path, **writer_kwargs)
+    if isinstance(reported, Future):
+        reported = reported.result()
+    records: dict[str, FileRecord] = {}
+    if isinstance(reported, Sequence):
+        records = {r.name: r for r in reported if isinstance(r, FileRecord)}
     on_disk = _sync_tree(temp_path, skip=records)
     if MANIFEST_NAME in on_disk:
         raise ValueError(f"writers must not write {MANIFEST_NAME}: commit writes it")

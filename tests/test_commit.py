@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +153,49 @@ def test_custom_writer_returning_none_is_hashed_and_fsynced_by_commit(tmp_path: 
     assert manifest.leaves == [OpaqueLeaf("Tensor"), OpaqueLeaf("Tensor"), ValueLeaf(5)]
     with pytest.raises(ValueError, match="its own way"):
         load(tmp_path / "ckpt")
+
+
+def test_torchs_own_experimental_writer_commits(tmp_path: Path) -> None:
+    # path-first signature, torch.save inside, returns None: commit hashes and fsyncs.
+    from torch.distributed.checkpoint._experimental.checkpoint_writer import (
+        CheckpointWriter,
+        CheckpointWriterConfig,
+    )
+    from torch.distributed.checkpoint._experimental.types import RankInfo as TorchRankInfo
+
+    writer = CheckpointWriter(CheckpointWriterConfig(), TorchRankInfo(0, 1))
+    result = write_checkpoint(writer, state(3.0), tmp_path / "ckpt", format="torch")
+    assert [f.name for f in result.files] == ["checkpoint_0.pt"]
+    verify(tmp_path / "ckpt")
+    loaded = torch.load(tmp_path / "ckpt" / "checkpoint_0.pt", weights_only=True)
+    assert_same(loaded, state(3.0))
+
+
+class FutureWriter:
+    """Returns a future that completes the write later, with the kwargs it was given."""
+
+    def __init__(self) -> None:
+        self.kwargs: dict[str, Any] = {}
+
+    def write(self, state_dict: Any, path: str, **kwargs: Any) -> Future[None]:
+        self.kwargs = kwargs
+        future: Future[None] = Future()
+
+        def finish() -> None:
+            time.sleep(0.05)
+            with open(os.path.join(path, "late.bin"), "wb") as f:
+                f.write(b"late")
+            future.set_result(None)
+
+        threading.Thread(target=finish).start()
+        return future
+
+
+def test_future_returning_writer_is_waited_for(tmp_path: Path) -> None:
+    writer = FutureWriter()
+    result = write_checkpoint(writer, {}, tmp_path / "ckpt", format="x", writer_kwargs={"step": 5})
+    assert writer.kwargs == {"step": 5}
+    assert [(f.name, f.size) for f in result.files] == [("late.bin", 4)]
 
 
 class LyingWriter:

@@ -60,8 +60,10 @@ class FileRecord(msgspec.Struct, frozen=True):
 class Writer(Protocol):
     """Writes a state dict into ``path``, an existing, empty, owner-only directory.
 
+    Called with keywords (``write(state_dict=..., path=..., **kwargs)``) in a worker thread.
     Returns a ``FileRecord`` for every file written (each already fsynced), or ``None`` to let
-    commit hash and fsync every file it finds in ``path``. Called in a worker thread; may raise
+    commit hash and fsync every file it finds in ``path`` (a ``concurrent.futures.Future``, as
+    torch's experimental ``CheckpointWriter`` may return, is waited for first). May raise
     anything, in which case commit removes ``path`` and re-raises.
     """
 
