@@ -13,6 +13,7 @@ three kinds of task run on the caller's loop, all owned by this object and ended
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import logging
@@ -38,8 +39,12 @@ from aiockpt.errors import (
     WorkerStartTimeout,
 )
 from aiockpt.protocol import (
+    CANCELLED_ERROR_TYPE,
     DEFAULT_MAX_FRAME_SIZE,
     PROTOCOL_VERSION,
+    ArenaPayload,
+    ArenaRef,
+    CancelPayload,
     GcOptions,
     InitPayload,
     RankInfo,
@@ -150,6 +155,8 @@ class CheckpointProcess:
         self._reader: asyncio.Task[None] | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._writes: set[asyncio.Task[WriteResult]] = set()
+        #: writes still waiting for their state dict (close cancels these, lets others fail)
+        self._unsent: set[asyncio.Task[WriteResult]] = set()
         self._crashed: WorkerCrashed | None = None
         self._closing = False
         self._close_task: asyncio.Task[None] | None = None
@@ -277,18 +284,15 @@ class CheckpointProcess:
                     await asyncio.wait(set(self._writes))
                 process = self._process
                 if process is not None and process.returncode is None:
-                    if self._ready:
-                        await self._request(RequestType.TERMINATE_PROCESS)
-                    await process.wait()
+                    await self._stop_gracefully(process)
         except (TimeoutError, WorkerError, ConnectionError):
             pass
         process = self._process
         if process is not None and process.returncode is None:
             await self._escalate(process)
         self._fail_pending(WorkerClosed("the checkpoint process was closed before this finished"))
-        await asyncio.sleep(0)  # let writes that just failed finish with that error
-        for task in self._writes:
-            task.cancel()  # still waiting for their state dict: never sent
+        for task in self._unsent:
+            task.cancel()  # still waiting for their state dict: nothing to finish
         await asyncio.gather(*self._writes, return_exceptions=True)
         for owned in (self._reader, self._monitor):
             if owned is not None:
@@ -297,6 +301,15 @@ class CheckpointProcess:
         if self._channel is not None:
             await self._channel.aclose()
         self._fail_pending(WorkerClosed("the checkpoint process was closed"))
+
+    async def _stop_gracefully(self, process: asyncio.subprocess.Process) -> None:
+        """Ask the worker to exit once its queued writes are done, and wait for it. The
+        answer to TERMINATE is not awaited: the reader may already be gone at loop shutdown."""
+        if self._ready and self._channel is not None:
+            request = WorkerRequest(next(self._request_ids), RequestType.TERMINATE_PROCESS)
+            with contextlib.suppress(ConnectionError):
+                await self._channel.send(request)
+        await process.wait()
 
     async def _escalate(self, process: asyncio.subprocess.Process) -> None:
         logger.warning(
@@ -348,7 +361,9 @@ class CheckpointProcess:
         payload = state_dict if inspect.isawaitable(state_dict) else describe_inline(state_dict)
         task = asyncio.get_running_loop().create_task(self._write(payload, os.fspath(path), kwargs))
         self._writes.add(task)
+        self._unsent.add(task)
         task.add_done_callback(self._writes.discard)
+        task.add_done_callback(self._unsent.discard)
         return task
 
     async def _write(
@@ -359,19 +374,77 @@ class CheckpointProcess:
             state_dict = (
                 resolved if isinstance(resolved, StateDictPayload) else describe_inline(resolved)
             )
+        task = asyncio.current_task()
+        if task is not None:
+            self._unsent.discard(task)
+        return await self.write_payload(WritePayload(path, state_dict, kwargs))
+
+    async def write_payload(self, payload: WritePayload) -> WriteResult:
+        """Send one write request as is and await its result (what ``write`` and saves use).
+
+        Cancelling the awaiting task asks the worker to abandon the write: it is abandoned
+        (temporary files removed, ``CancelledError`` raised) unless its commit had already
+        begun, in which case the write completes and its result is returned. Raises what
+        ``write``'s awaitable raises.
+        """
         await self._ensure_started()
-        response = await self._request(
-            RequestType.WRITE_CHECKPOINT, WritePayload(path, state_dict, kwargs)
-        )
+        request_id, future = await self._send_request(RequestType.WRITE_CHECKPOINT, payload)
+        try:
+            response = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            response = await self._cancel_write(request_id, future)
+        finally:
+            self._pending.pop(request_id, None)
         if not response.success:
             raise CheckpointWriteError(
-                f"writing {path} failed in the checkpoint worker (pid {self.pid}): "
+                f"writing {payload.path} failed in the checkpoint worker (pid {self.pid}): "
                 f"{response.error_type}: {response.error_msg}",
                 error_type=response.error_type,
                 traceback=response.traceback,
             )
         assert isinstance(response.payload, WriteResultPayload)
         return response.payload
+
+    async def _cancel_write(
+        self, request_id: int, future: asyncio.Future[WorkerResponse]
+    ) -> WorkerResponse:
+        if not future.done():
+            with contextlib.suppress(ConnectionError, WorkerError):
+                await self._send_request(RequestType.CANCEL, CancelPayload(request_id))
+        try:
+            response = await future
+        except WorkerError:
+            raise asyncio.CancelledError from None
+        if response.success:
+            # The commit had begun before the CANCEL arrived: the checkpoint exists, so the
+            # save's outcome is its success, and the cancellation is withdrawn.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            return response
+        if response.error_type != CANCELLED_ERROR_TYPE:
+            logger.warning("write to %s failed while being cancelled: %s", request_id, response)
+        raise asyncio.CancelledError
+
+    async def map_arena(self, arena: ArenaRef) -> None:
+        """Have the worker map ``arena`` now (it then unlinks the name). Raises ``OSError``
+        text inside ``CheckpointWriteError`` if the worker cannot map it."""
+        await self._checked(RequestType.MAP_ARENA, ArenaPayload(arena))
+
+    async def release_arena(self, arena: ArenaRef) -> None:
+        """Have the worker drop its mapping of ``arena``."""
+        await self._checked(RequestType.RELEASE_ARENA, ArenaPayload(arena))
+
+    async def _checked(self, request_type: RequestType, payload: ArenaPayload) -> None:
+        await self._ensure_started()
+        response = await self._request(request_type, payload)
+        if not response.success:
+            raise CheckpointWriteError(
+                f"{request_type.value} failed in the checkpoint worker: "
+                f"{response.error_type}: {response.error_msg}",
+                error_type=response.error_type,
+                traceback=response.traceback,
+            )
 
     async def ping(self) -> float:
         """Round trip to the worker in seconds; answered even while a write runs."""
@@ -380,9 +453,18 @@ class CheckpointProcess:
         await self._request(RequestType.PING)
         return time.perf_counter() - started
 
-    async def _request(
-        self, request_type: RequestType, payload: InitPayload | WritePayload | None = None
-    ) -> WorkerResponse:
+    async def _request(self, request_type: RequestType, payload: Any = None) -> WorkerResponse:
+        request_id, future = await self._send_request(request_type, payload)
+        try:
+            return await future
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def _send_request(
+        self, request_type: RequestType, payload: Any = None
+    ) -> tuple[int, asyncio.Future[WorkerResponse]]:
+        """Send a request; return its id and the future its response resolves. The caller
+        removes the id from ``_pending`` once done with it."""
         if self._crashed is not None:
             raise self._crashed
         assert self._channel is not None
@@ -390,13 +472,13 @@ class CheckpointProcess:
         future: asyncio.Future[WorkerResponse] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            try:
-                await self._channel.send(WorkerRequest(request_id, request_type, payload))
-            except ConnectionError:
-                pass  # the worker is gone: the monitor fails the future with its exit status
-            return await future
-        finally:
+            await self._channel.send(WorkerRequest(request_id, request_type, payload))
+        except ConnectionError:
+            pass  # the worker is gone: the monitor fails the future with its exit status
+        except BaseException:
             self._pending.pop(request_id, None)
+            raise
+        return request_id, future
 
     def _check_usable(self) -> None:
         if self._closing:
@@ -436,13 +518,15 @@ class CheckpointProcess:
         try:
             returncode = await process.wait()
         except asyncio.CancelledError:
-            # The loop is shutting down without close(): never leave the worker behind.
+            # The loop is shutting down without close(): never leave the worker behind, but
+            # let it finish what it was writing, within the shutdown timeout.
+            self._closing = True
             if process.returncode is None:
                 try:
-                    process.kill()
-                except ProcessLookupError:
-                    pass
-                await process.wait()
+                    async with asyncio.timeout(self.config.subprocess_shutdown_timeout_secs):
+                        await self._stop_gracefully(process)
+                except TimeoutError:
+                    await self._escalate(process)
             raise
         if self._closing:
             self._fail_pending(WorkerClosed("the checkpoint process was closed"))

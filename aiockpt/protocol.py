@@ -35,9 +35,13 @@ from aiockpt.errors import ProtocolError, ProtocolVersionMismatch
 from aiockpt.tree import Node
 
 __all__ = [
+    "CANCELLED_ERROR_TYPE",
     "DEFAULT_MAX_FRAME_SIZE",
     "PROTOCOL_VERSION",
+    "ArenaPayload",
     "ArenaRef",
+    "CancelPayload",
+    "CommitOptions",
     "FrameDecoder",
     "GcOptions",
     "InitPayload",
@@ -72,6 +76,16 @@ class RequestType(enum.Enum):
     PING = "ping"
     WRITE_CHECKPOINT = "write_checkpoint"
     TERMINATE_PROCESS = "terminate_process"
+    #: map a new arena now (and unlink its name), before the parent copies into it
+    MAP_ARENA = "map_arena"
+    #: drop the worker's mapping of an arena the parent no longer uses
+    RELEASE_ARENA = "release_arena"
+    #: abandon a write unless its commit has begun; the write then answers as cancelled
+    CANCEL = "cancel"
+
+
+#: ``WorkerResponse.error_type`` of a write abandoned because of a CANCEL request
+CANCELLED_ERROR_TYPE = "cancelled"
 
 
 class RankInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -156,16 +170,35 @@ class InitPayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="
     gc: GcOptions = GcOptions()
 
 
+class CommitOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Write through ``aiockpt.commit``: temporary sibling, manifest, fsync, rename."""
+
+    #: a built-in format name ("dcp", "safetensors") or a writer's import reference
+    format: str
+    overwrite: bool = False
+    metadata: dict[str, Any] | None = None
+
+
 class WritePayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="write"):
     path: str
     state_dict: StateDictPayload
     kwargs: dict[str, Any] = {}
+    #: None: call the worker's writer on ``path`` as is (torch's CheckpointProcess semantics)
+    commit: CommitOptions | None = None
+
+
+class CancelPayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="cancel"):
+    request_id: int
+
+
+class ArenaPayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="arena_ref"):
+    arena: ArenaRef
 
 
 class WorkerRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     request_id: int
     request_type: RequestType
-    payload: InitPayload | WritePayload | None = None
+    payload: InitPayload | WritePayload | CancelPayload | ArenaPayload | None = None
 
 
 # --- responses ---------------------------------------------------------------------------------

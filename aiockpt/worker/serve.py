@@ -9,17 +9,23 @@ import mmap
 import os
 import socket
 import sys
+import threading
 import time
 import traceback
 from typing import Any
 
 import msgspec
 
+from aiockpt import commit
 from aiockpt.channel import Channel
 from aiockpt.errors import ProtocolError
 from aiockpt.protocol import (
+    CANCELLED_ERROR_TYPE,
     PROTOCOL_VERSION,
+    ArenaPayload,
     ArenaRef,
+    CancelPayload,
+    CommitOptions,
     InitPayload,
     ReadyPayload,
     RequestType,
@@ -34,6 +40,7 @@ from aiockpt.protocol import (
 from aiockpt.refs import resolve_ref
 from aiockpt.tensors import tensor_from_leaf, value_from_leaf
 from aiockpt.tree import unflatten
+from aiockpt.writers import create_writer
 
 __all__ = ["serve"]
 
@@ -44,8 +51,14 @@ logger = logging.getLogger("aiockpt.worker")
 HANDSHAKE_ID = 0
 
 
+class WriteCancelled(Exception):
+    """A CANCEL request arrived before the write's commit began."""
+
+
 def failure(request_id: int, request_type: RequestType, exc: BaseException) -> WorkerResponse:
     """The response that reports ``exc``, its type, message and full traceback."""
+    if isinstance(exc, WriteCancelled):
+        return WorkerResponse(request_id, request_type, False, CANCELLED_ERROR_TYPE, str(exc))
     kind = type(exc)
     name = (
         kind.__qualname__
@@ -73,11 +86,12 @@ class ArenaMaps:
         self._maps: dict[str, mmap.mmap] = {}
 
     def view(self, ref: ArenaRef) -> memoryview:
+        """The arena's memory, mapping it first if needed (blocking: it faults pages in)."""
         mapping = self._maps.get(ref.path)
         if mapping is None:
-            fd = os.open(ref.path, os.O_RDWR)
+            fd = os.open(ref.path, os.O_RDWR | os.O_CLOEXEC)
             try:
-                mapping = mmap.mmap(fd, ref.size)
+                mapping = mmap.mmap(fd, ref.size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
             finally:
                 os.close(fd)
             try:
@@ -116,6 +130,13 @@ class Worker:
         self._writes_done = 0
         self._writing = False
         self.writer: Any = None
+        self._format_writers: dict[str, Any] = {}
+        # A CANCEL races the write thread: whichever takes the lock first decides whether the
+        # commit happens (the write then succeeds) or not (it answers as cancelled).
+        self._commit_lock = threading.Lock()
+        self._outstanding: set[int] = set()
+        self._cancelled: set[int] = set()
+        self._committing: set[int] = set()
 
     def initialize(self) -> None:
         """Run the init functions and build the writer, as torch's CheckpointProcess does."""
@@ -149,13 +170,32 @@ class Worker:
         return 0
 
     async def _dispatch(self, frames: Any, queue: asyncio.Queue[WorkerRequest]) -> None:
+        """Answer the requests that must not wait behind a write; queue the others."""
         codec = self._channel.codec
         async for body in frames:
             request = codec.decode_request(body)
-            if request.request_type is RequestType.PING:
-                await self._channel.send(WorkerResponse(request.request_id, RequestType.PING, True))
+            kind, payload = request.request_type, request.payload
+            if kind is RequestType.PING:
+                pass
+            elif kind is RequestType.CANCEL and isinstance(payload, CancelPayload):
+                with self._commit_lock:
+                    target = payload.request_id
+                    if target in self._outstanding and target not in self._committing:
+                        self._cancelled.add(target)
+            elif kind is RequestType.MAP_ARENA and isinstance(payload, ArenaPayload):
+                try:
+                    await asyncio.to_thread(self._arenas.view, payload.arena)
+                except OSError as exc:
+                    await self._channel.send(failure(request.request_id, kind, exc))
+                    continue
+            elif kind is RequestType.RELEASE_ARENA and isinstance(payload, ArenaPayload):
+                self._arenas.release(payload.arena.path)
             else:
+                if kind is RequestType.WRITE_CHECKPOINT:
+                    self._outstanding.add(request.request_id)
                 queue.put_nowait(request)
+                continue
+            await self._channel.send(WorkerResponse(request.request_id, kind, True))
 
     async def _handle_in_order(self, queue: asyncio.Queue[WorkerRequest]) -> None:
         while True:
@@ -181,13 +221,17 @@ class Worker:
         self._writing = True
         try:
             started = time.perf_counter()
-            result = await asyncio.to_thread(self._write_blocking, payload)
+            result = await asyncio.to_thread(self._write_blocking, request_id, payload)
             seconds = time.perf_counter() - started
         except Exception as exc:
             logger.warning("write to %s failed: %s: %s", payload.path, type(exc).__name__, exc)
             return failure(request_id, RequestType.WRITE_CHECKPOINT, exc)
         finally:
             self._writing = False
+            with self._commit_lock:
+                self._outstanding.discard(request_id)
+                self._cancelled.discard(request_id)
+                self._committing.discard(request_id)
             self._after_write()
         try:
             msgspec.msgpack.encode(result)
@@ -200,9 +244,53 @@ class Worker:
             payload=WriteResultPayload(write_seconds=seconds, result=result),
         )
 
-    def _write_blocking(self, payload: WritePayload) -> Any:
+    def _write_blocking(self, request_id: int, payload: WritePayload) -> Any:
+        if request_id in self._cancelled:
+            raise WriteCancelled("cancelled before it started")
         state_dict = materialize(payload.state_dict, self._arenas)
-        return self.writer.write(state_dict=state_dict, path=payload.path, **payload.kwargs)
+        if payload.commit is None:
+            return self.writer.write(state_dict=state_dict, path=payload.path, **payload.kwargs)
+        return self._write_and_commit(request_id, state_dict, payload.path, payload.commit)
+
+    def _write_and_commit(
+        self, request_id: int, state_dict: Any, path: str, options: CommitOptions
+    ) -> commit.CommitResult:
+        """Write into a temporary sibling of ``path`` and commit it, unless cancelled first."""
+        writer = self._writer_for(options.format)
+        started = time.perf_counter()
+        pending = commit.prepare(path, overwrite=options.overwrite)
+        try:
+            records = commit.write_files(writer, state_dict, pending.temp_path)
+            written = time.perf_counter()
+            manifest = commit.build_manifest(
+                options.format,
+                state_dict,
+                records,
+                metadata=options.metadata,
+                world_size=self._init.rank_info.global_world_size,
+            )
+            with self._commit_lock:
+                if request_id in self._cancelled:
+                    raise WriteCancelled("cancelled before its commit")
+                self._committing.add(request_id)
+            manifest_size = commit.finalize(pending, manifest)
+        except BaseException:
+            commit.abort(pending)
+            raise
+        return commit.CommitResult(
+            path=pending.path,
+            nbytes=sum(f.size for f in manifest.files) + manifest_size,
+            files=manifest.files,
+            write_seconds=written - started,
+            commit_seconds=time.perf_counter() - written,
+        )
+
+    def _writer_for(self, format: str) -> Any:
+        writer = self._format_writers.get(format)
+        if writer is None:
+            writer = create_writer(format, self._init.rank_info)
+            self._format_writers[format] = writer
+        return writer
 
     def _after_write(self) -> None:
         self._writes_done += 1
