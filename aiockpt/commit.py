@@ -13,7 +13,8 @@ rank against one shared temporary directory and the last one on a single rank:
 1. ``prepare(path, overwrite=)``: refuse an existing ``path`` unless overwriting (before
    anything is written), create ``<parent>/aiockpt-tmp-<name>-<random>`` (mode 0o700);
 2. ``write_files(writer, state_dict, temp_path)``: run the writer; hash and fsync whatever
-   files it did not report;
+   files it did not report (``record_unreported_files``, which a multi-rank save runs once,
+   on the finalizing rank, after every rank has written);
 3. ``finalize(pending, manifest)``: write and fsync the manifest, fsync the directory, rename
    it into place, fsync the parent. With ``overwrite=True`` an existing checkpoint is swapped
    out atomically (``renameat2(RENAME_EXCHANGE)`` where the file system has it), so the path
@@ -68,6 +69,7 @@ __all__ = [
     "is_committed",
     "list_committed",
     "prepare",
+    "record_unreported_files",
     "remove_checkpoint",
     "remove_stale_temps",
     "write_checkpoint",
@@ -124,7 +126,7 @@ def write_checkpoint(
     started = time.perf_counter()
     pending = prepare(path, overwrite=overwrite)
     try:
-        records = write_files(writer, state_dict, pending.temp_path, **(writer_kwargs or {}))
+        records = write_files(writer, state_dict, pending.temp_path, writer_kwargs=writer_kwargs)
         written = time.perf_counter()
         manifest = build_manifest(format, state_dict, records, metadata=user_metadata)
         manifest_size = finalize(pending, manifest)
@@ -168,38 +170,62 @@ def prepare(path: str | os.PathLike[str], *, overwrite: bool = False) -> Pending
 
 
 def write_files(
-    writer: Writer, state_dict: Any, temp_path: str, **writer_kwargs: Any
+    writer: Writer,
+    state_dict: Any,
+    temp_path: str,
+    *,
+    writer_kwargs: Mapping[str, Any] | None = None,
+    hash_unreported: bool = True,
 ) -> list[FileRecord]:
-    """Phase 2: run ``writer`` in ``temp_path``; return records of every file there.
+    """Phase 2: run ``writer`` in ``temp_path``; return the records of its files.
 
     The writer is called with keywords (torch's experimental ``CheckpointWriter.write`` takes
-    ``path`` first); a ``concurrent.futures.Future`` it returns is waited for. Files the
-    writer did not report (all of them when it returns anything but ``FileRecord``s) are
-    hashed and fsynced here, and so are subdirectories. Raises what the writer raises, and
-    ValueError if a record names a missing file, a file of another size, or a name outside the
-    directory, or if the writer left something other than regular files and directories, or a
-    file named like the manifest.
+    ``path`` first); a ``concurrent.futures.Future`` it returns is waited for; anything but
+    ``FileRecord``s in what it returns is ignored. With ``hash_unreported``, every other file
+    under ``temp_path`` is hashed and fsynced here (see ``record_unreported_files``); ranks
+    sharing one directory pass False and leave that to the finalizing rank.
+
+    Raises what the writer raises, and ValueError if a record names a file outside the
+    directory, a missing file or one of another size, or the manifest.
     """
-    reported = writer.write(state_dict=state_dict, path=temp_path, **writer_kwargs)
+    reported = writer.write(state_dict=state_dict, path=temp_path, **(writer_kwargs or {}))
     if isinstance(reported, Future):
         reported = reported.result()
-    records: dict[str, FileRecord] = {}
+    records: list[FileRecord] = []
     if isinstance(reported, Sequence):
-        records = {r.name: r for r in reported if isinstance(r, FileRecord)}
-    on_disk = _sync_tree(temp_path, skip=records)
-    if MANIFEST_NAME in on_disk:
+        records = [r for r in reported if isinstance(r, FileRecord)]
+    for record in records:
+        _check_reported(temp_path, record)
+    if hash_unreported:
+        records += record_unreported_files(temp_path, records)
+    return records
+
+
+def _check_reported(temp_path: str, record: FileRecord) -> None:
+    check_relative_name(record.name)
+    if record.name == MANIFEST_NAME:
         raise ValueError(f"writers must not write {MANIFEST_NAME}: commit writes it")
-    for record in records.values():
-        check_relative_name(record.name)
-        actual = on_disk.get(record.name)
-        if actual != record.size:
-            raise ValueError(
-                f"writer reported {record.name!r} with {record.size} bytes, found "
-                f"{'no file' if actual is None else f'{actual} bytes'}"
-            )
-    for name in sorted(on_disk.keys() - records.keys()):
-        records[name] = _hash_file(temp_path, name)
-    return list(records.values())
+    try:
+        info = os.lstat(os.path.join(temp_path, record.name))
+    except FileNotFoundError:
+        raise ValueError(f"writer reported {record.name!r}, which it did not write") from None
+    if not stat.S_ISREG(info.st_mode) or info.st_size != record.size:
+        raise ValueError(
+            f"writer reported {record.name!r} with {record.size} bytes, found {info.st_size}"
+        )
+
+
+def record_unreported_files(temp_path: str, known: Sequence[FileRecord]) -> list[FileRecord]:
+    """Hash and fsync every file under ``temp_path`` not in ``known``, fsync subdirectories.
+
+    Raises ValueError for anything but regular files and directories, or for a file named
+    like the manifest.
+    """
+    names = {record.name for record in known}
+    unreported = sorted(set(_list_files(temp_path)) - names)
+    if MANIFEST_NAME in unreported:
+        raise ValueError(f"writers must not write {MANIFEST_NAME}: commit writes it")
+    return [_hash_file(temp_path, name) for name in unreported]
 
 
 def build_manifest(
@@ -426,24 +452,26 @@ def _remove_any(path: str) -> None:
         os.unlink(path)
 
 
-def _sync_tree(top: str, *, skip: Mapping[str, FileRecord]) -> dict[str, int]:
-    """Sizes of all files under ``top`` by relative name; fsync those not in ``skip`` and
-    every subdirectory. Raises ValueError for anything but regular files and directories."""
-    sizes: dict[str, int] = {}
+def _list_files(top: str) -> list[str]:
+    """Relative names of all files under ``top``; fsyncs every subdirectory on the way.
+
+    Raises ValueError for anything but regular files and directories (a symlink could make
+    readers and removers reach outside the checkpoint).
+    """
+    files: list[str] = []
     for directory, dirnames, filenames in os.walk(top):
         relative_dir = os.path.relpath(directory, top)
         for name in dirnames + filenames:
             full = os.path.join(directory, name)
-            info = os.lstat(full)
-            if stat.S_ISDIR(info.st_mode):
+            mode = os.lstat(full).st_mode
+            if stat.S_ISDIR(mode):
                 continue
-            if not stat.S_ISREG(info.st_mode):
+            if not stat.S_ISREG(mode):
                 raise ValueError(f"writer left {full!r}, which is not a regular file")
-            relative = name if relative_dir == "." else f"{relative_dir}/{name}"
-            sizes[relative] = info.st_size
+            files.append(name if relative_dir == "." else f"{relative_dir}/{name}")
         if directory != top:
             _fsync_dir(directory)
-    return sizes
+    return files
 
 
 def _hash_file(top: str, name: str) -> FileRecord:

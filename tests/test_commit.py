@@ -24,6 +24,7 @@ from aiockpt.commit import (
     is_committed,
     list_committed,
     prepare,
+    record_unreported_files,
     remove_checkpoint,
     remove_stale_temps,
     write_checkpoint,
@@ -217,8 +218,8 @@ class LyingWriter:
 @pytest.mark.parametrize(
     ("writer", "match"),
     [
-        (LyingWriter([FileRecord("f", 4, "0")]), "4 bytes, found 5 bytes"),
-        (LyingWriter([FileRecord("f", 5, "0"), FileRecord("g", 1, "0")]), "found no file"),
+        (LyingWriter([FileRecord("f", 4, "0")]), "with 4 bytes, found 5"),
+        (LyingWriter([FileRecord("f", 5, "0"), FileRecord("g", 1, "0")]), "did not write"),
         (LyingWriter([FileRecord("../f", 5, "0")]), "not a relative file name"),
         (LyingWriter([], extra="symlink"), "not a regular file"),
         (LyingWriter([], extra="manifest"), "must not write"),
@@ -251,6 +252,18 @@ def test_phases_and_a_crash_before_finalize(tmp_path: Path) -> None:
     assert list_committed(parent) == []
     assert remove_stale_temps(parent) == [pending.temp_path]
     assert os.listdir(parent) == []
+
+
+def test_ranks_sharing_a_directory_leave_unreported_files_to_the_finalizer(
+    tmp_path: Path,
+) -> None:
+    pending = prepare(tmp_path / "ckpt")
+    ranked = write_files(SafetensorsWriter(), state(), pending.temp_path, hash_unreported=False)
+    silent = write_files(NoneReturningWriter(), state(), pending.temp_path, hash_unreported=False)
+    assert [r.name for r in ranked] == ["model.safetensors"] and silent == []
+    rest = record_unreported_files(pending.temp_path, ranked)
+    assert sorted(r.name for r in rest) == ["extra/notes.txt", "weights.bin"]
+    abort(pending)
 
 
 def test_finalize_then_abort_is_harmless(tmp_path: Path) -> None:
