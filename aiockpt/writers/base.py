@@ -223,11 +223,14 @@ class FileSink:
             if len(self._small) >= _SMALL_WRITE:
                 self._flush_small()
             return start
-        self._flush_small()
         for begin in range(0, view.nbytes, self._chunk):
             chunk = view[begin : begin + self._chunk]
             self._hash.update(chunk)
-            self._submit(chunk)
+            if self._small:  # headers go out in the same system call as the data after them
+                self._submit([memoryview(bytes(self._small)), chunk])
+                self._small.clear()
+            else:
+                self._submit([chunk])
         return start
 
     def write_tensor(self, tensor: torch.Tensor) -> int:
@@ -257,26 +260,29 @@ class FileSink:
 
     def _flush_small(self) -> None:
         if self._small:
-            self._submit(memoryview(bytes(self._small)))
+            self._submit([memoryview(bytes(self._small))])
             self._small.clear()
 
-    def _submit(self, chunk: memoryview) -> None:
+    def _submit(self, parts: list[memoryview]) -> None:
         if self._pool is None:
-            if chunk.nbytes < self._chunk:
+            if sum(part.nbytes for part in parts) < self._chunk:
                 # Nothing in flight and little to write (manifests, .metadata): no thread.
-                self._write_chunk(chunk)
+                self._write_parts(parts)
                 return
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="aiockpt-write")
         while len(self._pending) >= _WRITE_DEPTH:
             self._pending.popleft().result()
-        self._pending.append(self._pool.submit(self._write_chunk, chunk))
+        self._pending.append(self._pool.submit(self._write_parts, parts))
 
-    def _write_chunk(self, data: memoryview) -> None:
-        """Runs on the write thread, one chunk at a time, in order."""
-        while data:
-            count = os.write(self._fd, data)
-            data = data[count:]
+    def _write_parts(self, parts: list[memoryview]) -> None:
+        """Runs on the write thread, one submission at a time, in order."""
+        while parts:
+            count = os.writev(self._fd, parts)
             self._written += count
+            while parts and count >= parts[0].nbytes:
+                count -= parts.pop(0).nbytes
+            if count:
+                parts[0] = parts[0][count:]
         start = self._writeback_from
         if start >= 0 and self._written - start >= _WRITEBACK_BYTES:
             # Asynchronous: queues the range for writeback and returns. A file system that
