@@ -230,14 +230,14 @@ def _read_leaves(
                 f"leaf {index} was saved as a pickled object; pass allow_pickle=True to load "
                 "it, and only for checkpoints you trust"
             )
-        buffer, view = _new_buffer(leaf, destinations.get(index), root)
-        if view.nbytes == 0:  # empty tensors have nothing to read (and share offsets)
-            values[index] = buffer
-            continue
         by_offset = regions.setdefault(leaf.file, {})
         shared = by_offset.get(leaf.offset)
         if shared is not None and manifest.leaves[shared.leaves[0]] == leaf:
             shared.leaves.append(index)  # saved once for several leaves (tied weights)
+            continue
+        buffer, view = _new_buffer(leaf, destinations.get(index), root)
+        if view.nbytes == 0:  # empty tensors have nothing to read (and may share offsets)
+            values[index] = buffer
             continue
         if shared is not None:
             raise CorruptCheckpoint(
