@@ -7,6 +7,7 @@ checks.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import tempfile
 import time
@@ -50,9 +51,13 @@ def describe(pid: int) -> str:
     return f"{pid}: {cmd[:200]}"
 
 
+#: staging arenas: ``aiockpt-<creator pid>-<16 hex digits>``
+_ARENA_NAME = re.compile(rf"{RESOURCE_PREFIX}-\d+-[0-9a-f]{{16}}$")
+
+
 def shm_entries() -> set[str]:
     try:
-        return {n for n in os.listdir("/dev/shm") if n.startswith(RESOURCE_PREFIX)}
+        return {n for n in os.listdir("/dev/shm") if _ARENA_NAME.match(n)}
     except FileNotFoundError:
         return set()
 

@@ -1,0 +1,381 @@
+"""``Checkpointer``: saves under a root directory through one persistent worker.
+
+Theory of operation
+-------------------
+A save is one task owned by the Checkpointer, in three steps:
+
+1. *Plan* (in the caller, synchronously): flatten the state dict and lay its tensors out in an
+   arena; bad entries raise ``TypeError`` before anything is touched.
+2. *Stage*: take one of ``max_in_flight`` slots (the backpressure: a save waits here while
+   that many are still being written, so memory stays bounded), take a free arena big enough
+   (creating one, and having the worker map it, only when none fits), copy the tensors in a
+   thread. ``staged`` resolves here.
+3. *Write*: send one WRITE_CHECKPOINT frame that describes the arena; the worker writes,
+   fsyncs and commits; the slot and the arena are free again once it answers.
+
+The worker and its arenas belong together (the worker unlinks an arena's name when it maps
+it): when the worker dies, its arenas are dropped with it and the next save starts a fresh
+worker. Only after a commit is durable does retention (``keep_last``) delete older
+checkpoints, and ``latest()`` only ever reports directories that have a manifest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from aiockpt import commit, loading
+from aiockpt.errors import WorkerClosed, WorkerCrashed
+from aiockpt.process import CheckpointProcess, CheckpointProcessConfig
+from aiockpt.protocol import CommitOptions, RankInfo, WritePayload
+from aiockpt.refs import check_encodable
+from aiockpt.saver import SaveHandle, SaveResult
+from aiockpt.staging import SharedArena, StagingPlan, plan_staging, remove_orphaned_arenas
+from aiockpt.writers import resolve_writer
+
+__all__ = ["Checkpointer"]
+
+logger = logging.getLogger("aiockpt.manager")
+
+#: ``Checkpointer.save`` names checkpoints ``step_<step>`` zero-padded, so that they sort
+STEP_NAME = "step_{step:010d}"
+
+
+class Checkpointer:
+    """Asynchronous checkpoints under ``root`` through one persistent checkpoint worker.
+
+    Args:
+        root: directory of the checkpoints ``save`` writes; ``latest`` and ``keep_last`` look
+            here. May be None when only ``save_to`` (explicit paths) is used.
+        format: "dcp" (loadable by ``torch.distributed.checkpoint.load``), "safetensors", or
+            a custom writer's import reference ``"package.module:Writer"``.
+        keep_last: keep only the newest K committed checkpoints under ``root``; older ones
+            are deleted only after a newer one is durable.
+        max_in_flight: saves that may be staged or written at once; a further save waits for
+            a slot (and its ``staged`` with it).
+        allow_pickle: pickle state-dict leaves that are neither tensors nor plain values,
+            instead of raising ``TypeError``.
+        rank_info, config: passed to the ``CheckpointProcess``.
+
+    Use ``async with Checkpointer(...) as ckpt`` or ``await start()`` / ``await close()``.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str] | None = None,
+        *,
+        format: str = "dcp",
+        keep_last: int | None = None,
+        max_in_flight: int = 1,
+        allow_pickle: bool = False,
+        rank_info: RankInfo | None = None,
+        config: CheckpointProcessConfig | None = None,
+    ) -> None:
+        if keep_last is not None and keep_last < 1:
+            raise ValueError(f"keep_last must be at least 1 (or None), got {keep_last}")
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        _check_format(format)
+        self.root = os.path.abspath(os.fspath(root)) if root is not None else None
+        self.format = format
+        self.keep_last = keep_last
+        self.max_in_flight = max_in_flight
+        self.allow_pickle = allow_pickle
+        self.rank_info = rank_info if rank_info is not None else RankInfo()
+        self.config = config if config is not None else CheckpointProcessConfig()
+        self._process: CheckpointProcess | None = None
+        #: arenas mapped by the current worker and not in use by a save
+        self._free_arenas: list[SharedArena] = []
+        self._slots: asyncio.Semaphore | None = None
+        self._saves: set[asyncio.Task[SaveResult]] = set()
+        self._start_lock: asyncio.Lock | None = None
+        self._root_cleaned = False
+        self.closed = False
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Checkpointer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def worker_pid(self) -> int | None:
+        """The pid of the current checkpoint worker, if one is running."""
+        return self._process.pid if self._process is not None and self._process.alive else None
+
+    async def start(self) -> None:
+        """Start the worker now (so that the first save pays no spawn) and remove what
+        crashed saves left under ``root``. Idempotent; saves call it themselves.
+
+        Raises what ``CheckpointProcess.start`` raises, and ``WorkerClosed`` after ``close``.
+        """
+        if self.closed:
+            raise WorkerClosed("the Checkpointer was closed")
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+            self._slots = asyncio.Semaphore(self.max_in_flight)
+        async with self._start_lock:
+            if not self._root_cleaned:
+                await asyncio.to_thread(self._remove_leftovers)
+                self._root_cleaned = True
+            if self._process is not None and not self._process.alive:
+                await self._drop_worker()
+            if self._process is None:
+                self._process = CheckpointProcess(self.rank_info, self.config)
+            await self._process.start()
+
+    def _remove_leftovers(self) -> None:
+        for path in remove_orphaned_arenas():
+            logger.info("removed orphaned staging arena %s", path)
+        if self.root is not None:
+            for path in commit.remove_stale_temps(self.root):
+                logger.warning("removed %s, left by a save that did not finish", path)
+
+    async def _drop_worker(self) -> None:
+        """Forget a dead worker and the arenas it had mapped; the next save starts anew."""
+        process, self._process = self._process, None
+        arenas, self._free_arenas = self._free_arenas, []
+        for arena in arenas:
+            arena.close()
+        if process is not None:
+            await process.close()
+
+    async def wait(self) -> list[SaveResult]:
+        """Wait for every save in flight; return the results of those that committed.
+
+        Raises the first failure among them (cancelled saves are not failures).
+        """
+        saves = list(self._saves)
+        outcomes = await asyncio.gather(*saves, return_exceptions=True)
+        results = [o for o in outcomes if isinstance(o, SaveResult)]
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                raise outcome
+        return results
+
+    async def close(self) -> None:
+        """Let saves in flight finish, then stop the worker. Idempotent.
+
+        Failures of saves nobody awaited are logged, not raised.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        outcomes = await asyncio.gather(*self._saves, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                logger.error("a save failed before close: %s", outcome)
+        await self._drop_worker()
+
+    # --- saving --------------------------------------------------------------------------------
+
+    def save(
+        self,
+        state_dict: Any,
+        *,
+        step: int,
+        metadata: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> SaveHandle:
+        """Save ``state_dict`` as ``<root>/step_<step>`` (zero-padded, so names sort).
+
+        Raises ``ValueError`` when the Checkpointer has no root; otherwise as ``save_to``.
+        """
+        if self.root is None:
+            raise ValueError("Checkpointer.save needs a root; pass root= or use save_to(path)")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        path = os.path.join(self.root, STEP_NAME.format(step=step))
+        return self.save_to(state_dict, path, overwrite=overwrite, metadata=metadata, step=step)
+
+    def save_to(
+        self,
+        state_dict: Any,
+        path: str | os.PathLike[str],
+        *,
+        format: str | None = None,
+        overwrite: bool = False,
+        metadata: Mapping[str, Any] | None = None,
+        allow_pickle: bool | None = None,
+        step: int | None = None,
+    ) -> SaveHandle:
+        """Start saving ``state_dict`` to ``path``; return its ``SaveHandle`` at once.
+
+        Raises ``TypeError`` here, naming the key, for an entry that cannot be checkpointed
+        (or for ``metadata`` that is not msgspec-encodable), ``ValueError`` for an unknown
+        format, ``WorkerClosed`` after ``close``, ``RuntimeError`` outside a running loop.
+        Failures of the save itself are raised by awaiting the handle.
+        """
+        if self.closed:
+            raise WorkerClosed("the Checkpointer was closed")
+        loop = asyncio.get_running_loop()
+        fmt = self.format if format is None else format
+        _check_format(fmt)
+        check_encodable(dict(metadata or {}), "metadata")
+        plan = plan_staging(
+            state_dict, allow_pickle=self.allow_pickle if allow_pickle is None else allow_pickle
+        )
+        options = CommitOptions(fmt, overwrite, dict(metadata) if metadata else None)
+        target = os.path.abspath(os.fspath(path))
+        staged: asyncio.Future[None] = loop.create_future()
+        task = loop.create_task(self._save(plan, target, options, staged, step))
+        self._saves.add(task)
+        task.add_done_callback(self._saves.discard)
+        return SaveHandle(target, task, staged, step)
+
+    async def _save(
+        self,
+        plan: StagingPlan,
+        path: str,
+        options: CommitOptions,
+        staged: asyncio.Future[None],
+        step: int | None,
+    ) -> SaveResult:
+        started = time.perf_counter()
+        try:
+            await self.start()
+            assert self._slots is not None
+            async with self._slots:
+                if not options.overwrite and await asyncio.to_thread(os.path.lexists, path):
+                    raise FileExistsError(f"checkpoint path exists and overwrite=False: {path}")
+                process = self._process
+                assert process is not None
+                arena = await self._take_arena(process, plan.nbytes)
+                try:
+                    await _copy_in(arena, plan)
+                    staging_seconds = time.perf_counter() - started
+                    _resolve(staged)
+                    payload = WritePayload(path, plan.payload(arena), commit=options)
+                    written = await process.write_payload(payload)
+                finally:
+                    self._give_back(process, arena)
+        except BaseException as exc:
+            _resolve(staged, exc)
+            if isinstance(exc, WorkerCrashed):
+                logger.error("save to %s failed: %s; the next save starts a new worker", path, exc)
+            raise
+        result = msgspec.convert(written.result, commit.CommitResult)
+        if self.keep_last is not None and self.root is not None:
+            await asyncio.to_thread(self._apply_retention, result.path)
+        return SaveResult(
+            path=result.path,
+            nbytes=result.nbytes,
+            staging_seconds=staging_seconds,
+            write_seconds=written.write_seconds,
+            total_seconds=time.perf_counter() - started,
+            step=step,
+        )
+
+    async def _take_arena(self, process: CheckpointProcess, nbytes: int) -> SharedArena | None:
+        """A free arena of at least ``nbytes`` mapped by ``process``'s worker, or None when
+        the state dict has no tensor bytes."""
+        if nbytes == 0:
+            return None
+        fitting = [a for a in self._free_arenas if a.size >= nbytes]
+        if fitting:
+            arena = min(fitting, key=lambda a: a.size)
+            self._free_arenas.remove(arena)
+            return arena
+        if self._free_arenas:
+            # The layout grew: retire the largest free arena rather than keep one per size.
+            retired = max(self._free_arenas, key=lambda a: a.size)
+            self._free_arenas.remove(retired)
+            with contextlib.suppress(WorkerCrashed, WorkerClosed):
+                await process.release_arena(retired.ref)
+            retired.close()
+        arena = await asyncio.to_thread(SharedArena, nbytes)
+        try:
+            await process.map_arena(arena.ref)
+        except BaseException:
+            arena.close()
+            raise
+        arena.unlink()
+        return arena
+
+    def _give_back(self, process: CheckpointProcess, arena: SharedArena | None) -> None:
+        if arena is None:
+            return
+        if process is self._process and process.alive:
+            self._free_arenas.append(arena)
+        else:
+            arena.close()
+
+    def _apply_retention(self, newest: str) -> None:
+        assert self.root is not None and self.keep_last is not None
+        committed = [p for p in commit.list_committed(self.root) if p != newest]
+        for old in committed[: max(0, len(committed) - (self.keep_last - 1))]:
+            with contextlib.suppress(FileNotFoundError):
+                commit.remove_checkpoint(old)
+
+    # --- finding and loading -------------------------------------------------------------------
+
+    async def latest(self) -> str | None:
+        """The newest committed checkpoint under ``root`` (natural name order), or None.
+
+        A directory without a manifest (a save in progress or one that crashed) is never
+        reported. Raises ``ValueError`` when the Checkpointer has no root.
+        """
+        if self.root is None:
+            raise ValueError("Checkpointer.latest needs a root")
+        committed = await asyncio.to_thread(commit.list_committed, self.root)
+        return committed[-1] if committed else None
+
+    async def load_latest(
+        self, state_dict: Any = None, *, verify: bool = True, allow_pickle: bool = False
+    ) -> Any:
+        """Load the newest committed checkpoint (see ``aiockpt.load``), or return None if
+        there is none. Raises what ``aiockpt.load`` raises."""
+        path = await self.latest()
+        if path is None:
+            return None
+        return await asyncio.to_thread(
+            loading.load, path, state_dict, verify=verify, allow_pickle=allow_pickle
+        )
+
+
+async def _copy_in(arena: SharedArena | None, plan: StagingPlan) -> None:
+    """Copy ``plan``'s tensors into ``arena`` without blocking the loop.
+
+    If the saving task is cancelled meanwhile the copy still finishes before this returns:
+    the arena must not be reused while a thread writes into it.
+    """
+    if arena is None:
+        return
+    copying = asyncio.ensure_future(asyncio.to_thread(arena.copy_in, plan))
+    try:
+        await asyncio.shield(copying)
+        if plan.has_cuda:
+            event = arena.copy_in_from_cuda(plan)
+            await asyncio.to_thread(event.synchronize)
+    except asyncio.CancelledError:
+        await asyncio.gather(copying, return_exceptions=True)
+        raise
+
+
+def _resolve(staged: asyncio.Future[None], exc: BaseException | None = None) -> None:
+    if staged.done():
+        return
+    if exc is None:
+        staged.set_result(None)
+    elif isinstance(exc, asyncio.CancelledError):
+        staged.cancel()
+    else:
+        staged.set_exception(exc)
+        staged.exception()  # retrieved: awaiting the handle reports it; no "never retrieved"
+
+
+def _check_format(format: str) -> None:
+    try:
+        resolve_writer(format)
+    except (ValueError, ImportError, AttributeError) as exc:
+        raise ValueError(f"checkpoint format {format!r}: {exc}") from exc

@@ -1,0 +1,161 @@
+"""``SaveHandle``, ``SaveResult`` and the module-level ``async_save``.
+
+A save has two moments a trainer cares about, and the handle exposes both as awaitables:
+``await handle.staged`` returns once every tensor has been copied out (the trainer may change
+its tensors again), ``await handle`` once the checkpoint is committed and durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import weakref
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aiockpt.manager import Checkpointer
+
+__all__ = ["SaveHandle", "SaveResult", "async_save"]
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """A committed, durable checkpoint and what it took.
+
+    Attributes:
+        path: the checkpoint directory.
+        nbytes: bytes written (data files and manifest).
+        staging_seconds: from the call until every tensor was copied out (includes waiting
+            for a free in-flight slot).
+        write_seconds: time the worker spent writing and fsyncing the files.
+        total_seconds: from the call until the commit was durable.
+        step: the step given to ``Checkpointer.save``, if any.
+    """
+
+    path: str
+    nbytes: int
+    staging_seconds: float
+    write_seconds: float
+    total_seconds: float
+    step: int | None = None
+
+
+class SaveHandle:
+    """A save in progress: ``await handle`` for the ``SaveResult``.
+
+    ``await handle`` raises ``FileExistsError`` (path exists and ``overwrite=False``),
+    ``CheckpointWriteError`` (the writer failed; worker traceback attached), ``WorkerCrashed``
+    (the worker died; the next save respawns it), ``OSError`` (no room for staging) or
+    ``asyncio.CancelledError`` (cancelled before its commit; nothing at ``path``).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        task: asyncio.Task[SaveResult],
+        staged: asyncio.Future[None],
+        step: int | None = None,
+    ) -> None:
+        self.path = path
+        self.step = step
+        self._task = task
+        self._staged = staged
+
+    @property
+    def staged(self) -> asyncio.Future[None]:
+        """Resolves once every tensor has been copied out; raises what the save raised if
+        it failed before that. Cancelling a task that awaits it does not cancel the save."""
+        return asyncio.shield(self._staged)
+
+    def __await__(self) -> Generator[Any, None, SaveResult]:
+        # Awaiting the task itself links cancellation: cancelling the awaiting task cancels
+        # the save, exactly like cancelling the handle.
+        return self._task.__await__()
+
+    def done(self) -> bool:
+        """True once the save committed, failed or was cancelled."""
+        return self._task.done()
+
+    def cancel(self) -> bool:
+        """Cancel the save unless it has finished; return False if it had.
+
+        Before its commit begins a cancelled save leaves nothing at ``path`` (its temporary
+        files are removed) and awaiting it raises ``asyncio.CancelledError``. Like
+        ``asyncio.Task.cancel`` this is a request: a save whose commit was already under way
+        when the request reached the worker completes, and awaiting it returns its result.
+        """
+        if self._task.done():
+            return False
+        return self._task.cancel()
+
+    def result(self) -> SaveResult:
+        """The result of a finished save (``asyncio.InvalidStateError`` if not finished)."""
+        return self._task.result()
+
+    def add_done_callback(self, callback: Callable[[SaveHandle], object]) -> None:
+        self._task.add_done_callback(lambda _: callback(self))
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "staged" if self._staged.done() else "staging"
+        return f"<SaveHandle {self.path!r} {state}>"
+
+
+_default_checkpointers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Checkpointer] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def default_checkpointer() -> Checkpointer:
+    """The running loop's default ``Checkpointer`` (no root), created on first use.
+
+    Its worker starts with the first save and stops when the loop shuts down (``asyncio.run``,
+    ``uvloop.run`` and ``anyio.run`` cancel the remaining tasks, which stops it) or, at the
+    latest, when the interpreter exits (the worker sees its channel close). Raises
+    ``RuntimeError`` outside a running event loop.
+    """
+    from aiockpt.manager import Checkpointer
+
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        raise RuntimeError(
+            "aiockpt.async_save needs a running event loop; in synchronous code use "
+            "aiockpt.SyncCheckpointer"
+        ) from None
+    checkpointer = _default_checkpointers.get(loop)
+    if checkpointer is None or checkpointer.closed:
+        checkpointer = Checkpointer()
+        _default_checkpointers[loop] = checkpointer
+    return checkpointer
+
+
+def async_save(
+    state_dict: Any,
+    path: str | os.PathLike[str],
+    *,
+    format: str = "dcp",
+    overwrite: bool = False,
+    metadata: Mapping[str, Any] | None = None,
+    allow_pickle: bool = False,
+) -> SaveHandle:
+    """Start saving ``state_dict`` to ``path``; return its ``SaveHandle`` at once.
+
+    ``await aiockpt.async_save(sd, path)`` waits until the checkpoint is durable;
+    ``await handle.staged`` only until the tensors have been copied out. Uses the running
+    loop's default checkpointer (see ``default_checkpointer``).
+
+    Raises ``TypeError`` here, naming the key, for an entry that cannot be checkpointed
+    (objects other than tensors and plain values need ``allow_pickle=True``), ``ValueError``
+    for an unknown ``format``, ``RuntimeError`` outside a running event loop. Everything else
+    is raised by awaiting the handle (see ``SaveHandle``).
+    """
+    return default_checkpointer().save_to(
+        state_dict,
+        path,
+        format=format,
+        overwrite=overwrite,
+        metadata=metadata,
+        allow_pickle=allow_pickle,
+    )

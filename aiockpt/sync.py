@@ -1,0 +1,171 @@
+"""``SyncCheckpointer``: the same saves for plain synchronous training loops.
+
+An event loop (uvloop where available) runs in one background thread and owns an ordinary
+``Checkpointer``; each call hops onto it. The trainer's thread never waits for a write: it
+waits for staging only when it asks to (``handle.staged.result()``), before changing its
+tensors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+from collections.abc import Coroutine, Mapping
+from typing import Any, TypeVar
+
+from aiockpt.manager import Checkpointer
+from aiockpt.saver import SaveHandle, SaveResult
+
+__all__ = ["SyncCheckpointer", "SyncSaveHandle"]
+
+T = TypeVar("T")
+
+
+class SyncSaveHandle:
+    """A save in progress, seen from synchronous code.
+
+    ``staged`` and the handle itself are ``concurrent.futures.Future``-like: ``staged.result()``
+    blocks until the tensors have been copied out, ``result()`` until the checkpoint is durable,
+    and both raise what the save raised (see ``aiockpt.SaveHandle``).
+    """
+
+    def __init__(self, handle: SaveHandle, runner: _LoopThread) -> None:
+        self.path = handle.path
+        self._handle = handle
+        self._runner = runner
+        self.staged: concurrent.futures.Future[None] = runner.submit(_staged(handle))
+        self._done: concurrent.futures.Future[SaveResult] = runner.submit(_finished(handle))
+
+    def result(self, timeout: float | None = None) -> SaveResult:
+        """Block until the checkpoint is durable; raise ``TimeoutError`` after ``timeout``."""
+        return self._done.result(timeout)
+
+    def done(self) -> bool:
+        """True once the save committed, failed or was cancelled."""
+        return self._handle.done()
+
+    def cancel(self) -> bool:
+        """Cancel the save unless it has finished (see ``aiockpt.SaveHandle.cancel``)."""
+        return self._runner.call(_cancel(self._handle))
+
+
+async def _staged(handle: SaveHandle) -> None:
+    await handle.staged
+
+
+async def _finished(handle: SaveHandle) -> SaveResult:
+    return await asyncio.shield(handle)
+
+
+async def _cancel(handle: SaveHandle) -> bool:
+    return handle.cancel()
+
+
+class _LoopThread:
+    """One event loop running in a daemon thread until ``stop``."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop
+        try:
+            import uvloop
+
+            self.loop = uvloop.new_event_loop()
+        except ImportError:  # pragma: no cover - uvloop is installed wherever it runs
+            self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="aiockpt-sync-loop", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.submit(coro).result()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+class SyncCheckpointer:
+    """A ``Checkpointer`` for synchronous code; same arguments, same semantics.
+
+    Use it as a context manager, or call ``close()``; a SyncCheckpointer that is never closed
+    still leaves no worker behind when the interpreter exits.
+    """
+
+    def __init__(self, root: str | os.PathLike[str] | None = None, **options: Any) -> None:
+        self._runner = _LoopThread()
+        self._checkpointer = Checkpointer(root, **options)
+        self._closed = False
+
+    def __enter__(self) -> SyncCheckpointer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def root(self) -> str | None:
+        return self._checkpointer.root
+
+    @property
+    def worker_pid(self) -> int | None:
+        return self._checkpointer.worker_pid
+
+    def start(self) -> None:
+        """Start the worker now; see ``Checkpointer.start``."""
+        self._runner.call(self._checkpointer.start())
+
+    def save(
+        self,
+        state_dict: Any,
+        *,
+        step: int,
+        metadata: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> SyncSaveHandle:
+        """Start saving as ``<root>/step_<step>``; see ``Checkpointer.save``."""
+
+        async def begin() -> SaveHandle:
+            return self._checkpointer.save(
+                state_dict, step=step, metadata=metadata, overwrite=overwrite
+            )
+
+        return SyncSaveHandle(self._runner.call(begin()), self._runner)
+
+    def save_to(
+        self, state_dict: Any, path: str | os.PathLike[str], **options: Any
+    ) -> SyncSaveHandle:
+        """Start saving to ``path``; see ``Checkpointer.save_to``."""
+
+        async def begin() -> SaveHandle:
+            return self._checkpointer.save_to(state_dict, path, **options)
+
+        return SyncSaveHandle(self._runner.call(begin()), self._runner)
+
+    def latest(self) -> str | None:
+        return self._runner.call(self._checkpointer.latest())
+
+    def load_latest(self, state_dict: Any = None, **options: Any) -> Any:
+        return self._runner.call(self._checkpointer.load_latest(state_dict, **options))
+
+    def wait(self) -> list[SaveResult]:
+        return self._runner.call(self._checkpointer.wait())
+
+    def close(self) -> None:
+        """Let saves in flight finish, stop the worker and the loop thread. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._runner.call(self._checkpointer.close())
+        finally:
+            self._runner.stop()
