@@ -375,3 +375,48 @@ async def test_cuda_tensors_stage_through_a_pinned_arena(tmp_path: Path) -> None
     await handle
     loaded = aiockpt.load(tmp_path / "ck")
     assert torch.equal(loaded["w"], expected) and torch.equal(loaded["cpu"], torch.ones(3))
+
+
+def test_trainer_killed_mid_save_leaves_no_worker_and_no_shared_memory(tmp_path: Path) -> None:
+    """SIGKILL the trainer while its save is being written: the worker exits (EOF), no arena
+    name is left in /dev/shm, and the next Checkpointer.start() removes the temporary dir."""
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[1]
+    code = f"""
+import asyncio, torch, aiockpt
+async def main():
+    async with aiockpt.Checkpointer({str(tmp_path)!r}, format={SLOW!r}) as ckpt:
+        handle = ckpt.save({{"w": torch.randn(256, 256)}}, step=1)
+        await handle.staged
+        print(ckpt.worker_pid, flush=True)
+        await handle
+asyncio.run(main())
+"""
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )
+    assert trainer.stdout is not None
+    worker_pid = int(trainer.stdout.readline())
+    time.sleep(0.3)  # inside the slow write
+    trainer.kill()
+    trainer.wait()
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{worker_pid}") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not os.path.exists(f"/proc/{worker_pid}")
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"{ARENA_PREFIX}{trainer.pid}-")]
+    assert any(n.startswith(TEMP_PREFIX) for n in os.listdir(tmp_path))
+
+    async def restart() -> None:
+        async with Checkpointer(tmp_path):
+            pass
+
+    asyncio.run(restart())
+    assert os.listdir(tmp_path) == []
