@@ -395,15 +395,18 @@ class CheckpointProcess:
             response = await self._cancel_write(request_id, future)
         finally:
             self._pending.pop(request_id, None)
+        self._raise_for_failure(response, f"writing {payload.path}")
+        assert isinstance(response.payload, WriteResultPayload)
+        return response.payload
+
+    def _raise_for_failure(self, response: WorkerResponse, what: str) -> None:
         if not response.success:
             raise CheckpointWriteError(
-                f"writing {payload.path} failed in the checkpoint worker (pid {self.pid}): "
+                f"{what} failed in the checkpoint worker (pid {self.pid}): "
                 f"{response.error_type}: {response.error_msg}",
                 error_type=response.error_type,
                 traceback=response.traceback,
             )
-        assert isinstance(response.payload, WriteResultPayload)
-        return response.payload
 
     async def _cancel_write(
         self, request_id: int, future: asyncio.Future[WorkerResponse]
@@ -438,13 +441,7 @@ class CheckpointProcess:
     async def _checked(self, request_type: RequestType, payload: ArenaPayload) -> None:
         await self._ensure_started()
         response = await self._request(request_type, payload)
-        if not response.success:
-            raise CheckpointWriteError(
-                f"{request_type.value} failed in the checkpoint worker: "
-                f"{response.error_type}: {response.error_msg}",
-                error_type=response.error_type,
-                traceback=response.traceback,
-            )
+        self._raise_for_failure(response, request_type.value)
 
     async def ping(self) -> float:
         """Round trip to the worker in seconds; answered even while a write runs."""

@@ -369,8 +369,8 @@ async def test_unencodable_state_dict_entry_is_a_type_error_naming_the_key(tmp_p
     assert proc.pid is None  # nothing was spawned for requests refused up front
 
 
-async def test_protocol_version_mismatch_is_a_clear_error() -> None:
-    """A real worker, handed an INIT from a future protocol version, refuses it."""
+async def spawn_bare_worker(*args: str) -> tuple[asyncio.subprocess.Process, Channel]:
+    """A worker with no CheckpointProcess in front: the test speaks the protocol itself."""
     parent_end, child_end = socket.socketpair()
     with child_end:
         worker = await asyncio.create_subprocess_exec(
@@ -379,10 +379,16 @@ async def test_protocol_version_mismatch_is_a_clear_error() -> None:
             "aiockpt.worker",
             "--fd",
             str(child_end.fileno()),
+            *args,
             pass_fds=(child_end.fileno(),),
             env={**os.environ, "PYTHONPATH": str(REPO)},
         )
-    channel = await Channel.open(parent_end)
+    return worker, await Channel.open(parent_end)
+
+
+async def test_protocol_version_mismatch_is_a_clear_error() -> None:
+    """A real worker, handed an INIT from a future protocol version, refuses it."""
+    worker, channel = await spawn_bare_worker()
     init = InitPayload(
         PROTOCOL_VERSION + 1, RankInfo(), [], None, [], "tests.workers:RawWriter", {}
     )
@@ -398,20 +404,7 @@ async def test_protocol_version_mismatch_is_a_clear_error() -> None:
 
 
 async def test_garbage_on_the_channel_ends_the_worker_not_the_parent() -> None:
-    parent_end, child_end = socket.socketpair()
-    with child_end:
-        worker = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "aiockpt.worker",
-            "--fd",
-            str(child_end.fileno()),
-            "--max-frame-size",
-            "1024",
-            pass_fds=(child_end.fileno(),),
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-    channel = await Channel.open(parent_end)
+    worker, channel = await spawn_bare_worker("--max-frame-size", "1024")
     channel._writer.write(b"\xff\xff\xff\xff" + b"junk")
     assert await asyncio.wait_for(worker.wait(), 10) == 2
     await channel.aclose()
