@@ -2,11 +2,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 
 import pytest
 
 from tests.leaks import Snapshot
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give this test session a temp directory of its own (inherited by every subprocess),
+    so that the leak check sees only what this session created, even when other runs share
+    the machine."""
+    session_tmp = tempfile.mkdtemp(prefix=f"pytest-session-{os.getpid()}-")
+    os.environ["TMPDIR"] = session_tmp
+    tempfile.tempdir = session_tmp
+    config.add_cleanup(lambda: shutil.rmtree(session_tmp, ignore_errors=True))
+
 
 try:
     import uvloop
