@@ -1042,9 +1042,13 @@ def plot_sweep(results: dict[int, dict[str, Series]], path: str, title: str) -> 
             if not xs:
                 continue
             name = results[sizes[0]][key].method.name.replace(" †", "")
+            if key == "ckpt_process" and attribute == "blocking":
+                name += " (returns unstaged)"
             style = "--" if key in ("memcpy", "raw") else "-"
-            width = 2.5 if key.startswith("aiockpt") else 1.5
-            ax.plot(xs, ys, style, marker="o", linewidth=width, label=name)
+            width = 3 if key.startswith("aiockpt") else 1.5
+            # the same colour for a method in both panels (memcpy has no durable line)
+            color = f"C{list(FACTORIES).index(key) % 10}"
+            ax.plot(xs, ys, style, marker="o", linewidth=width, color=color, label=name)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks([s / MiB for s in sizes])
@@ -1382,9 +1386,7 @@ async def amain(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    # dcp.save(no_dist=True) warns that it "assumes the intent is to save in a single process"
-    warnings.filterwarnings("ignore", message=r".*torch\.distributed is disabled")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    _quiet_torch_warnings()
     import uvloop
 
     try:
@@ -1397,10 +1399,17 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _quiet_torch_children() -> None:
     """dcp's process-executor child logs every request at INFO to the shared stderr; it
     imports this module as ``__mp_main__`` before it starts, so silence that here."""
+    _quiet_torch_warnings()
     with contextlib.suppress(ImportError):
         from torch.distributed.checkpoint import _async_process_executor as executor
 
         executor._init_logger = lambda rank: None  # type: ignore[attr-defined]
+
+
+def _quiet_torch_warnings() -> None:
+    # dcp.save(no_dist=True) warns that it "assumes the intent is to save in a single process"
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed is disabled")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 
 if __name__ == "__mp_main__":
