@@ -113,12 +113,25 @@ class Checkpointer:
         """The pid of the current checkpoint worker, if one is running."""
         return self._process.pid if self._process is not None and self._process.alive else None
 
-    async def start(self) -> None:
+    async def start(self, *, like: Any = None) -> None:
         """Start the worker now (so that the first save pays no spawn) and remove what
         crashed saves left under ``root``. Idempotent; saves call it themselves.
 
-        Raises what ``CheckpointProcess.start`` raises, and ``WorkerClosed`` after ``close``.
+        ``like``: a state dict of the layout you will save (the same tensors will do); its
+        staging arena is created and mapped now, so that the first save costs what the
+        later ones do.
+
+        Raises what ``CheckpointProcess.start`` raises, ``TypeError`` as ``save`` does for a
+        ``like`` that cannot be checkpointed, and ``WorkerClosed`` after ``close``.
         """
+        await self._start()
+        if like is not None:
+            process = self._process
+            assert process is not None
+            arena = await self._take_arena(process, plan_staging(like, allow_pickle=True).nbytes)
+            self._give_back(process, arena)
+
+    async def _start(self) -> None:
         if self.closed:
             raise WorkerClosed("the Checkpointer was closed")
         if self._start_lock is None:
@@ -243,7 +256,7 @@ class Checkpointer:
     ) -> SaveResult:
         started = time.perf_counter()
         try:
-            await self.start()
+            await self._start()
             assert self._slots is not None
             async with self._slots:
                 if not options.overwrite and await asyncio.to_thread(os.path.lexists, path):

@@ -358,10 +358,11 @@ class Aiockpt(Method):
             max_in_flight=1,
         )
         started = time.perf_counter()
-        await self.checkpointer.start()
+        # like=: the staging arena is created and mapped here, not during the first save.
+        await self.checkpointer.start(like=state_dict)
         self.start_seconds = time.perf_counter() - started
         self.note = (
-            f"{self.name}: Checkpointer.start() (worker spawn + handshake) took "
+            f"{self.name}: Checkpointer.start(like=sd) (spawn, handshake, arena) took "
             f"{self.start_seconds:.2f} s before the first call; keep_last={self.keep_last}"
         )
 

@@ -420,3 +420,13 @@ asyncio.run(main())
 
     asyncio.run(restart())
     assert os.listdir(tmp_path) == []
+
+
+async def test_start_like_creates_the_arena_before_the_first_save(tmp_path: Path) -> None:
+    state = {"w": torch.randn(64, 64), "step": 1}
+    async with Checkpointer(tmp_path) as ckpt:
+        await ckpt.start(like=state)
+        (arena,) = ckpt._free_arenas
+        assert shm_arenas() == []  # already mapped by the worker, name gone
+        await ckpt.save(state, step=1)
+        assert ckpt._free_arenas == [arena]  # the first save used it

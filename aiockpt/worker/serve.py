@@ -38,6 +38,7 @@ from aiockpt.protocol import (
     WriteResultPayload,
 )
 from aiockpt.refs import resolve_ref
+from aiockpt.staging import map_populated
 from aiockpt.tensors import tensor_from_leaf, value_from_leaf
 from aiockpt.tree import unflatten
 from aiockpt.writers import create_writer
@@ -91,7 +92,7 @@ class ArenaMaps:
         if mapping is None:
             fd = os.open(ref.path, os.O_RDWR | os.O_CLOEXEC)
             try:
-                mapping = mmap.mmap(fd, ref.size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+                mapping = map_populated(fd, ref.size)
             finally:
                 os.close(fd)
             try:
