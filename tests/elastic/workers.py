@@ -60,9 +60,13 @@ def segfault() -> None:
 
 
 def print_lines(count: int) -> None:
+    # One write per line: with unbuffered output print() writes the text and the newline
+    # separately, and two ranks sharing the console could interleave between the two.
     for i in range(count):
-        print(f"out {i} of rank {rank()}")
-        print(f"err {i} of rank {rank()}", file=sys.stderr)
+        sys.stdout.write(f"out {i} of rank {rank()}\n")
+        sys.stdout.flush()
+        sys.stderr.write(f"err {i} of rank {rank()}\n")
+        sys.stderr.flush()
 
 
 def fail_on_first_attempt(failing_rank: int) -> int:
