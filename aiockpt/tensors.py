@@ -36,17 +36,30 @@ def is_tensor(value: Any) -> bool:
     return isinstance(value, torch.Tensor)
 
 
+# dtype <-> name, as in ``str(torch.float32)`` without the prefix. Built from torch itself so
+# that new dtypes work, and looked up in this table on load: a manifest is data read from disk,
+# and ``getattr(torch, name)`` on it could return anything.
+_DTYPES: dict[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
+}
+
+
+# str(dtype) takes tens of microseconds: too slow for thousands of tensors per save.
+_DTYPE_NAMES: dict[torch.dtype, str] = {d: n for n, d in _DTYPES.items() if str(d) == f"torch.{n}"}
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"``."""
-    return str(dtype).removeprefix("torch.")
+    name = _DTYPE_NAMES.get(dtype)
+    return name if name is not None else str(dtype).removeprefix("torch.")
 
 
 def dtype_from_name(name: str) -> torch.dtype:
-    """``"bfloat16"`` -> ``torch.bfloat16``; ``ValueError`` for anything that is not a dtype."""
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"{name!r} is not a torch dtype")
-    return dtype
+    """The torch dtype called ``name`` (``"bfloat16"``); ValueError if there is none."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}") from None
 
 
 def as_bytes(tensor: torch.Tensor) -> torch.Tensor:

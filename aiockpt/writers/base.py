@@ -27,6 +27,7 @@ import torch
 import xxhash
 
 from aiockpt.manifest import Leaf, ObjectLeaf, plain_leaf
+from aiockpt.tensors import dtype_from_name, dtype_name, is_tensor
 from aiockpt.tree import KeyPath, Node, flatten
 
 __all__ = [
@@ -72,10 +73,6 @@ class Writer(Protocol):
         ...
 
 
-def is_tensor(value: Any) -> bool:
-    return isinstance(value, torch.Tensor)
-
-
 def flatten_state_dict(state_dict: Any) -> tuple[Node, list[tuple[KeyPath, Any]]]:
     """The skeleton and the ``(key path, leaf)`` pairs of a state dict; tensors are leaves.
 
@@ -83,32 +80,6 @@ def flatten_state_dict(state_dict: Any) -> tuple[Node, list[tuple[KeyPath, Any]]
     and the manifest. Raises ``TypeError`` for dict keys that are neither str nor int.
     """
     return flatten(state_dict, is_tensor)
-
-
-# dtype <-> name, as in ``str(torch.float32)`` without the prefix. Built from torch itself so
-# that new dtypes work, and looked up in this table on load: a manifest is data read from disk,
-# and ``getattr(torch, name)`` on it could return anything.
-_DTYPES: dict[str, torch.dtype] = {
-    str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
-}
-
-
-# str(dtype) takes tens of microseconds: too slow for thousands of tensors per save.
-_DTYPE_NAMES: dict[torch.dtype, str] = {d: n for n, d in _DTYPES.items() if str(d) == f"torch.{n}"}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``."""
-    name = _DTYPE_NAMES.get(dtype)
-    return name if name is not None else str(dtype).removeprefix("torch.")
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    """The torch dtype called ``name`` (``"bfloat16"``); ValueError if there is none."""
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}") from None
 
 
 _memoryview_from_memory = ctypes.pythonapi.PyMemoryView_FromMemory
