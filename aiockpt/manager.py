@@ -82,7 +82,8 @@ class Checkpointer:
             raise ValueError(f"keep_last must be at least 1 (or None), got {keep_last}")
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
-        _check_format(format)
+        self._checked_formats: set[str] = set()
+        self._check_format(format)
         self.root = os.path.abspath(os.fspath(root)) if root is not None else None
         self.format = format
         self.keep_last = keep_last
@@ -233,7 +234,7 @@ class Checkpointer:
             raise WorkerClosed("the Checkpointer was closed")
         loop = asyncio.get_running_loop()
         fmt = self.format if format is None else format
-        _check_format(fmt)
+        self._check_format(fmt)
         check_encodable(dict(metadata or {}), "metadata")
         plan = plan_staging(
             state_dict, allow_pickle=self.allow_pickle if allow_pickle is None else allow_pickle
@@ -330,6 +331,17 @@ class Checkpointer:
             with contextlib.suppress(FileNotFoundError):
                 commit.remove_checkpoint(old)
 
+    def _check_format(self, format: str) -> None:
+        """Resolve a format's writer once, here, so that a typo is a ValueError at the call
+        rather than a failed save; later saves in the same format skip the import."""
+        if format in self._checked_formats:
+            return
+        try:
+            resolve_writer(format)
+        except (ValueError, ImportError, AttributeError) as exc:
+            raise ValueError(f"checkpoint format {format!r}: {exc}") from exc
+        self._checked_formats.add(format)
+
     # --- finding and loading -------------------------------------------------------------------
 
     async def latest(self) -> str | None:
@@ -385,10 +397,3 @@ def _resolve(staged: asyncio.Future[None], exc: BaseException | None = None) -> 
     else:
         staged.set_exception(exc)
         staged.exception()  # retrieved: awaiting the handle reports it; no "never retrieved"
-
-
-def _check_format(format: str) -> None:
-    try:
-        resolve_writer(format)
-    except (ValueError, ImportError, AttributeError) as exc:
-        raise ValueError(f"checkpoint format {format!r}: {exc}") from exc

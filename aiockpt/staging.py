@@ -58,8 +58,6 @@ class StagingPlan:
     copies: list[tuple[torch.Tensor, int]]
     #: arena bytes needed
     nbytes: int
-    #: the state dict's tensor bytes (tensors counted once)
-    tensor_bytes: int
     has_cuda: bool = field(default=False)
 
     def payload(self, arena: SharedArena | None) -> StateDictPayload:
@@ -101,8 +99,7 @@ def plan_staging(state_dict: Any, *, allow_pickle: bool = False) -> StagingPlan:
             offset = _aligned(offset + nbytes)
             has_cuda = has_cuda or tensor.is_cuda
         leaves.append(leaf)
-    tensor_bytes = sum(t.numel() * t.element_size() for t, _ in copies)
-    return StagingPlan(skeleton, leaves, copies, offset, tensor_bytes, has_cuda)
+    return StagingPlan(skeleton, leaves, copies, offset, has_cuda)
 
 
 def _checkpointable(value: torch.Tensor, path: tuple[str | int, ...]) -> torch.Tensor:

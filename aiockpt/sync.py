@@ -120,9 +120,10 @@ class SyncCheckpointer:
     def worker_pid(self) -> int | None:
         return self._checkpointer.worker_pid
 
-    def start(self) -> None:
-        """Start the worker now; see ``Checkpointer.start``."""
-        self._runner.call(self._checkpointer.start())
+    def start(self, *, like: Any = None) -> None:
+        """Start the worker now (and, given ``like``, its staging arena); see
+        ``Checkpointer.start``."""
+        self._runner.call(self._checkpointer.start(like=like))
 
     def save(
         self,

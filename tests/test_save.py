@@ -343,6 +343,14 @@ def test_default_checkpointer_across_loops_and_runners(tmp_path: Path) -> None:
         assert torch.equal(aiockpt.load(tmp_path / name)["w"], torch.ones(2))
 
 
+async def test_unknown_format_is_refused_at_the_call(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="'nope'"):
+        aiockpt.async_save({"w": torch.ones(1)}, tmp_path / "ck", format="nope")
+    with pytest.raises(ValueError, match="no_such_module"):
+        Checkpointer(tmp_path, format="no_such_module:Writer")
+    assert os.listdir(tmp_path) == []
+
+
 def test_async_save_outside_a_loop_says_what_to_use_instead(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="SyncCheckpointer"):
         aiockpt.async_save({"w": torch.ones(1)}, tmp_path / "ck")
@@ -352,6 +360,8 @@ def test_sync_checkpointer(tmp_path: Path) -> None:
     weights = torch.randn(128, 128)
     original = weights.clone()
     with SyncCheckpointer(tmp_path, keep_last=1) as ckpt:
+        ckpt.start(like={"w": weights})
+        assert len(ckpt._checkpointer._free_arenas) == 1  # arena ready before the first save
         handle = ckpt.save({"w": weights}, step=1)
         handle.staged.result(timeout=60)
         weights.mul_(0)  # the trainer moves on
