@@ -17,6 +17,8 @@ Layout of the package, from the wire up::
     commit        temporary directory, manifest, fsync, rename; retention helpers
     loading       verify and load checkpoints without unpickling
     saver         SaveHandle, SaveResult, async_save
+    group         the checkpoint workers' own group: store, session, process group
+    coordination  one multi-rank save's rounds over the store (blocking; worker side)
     manager       Checkpointer: root, latest, retention, backpressure
     sync          SyncCheckpointer for synchronous loops
     elastic/      the worker agent and aiockpt-run (torchrun's counterpart)
@@ -38,6 +40,7 @@ from aiockpt.errors import (
     CorruptCheckpoint,
     ProtocolError,
     ProtocolVersionMismatch,
+    RankFailed,
     RendezvousError,
     SignalException,
     WorkerClosed,
@@ -69,6 +72,7 @@ __all__ = [
     "GcOptions",
     "ProtocolError",
     "ProtocolVersionMismatch",
+    "RankFailed",
     "RankInfo",
     "RendezvousError",
     "SaveHandle",

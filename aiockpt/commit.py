@@ -37,7 +37,7 @@ import stat
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -52,19 +52,24 @@ from aiockpt.manifest import (
     Leaf,
     Manifest,
     OpaqueLeaf,
+    RankState,
     check_relative_name,
     encode_manifest,
     plain_leaf,
 )
-from aiockpt.writers.base import FileRecord, FileSink, Writer, flatten_state_dict
+from aiockpt.tree import Node
+from aiockpt.writers.base import FileRecord, FileSink, Writer, WriterPart, flatten_state_dict
 
 __all__ = [
     "TEMP_PREFIX",
     "TRASH_PREFIX",
     "CommitResult",
     "PendingCheckpoint",
+    "RankPart",
     "abort",
+    "build_group_manifest",
     "build_manifest",
+    "describe_leaves",
     "finalize",
     "is_committed",
     "list_committed",
@@ -228,41 +233,100 @@ def record_unreported_files(temp_path: str, known: Sequence[FileRecord]) -> list
     return [_hash_file(temp_path, name) for name in unreported]
 
 
+def describe_leaves(
+    state_dict: Any, records: Sequence[FileRecord], *, elsewhere: Collection[int] = ()
+) -> tuple[Node, list[Leaf | None]]:
+    """The skeleton of ``state_dict`` and a manifest entry per leaf, as written into
+    ``records``: leaves the writer located stay where it put them, plain values go into the
+    manifest, anything else a writer stored without saying where becomes ``OpaqueLeaf``;
+    leaves in ``elsewhere`` (another rank wrote them) are None, to be resolved by rank 0.
+    """
+    skeleton, flat = flatten_state_dict(state_dict)
+    located: dict[int, Leaf] = {}
+    for record in records:
+        located.update(record.leaves)
+    leaves: list[Leaf | None] = []
+    for index, (_, value) in enumerate(flat):
+        leaf = located.get(index)
+        if leaf is None and index not in elsewhere:
+            leaf = plain_leaf(value)
+            if leaf is None:
+                leaf = OpaqueLeaf(type(value).__qualname__)
+        leaves.append(leaf)
+    return skeleton, leaves
+
+
 def build_manifest(
     format: str,
     state_dict: Any,
     records: Sequence[FileRecord],
     *,
     metadata: Mapping[str, Any] | None = None,
-    world_size: int = 1,
 ) -> Manifest:
-    """The manifest of ``state_dict`` as written into ``records``.
-
-    Leaves the writer located stay where it put them; plain values go into the manifest;
-    anything else a writer stored without saying where becomes ``OpaqueLeaf``.
-    """
-    skeleton, flat = flatten_state_dict(state_dict)
-    located: dict[int, Leaf] = {}
-    for record in records:
-        located.update(record.leaves)
-    leaves: list[Leaf] = []
-    for index, (_, value) in enumerate(flat):
-        leaf = located.get(index)
-        if leaf is None:
-            leaf = plain_leaf(value)
-        if leaf is None:
-            leaf = OpaqueLeaf(type(value).__qualname__)
-        leaves.append(leaf)
-    files = sorted((FileEntry(r.name, r.size, r.xxh3_64) for r in records), key=_entry_name)
+    """The manifest of ``state_dict`` as written into ``records`` by one rank."""
+    skeleton, leaves = describe_leaves(state_dict, records)
     return Manifest(
         format_version=FORMAT_VERSION,
         format=format,
-        files=files,
+        files=_entries(records),
         skeleton=skeleton,
-        leaves=leaves,
+        leaves=[leaf for leaf in leaves if leaf is not None],
         metadata=dict(metadata or {}),
-        world_size=world_size,
     )
+
+
+class RankPart(msgspec.Struct, frozen=True):
+    """What one rank contributes to a multi-rank checkpoint (posted to rank 0)."""
+
+    #: where this rank means to save: every rank must name the same path
+    path: str
+    written: WriterPart
+    skeleton: Node
+    #: ``describe_leaves``; None for a leaf another rank wrote (``written.imports``)
+    leaves: list[Leaf | None]
+    #: generation of this rank's worker process group; None while it has none
+    pg_generation: int | None = None
+
+
+def build_group_manifest(
+    format: str,
+    parts: Sequence[RankPart],
+    records: Sequence[FileRecord],
+    *,
+    metadata: Mapping[str, Any] | None = None,
+) -> Manifest:
+    """The manifest of a save by ``len(parts)`` ranks whose files are ``records``.
+
+    Raises ValueError if a rank's leaf refers to a tensor no rank exported.
+    """
+    exports: dict[str, Leaf] = {}
+    for part in parts:
+        exports.update(part.written.exports)
+    states: list[RankState] = []
+    for rank, part in enumerate(parts):
+        leaves: list[Leaf] = []
+        for index, leaf in enumerate(part.leaves):
+            if leaf is None:
+                key = part.written.imports.get(index, "")
+                if key not in exports:
+                    raise ValueError(f"rank {rank}'s leaf {index} ({key!r}) was written by no rank")
+                leaf = exports[key]
+            leaves.append(leaf)
+        states.append(RankState(part.skeleton, leaves))
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        format=format,
+        files=_entries(records),
+        skeleton=states[0].skeleton,
+        leaves=states[0].leaves,
+        metadata=dict(metadata or {}),
+        world_size=len(parts),
+        ranks=states[1:],
+    )
+
+
+def _entries(records: Sequence[FileRecord]) -> list[FileEntry]:
+    return sorted((FileEntry(r.name, r.size, r.xxh3_64) for r in records), key=_entry_name)
 
 
 def _entry_name(entry: FileEntry) -> str:

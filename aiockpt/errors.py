@@ -16,7 +16,8 @@ tree at the boundary where they happen; callers catch ``AiockptError`` for anyth
     ├── CheckpointWriteError          the worker's writer raised; carries the worker traceback
     ├── CorruptCheckpoint             a checkpoint failed verification (names the file)
     ├── CoordinationError             ranks disagree or fail to meet during a multi-rank save
-    │   └── CoordinationTimeout       a rank never arrived (also a builtin TimeoutError)
+    │   ├── CoordinationTimeout       a rank never arrived (also a builtin TimeoutError)
+    │   └── RankFailed                another rank's part of the save failed (its traceback)
     ├── RendezvousError               elastic agents could not meet over their store
     └── SignalException               the elastic agent got a termination signal and stopped
                                       its workers (``sigval`` names the signal)
@@ -36,6 +37,7 @@ __all__ = [
     "CorruptCheckpoint",
     "ProtocolError",
     "ProtocolVersionMismatch",
+    "RankFailed",
     "RendezvousError",
     "SignalException",
     "WorkerClosed",
@@ -44,6 +46,14 @@ __all__ = [
     "WorkerStartError",
     "WorkerStartTimeout",
 ]
+
+
+def qualified_name(kind: type[BaseException]) -> str:
+    """How an exception type is named across the process boundary: ``"OSError"`` for
+    builtins, ``"package.module.Name"`` for everything else."""
+    if kind.__module__ == "builtins":
+        return kind.__qualname__
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 class AiockptError(Exception):
@@ -114,11 +124,32 @@ class CorruptCheckpoint(AiockptError):
 
 
 class CoordinationError(AiockptError):
-    """The ranks of a multi-rank save disagree or fail to meet."""
+    """The ranks of a multi-rank save disagree or fail to meet; ``rank`` names the rank at
+    fault when one is known."""
+
+    def __init__(self, message: str, *, rank: int | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank
 
 
 class CoordinationTimeout(CoordinationError, TimeoutError):
-    """A rank never arrived at a coordinated step within the configured timeout."""
+    """``rank`` never arrived at a coordinated step within the configured timeout."""
+
+
+class RankFailed(RemoteErrorMixin, CoordinationError):
+    """Another rank's part of a multi-rank save failed, so nothing was committed; ``rank``,
+    ``error_type`` and ``traceback`` say where and why."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        rank: int,
+        error_type: str | None = None,
+        traceback: str | None = None,
+    ) -> None:
+        RemoteErrorMixin.__init__(self, message, error_type=error_type, traceback=traceback)
+        self.rank = rank
 
 
 class RendezvousError(AiockptError):

@@ -82,16 +82,19 @@ def _check_consistent(manifest: Manifest) -> None:
             f"({FORMAT_VERSION})"
         )
     names = {check_relative_name(f.name) for f in manifest.files}
-    for leaf in manifest.leaves:
-        if isinstance(leaf, (TensorLeaf, ObjectLeaf)) and leaf.file not in names:
-            raise ValueError(f"a leaf points into {leaf.file!r}, which is not listed")
-        if isinstance(leaf, TensorLeaf):
-            dtype_from_name(leaf.dtype)
-            if any(size < 0 for size in leaf.shape):
-                raise ValueError(f"negative size in tensor shape {leaf.shape}")
-    indices = sorted(index for index, _ in iter_key_paths(manifest.skeleton))
-    if indices != list(range(len(manifest.leaves))):
-        raise ValueError("skeleton and leaves disagree")
+    if manifest.ranks and len(manifest.ranks) != manifest.world_size - 1:
+        raise ValueError(f"{len(manifest.ranks) + 1} ranks described, world_size says otherwise")
+    for state in [manifest.rank_state(0), *manifest.ranks]:
+        for leaf in state.leaves:
+            if isinstance(leaf, (TensorLeaf, ObjectLeaf)) and leaf.file not in names:
+                raise ValueError(f"a leaf points into {leaf.file!r}, which is not listed")
+            if isinstance(leaf, TensorLeaf):
+                dtype_from_name(leaf.dtype)
+                if any(size < 0 for size in leaf.shape):
+                    raise ValueError(f"negative size in tensor shape {leaf.shape}")
+        indices = sorted(index for index, _ in iter_key_paths(state.skeleton))
+        if indices != list(range(len(state.leaves))):
+            raise ValueError("skeleton and leaves disagree")
 
 
 def verify(path: str | os.PathLike[str]) -> Manifest:
@@ -113,8 +116,14 @@ def load(
     *,
     verify: bool = True,
     allow_pickle: bool = False,
+    rank: int = 0,
 ) -> Any:
     """Load the checkpoint at ``path`` (either format) as CPU tensors and plain values.
+
+    A checkpoint saved by several ranks holds one state dict per rank; ``rank`` picks which
+    (each rank resuming at the same world size loads its own; DTensors in ``state_dict``
+    receive their local shard). To load into another world size, use
+    ``torch.distributed.checkpoint.load`` on a ``format="dcp"`` checkpoint: it reshards.
 
     Without ``state_dict``, return the saved tree exactly (int keys, tuples, nesting). With
     one, fill it in place torch-style and return it: for each of its leaves, tensors are
@@ -130,11 +139,14 @@ def load(
     altered file (on failure the tensors of ``state_dict`` may be partly overwritten, its
     other leaves are not); FileNotFoundError if ``path`` does not exist; KeyError naming the
     key path for a leaf of ``state_dict`` the checkpoint does not have; ValueError for a shape
-    mismatch, for a pickled leaf without ``allow_pickle``, or for a leaf a custom writer
-    stored in its own format.
+    mismatch, for a pickled leaf without ``allow_pickle``, for a leaf a custom writer stored
+    in its own format, or for a ``rank`` the checkpoint does not have.
     """
     root = os.fspath(path)
     manifest = read_manifest(root)
+    if rank != 0 or manifest.ranks:
+        state = manifest.rank_state(rank)
+        manifest = msgspec.structs.replace(manifest, skeleton=state.skeleton, leaves=state.leaves)
     if state_dict is None:
         wanted = list(range(len(manifest.leaves)))
         values = _read_leaves(root, manifest, wanted, {}, verify, allow_pickle)
@@ -149,6 +161,7 @@ def load(
         index = sources[key_path] = saved_at[key_path]
         leaf = manifest.leaves[index]
         if isinstance(target, torch.Tensor) and isinstance(leaf, TensorLeaf):
+            target = _local_tensor(target)
             if list(target.shape) != leaf.shape:
                 raise ValueError(
                     f"{format_key_path(key_path)!r}: the checkpoint has shape {leaf.shape}, "
@@ -160,6 +173,12 @@ def load(
         root, manifest, list(sources.values()), destinations, verify, allow_pickle
     )
     return _fill(state_dict, (), lambda key_path: values[sources[key_path]])
+
+
+def _local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (what its rank saved), any other tensor itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
 
 
 def _can_read_into(target: torch.Tensor, leaf: TensorLeaf) -> bool:
@@ -179,7 +198,7 @@ def _fill(target: Any, key_path: KeyPath, saved: Callable[[KeyPath], Any]) -> An
             return value
         if value is not target:
             with torch.no_grad():
-                target.copy_(value)
+                _local_tensor(target).copy_(value)
         return target
     if isinstance(target, dict):
         for key in list(target):

@@ -17,6 +17,17 @@ The worker and its arenas belong together (the worker unlinks an arena's name wh
 it): when the worker dies, its arenas are dropped with it and the next save starts a fresh
 worker. Only after a commit is durable does retention (``keep_last``) delete older
 checkpoints, and ``latest()`` only ever reports directories that have a manifest.
+
+Several ranks
+-------------
+When ``torch.distributed`` is initialised with several ranks, a Checkpointer is one rank of a
+group (``aiockpt.group``), formed at ``start``: every rank creates its Checkpointer with the
+same root and calls ``start`` and ``save`` in the same order (as with any collective), and
+each save is one checkpoint that every rank's worker writes a part of. Saves are numbered in
+call order, which is how the ranks' workers know they are meeting about the same save, and
+are sent to the worker in that order. Only rank 0 deletes anything (retention, leftovers of
+crashed saves). A rank whose save fails before its worker could report it (its worker died,
+the save was cancelled) reports it itself, so that no rank waits for it until the timeout.
 """
 
 from __future__ import annotations
@@ -32,9 +43,11 @@ from typing import Any
 import msgspec
 
 from aiockpt import commit, loading
+from aiockpt.coordination import SaveRound
 from aiockpt.errors import WorkerClosed, WorkerCrashed
+from aiockpt.group import DEFAULT_TIMEOUT_S, TrainerGroup, form_group, world_of
 from aiockpt.process import CheckpointProcess, CheckpointProcessConfig
-from aiockpt.protocol import CommitOptions, RankInfo, WritePayload
+from aiockpt.protocol import CommitOptions, GroupInfo, RankInfo, WritePayload
 from aiockpt.refs import check_encodable
 from aiockpt.saver import SaveHandle, SaveResult
 from aiockpt.staging import SharedArena, StagingPlan, plan_staging, remove_orphaned_arenas
@@ -62,7 +75,16 @@ class Checkpointer:
             a slot (and its ``staged`` with it).
         allow_pickle: pickle state-dict leaves that are neither tensors nor plain values,
             instead of raising ``TypeError``.
-        rank_info, config: passed to the ``CheckpointProcess``.
+        process_group: the trainers' group the checkpoint spans (default: the world, when
+            ``torch.distributed`` is initialised with several ranks).
+        no_dist: save from this rank alone even in a multi-rank job (torch's ``no_dist``).
+        use_prefix_store: have the workers meet in the trainers' store at
+            ``MASTER_ADDR:MASTER_PORT`` (None: ``DCP_USE_PREFIX_STORE=1``); see
+            ``aiockpt.group``.
+        coordination_timeout_secs: how long a rank waits for another at any step of a
+            multi-rank save before failing it with ``CoordinationTimeout``.
+        rank_info, config: passed to the ``CheckpointProcess`` (``rank_info`` comes from the
+            process group when there is one).
 
     Use ``async with Checkpointer(...) as ckpt`` or ``await start()`` / ``await close()``.
     """
@@ -75,6 +97,10 @@ class Checkpointer:
         keep_last: int | None = None,
         max_in_flight: int = 1,
         allow_pickle: bool = False,
+        process_group: Any = None,
+        no_dist: bool = False,
+        use_prefix_store: bool | None = None,
+        coordination_timeout_secs: float = DEFAULT_TIMEOUT_S,
         rank_info: RankInfo | None = None,
         config: CheckpointProcessConfig | None = None,
     ) -> None:
@@ -99,6 +125,18 @@ class Checkpointer:
         self._start_lock: asyncio.Lock | None = None
         self._root_cleaned = False
         self.closed = False
+        self.process_group = process_group
+        self.no_dist = no_dist
+        self.use_prefix_store = use_prefix_store
+        self.coordination_timeout_secs = coordination_timeout_secs
+        self._group: TrainerGroup | None = None
+        self._group_checked = False
+        self._workers_spawned = 0
+        #: the number of the next save; every rank of a group numbers its saves alike
+        self._next_save_id = 0
+        #: resolves once the latest save's write request is sent: a group's saves are sent in
+        #: their numbers' order, or two ranks' workers could each wait in a different save
+        self._previous_sent: asyncio.Future[None] | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -108,6 +146,16 @@ class Checkpointer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+    @property
+    def group(self) -> GroupInfo | None:
+        """Where this rank stands in its multi-rank group, once started in one; else None."""
+        return self._group.info if self._group is not None else None
+
+    @property
+    def _leader(self) -> bool:
+        """Whether this rank deletes things (rank 0, or the only rank)."""
+        return self._group is None or self._group.info.rank == 0
 
     @property
     def worker_pid(self) -> int | None:
@@ -122,8 +170,14 @@ class Checkpointer:
         staging arena is created and mapped now, so that the first save costs what the
         later ones do.
 
+        In a multi-rank job this is a collective (call it on every rank): it forms the
+        workers' group, and every worker joins the workers' gloo process group before it
+        returns.
+
         Raises what ``CheckpointProcess.start`` raises, ``TypeError`` as ``save`` does for a
-        ``like`` that cannot be checkpointed, and ``WorkerClosed`` after ``close``.
+        ``like`` that cannot be checkpointed, ``WorkerClosed`` after ``close``, and what
+        ``aiockpt.group.form_group`` raises (``ValueError`` for a prefix store without
+        ``MASTER_ADDR``/``MASTER_PORT``).
         """
         await self._start()
         if like is not None:
@@ -139,19 +193,39 @@ class Checkpointer:
             self._start_lock = asyncio.Lock()
             self._slots = asyncio.Semaphore(self.max_in_flight)
         async with self._start_lock:
+            if not self._group_checked:
+                await self._form_group()
+                self._group_checked = True
             if not self._root_cleaned:
                 await asyncio.to_thread(self._remove_leftovers)
                 self._root_cleaned = True
             if self._process is not None and not self._process.alive:
                 await self._drop_worker()
             if self._process is None:
-                self._process = CheckpointProcess(self.rank_info, self.config)
+                group = self._group.info if self._group is not None else None
+                if group is not None and self._workers_spawned:
+                    # The other ranks' workers are in a process group without this rank's:
+                    # the group is re-formed after the next save (see aiockpt.worker.group).
+                    group = msgspec.structs.replace(group, pg_generation=None)
+                self._process = CheckpointProcess(self.rank_info, self.config, group=group)
+                self._workers_spawned += 1
             await self._process.start()
+
+    async def _form_group(self) -> None:
+        if self.no_dist or world_of(self.process_group) is None:
+            return
+        self._group = await asyncio.to_thread(
+            form_group,
+            self.process_group,
+            use_prefix_store=self.use_prefix_store,
+            timeout_s=self.coordination_timeout_secs,
+        )
+        self.rank_info = RankInfo(self._group.info.rank, self._group.info.world_size)
 
     def _remove_leftovers(self) -> None:
         for path in remove_orphaned_arenas():
             logger.info("removed orphaned staging arena %s", path)
-        if self.root is not None:
+        if self.root is not None and self._leader:
             for path in commit.remove_stale_temps(self.root):
                 logger.warning("removed %s, left by a save that did not finish", path)
 
@@ -240,9 +314,20 @@ class Checkpointer:
             state_dict, allow_pickle=self.allow_pickle if allow_pickle is None else allow_pickle
         )
         options = CommitOptions(fmt, overwrite, dict(metadata) if metadata else None)
+        if plan.shards and fmt != "dcp":
+            raise TypeError(
+                f"format={fmt!r} cannot store sharded tensors (DTensor); use format='dcp' "
+                "or save full tensors (DTensor.full_tensor())"
+            )
+        options = msgspec.structs.replace(options, save_id=self._next_save_id)
+        self._next_save_id += 1
         target = os.path.abspath(os.fspath(path))
         staged: asyncio.Future[None] = loop.create_future()
-        task = loop.create_task(self._save(plan, target, options, staged, step))
+        previous_sent, sent = self._previous_sent, loop.create_future()
+        self._previous_sent = sent
+        task = loop.create_task(
+            self._save(plan, target, options, staged, step, _SendOrder(previous_sent, sent))
+        )
         self._saves.add(task)
         task.add_done_callback(self._saves.discard)
         return SaveHandle(target, task, staged, step)
@@ -254,6 +339,7 @@ class Checkpointer:
         options: CommitOptions,
         staged: asyncio.Future[None],
         step: int | None,
+        order: _SendOrder,
     ) -> SaveResult:
         started = time.perf_counter()
         try:
@@ -270,16 +356,22 @@ class Checkpointer:
                     staging_seconds = time.perf_counter() - started
                     _resolve(staged)
                     payload = WritePayload(path, plan.payload(arena), commit=options)
-                    written = await process.write_payload(payload)
+                    if self._group is not None:
+                        await order.turn()
+                    written = await process.write_payload(payload, on_sent=order.done)
                 finally:
                     self._give_back(process, arena)
         except BaseException as exc:
             _resolve(staged, exc)
             if isinstance(exc, WorkerCrashed):
                 logger.error("save to %s failed: %s; the next save starts a new worker", path, exc)
+            if self._group is not None:
+                await _report_failure(self._group, options.save_id, exc)
             raise
+        finally:
+            order.done()
         result = msgspec.convert(written.result, commit.CommitResult)
-        if self.keep_last is not None and self.root is not None:
+        if self.keep_last is not None and self.root is not None and self._leader:
             await asyncio.to_thread(self._apply_retention, result.path)
         return SaveResult(
             path=result.path,
@@ -359,13 +451,46 @@ class Checkpointer:
         self, state_dict: Any = None, *, verify: bool = True, allow_pickle: bool = False
     ) -> Any:
         """Load the newest committed checkpoint (see ``aiockpt.load``), or return None if
-        there is none. Raises what ``aiockpt.load`` raises."""
+        there is none; in a group, this rank's part of it. Raises what ``aiockpt.load``
+        raises."""
         path = await self.latest()
         if path is None:
             return None
+        rank = self._group.info.rank if self._group is not None else 0
         return await asyncio.to_thread(
-            loading.load, path, state_dict, verify=verify, allow_pickle=allow_pickle
+            loading.load, path, state_dict, verify=verify, allow_pickle=allow_pickle, rank=rank
         )
+
+
+class _SendOrder:
+    """A save's place in the order its group's saves are sent to the worker."""
+
+    def __init__(self, previous: asyncio.Future[None] | None, mine: asyncio.Future[None]):
+        self._previous = previous
+        self._mine = mine
+
+    async def turn(self) -> None:
+        """Wait until the save before this one is sent (or failed)."""
+        if self._previous is not None:
+            await asyncio.shield(self._previous)
+
+    def done(self) -> None:
+        if not self._mine.done():
+            self._mine.set_result(None)
+
+
+async def _report_failure(group: TrainerGroup, save_id: int, exc: BaseException) -> None:
+    """Post ``exc`` to the keys of save ``save_id`` this rank owes and has not posted (its
+    worker died, or never got the save), so the other ranks fail now rather than at their
+    timeout. Keys the worker already posted are left as they are."""
+    info = group.info
+    round_ = SaveRound(
+        group.store, save_id, rank=info.rank, world_size=info.world_size, timeout_s=0
+    )
+    try:
+        await asyncio.to_thread(round_.fail, exc)
+    except Exception as report_error:  # the save's own error is the one to raise
+        logger.warning("could not report failed save %d to the others: %s", save_id, report_error)
 
 
 async def _copy_in(arena: SharedArena | None, plan: StagingPlan) -> None:

@@ -22,6 +22,9 @@ Example (abridged)::
                 {"type": "value", "value": 100}],
      "metadata": {"epoch": 3}}
 
+A save by several ranks adds ``"ranks"``: the skeleton and leaves of ranks 1, 2, ... (rank 0's
+are the top-level ones).
+
 Everything here is plain msgspec: no torch import, no I/O.
 """
 
@@ -45,6 +48,7 @@ __all__ = [
     "Manifest",
     "ObjectLeaf",
     "OpaqueLeaf",
+    "RankState",
     "TensorLeaf",
     "ValueLeaf",
     "check_relative_name",
@@ -124,8 +128,20 @@ Leaf: TypeAlias = (
 )
 
 
+class RankState(msgspec.Struct, frozen=True):
+    """The state dict one rank saved: its skeleton and leaves, as in ``Manifest``."""
+
+    skeleton: Node
+    leaves: list[Leaf]
+
+
 class Manifest(msgspec.Struct, frozen=True):
-    """Everything needed to verify and load a checkpoint directory without unpickling."""
+    """Everything needed to verify and load a checkpoint directory without unpickling.
+
+    A save by several ranks describes rank 0's state dict in ``skeleton`` and ``leaves`` and
+    every other rank's in ``ranks`` (rank 1 first); a leaf of any rank may point into a file
+    another rank wrote (a replicated tensor is written once).
+    """
 
     format_version: int
     format: str
@@ -134,6 +150,15 @@ class Manifest(msgspec.Struct, frozen=True):
     leaves: list[Leaf]
     metadata: dict[str, Any] = {}
     world_size: int = 1
+    ranks: list[RankState] = []
+
+    def rank_state(self, rank: int) -> RankState:
+        """The state dict ``rank`` saved; raises ValueError for a rank not in the save."""
+        if not 0 <= rank < max(1, len(self.ranks) + 1):
+            raise ValueError(
+                f"rank {rank} is not in this checkpoint (saved by {self.world_size} ranks)"
+            )
+        return RankState(self.skeleton, self.leaves) if rank == 0 else self.ranks[rank - 1]
 
 
 def plain_leaf(value: Any) -> Leaf | None:

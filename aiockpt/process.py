@@ -30,13 +30,16 @@ import aiockpt
 from aiockpt.channel import Channel
 from aiockpt.errors import (
     CheckpointWriteError,
+    CoordinationTimeout,
     ProtocolError,
     ProtocolVersionMismatch,
+    RankFailed,
     WorkerClosed,
     WorkerCrashed,
     WorkerError,
     WorkerStartError,
     WorkerStartTimeout,
+    qualified_name,
 )
 from aiockpt.protocol import (
     CANCELLED_ERROR_TYPE,
@@ -46,6 +49,7 @@ from aiockpt.protocol import (
     ArenaRef,
     CancelPayload,
     GcOptions,
+    GroupInfo,
     InitPayload,
     RankInfo,
     RequestType,
@@ -81,14 +85,15 @@ class CheckpointProcessConfig:
             graceful exit before it escalates to SIGTERM, then SIGKILL.
         sigterm_grace_secs: how long ``close`` waits after SIGTERM before SIGKILL.
         max_frame_size: the largest frame either side accepts.
-        gc: garbage-collector controls in the worker.
+        gc: garbage-collector controls in the worker; by default from torch's
+            ``DCP_DISABLE_AUTOMATIC_GC`` / ``DCP_DISABLE_MANUAL_GC`` environment variables.
     """
 
     subprocess_init_timeout_secs: float = 30
     subprocess_shutdown_timeout_secs: float = 60
     sigterm_grace_secs: float = 5
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
-    gc: GcOptions = field(default_factory=GcOptions)
+    gc: GcOptions = field(default_factory=lambda: GcOptions.from_env(os.environ))
 
 
 def describe_exit(returncode: int) -> str:
@@ -122,6 +127,8 @@ class CheckpointProcess:
         subprocess_init_args: Sequence[Any] = (),
         checkpoint_writer_init_fn: str | Callable[..., Any] = DEFAULT_WRITER,
         checkpoint_writer_init_args: Mapping[str, Any] | None = None,
+        *,
+        group: GroupInfo | None = None,
     ) -> None:
         self.rank_info = rank_info if rank_info is not None else RankInfo()
         self.config = config if config is not None else CheckpointProcessConfig()
@@ -145,6 +152,7 @@ class CheckpointProcess:
             ),
             checkpoint_writer_init_args=writer_args,
             gc=self.config.gc,
+            group=group,
         )
         self._process: asyncio.subprocess.Process | None = None
         self._channel: Channel | None = None
@@ -379,16 +387,21 @@ class CheckpointProcess:
             self._unsent.discard(task)
         return await self.write_payload(WritePayload(path, state_dict, kwargs))
 
-    async def write_payload(self, payload: WritePayload) -> WriteResult:
+    async def write_payload(
+        self, payload: WritePayload, *, on_sent: Callable[[], object] | None = None
+    ) -> WriteResult:
         """Send one write request as is and await its result (what ``write`` and saves use).
 
-        Cancelling the awaiting task asks the worker to abandon the write: it is abandoned
-        (temporary files removed, ``CancelledError`` raised) unless its commit had already
-        begun, in which case the write completes and its result is returned. Raises what
-        ``write``'s awaitable raises.
+        ``on_sent`` is called once the request is on its way (the worker serves writes in the
+        order they are sent). Cancelling the awaiting task asks the worker to abandon the
+        write: it is abandoned (temporary files removed, ``CancelledError`` raised) unless its
+        commit had already begun, in which case the write completes and its result is
+        returned. Raises what ``write``'s awaitable raises.
         """
         await self._ensure_started()
         request_id, future = await self._send_request(RequestType.WRITE_CHECKPOINT, payload)
+        if on_sent is not None:
+            on_sent()
         try:
             response = await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -400,6 +413,18 @@ class CheckpointProcess:
         return response.payload
 
     def _raise_for_failure(self, response: WorkerResponse, what: str) -> None:
+        if response.success:
+            return
+        if response.failed_rank is not None:  # a multi-rank save, failed by (or at) that rank
+            message = f"{what} failed: {response.error_msg}"
+            if response.error_type == qualified_name(CoordinationTimeout):
+                raise CoordinationTimeout(message, rank=response.failed_rank)
+            raise RankFailed(
+                message,
+                rank=response.failed_rank,
+                error_type=response.error_type,
+                traceback=response.traceback,
+            )
         if not response.success:
             raise CheckpointWriteError(
                 f"{what} failed in the checkpoint worker (pid {self.pid}): "

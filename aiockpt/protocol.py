@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Mapping
 from typing import Any, TypeAlias
 
 import msgspec
@@ -44,6 +45,7 @@ __all__ = [
     "CommitOptions",
     "FrameDecoder",
     "GcOptions",
+    "GroupInfo",
     "InitPayload",
     "Leaf",
     "MessageCodec",
@@ -52,6 +54,7 @@ __all__ = [
     "RankInfo",
     "ReadyPayload",
     "RequestType",
+    "ShardSpec",
     "StateDictPayload",
     "TensorInArena",
     "TensorInline",
@@ -106,17 +109,57 @@ class GcOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     collect_after_write: bool = False
     freeze_after_first_write: bool = False
 
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> GcOptions:
+        """torch's switches: ``DCP_DISABLE_AUTOMATIC_GC=1`` turns automatic collection off
+        and then collects after every write (freezing after the first) unless
+        ``DCP_DISABLE_MANUAL_GC=1``."""
+        automatic_off = environ.get("DCP_DISABLE_AUTOMATIC_GC", "0") == "1"
+        manual = automatic_off and environ.get("DCP_DISABLE_MANUAL_GC", "0") != "1"
+        return cls(automatic_off, collect_after_write=manual, freeze_after_first_write=manual)
+
+
+class GroupInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How a checkpoint worker reaches the other ranks' workers (torch's
+    ``_ProcessGroupInitInfo``): the store at ``addr:port``, under ``prefix`` + ``session``."""
+
+    addr: str
+    port: int
+    #: "AsyncCheckpointProcess/" when the workers share the trainers' store (the
+    #: ``DCP_USE_PREFIX_STORE`` mode), "" when the store is the checkpointer's own
+    prefix: str
+    #: unique per Checkpointer group, so that no two groups' keys ever meet
+    session: str
+    rank: int
+    world_size: int
+    local_rank: int
+    #: how long a rank waits for another at any coordinated step
+    timeout_s: float
+    #: form the workers' gloo process group during start-up under this generation; None for
+    #: a worker that replaces a dead one: the group is re-formed after the next save instead
+    pg_generation: int | None = 0
+
 
 # --- state-dict leaves -------------------------------------------------------------------------
 
 
+class ShardSpec(msgspec.Struct, frozen=True, array_like=True):
+    """Where a rank's local piece of a sharded tensor (a DTensor's ``to_local()``) lies in the
+    whole: the whole tensor's shape and the piece's offset along every dimension."""
+
+    global_shape: list[int]
+    offsets: list[int]
+
+
 class TensorInArena(msgspec.Struct, frozen=True, tag="arena", array_like=True):
-    """A contiguous tensor whose bytes lie at ``offset`` in the request's arena."""
+    """A contiguous tensor whose bytes lie at ``offset`` in the request's arena; ``shard``
+    when it is this rank's piece of a sharded tensor."""
 
     dtype: str
     shape: list[int]
     offset: int
     nbytes: int
+    shard: ShardSpec | None = None
 
 
 class TensorInline(msgspec.Struct, frozen=True, tag="inline", array_like=True):
@@ -168,6 +211,8 @@ class InitPayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="
     checkpoint_writer_init_fn: str
     checkpoint_writer_init_args: dict[str, Any]
     gc: GcOptions = GcOptions()
+    #: set when the worker is one rank of a multi-rank Checkpointer
+    group: GroupInfo | None = None
 
 
 class CommitOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -177,6 +222,9 @@ class CommitOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     format: str
     overwrite: bool = False
     metadata: dict[str, Any] | None = None
+    #: the save's number in its group session (every rank numbers its saves alike); only
+    #: read when the worker belongs to a group
+    save_id: int = 0
 
 
 class WritePayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="write"):
@@ -225,6 +273,8 @@ class WorkerResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     error_msg: str | None = None
     traceback: str | None = None
     payload: ReadyPayload | WriteResultPayload | None = None
+    #: a multi-rank save that failed because of another rank names that rank here
+    failed_rank: int | None = None
 
 
 class _InitProbe(msgspec.Struct, tag="init"):

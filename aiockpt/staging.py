@@ -19,14 +19,15 @@ import errno
 import mmap
 import os
 import secrets
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from aiockpt.protocol import ArenaRef, Leaf, StateDictPayload, TensorInArena
+from aiockpt.protocol import ArenaRef, Leaf, ShardSpec, StateDictPayload, TensorInArena
 from aiockpt.tensors import dtype_name, is_tensor, plain_leaf
-from aiockpt.tree import Node, flatten, format_key_path
+from aiockpt.tree import KeyPath, Node, flatten, format_key_path
 
 __all__ = [
     "ARENA_DIR",
@@ -59,6 +60,8 @@ class StagingPlan:
     #: arena bytes needed
     nbytes: int
     has_cuda: bool = field(default=False)
+    #: whether some tensor is a rank's piece of a sharded one (a DTensor)
+    shards: bool = field(default=False)
 
     def payload(self, arena: SharedArena | None) -> StateDictPayload:
         return StateDictPayload(self.skeleton, self.leaves, arena.ref if arena else None)
@@ -67,20 +70,26 @@ class StagingPlan:
 def plan_staging(state_dict: Any, *, allow_pickle: bool = False) -> StagingPlan:
     """Lay out ``state_dict``'s tensors in an arena; nothing is copied yet.
 
+    A DTensor is staged as its local tensor plus where that lies in the whole (``ShardSpec``);
+    a replicated one as a plain tensor.
+
     Raises ``TypeError`` naming the key for an entry that cannot be checkpointed (an object
     that is not a plain value unless ``allow_pickle``, a sparse, quantized or meta tensor, a
-    dict key that is not str or int), before anything is written.
+    DTensor with a ``Partial`` placement, a dict key that is not str or int), before anything
+    is written.
     """
     skeleton, flat = flatten(state_dict, is_tensor)
     leaves: list[Leaf] = []
     copies: list[tuple[torch.Tensor, int]] = []
     seen: dict[tuple[Any, ...], TensorInArena] = {}
     offset = 0
-    has_cuda = False
+    has_cuda = shards = False
     for path, value in flat:
         if not is_tensor(value):
             leaves.append(plain_leaf(path, value, allow_pickle=allow_pickle))
             continue
+        value, shard = _local_piece(value, path)
+        shards = shards or shard is not None
         tensor = _checkpointable(value, path)
         identity = (
             tensor.device,
@@ -93,13 +102,39 @@ def plan_staging(state_dict: Any, *, allow_pickle: bool = False) -> StagingPlan:
         leaf = seen.get(identity)
         if leaf is None:
             nbytes = tensor.numel() * tensor.element_size()
-            leaf = TensorInArena(dtype_name(tensor.dtype), list(tensor.shape), offset, nbytes)
+            leaf = TensorInArena(
+                dtype_name(tensor.dtype), list(tensor.shape), offset, nbytes, shard
+            )
             seen[identity] = leaf
             copies.append((tensor, offset))
             offset = _aligned(offset + nbytes)
             has_cuda = has_cuda or tensor.is_cuda
         leaves.append(leaf)
-    return StagingPlan(skeleton, leaves, copies, offset, has_cuda)
+    return StagingPlan(skeleton, leaves, copies, offset, has_cuda, shards)
+
+
+def _local_piece(value: torch.Tensor, path: KeyPath) -> tuple[torch.Tensor, ShardSpec | None]:
+    """A DTensor's local tensor and where it lies in the whole (None when it is the whole);
+    any other tensor as it is."""
+    # No DTensor can exist unless its module was imported: skip the import for everyone else.
+    dtensor_module = sys.modules.get("torch.distributed.tensor")
+    if dtensor_module is None or not isinstance(value, dtensor_module.DTensor):
+        return value, None
+    where = format_key_path(path)
+    if any(placement.is_partial() for placement in value.placements):
+        raise TypeError(
+            f"state dict entry {where!r} is a DTensor with a Partial placement: "
+            "reduce it (redistribute to Shard or Replicate) before saving"
+        )
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offsets = compute_local_shape_and_global_offset(
+        value.shape, value.device_mesh, value.placements
+    )
+    local = value.to_local()
+    if list(local.shape) == list(value.shape):
+        return local, None
+    return local, ShardSpec(list(value.shape), list(offsets))
 
 
 def _checkpointable(value: torch.Tensor, path: tuple[str | int, ...]) -> torch.Tensor:

@@ -18,7 +18,7 @@ import msgspec
 
 from aiockpt import commit
 from aiockpt.channel import Channel
-from aiockpt.errors import ProtocolError
+from aiockpt.errors import CoordinationError, ProtocolError, RankFailed, qualified_name
 from aiockpt.protocol import (
     CANCELLED_ERROR_TYPE,
     PROTOCOL_VERSION,
@@ -29,6 +29,7 @@ from aiockpt.protocol import (
     InitPayload,
     ReadyPayload,
     RequestType,
+    ShardSpec,
     StateDictPayload,
     TensorInArena,
     TensorInline,
@@ -41,6 +42,7 @@ from aiockpt.refs import resolve_ref
 from aiockpt.staging import map_populated
 from aiockpt.tensors import tensor_from_leaf, value_from_leaf
 from aiockpt.tree import unflatten
+from aiockpt.worker.group import WorkerGroup
 from aiockpt.writers import create_writer
 
 __all__ = ["serve"]
@@ -57,22 +59,28 @@ class WriteCancelled(Exception):
 
 
 def failure(request_id: int, request_type: RequestType, exc: BaseException) -> WorkerResponse:
-    """The response that reports ``exc``, its type, message and full traceback."""
+    """The response that reports ``exc``, its type, message and full traceback; for a
+    multi-rank save that failed elsewhere, the failing rank and that rank's traceback."""
     if isinstance(exc, WriteCancelled):
         return WorkerResponse(request_id, request_type, False, CANCELLED_ERROR_TYPE, str(exc))
-    kind = type(exc)
-    name = (
-        kind.__qualname__
-        if kind.__module__ == "builtins"
-        else f"{kind.__module__}.{kind.__qualname__}"
-    )
+    if isinstance(exc, RankFailed):  # pass on what the failing rank reported, not our raise
+        return WorkerResponse(
+            request_id,
+            request_type,
+            success=False,
+            error_type=exc.error_type,
+            error_msg=exc.args[0],
+            traceback=exc.traceback,
+            failed_rank=exc.rank,
+        )
     return WorkerResponse(
         request_id,
         request_type,
         success=False,
-        error_type=name,
+        error_type=qualified_name(type(exc)),
         error_msg=str(exc),
         traceback="".join(traceback.format_exception(exc)),
+        failed_rank=exc.rank if isinstance(exc, CoordinationError) else None,
     )
 
 
@@ -111,6 +119,15 @@ class ArenaMaps:
                 pass  # a writer kept a tensor view; the mapping goes with the last reference
 
 
+def shards_of(payload: StateDictPayload) -> dict[int, ShardSpec]:
+    """Leaf index -> where that tensor lies in the whole, for the pieces of sharded tensors."""
+    return {
+        index: leaf.shard
+        for index, leaf in enumerate(payload.leaves)
+        if isinstance(leaf, TensorInArena) and leaf.shard is not None
+    }
+
+
 def materialize(payload: StateDictPayload, arenas: ArenaMaps) -> Any:
     """The state dict a request describes; arena tensors are views of the mapping."""
     arena = arenas.view(payload.arena) if payload.arena is not None else None
@@ -138,6 +155,9 @@ class Worker:
         self._outstanding: set[int] = set()
         self._cancelled: set[int] = set()
         self._committing: set[int] = set()
+        self.group: WorkerGroup | None = None
+        #: generation to re-form the workers' process group under, once a write is answered
+        self._regroup: int | None = None
 
     def initialize(self) -> None:
         """Run the init functions and build the writer, as torch's CheckpointProcess does."""
@@ -151,6 +171,12 @@ class Worker:
         writer_args = dict(init.checkpoint_writer_init_args)
         writer_args.setdefault("rank_info", init.rank_info)
         self.writer = resolve_ref(init.checkpoint_writer_init_fn)(**writer_args)
+        if init.group is not None:
+            self.group = WorkerGroup(init.group)
+
+    def close(self) -> None:
+        if self.group is not None:
+            self.group.close()
 
     async def run(self, frames: Any) -> int:
         """Serve until TERMINATE (exit code 0) or EOF (the parent died)."""
@@ -217,6 +243,12 @@ class Worker:
                     ProtocolError(f"unexpected {request.request_type.value} request"),
                 )
             await self._channel.send(response)
+            if self._regroup is not None and self.group is not None:
+                generation, self._regroup = self._regroup, None
+                try:
+                    await asyncio.to_thread(self.group.form_process_group, generation)
+                except Exception as exc:  # the next save notices and tries again
+                    logger.error("could not re-form the workers' process group: %s", exc)
 
     async def _write(self, request_id: int, payload: WritePayload) -> WorkerResponse:
         self._writing = True
@@ -251,7 +283,26 @@ class Worker:
         state_dict = materialize(payload.state_dict, self._arenas)
         if payload.commit is None:
             return self.writer.write(state_dict=state_dict, path=payload.path, **payload.kwargs)
+        if self.group is not None:
+            outcome = self.group.write_and_commit(
+                self._writer_for(payload.commit.format),
+                state_dict,
+                shards_of(payload.state_dict),
+                payload.path,
+                payload.commit,
+                begin_commit=lambda: self._begin_commit(request_id),
+            )
+            self._regroup = outcome.regroup
+            return outcome.result
         return self._write_and_commit(request_id, state_dict, payload.path, payload.commit)
+
+    def _begin_commit(self, request_id: int) -> None:
+        """The point of no return of a write: raises WriteCancelled if a CANCEL came first,
+        and makes later CANCELs no-ops."""
+        with self._commit_lock:
+            if request_id in self._cancelled:
+                raise WriteCancelled("cancelled before its commit")
+            self._committing.add(request_id)
 
     def _write_and_commit(
         self, request_id: int, state_dict: Any, path: str, options: CommitOptions
@@ -264,16 +315,9 @@ class Worker:
             records = commit.write_files(writer, state_dict, pending.temp_path)
             written = time.perf_counter()
             manifest = commit.build_manifest(
-                options.format,
-                state_dict,
-                records,
-                metadata=options.metadata,
-                world_size=self._init.rank_info.global_world_size,
+                options.format, state_dict, records, metadata=options.metadata
             )
-            with self._commit_lock:
-                if request_id in self._cancelled:
-                    raise WriteCancelled("cancelled before its commit")
-                self._committing.add(request_id)
+            self._begin_commit(request_id)
             manifest_size = commit.finalize(pending, manifest)
         except BaseException:
             commit.abort(pending)
@@ -329,7 +373,10 @@ async def serve(fd: int, *, max_frame_size: int) -> int:
         await channel.send(
             WorkerResponse(request.request_id, RequestType.INIT, True, payload=ready)
         )
-        return await worker.run(frames)
+        try:
+            return await worker.run(frames)
+        finally:
+            await asyncio.to_thread(worker.close)
     except (ConnectionError, ProtocolError, ExceptionGroup) as exc:
         broken = exc.exceptions[0] if isinstance(exc, ExceptionGroup) else exc
         if not isinstance(broken, (ConnectionError, ProtocolError)):

@@ -18,7 +18,7 @@ import ctypes
 import os
 import pickle
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol, runtime_checkable
 
@@ -27,13 +27,16 @@ import torch
 import xxhash
 
 from aiockpt.manifest import Leaf, ObjectLeaf, plain_leaf
+from aiockpt.protocol import ShardSpec
 from aiockpt.tensors import dtype_from_name, dtype_name, is_tensor
 from aiockpt.tree import KeyPath, Node, flatten
 
 __all__ = [
     "FileRecord",
     "FileSink",
+    "GroupWriter",
     "Writer",
+    "WriterPart",
     "dtype_from_name",
     "dtype_name",
     "flatten_state_dict",
@@ -71,6 +74,41 @@ class Writer(Protocol):
     def write(self, state_dict: Any, path: str, **kwargs: Any) -> Sequence[FileRecord] | None:
         """Write ``state_dict`` into ``path``."""
         ...
+
+
+class WriterPart(msgspec.Struct, frozen=True):
+    """What one rank wrote into the directory all ranks of a save share."""
+
+    records: list[FileRecord]
+    #: tensors this rank wrote that other ranks' leaves stand for too, by a writer's key
+    exports: dict[str, Leaf] = {}
+    #: leaf index -> key in some rank's ``exports``, for leaves another rank wrote
+    imports: dict[int, str] = {}
+    #: what the coordinator's ``finish`` needs from this rank (DCP: where each item lies)
+    data: Any = None
+
+
+@runtime_checkable
+class GroupWriter(Writer, Protocol):
+    """A writer that plans a multi-rank save globally, as DCP does; the worker calls these
+    in order, once per save, and the writer may keep state between them. Plans, assignments
+    and parts cross between ranks, so they must be msgspec-encodable.
+
+    1. every rank: ``plan(state_dict, shards)``, its local plan; ``shards`` maps leaf index
+       (``flatten_state_dict`` order) to where that tensor lies in the whole;
+    2. rank 0: ``assign(plans)``, every rank's plan -> what each rank writes;
+    3. every rank: ``write_part(state_dict, path, assignment)``, into the shared ``path``;
+    4. rank 0: ``finish(path, parts)``, the files that describe the whole (DCP's
+       ``.metadata``), once every rank's part is in.
+    """
+
+    def plan(self, state_dict: Any, shards: Mapping[int, ShardSpec]) -> Any: ...
+
+    def assign(self, plans: Sequence[Any]) -> list[Any]: ...
+
+    def write_part(self, state_dict: Any, path: str, assignment: Any) -> WriterPart: ...
+
+    def finish(self, path: str, parts: Sequence[WriterPart]) -> list[FileRecord]: ...
 
 
 def flatten_state_dict(state_dict: Any) -> tuple[Node, list[tuple[KeyPath, Any]]]:

@@ -22,9 +22,9 @@ reads DCP checkpoints without unpickling ``.metadata`` or any data item. Tensors
 pickles as part of a bigger object (tensors inside tuples, which DCP treats as opaque values)
 are additionally written raw after the DCP items so that the index covers every tensor.
 
-Single rank for now: the writer writes its data file and ``.metadata`` itself. A multi-rank
-save would split this into per-rank data writes and one ``.metadata`` write on the finalizing
-rank (``_write_data`` returns what that step needs).
+Several ranks write into one directory: each its own ``__<rank>_0.distcp``, rank 0 the one
+``.metadata``, after planning across ranks through the worker's coordination (see
+``GroupWriter`` in ``aiockpt.writers.base`` and ``aiockpt.coordination``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import pickle
 import struct
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -42,14 +42,28 @@ import torch
 import torch.serialization
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
-from torch.distributed.checkpoint.metadata import MetadataIndex, StorageMeta
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+)
+from torch.distributed.checkpoint.planner import (
+    SavePlan,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
 
 from aiockpt.manifest import Leaf, TensorLeaf
-from aiockpt.protocol import RankInfo
+from aiockpt.protocol import RankInfo, ShardSpec
 from aiockpt.tree import format_key_path
 from aiockpt.writers.base import (
     FileRecord,
     FileSink,
+    WriterPart,
+    dtype_from_name,
     dtype_name,
     flatten_state_dict,
     split_leaves,
@@ -58,7 +72,7 @@ from aiockpt.writers.base import (
     write_objects,
 )
 
-__all__ = ["DcpWriter", "torch_save_framing"]
+__all__ = ["DcpPlan", "DcpWriter", "PlannedItem", "torch_save_framing"]
 
 _ALIGN = 64
 _U32_MAX = 0xFFFFFFFF
@@ -77,13 +91,46 @@ _ARCHIVE = "archive/"
 _VERSION_RECORD = ("version", b"3\n")
 
 
+class PlannedItem(msgspec.Struct, frozen=True, array_like=True):
+    """A DCP ``WriteItem`` as it crosses between ranks (msgpack, no pickle)."""
+
+    fqn: str
+    offset: list[int] | None
+    kind: int
+    chunk_offsets: list[int] | None = None
+    chunk_sizes: list[int] | None = None
+    dtype: str | None = None
+    size: list[int] | None = None
+
+
+class DcpPlan(msgspec.Struct, frozen=True):
+    """One rank's local plan: its items and DCP's FQN -> key path mappings."""
+
+    items: list[PlannedItem]
+    mappings: dict[str, list[str | int]]
+
+
+#: (fqn, offset or None, file, offset in the file, length): one entry of DCP storage_data
+_StorageEntry = tuple[str, list[int] | None, str, int, int]
+
+
 class DcpWriter:
-    """Writes a dict state dict in the layout of ``torch.distributed.checkpoint.save``."""
+    """Writes a dict state dict in the layout of ``torch.distributed.checkpoint.save``.
+
+    Single rank: ``write``. Several ranks sharing one directory: the ``GroupWriter`` steps,
+    where rank 0 deduplicates the ranks' plans with DCP's own planner (a replicated tensor is
+    written by one rank) and writes the one ``.metadata`` that describes every rank's items,
+    so that ``dcp.load`` reshards the checkpoint into any world size.
+    """
 
     def __init__(self, rank_info: RankInfo | None = None, **options: Any) -> None:
         if options:
             raise TypeError(f"DcpWriter got unknown options {sorted(options)}")
         self.rank_info = rank_info or RankInfo()
+        # One save at a time (the worker serializes them): planning state between the steps.
+        self._planner: DefaultSavePlanner | None = None
+        self._items: list[WriteItem] = []
+        self._metadata: Metadata | None = None
 
     def write(self, state_dict: Any, path: str, **kwargs: Any) -> Sequence[FileRecord]:
         """Write ``state_dict`` into the directory ``path``.
@@ -91,63 +138,179 @@ class DcpWriter:
         Raises TypeError if ``state_dict`` is not a dict (DCP's rule) or holds non-strided
         tensors, ValueError for two leaves with the same DCP name, OSError from the file system.
         """
+        (assignment,) = self.assign([self.plan(state_dict, {})])
+        part = self.write_part(state_dict, path, assignment)
+        return [*part.records, *self.finish(path, [part])]
+
+    def plan(self, state_dict: Any, shards: Mapping[int, ShardSpec]) -> DcpPlan:
+        """This rank's items, as DCP's planner makes them; ``shards`` turn whole-tensor items
+        into pieces of a bigger tensor (DTensor shards, staged as their local tensor)."""
         if not isinstance(state_dict, dict):
             raise TypeError(
                 f"format='dcp' needs a dict at the top of the state dict, got "
                 f"{type(state_dict).__name__}"
             )
         planner = DefaultSavePlanner()
-        planner.set_up_planner(state_dict, storage_meta=None, is_coordinator=True)
-        local_plan = planner.create_local_plan()
-        global_plans, metadata = planner.create_global_plan([local_plan])
-        plan = planner.finish_plan(global_plans[0])
-        records, storage = self._write_data(state_dict, planner, plan.items, path)
-        metadata = dataclasses.replace(
-            metadata,
-            storage_data=storage,
-            storage_meta=StorageMeta(save_id=str(uuid.uuid4())),
-            version=CURRENT_DCP_VERSION,
+        planner.set_up_planner(
+            state_dict, storage_meta=None, is_coordinator=self.rank_info.global_rank == 0
         )
-        with FileSink(path, ".metadata") as sink:
-            sink.write(pickle.dumps(metadata))
-            records.append(sink.close())
-        return records
+        local_plan = planner.create_local_plan()
+        _, flat = flatten_state_dict(state_dict)
+        shard_of = {id(flat[index][1]): spec for index, spec in shards.items()}
+        items = []
+        for item in local_plan.items:
+            spec = shard_of.get(id(planner.state_dict[item.index.fqn]))
+            items.append(item if spec is None else _shard_item(item, spec))
+        self._planner, self._items = planner, items
+        mappings = local_plan.planner_data or {}
+        return DcpPlan(
+            [_encode_item(item) for item in items], {k: list(v) for k, v in mappings.items()}
+        )
 
-    def _write_data(
-        self, state_dict: dict[Any, Any], planner: DefaultSavePlanner, items: Any, path: str
-    ) -> tuple[list[FileRecord], dict[MetadataIndex, _StorageInfo]]:
+    def assign(self, plans: Sequence[Any]) -> list[list[int]]:
+        """Rank 0: for every rank, the positions in its plan of the items it writes."""
+        assert self._planner is not None, "plan() first"
+        all_plans = []
+        for plan in plans:
+            plan = msgspec.convert(plan, DcpPlan)
+            all_plans.append(
+                SavePlan(
+                    [_decode_item(item) for item in plan.items],
+                    planner_data={fqn: tuple(path) for fqn, path in plan.mappings.items()},
+                )
+            )
+        global_plans, self._metadata = self._planner.create_global_plan(all_plans)
+        assignments = []
+        for local, kept in zip(all_plans, global_plans, strict=True):
+            written = {item.index for item in kept.items}
+            assignments.append([i for i, item in enumerate(local.items) if item.index in written])
+        return assignments
+
+    def write_part(self, state_dict: Any, path: str, assignment: Any) -> WriterPart:
+        """Write the items ``assignment`` gives this rank, and raw copies of tensors that DCP
+        pickles inside other objects; tensors another rank writes become imports."""
+        planner = self._planner
+        assert planner is not None, "plan() first"
+        positions = msgspec.convert(assignment, list[int])
         rank = self.rank_info.global_rank
         data_file = f"__{rank}_0.distcp"
         _, flat = flatten_state_dict(state_dict)
         tensors, objects = split_leaves(flat)
-        storage: dict[MetadataIndex, _StorageInfo] = {}
-        # id of a tensor object in state_dict -> offset of its raw bytes in data_file.
+        # id of a planned tensor object -> the key other ranks' imports name it by.
+        planned = {
+            id(planner.state_dict[item.index.fqn]): _item_key(item)
+            for item in self._items
+            if item.type != WriteItemType.BYTE_IO
+        }
+        storage: list[_StorageEntry] = []
+        exports: dict[str, Leaf] = {}
+        imports: dict[int, str] = {}
+        # id of a tensor object written as a DCP item -> offset of its raw bytes in data_file.
         raw_offsets: dict[int, int] = {}
         with FileSink(path, data_file) as sink:
-            for item in items:
-                data = planner.resolve_data(item)
+            for item in (self._items[i] for i in positions):
                 start = sink.align(_ALIGN)
-                if isinstance(data, torch.Tensor):
-                    raw = _write_torch_save(sink, tensor_for_write(data, item.index.fqn))
-                    raw_offsets.setdefault(id(data), raw)
-                else:  # WriteItemType.BYTE_IO: torch.save of the object, as dcp.save writes it
+                if item.type == WriteItemType.BYTE_IO:
+                    data = planner.resolve_data(item)  # torch.save of it, as dcp.save writes
+                    assert not isinstance(data, torch.Tensor)
                     sink.write(data.getbuffer())
-                storage[item.index] = _StorageInfo(data_file, start, sink.offset - start)
+                else:
+                    tensor = planner.state_dict[item.index.fqn]
+                    raw = _write_torch_save(sink, tensor_for_write(tensor, item.index.fqn))
+                    raw_offsets.setdefault(id(tensor), raw)
+                    exports[_item_key(item)] = _tensor_leaf(data_file, raw, tensor)
+                where = list(item.index.offset) if item.index.offset is not None else None
+                storage.append((item.index.fqn, where, data_file, start, sink.offset - start))
             leaves: dict[int, Leaf] = {}
             for index, key_path, tensor in tensors:
                 offset = raw_offsets.get(id(tensor))
-                if offset is None:
+                if offset is None and id(tensor) in planned:
+                    imports[index] = planned[id(tensor)]
+                    continue
+                if offset is None:  # inside an object DCP pickles whole: a raw copy too
                     sink.align(_ALIGN)
                     offset = sink.write_tensor(tensor_for_write(tensor, format_key_path(key_path)))
-                leaves[index] = TensorLeaf(
-                    data_file, offset, dtype_name(tensor.dtype), list(tensor.shape)
-                )
-            record = msgspec.structs.replace(sink.close(), leaves=leaves)
-        records = [record]
+                leaves[index] = _tensor_leaf(data_file, offset, tensor)
+            records = [msgspec.structs.replace(sink.close(), leaves=leaves)]
         object_record = write_objects(objects, path, f"__{rank}_objects.pkl")
         if object_record is not None:
             records.append(object_record)
-        return records, storage
+        return WriterPart(records, exports, imports, storage)
+
+    def finish(self, path: str, parts: Sequence[WriterPart]) -> list[FileRecord]:
+        """Rank 0: write ``.metadata``, DCP's index of every rank's items."""
+        assert self._metadata is not None, "assign() first"
+        storage: dict[MetadataIndex, _StorageInfo] = {}
+        for part in parts:
+            for fqn, offset, name, start, length in msgspec.convert(part.data, list[_StorageEntry]):
+                storage[MetadataIndex(fqn, offset)] = _StorageInfo(name, start, length)
+        metadata = dataclasses.replace(
+            self._metadata,
+            storage_data=storage,
+            storage_meta=StorageMeta(save_id=str(uuid.uuid4())),
+            version=CURRENT_DCP_VERSION,
+        )
+        self._planner, self._items, self._metadata = None, [], None
+        with FileSink(path, ".metadata") as sink:
+            sink.write(pickle.dumps(metadata))
+            return [sink.close()]
+
+
+def _tensor_leaf(file: str, offset: int, tensor: torch.Tensor) -> TensorLeaf:
+    return TensorLeaf(file, offset, dtype_name(tensor.dtype), list(tensor.shape))
+
+
+def _item_key(item: WriteItem) -> str:
+    offset = item.index.offset
+    return item.index.fqn if offset is None else f"{item.index.fqn}@{list(offset)}"
+
+
+def _shard_item(item: WriteItem, spec: ShardSpec) -> WriteItem:
+    """``item`` (a whole local tensor) as the piece of a bigger tensor that it is."""
+    assert item.tensor_data is not None
+    offsets = torch.Size(spec.offsets)
+    return WriteItem(
+        index=MetadataIndex(item.index.fqn, offsets),
+        type=WriteItemType.SHARD,
+        tensor_data=TensorWriteData(
+            chunk=ChunkStorageMetadata(offsets=offsets, sizes=item.tensor_data.chunk.sizes),
+            properties=item.tensor_data.properties,
+            size=torch.Size(spec.global_shape),
+        ),
+    )
+
+
+def _encode_item(item: WriteItem) -> PlannedItem:
+    offset = list(item.index.offset) if item.index.offset is not None else None
+    data = item.tensor_data
+    if data is None:
+        return PlannedItem(item.index.fqn, offset, item.type.value)
+    return PlannedItem(
+        item.index.fqn,
+        offset,
+        item.type.value,
+        list(data.chunk.offsets),
+        list(data.chunk.sizes),
+        dtype_name(data.properties.dtype),
+        list(data.size),
+    )
+
+
+def _decode_item(item: PlannedItem) -> WriteItem:
+    index = MetadataIndex(item.fqn, item.offset)
+    if item.chunk_offsets is None or item.chunk_sizes is None or item.dtype is None:
+        return WriteItem(index=index, type=WriteItemType(item.kind))
+    return WriteItem(
+        index=index,
+        type=WriteItemType(item.kind),
+        tensor_data=TensorWriteData(
+            chunk=ChunkStorageMetadata(
+                torch.Size(item.chunk_offsets), torch.Size(item.chunk_sizes)
+            ),
+            properties=TensorProperties(dtype=dtype_from_name(item.dtype)),
+            size=torch.Size(item.size or []),
+        ),
+    )
 
 
 def _write_torch_save(sink: FileSink, tensor: torch.Tensor) -> int:
