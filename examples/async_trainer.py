@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import json
 import os
 import sys
@@ -61,8 +60,8 @@ def make_batch(
     step: int, batch: int, width: int, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Synthetic data of step ``step``: the same tensors whenever that step is trained, so a
-    resumed run sees the batches an uninterrupted one would. The target is a fixed linear map
-    of the input plus a nonlinearity, which the MLP can learn."""
+    resumed run sees the batches an uninterrupted one would. The target is a fixed nonlinear
+    function of the input, which the MLP can learn."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     inputs = torch.randn(batch, width, generator=generator)
     targets = torch.tanh(inputs.roll(1, dims=1) - 0.5 * inputs)
@@ -100,18 +99,13 @@ def states_equal(a: Any, b: Any) -> bool:
 
 def zeros_like_state(state: Any) -> Any:
     """A template of ``state``'s layout with zeroed tensors, for ``dcp.load`` to fill."""
-    template = copy.deepcopy(state)
-
-    def zero(node: Any) -> Any:
-        if isinstance(node, torch.Tensor):
-            return torch.zeros_like(node)
-        if isinstance(node, dict):
-            return {k: zero(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [zero(v) for v in node]
-        return node
-
-    return zero(template)
+    if isinstance(state, torch.Tensor):
+        return torch.zeros_like(state)
+    if isinstance(state, dict):
+        return {k: zeros_like_state(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(zeros_like_state(v) for v in state)
+    return state
 
 
 def dcp_load(path: str, template: Any) -> Any:
