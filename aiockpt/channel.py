@@ -49,6 +49,11 @@ class Channel:
 
     async def send(self, message: WorkerRequest | WorkerResponse) -> None:
         """Send one message. Raises ``ConnectionError`` if the peer has gone."""
+        if self._writer.is_closing():
+            # Once the transport has closed (the peer reset the connection, or aclose ran),
+            # asyncio's drops writes silently and uvloop's raises RuntimeError: make both the
+            # ConnectionError that callers handle as "the peer has gone".
+            raise ConnectionResetError("the channel to the peer is closed")
         self._writer.write(self.codec.encode(message))
         await self._writer.drain()
 
