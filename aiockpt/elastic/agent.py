@@ -13,6 +13,8 @@ One ``await agent.run()`` is torchelastic's ``LocalElasticAgent.run()``::
 A termination signal to the agent (SIGTERM, SIGINT, SIGHUP, SIGQUIT; ``loop.add_signal_handler``)
 cancels that work, forwards the signal to every worker group, waits ``shutdown_timeout``, kills
 what is left and raises ``SignalException``; the CLI turns it into exit code 128 + signal.
+Cancelling ``run()`` stops the workers the same way (SIGTERM); a further cancellation while
+they are being stopped is deferred until they are killed, reaped and their pipes closed.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from string import Template
-from typing import Any
+from typing import Any, TypeVar
 
 from aiockpt.elastic.barrier import exit_barrier
+from aiockpt.elastic.janitor import janitor_command
 from aiockpt.elastic.logs import LogsDest, LogsSpecs, Std
 from aiockpt.elastic.monitor import GroupOutcome, monitor, stop_processes
 from aiockpt.elastic.process import StreamTarget, WorkerProcess
@@ -39,6 +43,8 @@ from aiockpt.errors import SignalException
 __all__ = ["DEFAULT_LOG_LINE_PREFIX_TEMPLATE", "DEFAULT_SIGNALS", "LocalElasticAgent"]
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 #: torchelastic's console prefix for teed lines, e.g. ``[trainer0]:``
@@ -93,27 +99,35 @@ class LocalElasticAgent:
         """
         loop = asyncio.get_running_loop()
         signalled: asyncio.Future[signal.Signals] = loop.create_future()
-        work = asyncio.create_task(self._invoke_run())
         stop_signal = signal.SIGTERM  # workers get the agent's signal when there is one
         try:
-            with self._handle_signals(loop, signalled), self._log_root():
-                try:
-                    first: list[asyncio.Future[Any]] = [work, signalled]
-                    await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
-                    if signalled.done():
-                        stop_signal = signalled.result()
-                        logger.warning("received %s; stopping workers", stop_signal.name)
-                        raise SignalException(
-                            f"Process {os.getpid()} got signal: {stop_signal.name}",
-                            sigval=stop_signal,
-                        )
-                    return work.result()
-                finally:
-                    await _cancel_and_wait(work)
-                    await self._stop_workers(stop_signal)
+            with self._handle_signals(loop, signalled):
+                async with self._log_root():
+                    # created once the log directory exists: the first attempt writes there
+                    work = asyncio.create_task(self._invoke_run())
+                    try:
+                        first: list[asyncio.Future[Any]] = [work, signalled]
+                        await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+                        if signalled.done():
+                            stop_signal = signalled.result()
+                            logger.warning("received %s; stopping workers", stop_signal.name)
+                            raise SignalException(
+                                f"Process {os.getpid()} got signal: {stop_signal.name}",
+                                sigval=stop_signal,
+                            )
+                        return work.result()
+                    finally:
+                        # Finished even if this task is cancelled again meanwhile (a timeout,
+                        # a TaskGroup, asyncio.run's final cancel): it is bounded by the
+                        # deadlines, and workers left half-stopped would outlive run().
+                        await _finish(self._shut_down(work, stop_signal))
         finally:
             signalled.cancel()
             self._rendezvous.close()
+
+    async def _shut_down(self, work: asyncio.Task[RunResult], sig: signal.Signals) -> None:
+        await _cancel_and_wait(work)
+        await self._stop_workers(sig)
 
     async def _invoke_run(self) -> RunResult:
         group = self._worker_group
@@ -200,10 +214,14 @@ class LocalElasticAgent:
         return outcome
 
     async def _stop_workers(self, sig: signal.Signals) -> None:
-        processes, self._processes = self._processes, []
+        """Stop and close every worker in ``_processes``. A worker leaves the list only once
+        closed: if this is cancelled halfway (the attempt's own stop, when ``run`` is
+        cancelled), ``run``'s final stop still finds it, to kill it and release its pipes."""
+        processes = list(self._processes)
         await stop_processes(processes, sig, self._shutdown_timeout)
         for process in processes:
             await process.close()
+            self._processes.remove(process)
 
     def _worker_env(self, worker: Worker, restart_count: int, error_file: str) -> dict[str, str]:
         group = self._worker_group
@@ -276,24 +294,79 @@ class LocalElasticAgent:
                 if previous is not None:
                     signal.signal(sig, previous)
 
-    @contextlib.contextmanager
-    def _log_root(self) -> Iterator[None]:
+    @contextlib.asynccontextmanager
+    async def _log_root(self) -> AsyncIterator[None]:
         """The log directory: the user's, or a temporary one removed at the end (error files
-        are read before that, and nothing else of value lands there without redirects)."""
+        are read before that, and nothing else of value lands there without redirects).
+
+        A temporary directory is also watched by a janitor process (:mod:`janitor`) that
+        removes it if this process dies without doing so, SIGKILL included.
+        """
         root = self._logs_specs.root_log_dir
         if root is not None:
             self._log_dir = root
             yield
             return
         self._log_dir = tempfile.mkdtemp(prefix="aiockpt-elastic-")
-        keep = self._logs_specs.redirects != Std.NONE or self._logs_specs.tee != Std.NONE
+        if self._logs_specs.redirects != Std.NONE or self._logs_specs.tee != Std.NONE:
+            try:
+                yield
+            finally:
+                logger.info("worker logs kept in %s", self._log_dir)
+            return
+        try:
+            janitor, janitor_pipe = await _start_janitor(self._log_dir)
+        except BaseException:
+            shutil.rmtree(self._log_dir, ignore_errors=True)
+            raise
         try:
             yield
         finally:
-            if keep:
-                logger.info("worker logs kept in %s", self._log_dir)
-            else:
-                shutil.rmtree(self._log_dir, ignore_errors=True)
+            shutil.rmtree(self._log_dir, ignore_errors=True)
+            with contextlib.suppress(BrokenPipeError):  # the janitor was killed: no matter
+                os.write(janitor_pipe, b"\0")  # done: the janitor exits without looking
+            os.close(janitor_pipe)
+            await _finish(janitor.wait())
+
+
+async def _start_janitor(path: str) -> tuple[asyncio.subprocess.Process, int]:
+    """Start the janitor of ``path``; return it and the write end of its pipe.
+
+    Raises ``OSError`` if the pipe or the process cannot be created.
+    """
+    read_end, write_end = os.pipe()  # not inheritable: workers get neither end
+    try:
+        janitor = await asyncio.create_subprocess_exec(
+            *janitor_command(read_end, path),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,  # holds no pipe of whoever reads the agent's output
+            stderr=subprocess.DEVNULL,
+            pass_fds=(read_end,),
+            start_new_session=True,
+        )
+    except BaseException:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(read_end)
+    return janitor, write_end
+
+
+async def _finish(coro: Coroutine[Any, Any, _T]) -> _T:
+    """Await ``coro`` to its end even if this task is cancelled meanwhile, then re-raise the
+    cancellation. Only for bounded clean-up that must not be abandoned halfway."""
+    task = asyncio.create_task(coro)
+    cancelled: asyncio.CancelledError | None = None
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+    if cancelled is None:
+        return task.result()
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("clean-up failed while cancelled", exc_info=task.exception())
+    raise cancelled
 
 
 async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:
