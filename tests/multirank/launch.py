@@ -1,0 +1,90 @@
+"""Start N trainer ranks of ``tests.multirank.rank_main`` around a real TCPStore."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_ranks(
+    scenario: str,
+    world_size: int,
+    results: Path,
+    *,
+    loop: str = "asyncio",
+    extra: list[str] | None = None,
+    env: Mapping[str, str | None] | None = None,
+    timeout: float = 150,
+) -> list[dict[str, Any]]:
+    """Run ``scenario`` on ``world_size`` ranks; return each rank's observations.
+
+    The trainers meet in a TCPStore this process serves on 127.0.0.1 (torch's env://
+    MASTER_ADDR/MASTER_PORT point at it, for the prefix-store mode). ``env`` entries set to
+    None are removed from the ranks' environment. Fails with the ranks' output when any rank
+    exits non-zero or runs past ``timeout`` (every rank is killed then).
+    """
+    results.mkdir(parents=True, exist_ok=True)
+    store = dist.TCPStore(
+        "127.0.0.1",
+        0,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=timeout),
+    )
+    child_env = dict(os.environ)
+    child_env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port))
+    child_env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(ROOT), child_env.get("PYTHONPATH")])
+    )
+    for key, value in (env or {}).items():
+        if value is None:
+            child_env.pop(key, None)
+        else:
+            child_env[key] = value
+    ranks = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.multirank.rank_main",
+                scenario,
+                str(rank),
+                str(world_size),
+                str(store.port),
+                str(results),
+                loop,
+                *(extra or []),
+            ],
+            env=child_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+        )
+        for rank in range(world_size)
+    ]
+    outputs: list[str] = []
+    try:
+        for process in ranks:
+            output, _ = process.communicate(timeout=timeout)
+            outputs.append(output)
+    finally:
+        for process in ranks:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    failed = [r for r, process in enumerate(ranks) if process.returncode != 0]
+    if failed:
+        logs = "\n".join(f"--- rank {r} ---\n{out[-4000:]}" for r, out in enumerate(outputs))
+        raise AssertionError(f"ranks {failed} failed:\n{logs}")
+    return [json.loads((results / f"result-{r}.json").read_text()) for r in range(world_size)]

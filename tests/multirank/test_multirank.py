@@ -1,0 +1,153 @@
+"""Multi-rank saves end to end: 2 and 3 trainer ranks as real processes in a gloo group over a
+real TCPStore on 127.0.0.1, each with its checkpoint worker; checked with torch's DCP loader.
+
+The ranks run on asyncio or uvloop (alternating between tests); each test's observations come
+back from ``tests.multirank.rank_main`` as JSON.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+import aiockpt
+from tests.multirank.launch import run_ranks
+from tests.multirank.rank_main import COLS, ROWS, full, replicated_state
+
+pytestmark = [pytest.mark.multirank, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+
+@pytest.mark.parametrize(
+    ("world_size", "loop", "prefix_store"),
+    [(2, "asyncio", False), (3, "uvloop", True)],
+    ids=["2ranks-own-store-asyncio", "3ranks-prefix-store-uvloop"],
+)
+def test_replicated_state_dict_is_one_checkpoint_written_once(
+    tmp_path: Path, world_size: int, loop: str, prefix_store: bool
+) -> None:
+    env = {"DCP_USE_PREFIX_STORE": "1" if prefix_store else "0"}
+    results = run_ranks("replicated", world_size, tmp_path, loop=loop, env=env)
+
+    expected_prefix = "AsyncCheckpointProcess/" if prefix_store else ""
+    assert [r["prefix"] for r in results] == [expected_prefix] * world_size
+    latest = results[0]["latest"]
+    assert latest.endswith("step_0000000003")
+    for rank, observed in enumerate(results):
+        # One checkpoint per step for all ranks; keep_last=2 deleted step 1 exactly once.
+        assert observed["latest"] == latest
+        assert observed["listing"] == ["step_0000000002", "step_0000000003"]
+        # Each rank resumes its own state dict.
+        assert observed["loaded_rank_value"] == rank
+        assert observed["loaded_matches"]
+        assert aiockpt.load(latest, rank=rank)["rank_value"] == rank
+
+    manifest = aiockpt.verify(latest)
+    assert manifest.world_size == world_size
+    expected = replicated_state(3, rank=0)
+    target = {"model": {"w": torch.zeros(64, 32), "b": torch.zeros(32)}, "step": -1}
+    dcp.load(target, checkpoint_id=latest)
+    assert torch.equal(target["model"]["w"], expected["model"]["w"])
+    assert torch.equal(target["model"]["b"], expected["model"]["b"])
+    assert target["step"] == 3
+    # Replicated tensors are written by one rank each, not once per rank.
+    data = sum(f.stat().st_size for f in Path(latest).glob("*.distcp"))
+    one_copy = (64 * 32 + 32) * 4
+    assert one_copy <= data < 1.5 * one_copy + 16384, data
+
+
+def test_dtensor_shards_save_on_2_ranks_and_reshard_on_load(tmp_path: Path) -> None:
+    saved = run_ranks("dtensor_save", 2, tmp_path / "save", loop="uvloop")
+    path = saved[0]["path"]
+    assert [r["path"] for r in saved] == [path, path]
+    # Each rank wrote and reloads its own piece.
+    assert saved[0]["local_w"] == full("w")[: ROWS // 2].tolist()
+    assert saved[1]["local_w"] == full("w")[ROWS // 2 :].tolist()
+    assert all(r["reloaded_own_shards"] for r in saved)
+
+    # 2 -> 1: torch's loader assembles the whole tensors, in this process.
+    whole = {name: torch.zeros(ROWS, COLS) for name in ("w", "a", "b")}
+    dcp.load(whole, checkpoint_id=path)
+    for name, tensor in whole.items():
+        assert torch.equal(tensor, full(name)), name
+
+    # 2 -> 3: uneven shards of 3, 3 and 2 rows.
+    loaded = run_ranks("dtensor_load", 3, tmp_path / "load3", extra=[path])
+    assert [r["local_rows"] for r in loaded] == [3, 3, 2]
+    assert all(r["matches"] for r in loaded)
+
+
+async def test_one_rank_checkpoint_loads_sharded_on_2_ranks(tmp_path: Path) -> None:
+    async with aiockpt.Checkpointer(tmp_path / "ckpt") as ckpt:
+        result = await ckpt.save({"w": full("w")}, step=1)
+    loaded = run_ranks("dtensor_load", 2, tmp_path / "load2", extra=[result.path])
+    assert [r["local_rows"] for r in loaded] == [4, 4]
+    assert all(r["matches"] for r in loaded)
+
+
+def test_failure_on_one_rank_fails_every_rank_then_the_next_save_succeeds(
+    tmp_path: Path,
+) -> None:
+    results = run_ranks("failure", 2, tmp_path, loop="uvloop")
+
+    failing, other = results[1], results[0]
+    assert failing["first"]["type"] == "CheckpointWriteError"
+    assert other["first"]["type"] == "RankFailed"
+    assert other["first"]["rank"] == 1
+    assert other["first"]["error_type"] == "OSError"
+    assert "injected failure on rank 1" in other["first_traceback"]
+    for observed in results:
+        assert "injected failure on rank 1" in observed["first"]["message"]
+        # Nothing was committed, no temporary directory is left, and the workers still serve.
+        assert observed["second"].endswith("step_0000000002")
+        assert observed["listing"] == ["step_0000000002"]
+
+
+def test_worker_killed_on_one_rank_fails_that_save_everywhere_then_regroups(
+    tmp_path: Path,
+) -> None:
+    results = run_ranks("kill_worker", 2, tmp_path)
+
+    assert results[1]["first"]["type"] == "WorkerCrashed"
+    assert results[0]["first"]["type"] == "RankFailed"
+    assert results[0]["first"]["rank"] == 1
+    assert results[0]["first"]["error_type"] == "aiockpt.errors.WorkerCrashed"
+    # Rank 0 learns from rank 1's trainer, not from a timeout (60 s here).
+    assert results[0]["seconds_to_fail"] < 30
+    assert "step_0000000001" not in results[0]["listing_after_failure"]
+    for observed in results:
+        assert observed["second"].endswith("step_0000000002")
+    assert results[1]["respawned"] and not results[0]["respawned"]
+    # The workers' gloo group worked before the crash and again, with rank 1's new worker in
+    # it, after the save that followed it.
+    before, after = results[0]["sums"]["sum_before"], results[0]["sums"]["sum_after"]
+    assert len([f for f in after if f.startswith("sum-")]) == 2
+    assert before != after
+    assert results[0]["sum_values"] == [results[0]["expected_sum"]] * 2
+
+
+def test_rank_that_never_arrives_times_out_and_the_late_rank_fails_at_once(
+    tmp_path: Path,
+) -> None:
+    results = run_ranks("late_rank", 2, tmp_path)
+
+    for observed in results:
+        assert observed["first"]["type"] == "CoordinationTimeout"
+        assert observed["first"]["rank"] == 1
+        assert observed["second"].endswith("step_0000000002")
+        assert observed["listing"] == ["step_0000000002"]
+    assert 3.5 < results[0]["seconds_to_fail"] < 30  # the configured 4 s, not a hang
+    assert results[1]["seconds_to_fail"] < 3  # the others had given up on it already
+
+
+def test_prefix_store_without_master_addr_is_a_clear_error_on_every_rank(
+    tmp_path: Path,
+) -> None:
+    env = {"DCP_USE_PREFIX_STORE": "1", "MASTER_ADDR": None}
+    results = run_ranks("start_only", 2, tmp_path, loop="uvloop", env=env)
+
+    for observed in results:
+        assert observed["error"]["type"] == "ValueError"
+        assert "MASTER_ADDR is not set" in observed["error"]["message"]

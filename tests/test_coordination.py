@@ -1,0 +1,125 @@
+"""The store protocol of multi-rank saves, on a real TCPStore in this process."""
+
+from __future__ import annotations
+
+import datetime
+import threading
+from collections.abc import Iterator
+
+import pytest
+import torch.distributed as dist
+
+from aiockpt.coordination import SaveRound, connect_store, keys_owned_by
+from aiockpt.errors import CoordinationTimeout, RankFailed, qualified_name
+from aiockpt.protocol import GcOptions, GroupInfo
+
+
+@pytest.fixture
+def group() -> Iterator[tuple[GroupInfo, dist.TCPStore]]:
+    server = dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=10),
+    )  # fmt: skip
+    info = GroupInfo("127.0.0.1", server.port, "", "test-session", 0, 2, 0, timeout_s=0.3)
+    yield info, server
+
+
+def rounds(info: GroupInfo, server: dist.TCPStore, save_id: int = 0) -> list[SaveRound]:
+    return [
+        SaveRound(connect_store(info, base=server), save_id, rank=r, world_size=2, timeout_s=0.3)
+        for r in range(2)
+    ]
+
+
+def test_every_rank_reads_the_value_its_owner_posted(
+    group: tuple[GroupInfo, dist.TCPStore],
+) -> None:
+    rank0, rank1 = rounds(*group)
+    rank0.post("prepared", "/tmp/x")
+    assert rank1.collect(["prepared"], [0]) == ["/tmp/x"]
+    # A failure posted later (a trainer reporting its dead worker) does not overwrite it.
+    rank0.fail(OSError("late"), ["prepared"])
+    assert rank1.collect(["prepared"], [0]) == ["/tmp/x"]
+
+
+def test_a_failure_reaches_every_reader_naming_its_rank_and_traceback(
+    group: tuple[GroupInfo, dist.TCPStore],
+) -> None:
+    rank0, rank1 = rounds(*group)
+    try:
+        raise OSError("disk on fire")
+    except OSError as exc:
+        rank1.fail(exc)
+    with pytest.raises(RankFailed) as caught:
+        rank0.collect(["plan/1"], [1])
+    assert caught.value.rank == 1
+    assert caught.value.error_type == "OSError"
+    assert "disk on fire" in (caught.value.traceback or "")
+    # Rank 0 passes the failure on to the outcome: it still names rank 1, not rank 0.
+    rank0.fail(caught.value)
+    with pytest.raises(RankFailed) as outcome:
+        rank1.collect(["outcome"], [0])
+    assert outcome.value.rank == 1
+    assert outcome.value.error_type == "OSError"
+
+
+def test_a_reader_that_gives_up_posts_a_timeout_the_late_owner_then_meets(
+    group: tuple[GroupInfo, dist.TCPStore],
+) -> None:
+    rank0, rank1 = rounds(*group)
+    with pytest.raises(CoordinationTimeout) as caught:
+        rank0.collect(["part/1"], [1])
+    assert caught.value.rank == 1
+    assert "rank 1 did not reach step 'part/1'" in str(caught.value)
+    # The late rank fails at once instead of waiting in a save the others abandoned.
+    with pytest.raises(CoordinationTimeout):
+        rank1.post("part/1", {"late": True})
+
+
+def test_collect_waits_for_values_posted_meanwhile(group: tuple[GroupInfo, dist.TCPStore]) -> None:
+    info, server = group
+    rank0, _ = rounds(info, server)
+    rank0.timeout_s = 10
+    # Its own client, as in its own process: a client blocked in wait serves nobody else.
+    rank1 = SaveRound(connect_store(info), 0, rank=1, world_size=2, timeout_s=10)
+    poster = threading.Timer(0.1, lambda: rank1.post("plan/1", [1, 2, 3]))
+    poster.start()
+    try:
+        assert rank0.collect(["plan/1"], [1]) == [[1, 2, 3]]
+    finally:
+        poster.join()
+
+
+def test_saves_do_not_see_each_others_keys_and_forget_removes_them(
+    group: tuple[GroupInfo, dist.TCPStore],
+) -> None:
+    info, server = group
+    first, _ = rounds(info, server, save_id=0)
+    second, _ = rounds(info, server, save_id=1)
+    first.post("prepared", "a")
+    second.post("prepared", "b")
+    assert second.collect(["prepared"], [0]) == ["b"]
+    first.forget()
+    session = connect_store(info, base=server)
+    assert not session.check(["save/0/prepared"])
+    assert session.check(["save/1/prepared"])
+
+
+def test_each_rank_owes_its_own_keys_and_rank_0_the_shared_ones() -> None:
+    assert keys_owned_by(1) == ["plan/1", "part/1"]
+    assert keys_owned_by(0) == ["prepared", "plan/0", "assign", "part/0", "outcome"]
+
+
+def test_torch_gc_environment_variables_map_to_gc_options() -> None:
+    assert GcOptions.from_env({}) == GcOptions()
+    assert GcOptions.from_env({"DCP_DISABLE_AUTOMATIC_GC": "1"}) == GcOptions(
+        disable_automatic=True, collect_after_write=True, freeze_after_first_write=True
+    )
+    assert GcOptions.from_env(
+        {"DCP_DISABLE_AUTOMATIC_GC": "1", "DCP_DISABLE_MANUAL_GC": "1"}
+    ) == GcOptions(disable_automatic=True)
+
+
+def test_exception_types_are_named_as_across_the_boundary() -> None:
+    assert qualified_name(OSError) == "OSError"
+    assert qualified_name(RankFailed) == "aiockpt.errors.RankFailed"
