@@ -106,7 +106,7 @@ def connect_store(group: GroupInfo, *, base: Store | None = None) -> Store:
             is_master=False,
             timeout=datetime.timedelta(seconds=group.timeout_s),
         )
-    return PrefixStore(f"{group.prefix}{group.session}/", base)
+    return PrefixStore(f"{group.prefix}{group.session}", base)  # it adds the "/" itself
 
 
 class SaveRound:

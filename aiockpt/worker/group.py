@@ -58,7 +58,7 @@ class WorkerGroup:
         self.close()
         dist.init_process_group(
             "gloo",
-            store=PrefixStore(f"pg/{generation}/", self.store),
+            store=PrefixStore(f"pg/{generation}", self.store),
             rank=self.info.rank,
             world_size=self.info.world_size,
             timeout=datetime.timedelta(seconds=self.info.timeout_s),
