@@ -12,7 +12,7 @@ import asyncio
 import concurrent.futures
 import os
 import threading
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 from aiockpt.manager import Checkpointer
@@ -33,6 +33,7 @@ class SyncSaveHandle:
 
     def __init__(self, handle: SaveHandle, runner: _LoopThread) -> None:
         self.path = handle.path
+        self.step = handle.step
         self._handle = handle
         self._runner = runner
         self.staged: concurrent.futures.Future[None] = runner.submit(_staged(handle))
@@ -43,8 +44,13 @@ class SyncSaveHandle:
         return self._done.result(timeout)
 
     def done(self) -> bool:
-        """True once the save committed, failed or was cancelled."""
-        return self._handle.done()
+        """True once the save committed, failed or was cancelled (``result()`` then returns
+        or raises at once)."""
+        return self._done.done()
+
+    def add_done_callback(self, callback: Callable[[SyncSaveHandle], object]) -> None:
+        """Call ``callback(handle)`` once the save is done, in the checkpointer's thread."""
+        self._done.add_done_callback(lambda _: callback(self))
 
     def cancel(self) -> bool:
         """Cancel the save unless it has finished (see ``aiockpt.SaveHandle.cancel``)."""

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -371,7 +372,19 @@ def test_sync_checkpointer(tmp_path: Path) -> None:
         assert torch.equal(ckpt.load_latest()["w"], original)
         second = ckpt.save({"w": weights}, step=2)
         assert ckpt.wait()[0].step == 2 and second.done()
-    assert os.listdir(tmp_path) == ["step_0000000002"]
+        # done() means result() is ready; callbacks get the handle.
+        finished: list[int | None] = []
+        for step in range(3, 13):
+            handle = ckpt.save({"w": weights}, step=step)
+            handle.add_done_callback(lambda h: finished.append(h.step))
+            while not handle.done():
+                time.sleep(0.001)
+            assert handle.result(timeout=0).step == step
+        deadline = time.monotonic() + 10  # the last callback may run just after done()
+        while len(finished) < 10 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert finished == list(range(3, 13))
+    assert os.listdir(tmp_path) == ["step_0000000012"]
     assert descendants() == set()
 
 
