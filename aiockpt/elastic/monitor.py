@@ -24,6 +24,10 @@ __all__ = ["GroupOutcome", "monitor", "stop_processes"]
 
 logger = logging.getLogger(__name__)
 
+#: the least time a SIGKILLed worker is given to be reaped: dying takes a moment even when the
+#: grace period before SIGKILL is zero (``shutdown_timeout=0``: kill at once)
+_REAP_AFTER_KILL_S = 5.0
+
 
 @dataclass
 class GroupOutcome:
@@ -85,8 +89,9 @@ async def stop_processes(
     processes: list[WorkerProcess], sig: signal.Signals, deadline_s: float
 ) -> None:
     """Send ``sig`` to every worker's process group, wait at most ``deadline_s`` for all of
-    them together, SIGKILL the groups still running and wait ``deadline_s`` again (a process in
-    uninterruptible sleep survives SIGKILL: it is logged and abandoned, not waited for).
+    them together, SIGKILL the groups still running and wait ``deadline_s`` again, or 5 s if
+    that is longer (a process in uninterruptible sleep survives SIGKILL: it is logged and
+    abandoned, not waited for).
 
     Every group gets a final SIGKILL too, so that no child a worker left behind survives the
     attempt. Never raises.
@@ -105,7 +110,7 @@ async def stop_processes(
                     deadline_s,
                 )
                 running[task].signal_group(signal.SIGKILL)
-            _, stuck = await asyncio.wait(late, timeout=deadline_s)
+            _, stuck = await asyncio.wait(late, timeout=max(deadline_s, _REAP_AFTER_KILL_S))
             for task in stuck:
                 logger.error("worker pid %s survived SIGKILL; abandoning it", running[task].pid)
     for process in processes:

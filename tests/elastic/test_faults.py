@@ -60,6 +60,7 @@ def make_agent(
     *args: Any,
     max_restarts: int = 0,
     logs_specs: LogsSpecs | None = None,
+    shutdown_timeout: float = SHUTDOWN_S,
 ) -> LocalElasticAgent:
     spec = WorkerSpec(
         role="trainer",
@@ -69,7 +70,7 @@ def make_agent(
         max_restarts=max_restarts,
         rdzv_handler=StaticRendezvous(run_id="faults", timeout=30),
     )
-    return LocalElasticAgent(spec, logs_specs, shutdown_timeout=SHUTDOWN_S)
+    return LocalElasticAgent(spec, logs_specs, shutdown_timeout=shutdown_timeout)
 
 
 async def wait_for_files(paths: list[Path]) -> None:
@@ -139,11 +140,13 @@ def sigkill_warnings(caplog: pytest.LogCaptureFixture) -> set[int]:
 # -- a worker that ignores SIGTERM -------------------------------------------------------------
 
 
+@pytest.mark.parametrize("shutdown_timeout", [SHUTDOWN_S, 0.0], ids=["grace", "no-grace"])
 async def test_failure_escalates_to_sigkill_for_siblings_ignoring_sigterm(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, shutdown_timeout: float
 ) -> None:
-    # rank 0 exits 3 once ranks 1 and 2 ignore SIGTERM; the agent stops them: TERM, deadline, KILL
-    agent = make_agent(3, *WORKER, "stubborn", str(tmp_path), 0)
+    # rank 0 exits 3 once ranks 1 and 2 ignore SIGTERM; the agent stops them: TERM, deadline,
+    # KILL. A zero deadline kills at once, and the killed workers must still be waited for.
+    agent = make_agent(3, *WORKER, "stubborn", str(tmp_path), 0, shutdown_timeout=shutdown_timeout)
     start = time.monotonic()
     result = await agent.run()
     elapsed = time.monotonic() - start
@@ -159,8 +162,9 @@ async def test_failure_escalates_to_sigkill_for_siblings_ignoring_sigterm(
     assert [result.failures[rank].pid for rank in (1, 2)] == pids
     assert_reaped(pids)
     assert sigkill_warnings(caplog) == set(pids)
+    assert not [r for r in caplog.records if "survived SIGKILL" in r.getMessage()]
     # the configured deadline, once for both stubborn workers, not the 30 s default
-    assert SHUTDOWN_S <= elapsed < SHUTDOWN_S + 20
+    assert shutdown_timeout <= elapsed < shutdown_timeout + 20
 
 
 async def test_cancelled_run_kills_workers_ignoring_sigterm(
