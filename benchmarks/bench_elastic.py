@@ -1,6 +1,6 @@
 """aiockpt-run against torchrun, interleaved, on the same worker script.
 
-    python -m benchmarks.bench_elastic [--repeats 5]
+    python -m benchmarks.bench_elastic [--repeats 5] [--restarts 50]
 
 1. crash -> replacement running: rank 0 of 2 records the time and exits 1; the launcher stops
    rank 1 and restarts the group; the new rank 0 records the time it starts running.
@@ -8,6 +8,9 @@
    (detection plus the signal's delivery: an upper bound on the agent's detection latency).
 3. threads in the launcher process while 8 ranks tee their output (``/proc/<pid>/task``),
    next to 1 rank without tee.
+4. restart growth: ``--restarts`` restarts in a row (rank 0 exits 1 at once, rank 1 is
+   stopped); the launcher's fds, threads and RSS (``/proc/<pid>``) at restart 5 and at the
+   last one, sampled while rank 0 of that attempt waits, and the time per restart in between.
 
 Times come from ``time.monotonic()`` (CLOCK_MONOTONIC, one clock for every process on the host).
 This file is also the worker: ``python bench_elastic.py worker <mode> <dir>``, so that both
@@ -62,6 +65,14 @@ def worker(mode: str, directory: str) -> None:
 
         signal.signal(signal.SIGTERM, on_term)
         time.sleep(60)
+    elif mode == "restart-loop":
+        if rank != "0":
+            time.sleep(60)  # stopped by the launcher when rank 0 fails
+        if os.path.exists(os.path.join(directory, f"pause_{restart}")):
+            _stamp(directory, f"paused_{restart}")
+            while not os.path.exists(os.path.join(directory, f"go_{restart}")):
+                time.sleep(0.005)
+        os._exit(1)
     elif mode == "chatter":
         _stamp(directory, f"ready_{rank}")
         for i in range(40):
@@ -92,6 +103,65 @@ def crash_once(launcher: str, work: Path) -> CrashTimes:
     return result
 
 
+@dataclass
+class Usage:
+    fds: int
+    threads: int
+    rss_kib: int
+
+    @classmethod
+    def of(cls, pid: int) -> Usage:
+        with open(f"/proc/{pid}/statm") as f:
+            rss_pages = int(f.read().split()[1])
+        return cls(
+            fds=len(os.listdir(f"/proc/{pid}/fd")),
+            threads=len(os.listdir(f"/proc/{pid}/task")),
+            rss_kib=rss_pages * os.sysconf("SC_PAGE_SIZE") // 1024,
+        )
+
+
+@dataclass
+class RestartGrowth:
+    early: Usage  # at restart 5
+    late: Usage  # at the last restart
+    per_restart_s: float  # between the two samples
+
+
+def restart_growth(launcher: str, work: Path, restarts: int) -> RestartGrowth:
+    stamps = work / f"restarts-{launcher}"
+    stamps.mkdir()
+    marks = (5, restarts)
+    for n in marks:
+        (stamps / f"pause_{n}").touch()
+    argv = [*LAUNCHERS[launcher], "--standalone", "--nproc-per-node=2"]
+    argv += [f"--max-restarts={restarts}", __file__, "worker", "restart-loop", str(stamps)]
+    agent = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        samples: dict[int, Usage] = {}
+        times: dict[int, float] = {}
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        for n in marks:
+            while not (stamps / f"paused_{n}").exists():
+                if agent.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{launcher}: restart {n} never came")
+                time.sleep(0.005)
+            samples[n] = Usage.of(agent.pid)
+            times[n] = time.monotonic()
+            (stamps / f"go_{n}").touch()
+        agent.wait(RUN_TIMEOUT_S)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        shutil.rmtree(stamps)
+    return RestartGrowth(
+        early=samples[5],
+        late=samples[restarts],
+        # the pause at restart 5 is excluded: the clock starts when it is released
+        per_restart_s=(times[restarts] - times[5]) / (restarts - 5),
+    )
+
+
 def threads_while_running(launcher: str, work: Path, nproc: int, tee: bool) -> int:
     stamps = work / f"threads-{launcher}-{nproc}-{tee}"
     stamps.mkdir()
@@ -116,7 +186,10 @@ def threads_while_running(launcher: str, work: Path, nproc: int, tee: bool) -> i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--restarts", type=int, default=50)
     args = parser.parse_args()
+    if args.restarts <= 5:
+        parser.error("--restarts must be more than 5 (usage is compared at restart 5)")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # not "aiockpt*": test suites running meanwhile treat such temp entries as their leaks
     work = Path(tempfile.mkdtemp(prefix="bench-elastic-"))
@@ -133,6 +206,7 @@ def main() -> None:
             )
             for name in LAUNCHERS
         }
+        growth = {name: restart_growth(name, work, args.restarts) for name in LAUNCHERS}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -154,12 +228,27 @@ def main() -> None:
     print(f"{threads['torchrun'][0]:16}")
     print(f"{'launcher threads, 8 ranks teed':34}{threads['aiockpt-run'][1]:16}", end="")
     print(f"{threads['torchrun'][1]:16}")
+    print(f"restarts 5 -> {args.restarts}, 2 ranks (launcher process, at restart 5 -> last):")
+    for label, field in (("fds", "fds"), ("threads", "threads")):
+        cells = [f"{getattr(g.early, field)} -> {getattr(g.late, field)}" for g in growth.values()]
+        print(f"{'':4}{label:30}{cells[0]:>16}{cells[1]:>16}")
+    grown = [f"{g.late.rss_kib - g.early.rss_kib:+} KiB" for g in growth.values()]
+    base = [g.early.rss_kib / 1024 for g in growth.values()]
+    print(f"{'':4}{'RSS growth':30}{grown[0]:>16}{grown[1]:>16}", end="")
+    print(f"  (from {base[0]:.0f} and {base[1]:.0f} MiB)")
+    ours_ms, theirs_ms = (g.per_restart_s * 1e3 for g in growth.values())
+    print(f"{'':4}{'time per restart':30}{ours_ms:13.1f} ms{theirs_ms:13.1f} ms")
     replace_ratio = median("aiockpt-run", "replace_s") / median("torchrun", "replace_s")
     detect_ms = median("aiockpt-run", "detect_s") * 1e3
     added = threads["aiockpt-run"][1] - threads["aiockpt-run"][0]
     print(f"targets: replacement <= 0.5x torchrun: {'met' if replace_ratio <= 0.5 else 'MISSED'}"
           f"; detection < 5 ms: {'met' if detect_ms < 5 else 'MISSED'}"
           f"; no threads added for logs: {'met' if added <= 0 else 'MISSED'}")  # fmt: skip
+    ours = growth["aiockpt-run"]
+    flat = ours.late.fds == ours.early.fds and ours.late.threads == ours.early.threads
+    flat = flat and ours.late.rss_kib <= ours.early.rss_kib * 1.10
+    print(f"no growth over restarts (fds, threads equal; RSS within +10%): "
+          f"{'met' if flat else 'MISSED'}")  # fmt: skip
 
 
 if __name__ == "__main__":
