@@ -388,8 +388,11 @@ async def test_restarts_do_not_grow_fds_threads_or_memory(tmp_path: Path, kind: 
         agent = make_agent(2, *WORKER, "crash-loop", str(work), "5," + str(last),
                            max_restarts=last, logs_specs=specs)  # fmt: skip
     else:
-        # the function path: a socket pair and the reply task per worker, error files
-        agent = make_agent(2, fault_workers.crash_loop, str(work), pauses, max_restarts=last)
+        # the function path: a socket pair and the reply task per worker, error files; and
+        # redirects: log files the agent opens for the workers
+        specs = LogsSpecs(log_dir=tmp_path / "logs", redirects=Std.ALL)
+        agent = make_agent(2, fault_workers.crash_loop, str(work), pauses, max_restarts=last,
+                           logs_specs=specs)  # fmt: skip
     start = time.monotonic()
     run = asyncio.create_task(agent.run())
     samples: dict[int, Usage] = {}
@@ -417,8 +420,7 @@ async def test_restarts_do_not_grow_fds_threads_or_memory(tmp_path: Path, kind: 
     assert late.tasks == early.tasks, report
     assert late.asyncio_tasks == early.asyncio_tasks, report
     assert late.rss_kib <= early.rss_kib * 1.10, report
-    if kind == "binary":
-        assert len(list((tmp_path / "logs" / "faults").iterdir())) == last + 1
+    assert len(list((tmp_path / "logs" / "faults").iterdir())) == last + 1, "one per attempt"
 
 
 # -- a signal to the agent while a worker ignores SIGTERM, in this process ---------------------
