@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from aiockpt.manager import Checkpointer
     from aiockpt.process import CheckpointProcess, CheckpointProcessConfig
     from aiockpt.protocol import GcOptions, RankInfo
-    from aiockpt.saver import SaveHandle, SaveResult, async_save
+    from aiockpt.saver import SaveHandle, SaveResult, async_save, default_checkpointer
     from aiockpt.sync import SyncCheckpointer, SyncSaveHandle
 
 __version__ = "0.1.0"
@@ -87,6 +87,7 @@ __all__ = [
     "WorkerStartTimeout",
     "__version__",
     "async_save",
+    "default_checkpointer",
     "load",
     "verify",
 ]
@@ -102,6 +103,7 @@ _HOME = {
     "SyncCheckpointer": "aiockpt.sync",
     "SyncSaveHandle": "aiockpt.sync",
     "async_save": "aiockpt.saver",
+    "default_checkpointer": "aiockpt.saver",
     "load": "aiockpt.loading",
     "verify": "aiockpt.loading",
 }

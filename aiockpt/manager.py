@@ -191,7 +191,6 @@ class Checkpointer:
             raise WorkerClosed("the Checkpointer was closed")
         if self._start_lock is None:
             self._start_lock = asyncio.Lock()
-            self._slots = asyncio.Semaphore(self.max_in_flight)
         async with self._start_lock:
             if not self._group_checked:
                 await self._form_group()
@@ -254,7 +253,8 @@ class Checkpointer:
     async def close(self) -> None:
         """Let saves in flight finish, then stop the worker. Idempotent.
 
-        Failures of saves nobody awaited are logged, not raised.
+        Failures of saves nobody awaited are logged, not raised. In a multi-rank group, close
+        on every rank (rank 0 holds the store the others' workers meet in).
         """
         if self.closed:
             return
@@ -264,6 +264,8 @@ class Checkpointer:
             if isinstance(outcome, Exception):
                 logger.error("a save failed before close: %s", outcome)
         await self._drop_worker()
+        # Rank 0's store server stops with its last reference (nothing left listening).
+        self._group = None
 
     # --- saving --------------------------------------------------------------------------------
 
@@ -343,24 +345,47 @@ class Checkpointer:
     ) -> SaveResult:
         started = time.perf_counter()
         try:
-            await self._start()
-            assert self._slots is not None
+            if self._slots is None:
+                self._slots = asyncio.Semaphore(self.max_in_flight)
             async with self._slots:
                 if not options.overwrite and await asyncio.to_thread(os.path.lexists, path):
                     raise FileExistsError(f"checkpoint path exists and overwrite=False: {path}")
                 process = self._process
-                assert process is not None
-                arena = await self._take_arena(process, plan.nbytes)
+                if process is not None and process.alive:
+                    await self._start()  # cheap for a running worker; raises after close
+                    arena = await self._take_arena(process, plan.nbytes)
+                    starting = None
+                else:
+                    # No worker yet (or a dead one): stage into a new arena while it starts
+                    # (and, in a group, while the group forms), and map the arena after.
+                    starting = asyncio.ensure_future(self._start())
+                    arena = await _new_arena(plan.nbytes)
                 try:
                     await _copy_in(arena, plan)
                     staging_seconds = time.perf_counter() - started
                     _resolve(staged)
+                    if starting is not None:
+                        await starting
+                        process = self._process
+                        assert process is not None
+                        if arena is not None:
+                            await process.map_arena(arena.ref)
+                            arena.unlink()
+                    assert process is not None
                     payload = WritePayload(path, plan.payload(arena), commit=options)
                     if self._group is not None:
                         await order.turn()
                     written = await process.write_payload(payload, on_sent=order.done)
                 finally:
-                    self._give_back(process, arena)
+                    if starting is not None and not starting.done():
+                        # The start belongs to the Checkpointer, not to this save: let it
+                        # finish (within subprocess_init_timeout_secs) rather than leave a
+                        # worker or a group half-formed.
+                        await asyncio.gather(starting, return_exceptions=True)
+                    if process is None:
+                        _close(arena)
+                    else:
+                        self._give_back(process, arena)
         except BaseException as exc:
             _resolve(staged, exc)
             if isinstance(exc, WorkerCrashed):
@@ -409,12 +434,10 @@ class Checkpointer:
         return arena
 
     def _give_back(self, process: CheckpointProcess, arena: SharedArena | None) -> None:
-        if arena is None:
-            return
-        if process is self._process and process.alive:
+        if arena is not None and process is self._process and process.alive:
             self._free_arenas.append(arena)
         else:
-            arena.close()
+            _close(arena)
 
     def _apply_retention(self, newest: str) -> None:
         assert self.root is not None and self.keep_last is not None
@@ -491,6 +514,16 @@ async def _report_failure(group: TrainerGroup, save_id: int, exc: BaseException)
         await asyncio.to_thread(round_.fail, exc)
     except Exception as report_error:  # the save's own error is the one to raise
         logger.warning("could not report failed save %d to the others: %s", save_id, report_error)
+
+
+async def _new_arena(nbytes: int) -> SharedArena | None:
+    """A new arena of ``nbytes``, not mapped by any worker yet (None for no tensor bytes)."""
+    return await asyncio.to_thread(SharedArena, nbytes) if nbytes else None
+
+
+def _close(arena: SharedArena | None) -> None:
+    if arena is not None:
+        arena.close()
 
 
 async def _copy_in(arena: SharedArena | None, plan: StagingPlan) -> None:

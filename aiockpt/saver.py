@@ -102,17 +102,20 @@ class SaveHandle:
         return f"<SaveHandle {self.path!r} {state}>"
 
 
-_default_checkpointers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Checkpointer] = (
-    weakref.WeakKeyDictionary()
-)
+#: loop -> (collective default Checkpointer, this-rank-only default Checkpointer)
+_default_checkpointers: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[bool, Checkpointer]
+] = weakref.WeakKeyDictionary()
 
 
-def default_checkpointer() -> Checkpointer:
-    """The running loop's default ``Checkpointer`` (no root), created on first use.
+def default_checkpointer(*, no_dist: bool = False) -> Checkpointer:
+    """The running loop's default ``Checkpointer`` (no root), created on first use; with
+    ``no_dist``, the one that saves from this rank alone in a multi-rank job.
 
-    Its worker starts with the first save and stops when the loop shuts down (``asyncio.run``,
-    ``uvloop.run`` and ``anyio.run`` cancel the remaining tasks, which stops it) or, at the
-    latest, when the interpreter exits (the worker sees its channel close). Raises
+    Its worker starts with the first save (``await default_checkpointer().start()`` to start
+    it earlier) and stops when the loop shuts down (``asyncio.run``, ``uvloop.run`` and
+    ``anyio.run`` cancel the remaining tasks, which stops it), on ``close()``, or at the
+    latest when the interpreter exits (the worker sees its channel close). Raises
     ``RuntimeError`` outside a running event loop.
     """
     from aiockpt.manager import Checkpointer
@@ -124,10 +127,10 @@ def default_checkpointer() -> Checkpointer:
             "aiockpt.async_save needs a running event loop; in synchronous code use "
             "aiockpt.SyncCheckpointer"
         ) from None
-    checkpointer = _default_checkpointers.get(loop)
+    checkpointers = _default_checkpointers.setdefault(loop, {})
+    checkpointer = checkpointers.get(no_dist)
     if checkpointer is None or checkpointer.closed:
-        checkpointer = Checkpointer()
-        _default_checkpointers[loop] = checkpointer
+        checkpointer = checkpointers[no_dist] = Checkpointer(no_dist=no_dist)
     return checkpointer
 
 
@@ -139,6 +142,7 @@ def async_save(
     overwrite: bool = False,
     metadata: Mapping[str, Any] | None = None,
     allow_pickle: bool = False,
+    no_dist: bool = False,
 ) -> SaveHandle:
     """Start saving ``state_dict`` to ``path``; return its ``SaveHandle`` at once.
 
@@ -146,12 +150,17 @@ def async_save(
     ``await handle.staged`` only until the tensors have been copied out. Uses the running
     loop's default checkpointer (see ``default_checkpointer``).
 
+    When ``torch.distributed`` is initialised with several ranks this is a collective, as
+    ``torch.distributed.checkpoint.async_save`` is: every rank calls it, in the same order,
+    and together they write one checkpoint. ``no_dist=True`` saves from this rank alone
+    (say, rank 0 publishing weights).
+
     Raises ``TypeError`` here, naming the key, for an entry that cannot be checkpointed
     (objects other than tensors and plain values need ``allow_pickle=True``), ``ValueError``
     for an unknown ``format``, ``RuntimeError`` outside a running event loop. Everything else
     is raised by awaiting the handle (see ``SaveHandle``).
     """
-    return default_checkpointer().save_to(
+    return default_checkpointer(no_dist=no_dist).save_to(
         state_dict,
         path,
         format=format,
