@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import uvloop
 
+import aiockpt
 from aiockpt import Checkpointer, CoordinationError, WorkerCrashed
 from tests.multirank.writers import expected_sum
 
@@ -74,6 +75,13 @@ async def replicated(ckpt_root: str, rank: int, world: int) -> dict[str, Any]:
         out["loaded_matches"] = bool(
             torch.equal(loaded["model"]["w"], replicated_state(3, rank)["model"]["w"])
         )
+    if rank == 0:  # one rank alone, as when publishing weights for inference
+        published = os.path.join(os.path.dirname(ckpt_root), "published")
+        result = await aiockpt.async_save(
+            replicated_state(3, rank)["model"], published, format="safetensors", no_dist=True
+        )
+        await aiockpt.default_checkpointer(no_dist=True).close()
+        out["published"] = result.path
     out["listing"] = sorted(os.listdir(ckpt_root))
     return out
 

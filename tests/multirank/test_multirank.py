@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import torch.distributed.checkpoint as dcp
 
@@ -52,6 +53,9 @@ def test_replicated_state_dict_is_one_checkpoint_written_once(
     assert torch.equal(target["model"]["w"], expected["model"]["w"])
     assert torch.equal(target["model"]["b"], expected["model"]["b"])
     assert target["step"] == 3
+    # Rank 0 alone published the weights with no_dist=True.
+    published = safetensors.torch.load_file(Path(results[0]["published"], "model.safetensors"))
+    assert torch.equal(published["w"], expected["model"]["w"])
     # Replicated tensors are written by one rank each, not once per rank.
     data = sum(f.stat().st_size for f in Path(latest).glob("*.distcp"))
     one_copy = (64 * 32 + 32) * 4
