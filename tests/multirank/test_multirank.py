@@ -91,6 +91,7 @@ async def test_one_rank_checkpoint_loads_sharded_on_2_ranks(tmp_path: Path) -> N
     assert all(r["matches"] for r in loaded)
 
 
+@pytest.mark.faults
 def test_failure_on_one_rank_fails_every_rank_then_the_next_save_succeeds(
     tmp_path: Path,
 ) -> None:
@@ -109,6 +110,7 @@ def test_failure_on_one_rank_fails_every_rank_then_the_next_save_succeeds(
         assert observed["listing"] == ["step_0000000002"]
 
 
+@pytest.mark.faults
 def test_worker_killed_on_one_rank_fails_that_save_everywhere_then_regroups(
     tmp_path: Path,
 ) -> None:
@@ -132,6 +134,7 @@ def test_worker_killed_on_one_rank_fails_that_save_everywhere_then_regroups(
     assert results[0]["sum_values"] == [results[0]["expected_sum"]] * 2
 
 
+@pytest.mark.faults
 def test_rank_that_never_arrives_times_out_and_the_late_rank_fails_at_once(
     tmp_path: Path,
 ) -> None:
