@@ -226,11 +226,15 @@ def check_final(args: argparse.Namespace, report: dict[str, Any], live: dict[str
         print(f"{'ok  ' if ok else 'FAIL'}  {name}")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m examples.async_trainer", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("--root", default=DEFAULT_ROOT, help="checkpoint directory (resumed from)")
+def parse_args(
+    argv: list[str] | None,
+    prog: str = "python -m examples.async_trainer",
+    doc: str = __doc__,
+    root: str = DEFAULT_ROOT,
+) -> argparse.Namespace:
+    """The flags both trainers take (``sync_trainer`` passes its own name, docstring, root)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    parser.add_argument("--root", default=root, help="checkpoint directory (resumed from)")
     parser.add_argument("--steps", type=int, default=40, help="steps to train in this run")
     parser.add_argument(
         "--every", type=int, default=10, help="checkpoint every N steps (and at the end)"
@@ -248,14 +252,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    report, live = asyncio.run(train(args))
+def conclude(args: argparse.Namespace, report: dict[str, Any], live: dict[str, Any]) -> int:
+    """Check the final checkpoint, write the report; the exit code (0: every check passed)."""
     check_final(args, report, live)
     if args.report is not None:
         with open(args.report, "w") as f:
             json.dump(report, f, indent=1)
     return 0 if report["checks"] and all(report["checks"].values()) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    report, live = asyncio.run(train(args))
+    return conclude(args, report, live)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ Exits non-zero if one of its own checks fails. ``--report FILE`` writes what hap
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -38,8 +37,9 @@ import aiockpt
 from examples.async_trainer import (
     build_model,
     build_optimizer,
-    check_final,
+    conclude,
     make_batch,
+    parse_args,
     states_equal,
     training_state,
 )
@@ -146,36 +146,10 @@ def train(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     return report, training_state(model, optimizer, end, loss_value)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m examples.sync_trainer", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("--root", default=DEFAULT_ROOT, help="checkpoint directory (resumed from)")
-    parser.add_argument("--steps", type=int, default=40, help="steps to train in this run")
-    parser.add_argument(
-        "--every", type=int, default=10, help="checkpoint every N steps (and at the end)"
-    )
-    parser.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep")
-    parser.add_argument("--width", type=int, default=256, help="input and output features")
-    parser.add_argument("--hidden", type=int, default=1024, help="hidden features")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--report", default=None, help="write a JSON report to this file")
-    args = parser.parse_args(argv)
-    if args.steps < 1 or args.every < 1 or args.keep_last < 1:
-        parser.error("--steps, --every and --keep-last must be at least 1")
-    return args
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv, "python -m examples.sync_trainer", __doc__, DEFAULT_ROOT)
     report, live = train(args)
-    check_final(args, report, live)
-    if args.report is not None:
-        with open(args.report, "w") as f:
-            json.dump(report, f, indent=1)
-    return 0 if report["checks"] and all(report["checks"].values()) else 1
+    return conclude(args, report, live)
 
 
 if __name__ == "__main__":
