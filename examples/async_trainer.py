@@ -97,6 +97,31 @@ def states_equal(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+def resume(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    saved: dict[str, Any] | None,
+    resumed_from: str | None,
+    root: str,
+    checks: dict[str, bool],
+) -> int:
+    """Load ``saved`` (a training state, or None) into the model and optimizer; the step to
+    continue from. Records whether the loaded state matches the checkpoint in ``checks``."""
+    if saved is None:
+        print(f"no checkpoint under {root}: starting from scratch", flush=True)
+        return 0
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optim"])
+    start = int(saved["step"])
+    print(
+        f"resumed from {resumed_from} at step {start} (loss there {saved['loss']:.5f})", flush=True
+    )
+    checks["resumed state matches the checkpoint"] = states_equal(
+        training_state(model, optimizer, start, saved["loss"]), saved
+    )
+    return start
+
+
 def zeros_like_state(state: Any) -> Any:
     """A template of ``state``'s layout with zeroed tensors, for ``dcp.load`` to fill."""
     if isinstance(state, torch.Tensor):
@@ -129,20 +154,7 @@ async def train(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any
         # --- resume ----------------------------------------------------------------------
         resumed_from = await ckpt.latest()
         saved = await ckpt.load_latest()
-        start = 0
-        if saved is not None:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optim"])
-            start = int(saved["step"])
-            print(
-                f"resumed from {resumed_from} at step {start} (loss there {saved['loss']:.5f})",
-                flush=True,
-            )
-            checks["resumed state matches the checkpoint"] = states_equal(
-                training_state(model, optimizer, start, saved["loss"]), saved
-            )
-        else:
-            print(f"no checkpoint under {args.root}: starting from scratch", flush=True)
+        start = resume(model, optimizer, saved, resumed_from, args.root, checks)
         report["start_step"] = start
         end = start + args.steps
 

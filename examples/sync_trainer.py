@@ -40,7 +40,7 @@ from examples.async_trainer import (
     conclude,
     make_batch,
     parse_args,
-    states_equal,
+    resume,
     training_state,
 )
 
@@ -92,20 +92,7 @@ def train(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
         # --- resume ----------------------------------------------------------------------
         resumed_from = ckpt.latest()
         saved = ckpt.load_latest()
-        start = 0
-        if saved is not None:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optim"])
-            start = int(saved["step"])
-            print(
-                f"resumed from {resumed_from} at step {start} (loss there {saved['loss']:.5f})",
-                flush=True,
-            )
-            checks["resumed state matches the checkpoint"] = states_equal(
-                training_state(model, optimizer, start, saved["loss"]), saved
-            )
-        else:
-            print(f"no checkpoint under {args.root}: starting from scratch", flush=True)
+        start = resume(model, optimizer, saved, resumed_from, args.root, checks)
         end = start + args.steps
 
         # --- train -------------------------------------------------------------------------
