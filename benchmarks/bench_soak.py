@@ -89,8 +89,10 @@ def mapped_arenas(pid: int) -> dict[str, int]:
     return found
 
 
-def named_arenas() -> int:
-    return sum(1 for name in os.listdir(SHM) if name.startswith(ARENA_PREFIX))
+def named_arenas(pids: Sequence[int]) -> int:
+    """Arena names in /dev/shm created by ``pids`` (other processes' are not ours to count)."""
+    prefixes = tuple(f"{ARENA_PREFIX}{pid}-" for pid in pids)
+    return sum(1 for name in os.listdir(SHM) if name.startswith(prefixes))
 
 
 def shm_used() -> int:
@@ -143,7 +145,7 @@ def sample(soak: Soak, step: int, worker: int, root: str) -> None:
         for path, size in mapped.items():
             arenas[path] = max(size, arenas.get(path, 0))
     soak.add("arena bytes", sum(arenas.values()))
-    soak.add("named arenas", named_arenas())
+    soak.add("named arenas", named_arenas([os.getpid(), worker]))
     soak.add("checkpoints", tree_bytes(root))
 
 
@@ -235,7 +237,7 @@ def plot(soak: Soak, path: str, title: str) -> None:
         ("threads", ["trainer threads", "worker threads"], 1),
         ("staging arenas", ["trainer arenas", "worker arenas", "named arenas"], 1),
     ]
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5))
     flat = list(axes.flat)
     for ax, (label, names, scale) in zip(flat, panels, strict=False):
         for name in names:
@@ -244,7 +246,18 @@ def plot(soak: Soak, path: str, title: str) -> None:
         ax.set_xlabel("save")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    ax = flat[-1]
+    # At the scale of the RSS panel a leak of a few MiB is invisible: show it relative.
+    ax = flat[len(panels)]
+    reference_index = soak.saves.index(10) if 10 in soak.saves else 0
+    for name in ("trainer rss", "worker rss", "trainer anon", "worker anon"):
+        values = soak.series[name]
+        reference = values[reference_index] or 1
+        ax.plot(soak.saves, [(v - reference) / reference * 100 for v in values], label=name)
+    ax.set_title("RSS change since save 10 (%)")
+    ax.set_xlabel("save")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax = flat[len(panels) + 1]
     ax.plot(range(1, len(soak.durable) + 1), soak.durable, ".", markersize=2, label="durable")
     ax.plot(range(1, len(soak.staged) + 1), soak.staged, ".", markersize=2, label="staged")
     ax.set_title("seconds per save")
@@ -252,6 +265,8 @@ def plot(soak: Soak, path: str, title: str) -> None:
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+    for unused in flat[len(panels) + 2 :]:
+        unused.set_visible(False)
     fig.suptitle(title)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

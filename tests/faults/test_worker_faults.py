@@ -40,6 +40,7 @@ from tests.faults import (
     TRICKLING,
     arena_names,
     mapped_arenas,
+    open_fds,
     process_gone,
     wait_gone,
 )
@@ -184,6 +185,16 @@ async def kill_during(
     return outcome, killed_at, await finished - killed_at
 
 
+def channel_fds(tmp_path: Path) -> set[tuple[int, str]]:
+    """This process's descriptors of the kinds a worker's lifecycle opens: sockets, pipes,
+    shared memory, files under the test's directory. (uvloop keeps one /dev/null open for
+    the next spawn: a cache, not a leak, and not a kind counted here.)"""
+    kinds = ("socket:", "pipe:", "/dev/shm/", str(tmp_path))
+    return {
+        (fd, target) for fd, target in open_fds(os.getpid()).items() if target.startswith(kinds)
+    }
+
+
 async def wait_for_phase(phase: str, handle: SaveHandle, delay: float) -> None:
     """Return when the save reaches ``phase``: at once (its task has not even started), once
     it is staged (its write request is on its way), or ``delay`` seconds after that."""
@@ -211,6 +222,7 @@ async def test_sigkilled_worker_fails_the_save_promptly_and_the_next_save_respaw
     killed: set[int] = set()
     durations: list[float] = [0.2]
     maps_before = mapped_arenas(os.getpid())
+    fds_before = channel_fds(tmp_path)
     async with Checkpointer(tmp_path, format=TRICKLING, keep_last=keep_last) as ckpt:
         watcher = asyncio.create_task(watch_latest(ckpt, violations))
         try:
@@ -252,6 +264,7 @@ async def test_sigkilled_worker_fails_the_save_promptly_and_the_next_save_respaw
     report.print(f"worker SIGKILL x{saves} on {type(asyncio.get_running_loop()).__module__}")
     assert violations == [], f"latest() named directories without a manifest: {violations}"
     assert mapped_arenas(os.getpid()) <= maps_before, "arenas still mapped after close()"
+    assert channel_fds(tmp_path) <= fds_before, "descriptors left open after close()"
     # What killed saves left is recognised by its name and swept by the next start.
     left = commit.remove_stale_temps(tmp_path)
     assert all(int(p.split("step_")[1].split("-")[0]) in killed for p in left)
@@ -370,6 +383,9 @@ def test_trainer_killed_mid_save_leaves_nothing_behind(tmp_path: Path, runs: int
             os.kill(worker, signal.SIGKILL)  # no longer our descendant: the leak check misses it
         assert gone_after is not None, f"worker {worker} outlived its trainer by 10 s"
         exits.append(gone_after)
+        print(
+            f"run {run}: killed {delay:.3f} s after {phase!r}; worker gone {gone_after:.4f} s later"
+        )
         assert gone_after < 1.0, f"the worker exited {gone_after:.3f} s after its trainer"
         if phase == "staged":  # arenas already mapped and unlinked by the worker
             assert arena_names(trainer.pid) == [] and arena_names(worker) == []
