@@ -34,7 +34,7 @@ class TricklingWriter:
 
     SLICES = 4
     #: sleep after each slice; random so that kills do not line up with slice boundaries
-    SLICE_SLEEP = (0.002, 0.02)
+    SLICE_SLEEP = (0.001, 0.01)
 
     def __init__(self, rank_info: RankInfo | None = None, **options: Any) -> None:
         self.rank_info = rank_info or RankInfo()

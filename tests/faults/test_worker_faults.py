@@ -282,7 +282,7 @@ async def test_worker_killed_with_a_request_unread_fails_it_with_worker_crashed(
     """Deterministic form of the race the random test meets: SIGSTOP the worker, send a
     PING (it stays unread in the worker's socket), then SIGKILL it. ``close()`` right after
     must be clean (on uvloop it raised RuntimeError from the closed transport)."""
-    proc = CheckpointProcess()
+    proc = CheckpointProcess(checkpoint_writer_init_fn="tests.workers:RawWriter")
     try:
         await proc.start()
         pid = proc.pid
