@@ -468,6 +468,8 @@ def test_deeply_nested_frames_are_protocol_errors(depth: int) -> None:
 
 #: a worker fed garbage must be gone, or have answered, within this (it is not a benchmark)
 WORKER_BOUND_S = 30.0
+#: the parent must have raised its error within this after the garbage
+PARENT_BOUND_S = 5.0
 
 
 class BareWorker:
@@ -527,8 +529,32 @@ class BareWorker:
             self.process.stderr.close()
 
 
-def test_garbage_ends_a_real_worker_with_an_answer_or_an_exit() -> None:
-    """Each kind of garbage, sent to its own worker (started together: they import torch):
+#: bare workers the module's end-to-end tests take from the pool: 4 + 1 + 1
+POOL_SIZE = 6
+
+
+@pytest.fixture(scope="module")
+def bare_workers() -> Iterator[Callable[[], BareWorker]]:
+    """Bare workers all started at once when the first test asks: each imports torch, and
+    started together they cost about what one or two do. Each test takes fresh ones and
+    closes them; the module's end closes the rest. (Set up before and torn down after every
+    test's leak check, which therefore sees them as already there.)"""
+    pool = [BareWorker() for _ in range(POOL_SIZE)]
+    available = iter(pool)
+
+    def take() -> BareWorker:
+        worker = next(available, None)
+        return worker if worker is not None else BareWorker()
+
+    yield take
+    for worker in pool:
+        worker.close()
+
+
+def test_garbage_ends_a_real_worker_with_an_answer_or_an_exit(
+    bare_workers: Callable[[], BareWorker],
+) -> None:
+    """Each kind of garbage, sent to its own worker:
     in the handshake the worker answers with a ProtocolError; after it, the channel has lost
     its framing and the worker exits with code 2 (1 for the nesting it cannot even decode)."""
     cases: dict[str, tuple[bool, bytes, bool, set[int]]] = {
@@ -543,7 +569,7 @@ def test_garbage_ends_a_real_worker_with_an_answer_or_an_exit() -> None:
             {1, 2},
         ),
     }
-    workers = {name: BareWorker() for name in cases}
+    workers = {name: bare_workers() for name in cases}
     try:
         for name, (handshake, garbage, shut_down, _) in cases.items():
             worker = workers[name]
@@ -626,13 +652,13 @@ def hostile_requests(shm_file: str, target: str) -> list[tuple[WorkerRequest, bo
 
 
 def test_well_formed_requests_with_hostile_values_are_answered_and_the_worker_serves_on(
-    tmp_path: Path,
+    tmp_path: Path, bare_workers: Callable[[], BareWorker]
 ) -> None:
     shm_file = tmp_path / "not-an-arena"
     shm_file.write_bytes(b"\0" * 64)
     blocker = tmp_path / "a-file"
     blocker.write_text("a regular file where a directory would have to be")
-    worker = BareWorker()
+    worker = bare_workers()
     try:
         worker.handshake()
         for request, succeeds in hostile_requests(str(shm_file), str(blocker / "ck")):
@@ -658,10 +684,12 @@ def test_well_formed_requests_with_hostile_values_are_answered_and_the_worker_se
     "the file does not have (larger, zero, negative) escapes the dispatch task and the worker "
     "dies instead of answering",
 )
-def test_mapping_an_arena_of_the_wrong_size_is_answered_not_fatal(tmp_path: Path) -> None:
+def test_mapping_an_arena_of_the_wrong_size_is_answered_not_fatal(
+    tmp_path: Path, bare_workers: Callable[[], BareWorker]
+) -> None:
     small = tmp_path / "small"
     small.write_bytes(b"\0" * 64)
-    worker = BareWorker()
+    worker = bare_workers()
     try:
         worker.handshake()
         arena = ArenaPayload(ArenaRef(str(small), 1 << 40))
@@ -692,7 +720,10 @@ async def test_the_parent_raises_a_clear_error_when_either_end_garbles_the_chann
         with pytest.raises((WorkerCrashed, ProtocolError)):
             async with asyncio.timeout(WORKER_BOUND_S):
                 await to_worker.ping()
-        assert time.perf_counter() - started < 1.0
+        # The worker exits through the interpreter's normal shutdown (0.3 s to over 1 s with
+        # torch loaded, on a busy machine), and the parent reports the exit once it has
+        # happened: a bound that says "promptly, never hung", not a latency target.
+        assert time.perf_counter() - started < PARENT_BOUND_S
         with pytest.raises(WorkerCrashed, match="exited with code 2") as crashed:
             async with asyncio.timeout(WORKER_BOUND_S):
                 while True:  # until the exit monitor has seen the exit (it is not a poll)
@@ -709,7 +740,7 @@ async def test_the_parent_raises_a_clear_error_when_either_end_garbles_the_chann
         with pytest.raises(ProtocolError, match="malformed response frame"):
             async with asyncio.timeout(WORKER_BOUND_S):
                 await pending
-        assert time.perf_counter() - started < 1.0
+        assert time.perf_counter() - started < PARENT_BOUND_S
         with pytest.raises(WorkerCrashed, match="SIGKILL"):
             async with asyncio.timeout(WORKER_BOUND_S):
                 while True:

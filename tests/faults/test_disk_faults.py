@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -53,17 +55,50 @@ def leftovers(directory: Path) -> list[str]:
     ]
 
 
+@functools.cache
+def tmpfs_problem() -> str | None:
+    """Why a small tmpfs cannot be mounted here (None: it can). Probed once."""
+    if os.geteuid() != 0:
+        return "mounting a tmpfs needs root"
+    probe = tempfile.mkdtemp(prefix="tmpfs-probe-")
+    try:
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", probe],
+            capture_output=True,
+            text=True,
+        )
+        if mounted.returncode != 0:
+            return f"cannot mount a tmpfs here: {mounted.stderr.strip()}"
+        subprocess.run(["umount", probe], check=True)
+        return None
+    finally:
+        os.rmdir(probe)
+
+
+@functools.cache
+def permission_bits_enforced() -> bool:
+    """False for root with CAP_DAC_OVERRIDE, which writes into a 0o500 directory anyway."""
+    probe = Path(tempfile.mkdtemp(prefix="perm-probe-"))
+    try:
+        probe.chmod(0o500)
+        try:
+            (probe / "x").touch()
+        except PermissionError:
+            return True
+        (probe / "x").unlink()
+        return False
+    finally:
+        probe.chmod(0o700)
+        probe.rmdir()
+
+
 @contextlib.contextmanager
 def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of ``size`` mounted at ``path`` for the block; skips the test unless root can
-    mount here. Always unmounted, lazily if something still holds it."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
+    """A tmpfs of ``size`` mounted at ``path`` for the block (``tmpfs_problem()`` must be
+    None). Always unmounted, lazily if something still holds it."""
     path.mkdir()
     mount = ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)]
-    mounted = subprocess.run(mount, capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    subprocess.run(mount, check=True, capture_output=True)
     try:
         yield path
     finally:
@@ -76,28 +111,23 @@ def remount(path: Path, option: str) -> None:
     subprocess.run(["mount", "-o", f"remount,{option}", str(path)], check=True)
 
 
-async def test_disk_full_fails_the_save_and_the_worker_keeps_serving(tmp_path: Path) -> None:
+async def disk_full(ckpt: Checkpointer, tmp_path: Path) -> None:
+    """A save that does not fit on an 8 MiB tmpfs fails with ENOSPC, frees what it wrote, and
+    leaves the earlier checkpoint there intact; saves that fit, there or elsewhere, go on."""
     with tmpfs(tmp_path / "small", "8m") as small:
-        async with Checkpointer(small) as ckpt:
-            await ckpt.save(state_of(1 * MiB, 1.0), step=1)
-            pid = ckpt.worker_pid
-            used_after_first = shutil.disk_usage(small).used
-            with pytest.raises(CheckpointWriteError, match="No space left on device") as caught:
-                await ckpt.save(state_of(12 * MiB, 2.0), step=2)
-            assert caught.value.error_type == "OSError"
-            # The half-written save is gone (its space is free again), the first one is intact.
-            assert leftovers(small) == [] and not (small / "step_0000000002").exists()
-            assert shutil.disk_usage(small).used == used_after_first
-            assert_holds(small / "step_0000000001", 1.0)
-            assert await ckpt.latest() == str(small / "step_0000000001")
-            # Same worker, still serving: a save that fits, and a big one where there is room.
-            await ckpt.save(state_of(1 * MiB, 3.0), step=3)
-            roomy = tmp_path / "roomy" / "ck"
-            await ckpt.save_to(state_of(12 * MiB, 4.0), roomy)
-            assert ckpt.worker_pid == pid
-        assert_holds(small / "step_0000000001", 1.0)
-        assert_holds(small / "step_0000000003", 3.0)
-        assert_holds(roomy, 4.0)
+        await ckpt.save_to(state_of(1 * MiB, 1.0), small / "first")
+        used_after_first = shutil.disk_usage(small).used
+        with pytest.raises(CheckpointWriteError, match="No space left on device") as caught:
+            await ckpt.save_to(state_of(12 * MiB, 2.0), small / "too-big")
+        assert caught.value.error_type == "OSError"
+        assert leftovers(small) == [] and not (small / "too-big").exists()
+        assert shutil.disk_usage(small).used == used_after_first  # its space is free again
+        assert_holds(small / "first", 1.0)
+        await ckpt.save_to(state_of(1 * MiB, 3.0), small / "fits")
+        await ckpt.save_to(state_of(12 * MiB, 4.0), tmp_path / "roomy" / "ck")
+        assert_holds(small / "first", 1.0)
+        assert_holds(small / "fits", 3.0)
+    assert_holds(tmp_path / "roomy" / "ck", 4.0)
 
 
 FILE_SIZE_LIMIT_SCRIPT = """
@@ -125,10 +155,12 @@ print(json.dumps(outcome))
 """
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root mounts a full tmpfs instead (above)")
 def test_file_size_limit_aborts_the_write_cleanly(tmp_path: Path) -> None:
-    """Without root: the same abort path, driven by RLIMIT_FSIZE in a child process (the
-    limit must not reach this test process), with the writer and commit run in-process."""
+    """Where no tmpfs can be mounted (no root): the same abort path, driven by RLIMIT_FSIZE
+    in a child process (the limit must not reach this test process), with the writer and
+    commit run in-process."""
+    if tmpfs_problem() is None:
+        pytest.skip("a real full tmpfs is tested instead (test_the_file_system_refusing...)")
     child = subprocess.run(
         [sys.executable, "-c", FILE_SIZE_LIMIT_SCRIPT, str(tmp_path)],
         cwd=REPO,
@@ -144,18 +176,23 @@ def test_file_size_limit_aborts_the_write_cleanly(tmp_path: Path) -> None:
     assert outcome["left"] == ["small"]  # no temporary directory, no "big"
 
 
-async def test_unwritable_targets_fail_clearly_and_the_worker_keeps_serving(
+async def test_the_file_system_refusing_saves_fails_them_clearly_and_the_worker_serves_on(
     tmp_path: Path,
 ) -> None:
-    """Read-only target, a regular file at or above the target, the parent removed while the
-    save is in progress: each save fails with the file system's own words, leaves nothing
-    behind, and the next save through the same worker succeeds."""
+    """A full disk, a read-only target, a regular file at or above the target, the parent
+    removed while the save is in progress: each save fails with the file system's own words,
+    leaves nothing behind, and the next save through the same worker succeeds. (One worker
+    for all of them: each start costs seconds.)"""
     async with Checkpointer(tmp_path / "root") as ckpt:
         await ckpt.save(state_of(MiB, 1.0), step=1)
         pid = ckpt.worker_pid
 
+        # -- full: a small tmpfs where root can mount one (elsewhere see the RLIMIT test)
+        if tmpfs_problem() is None:
+            await disk_full(ckpt, tmp_path)
+
         # -- read-only: root ignores permission bits, so remount a tmpfs read-only instead
-        if os.geteuid() == 0:
+        if tmpfs_problem() is None:
             with tmpfs(tmp_path / "ro", "16m") as ro:
                 await ckpt.save_to(state_of(MiB, 2.0), ro / "before")
                 remount(ro, "ro")
@@ -166,7 +203,7 @@ async def test_unwritable_targets_fail_clearly_and_the_worker_keeps_serving(
                     assert sorted(os.listdir(ro)) == ["before"]
                 finally:
                     remount(ro, "rw")
-        else:
+        elif permission_bits_enforced():  # (else: no way to make a read-only target here)
             locked = tmp_path / "locked"
             locked.mkdir(mode=0o500)
             try:
