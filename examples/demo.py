@@ -323,8 +323,8 @@ def summarize(
         ("median blocking / save", f"{_median(blocking):.1f} ms  save() + await staged"),
         (
             "median durable / save",
-            f"{_median(durable):.1f} ms  until committed and fsynced (longest "
-            f"{max(durable, default=math.nan):.0f} ms: a first save waits for its worker)",
+            f"{_median(durable):.1f} ms  committed and fsynced "
+            f"(max {max(durable, default=math.nan):.0f} ms: a first save waits for the worker)",
         ),
         ("crash", f"rank 1, os._exit(1) in step {args.crash_at} of attempt 0"),
         (
@@ -343,9 +343,12 @@ def summarize(
         (
             "loss",
             f"{before.get(1, math.nan):.5f} at step 1, {before.get(resume, math.nan):.5f} at "
-            f"step {resume} (saved); step {resume + 1}: {after.get(resume + 1, math.nan):.5f} "
-            f"after the restart, {before.get(resume + 1, math.nan):.5f} before; "
-            f"{after.get(args.steps, math.nan):.5f} at step {args.steps}",
+            f"step {resume} (saved), {after.get(args.steps, math.nan):.5f} at step {args.steps}",
+        ),
+        (
+            f"loss of step {resume + 1}",
+            f"{after.get(resume + 1, math.nan):.5f} after the restart, "
+            f"{before.get(resume + 1, math.nan):.5f} before the crash",
         ),
         ("final checkpoint", final),
     ]
