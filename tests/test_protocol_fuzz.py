@@ -57,7 +57,7 @@ from aiockpt.tree import DictNode, LeafNode
 
 REPO = Path(__file__).resolve().parents[1]
 codec = MessageCodec()
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # --- strategies from the protocol's own declarations ------------------------------------------
 
@@ -529,8 +529,8 @@ class BareWorker:
             self.process.stderr.close()
 
 
-#: bare workers the module's end-to-end tests take from the pool: 4 + 1 + 1
-POOL_SIZE = 6
+#: bare workers the module's end-to-end tests take from the pool: 3 + 1 + 1
+POOL_SIZE = 5
 
 
 @pytest.fixture(scope="module")
@@ -557,28 +557,24 @@ def test_garbage_ends_a_real_worker_with_an_answer_or_an_exit(
     """Each kind of garbage, sent to its own worker:
     in the handshake the worker answers with a ProtocolError; after it, the channel has lost
     its framing and the worker exits with code 2 (1 for the nesting it cannot even decode)."""
-    cases: dict[str, tuple[bool, bytes, bool, set[int]]] = {
-        # name: (handshake first, bytes, then close our end for writing, accepted exit codes)
-        "garbage body as the handshake": (False, encode_frame(b"\xc1garbage"), False, {2}),
-        "garbage body after the handshake": (True, encode_frame(b"\x92\x01"), False, {2}),
-        "truncated frame, then EOF": (True, encode_frame(b"\x80" * 100)[:50], True, {2}),
+    cases: dict[str, tuple[bool, bytes, set[int]]] = {
+        # name: (handshake first, the bytes, accepted exit codes)
+        "garbage body as the handshake": (False, encode_frame(b"\xc1garbage"), {2}),
+        "garbage body after the handshake": (True, encode_frame(b"\x92\x01"), {2}),
         "nested 100000 deep after the handshake": (
             True,
             encode_frame(deeply_nested_request(100_000)),
-            False,
             {1, 2},
         ),
     }
     workers = {name: bare_workers() for name in cases}
     try:
-        for name, (handshake, garbage, shut_down, _) in cases.items():
+        for name, (handshake, garbage, _) in cases.items():
             worker = workers[name]
             if handshake:
                 worker.handshake()
             worker.send(garbage)
-            if shut_down:
-                worker.sock.shutdown(socket.SHUT_WR)
-        for name, (handshake, _, _, codes) in cases.items():
+        for name, (handshake, _, codes) in cases.items():
             worker = workers[name]
             if not handshake:  # the handshake is answered, even when it makes no sense
                 response = worker.receive()

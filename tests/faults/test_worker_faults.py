@@ -210,8 +210,9 @@ async def test_sigkilled_worker_fails_the_save_promptly_and_the_next_save_respaw
 ) -> None:
     rng = random.Random(seed_for(f"worker SIGKILL x{saves}"))
     keep_last = 2
-    if saves <= 10:  # the short variant kills at fixed steps, one in each phase
-        schedule = {2: "before staged", 5: "after staged", 8: "mid write"}
+    if saves <= 10:  # the short variant kills twice (each respawn costs seconds): the
+        # request racing the kill, and the writer killed mid-file; the long one all phases
+        schedule = {3: "before staged", 7: "mid write"}
     else:
         schedule = {}
         for step in range(1, saves - 1):
