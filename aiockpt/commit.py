@@ -161,14 +161,18 @@ def prepare(path: str | os.PathLike[str], *, overwrite: bool = False) -> Pending
     """Phase 1: check ``path`` and create the temporary directory next to it.
 
     Creates missing parent directories (durably). Raises FileExistsError if ``path`` exists
-    and not ``overwrite``, ValueError for a path with no final component.
+    and not ``overwrite``, or exists and is not a committed checkpoint (``overwrite`` replaces
+    checkpoints, never other files or directories); ValueError for a path with no final
+    component.
     """
     final = os.path.abspath(os.fspath(path))
     parent, name = os.path.split(final)
     if not name:
         raise ValueError(f"checkpoint path {os.fspath(path)!r} has no name")
-    if not overwrite and os.path.lexists(final):
-        raise FileExistsError(errno.EEXIST, "checkpoint path exists and overwrite=False", final)
+    if os.path.lexists(final):
+        if not overwrite:
+            raise FileExistsError(errno.EEXIST, "checkpoint path exists and overwrite=False", final)
+        _check_replaceable(final)
     _makedirs_durable(parent)
     temp = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{name[:_NAME_PART]}-", dir=parent)
     return PendingCheckpoint(final, temp, overwrite)
@@ -208,6 +212,12 @@ def write_files(
 
 def _check_reported(temp_path: str, record: FileRecord) -> None:
     check_relative_name(record.name)
+    if not os.path.isdir(temp_path):
+        raise FileNotFoundError(
+            errno.ENOENT,
+            "the checkpoint's temporary directory was removed while writing",
+            temp_path,
+        )
     if record.name == MANIFEST_NAME:
         raise ValueError(f"writers must not write {MANIFEST_NAME}: commit writes it")
     try:
@@ -345,11 +355,21 @@ def finalize(pending: PendingCheckpoint, manifest: Manifest) -> int:
     _fsync_dir(pending.temp_path)
     parent = os.path.dirname(pending.path)
     if pending.overwrite and os.path.lexists(pending.path):
+        _check_replaceable(pending.path)  # something else may have appeared since prepare
         _replace(pending.temp_path, pending.path)
     else:
         _rename_noreplace(pending.temp_path, pending.path)
         _fsync_dir(parent)
     return size
+
+
+def _check_replaceable(path: str) -> None:
+    if not is_committed(path):
+        raise FileExistsError(
+            errno.EEXIST,
+            "overwrite=True replaces a committed checkpoint only, and this is not one",
+            path,
+        )
 
 
 def abort(pending: PendingCheckpoint) -> None:

@@ -529,10 +529,25 @@ class CheckpointProcess:
                 future = self._pending.get(response.request_id)
                 if future is not None and not future.done():
                     future.set_result(response)
-        except (ProtocolError, ConnectionError) as exc:
-            logger.error("checkpoint worker (pid %s) broke the channel: %s", self.pid, exc)
-            self._fail_pending(exc if isinstance(exc, ProtocolError) else ProtocolError(str(exc)))
+        except ConnectionError as exc:
+            # A reset channel means the worker is dying: its exit, which the monitor reports
+            # as WorkerCrashed naming the signal, is the error to give. Should it linger with
+            # its channel gone, it is of no use: fail what is pending and kill it.
+            process = self._process
+            assert process is not None
+            try:
+                async with asyncio.timeout(self.config.sigterm_grace_secs):
+                    await process.wait()
+            except TimeoutError:
+                self._broken(ProtocolError(f"channel reset: {exc}"))
+                await self._kill()
+        except ProtocolError as exc:
+            self._broken(exc)
             await self._kill()
+
+    def _broken(self, exc: ProtocolError) -> None:
+        logger.error("checkpoint worker (pid %s) broke the channel: %s", self.pid, exc)
+        self._fail_pending(exc)
 
     async def _watch_exit(self) -> None:
         process = self._process

@@ -381,7 +381,14 @@ class MessageCodec:
     def _decode(decoder: msgspec.msgpack.Decoder[Any], body: bytes, what: str) -> Any:
         try:
             return decoder.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        # msgspec raises UnicodeDecodeError for a str that is not UTF-8, and RecursionError
+        # for nesting deeper than it recurses: both are malformed frames too.
+        except (
+            msgspec.DecodeError,
+            msgspec.ValidationError,
+            UnicodeDecodeError,
+            RecursionError,
+        ) as exc:
             raise ProtocolError(f"malformed {what} frame ({len(body)} bytes): {exc}") from exc
 
 

@@ -117,16 +117,6 @@ def test_overwrite_replaces_a_checkpoint(
     assert os.listdir(tmp_path) == ["ckpt"]
 
 
-def test_overwrite_replaces_a_file_or_torn_directory(tmp_path: Path) -> None:
-    (tmp_path / "file").write_text("not a checkpoint")
-    (tmp_path / "torn").mkdir()
-    (tmp_path / "torn" / "__0_0.distcp").write_bytes(b"half")
-    for name in ("file", "torn"):
-        save(tmp_path / name, 2.0, overwrite=True)
-        assert_same(load(tmp_path / name), state(2.0))
-    assert sorted(os.listdir(tmp_path)) == ["file", "torn"]
-
-
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_failing_writer_leaves_nothing(tmp_path: Path, overwrite: bool) -> None:
     if overwrite:

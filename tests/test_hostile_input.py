@@ -103,22 +103,13 @@ HOSTILE_KEYS: dict[str, str] = {
     "sidecar": "objects.pkl",
     "temp-prefix": commit.TEMP_PREFIX + "x",
 }
-#: the keys with which KeyNamedWriter's files land outside the checkpoint today
-ESCAPING = {"dotdot", "dotdot-twice", "absolute-new"}
-ESCAPE_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="writers/base.py: FileSink/open_new_file join a name onto the directory unchecked, "
-    "so a writer naming files after keys creates '../x' or '/abs' outside the checkpoint; "
-    "commit's check_relative_name rejects the record only after the file exists",
-)
 
 
 def cases() -> Iterator[Any]:
     for fmt in ("dcp", "safetensors", KEY_NAMED):
         short = fmt.rpartition(":")[2]
         for name in HOSTILE_KEYS:
-            marks = [ESCAPE_BUG] if fmt == KEY_NAMED and name in ESCAPING else []
-            yield pytest.param(fmt, name, id=f"{short}-{name}", marks=marks)
+            yield pytest.param(fmt, name, id=f"{short}-{name}")
 
 
 def changed_outside(

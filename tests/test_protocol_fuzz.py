@@ -185,14 +185,6 @@ def decode(message: WorkerRequest | WorkerResponse, body: bytes) -> Any:
     return codec.decode_response(body)
 
 
-#: Exceptions protocol.py's MessageCodec lets through today, although every decoding failure
-#: should be a ProtocolError: msgspec raises UnicodeDecodeError for invalid UTF-8 in a string
-#: (one flipped byte does it) and RecursionError for deep nesting. The fuzz properties tolerate
-#: exactly these while the bug stands; the strict xfail tests ``test_invalid_utf8_...`` and
-#: ``test_deeply_nested_...`` pin it and fail (XPASS) once it is fixed: then empty this.
-KNOWN_ESCAPES: tuple[type[BaseException], ...] = (UnicodeDecodeError, RecursionError)
-
-
 def decodes_or_protocol_error(body: bytes) -> None:
     """The property every body must have, whichever side reads it: each decoder (and each
     handshake probe) yields a message of its type or raises ProtocolError, nothing else."""
@@ -202,14 +194,14 @@ def decodes_or_protocol_error(body: bytes) -> None:
     ):
         try:
             message = decoder(body)
-        except (ProtocolError, *KNOWN_ESCAPES):
+        except ProtocolError:
             continue
         assert isinstance(message, kind)
         codec.encode(message)  # a decoded message is a valid message: it encodes again
     for probe in (codec.check_handshake_request, codec.check_handshake_response):
         try:
             probe(body)
-        except (ProtocolError, *KNOWN_ESCAPES):  # ProtocolVersionMismatch included
+        except ProtocolError:  # ProtocolVersionMismatch included
             pass
 
 
@@ -425,12 +417,6 @@ def invalid_utf8_request() -> bytes:
     return body.replace(b"ping", b"p\xffng")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeDecodeError,
-    reason="protocol.py: MessageCodec._decode lets msgspec's UnicodeDecodeError through for "
-    "a string that is not UTF-8; every decoding failure should be a ProtocolError",
-)
 def test_invalid_utf8_is_a_protocol_error() -> None:
     body = invalid_utf8_request()
     with pytest.raises(ProtocolError):
@@ -449,12 +435,6 @@ def deeply_nested_request(depth: int) -> bytes:
     return body[:at] + b"\x91" * depth + b"\xc0" + body[at + 1 :]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="protocol.py: MessageCodec._decode lets msgspec's RecursionError through for "
-    "frames nested ~1000 deep; every decoding failure should be a ProtocolError",
-)
 @pytest.mark.parametrize("depth", [2_000, 100_000])
 def test_deeply_nested_frames_are_protocol_errors(depth: int) -> None:
     body = deeply_nested_request(depth)
@@ -673,13 +653,6 @@ def test_well_formed_requests_with_hostile_values_are_answered_and_the_worker_se
     assert sorted(os.listdir(tmp_path)) == ["a-file", "not-an-arena"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="worker/serve.py: MAP_ARENA catches only OSError; mmap's ValueError for a size "
-    "the file does not have (larger, zero, negative) escapes the dispatch task and the worker "
-    "dies instead of answering",
-)
 def test_mapping_an_arena_of_the_wrong_size_is_answered_not_fatal(
     tmp_path: Path, bare_workers: Callable[[], BareWorker]
 ) -> None:
@@ -745,13 +718,6 @@ async def test_the_parent_raises_a_clear_error_when_either_end_garbles_the_chann
         await asyncio.gather(to_worker.close(), to_parent.close())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="process.py/protocol.py: a response frame msgspec fails on with something else than "
-    "DecodeError (UnicodeDecodeError, RecursionError) kills the reader task, which leaves the "
-    "pending requests unanswered: they hang",
-)
 def test_a_response_the_parent_cannot_decode_never_hangs_its_requests() -> None:
     """One flipped byte on the channel (or a deeply nested result) must fail the pending
     requests with ProtocolError, not leave them waiting forever. One loop suffices: the

@@ -212,7 +212,7 @@ class Worker:
             elif kind is RequestType.MAP_ARENA and isinstance(payload, ArenaPayload):
                 try:
                     await asyncio.to_thread(self._arenas.view, payload.arena)
-                except OSError as exc:
+                except (OSError, ValueError) as exc:  # ValueError: a size the file has not
                     await self._channel.send(failure(request.request_id, kind, exc))
                     continue
             elif kind is RequestType.RELEASE_ARENA and isinstance(payload, ArenaPayload):

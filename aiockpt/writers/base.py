@@ -26,7 +26,7 @@ import msgspec
 import torch
 import xxhash
 
-from aiockpt.manifest import Leaf, ObjectLeaf, plain_leaf
+from aiockpt.manifest import Leaf, ObjectLeaf, check_relative_name, plain_leaf
 from aiockpt.protocol import ShardSpec
 from aiockpt.tensors import dtype_from_name, dtype_name, is_tensor
 from aiockpt.tree import KeyPath, Node, flatten
@@ -161,8 +161,10 @@ def open_new_file(directory: str, name: str) -> int:
     """Create ``directory/name`` for writing, owner-only; never follows or reuses a path.
 
     ``name`` is always chosen by the writer, never derived from state-dict keys. Raises
-    FileExistsError if it exists.
+    FileExistsError if it exists, ValueError for a name that does not stay inside
+    ``directory`` (absolute, ``..``, NUL).
     """
+    check_relative_name(name)  # before anything exists: "../x" or "/x" would land outside
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
     return os.open(os.path.join(directory, name), flags, 0o600)
 

@@ -253,13 +253,6 @@ def wait_for_temp_dir(parent: Path, timeout: float = 10.0) -> None:
         time.sleep(0.002)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="commit.py: when the checkpoint's directory vanishes while the writer writes, "
-    "_check_reported blames the writer ('writer reported t0.bin, which it did not write') "
-    "instead of saying the directory is gone",
-)
 def test_parent_removed_while_the_writer_writes_says_so(tmp_path: Path) -> None:
     """The commit path the worker runs, in-process: the parent directory is removed while
     the writer is writing into its temporary directory (files already open)."""
@@ -293,11 +286,6 @@ def test_parent_removed_while_the_writer_writes_says_so(tmp_path: Path) -> None:
     assert isinstance(error, OSError) and error.errno == errno.ENOENT, repr(error)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="commit.py: overwrite=True replaces whatever is at the path, a regular file or a "
-    "directory that is not a checkpoint, and deletes it; remove_checkpoint refuses those",
-)
 @pytest.mark.parametrize("kind", ["file", "directory"])
 def test_overwrite_refuses_to_delete_what_is_not_a_checkpoint(tmp_path: Path, kind: str) -> None:
     """``overwrite=True`` is for replacing a checkpoint; anything else at the path (a file,

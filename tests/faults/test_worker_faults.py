@@ -31,7 +31,7 @@ import pytest
 import torch
 
 import aiockpt
-from aiockpt import Checkpointer, ProtocolError, WorkerCrashed, commit, loading
+from aiockpt import Checkpointer, WorkerCrashed, commit, loading
 from aiockpt.manifest import MANIFEST_NAME
 from aiockpt.process import CheckpointProcess
 from aiockpt.saver import SaveHandle
@@ -57,13 +57,6 @@ LONG_ONLY = [
 FAILURE_BOUND_S = 1.0
 #: anything awaited here that takes longer than this is hung
 HANG_S = 60.0
-
-#: process.py's reader turns ECONNRESET (the worker died with a request still unread in its
-#: socket) into ProtocolError before the exit monitor can report WorkerCrashed. While that bug
-#: stands, the random test below tolerates (and counts) exactly this outcome;
-#: ``test_worker_killed_with_a_request_unread_fails_it_with_worker_crashed`` pins the bug
-#: and turns into an XPASS failure once it is fixed: then set this to False.
-TOLERATE_RESET_BUG = True
 
 
 def seed_for(label: str) -> int:
@@ -176,10 +169,6 @@ async def kill_during(
     except WorkerCrashed as exc:
         assert "SIGKILL" in str(exc) and exc.returncode == -signal.SIGKILL, exc
         outcome = "WorkerCrashed"
-    except ProtocolError as exc:
-        if not (TOLERATE_RESET_BUG and "Connection reset" in str(exc)):
-            raise
-        outcome = "ProtocolError(ECONNRESET) [known bug]"
     else:
         return ("finished before the kill" if done_before_kill else "committed"), killed_at, None
     return outcome, killed_at, await finished - killed_at
@@ -272,13 +261,6 @@ async def test_sigkilled_worker_fails_the_save_promptly_and_the_next_save_respaw
     assert all(commit.is_committed(tmp_path / e) for e in os.listdir(tmp_path))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="process.py: a worker killed with a request unread in its socket resets the "
-    "connection; the reader fails pending requests with ProtocolError('Connection reset by "
-    "peer') before the monitor can report WorkerCrashed, and alive stays True meanwhile",
-)
 async def test_worker_killed_with_a_request_unread_fails_it_with_worker_crashed() -> None:
     """Deterministic form of the race the random test meets: SIGSTOP the worker, send a
     PING (it stays unread in the worker's socket), then SIGKILL it. ``close()`` right after
