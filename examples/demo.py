@@ -304,8 +304,8 @@ def summarize(
     else:
         checks["the final checkpoint and rank 0's live state exist"] = False
 
-    def since_crash(t: float) -> str:
-        return f"+{t - crash_t:.2f} s"
+    def since_crash(t: float, sign: str = "+") -> str:
+        return f"{sign}{t - crash_t:.2f} s".rjust(8)  # the column of seconds lines up
 
     started = min((e["t"] for e in of("start", attempt=1)), default=math.nan)
     first_step = records.last_t("step", attempt=1, step=resume + 1)
@@ -329,7 +329,7 @@ def summarize(
         ("crash", f"rank 1, os._exit(1) in step {args.crash_at} of attempt 0"),
         (
             "restart latency",
-            f"{first_step - crash_t:.2f} s  from the crash to the first resumed step",
+            f"{since_crash(first_step, sign='')}  from the crash to the first resumed step",
         ),
         ("", f"{since_crash(started)}  new ranks running (the agent stopped rank 0, restarted)"),
         ("", f"{since_crash(records.last_t('joined', attempt=1))}  torch imported, gloo joined"),
