@@ -28,6 +28,12 @@ call order, which is how the ranks' workers know they are meeting about the same
 are sent to the worker in that order. Only rank 0 deletes anything (retention, leftovers of
 crashed saves). A rank whose save fails before its worker could report it (its worker died,
 the save was cancelled) reports it itself, so that no rank waits for it until the timeout.
+
+As in ``torch.distributed.checkpoint``, a plain (non-DTensor) tensor under the same key on
+every rank is taken to be replicated and written once: per-rank tensors need per-rank keys.
+``start`` broadcasts over ``process_group``: to start the worker in the background while the
+training loop runs collectives of its own, give the Checkpointer a group of its own
+(``process_group=dist.new_group(backend="gloo")``).
 """
 
 from __future__ import annotations
@@ -479,7 +485,13 @@ class Checkpointer:
         path = await self.latest()
         if path is None:
             return None
-        rank = self._group.info.rank if self._group is not None else 0
+        if self._group is not None:
+            rank = self._group.info.rank
+        else:
+            # Not started yet (or a single rank): this rank's number all the same, so that a
+            # rank loading before start() does not silently get rank 0's part.
+            world = None if self.no_dist else world_of(self.process_group)
+            rank = world[0] if world is not None else 0
         return await asyncio.to_thread(
             loading.load, path, state_dict, verify=verify, allow_pickle=allow_pickle, rank=rank
         )

@@ -302,35 +302,12 @@ async def train_steps(
     return loss_value
 
 
-def init_process_group(rank: int, attempt: int) -> None:
-    """Join the trainers' gloo group through the launcher's store, in a namespace of this
-    attempt's own.
-
-    Under ``aiockpt-run`` and ``torchrun`` (``TORCHELASTIC_USE_AGENT_STORE=True``) every
-    attempt's workers meet in the agent's store, which outlives restarts, and the ``env://``
-    of torch 2.13 adds no per-attempt prefix: a restarted group reads the dead group's gloo
-    addresses and fails to connect (or hangs). Older torch prefixed the keys with
-    ``/worker/attempt_<restart count>``; doing the same here keeps the attempts apart.
-    """
-    world_size = int(os.environ["WORLD_SIZE"])
+def init_process_group() -> None:
+    """Join the trainers' gloo group through ``env://``. ``aiockpt-run`` gives every attempt
+    a store of its own, so a restarted group never meets among the dead group's keys (with
+    torch 2.13's ``env://``, torchrun's restarted groups do, and hang)."""
     timeout = datetime.timedelta(seconds=120)  # a lost peer fails the step, not in 30 min
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
-        return
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"],
-        int(os.environ["MASTER_PORT"]),
-        world_size,
-        is_master=False,
-        timeout=timeout,
-    )
-    dist.init_process_group(
-        "gloo",
-        store=dist.PrefixStore(f"/worker/attempt_{attempt}", store),
-        rank=rank,
-        world_size=world_size,
-        timeout=timeout,
-    )
+    dist.init_process_group("gloo", timeout=timeout)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -372,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     log = EventLog(args.events, rank, attempt)
     log.write("start", t=STARTED, pid=os.getpid())
-    init_process_group(rank, attempt)
+    init_process_group()
     try:
         if dist.get_world_size() < 2 and args.crash_at is not None:
             print("--crash-at needs at least 2 ranks (rank 1 crashes)", file=sys.stderr)

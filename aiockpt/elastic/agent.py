@@ -36,7 +36,12 @@ from aiockpt.elastic.janitor import janitor_command
 from aiockpt.elastic.logs import LogsDest, LogsSpecs, Std
 from aiockpt.elastic.monitor import GroupOutcome, monitor, stop_processes
 from aiockpt.elastic.process import StreamTarget, WorkerProcess
-from aiockpt.elastic.rendezvous import RendezvousInfo, StaticRendezvous, assign_worker_ranks
+from aiockpt.elastic.rendezvous import (
+    RendezvousInfo,
+    StaticRendezvous,
+    assign_worker_ranks,
+    run_blocking,
+)
 from aiockpt.elastic.spec import RunResult, Worker, WorkerGroup, WorkerSpec, WorkerState
 from aiockpt.errors import SignalException
 
@@ -135,7 +140,7 @@ class LocalElasticAgent:
         entrypoint = _resolve_entrypoint(spec.entrypoint)
         rdzv = await self._assign_ranks()
         while True:
-            outcome = await self._run_attempt(entrypoint)
+            outcome = await self._run_attempt(entrypoint, rdzv)
             if not outcome.failures:
                 group.state = WorkerState.SUCCEEDED
                 await exit_barrier(rdzv.store, rdzv.world_size, self._exit_barrier_timeout)
@@ -147,7 +152,7 @@ class LocalElasticAgent:
                     },
                 )
             if self._remaining_restarts > 0:
-                logger.info(
+                logger.warning(
                     "[%s] worker group FAILED; %s/%s restarts left; restarting",
                     spec.role,
                     self._remaining_restarts,
@@ -187,12 +192,16 @@ class LocalElasticAgent:
         )
         return rdzv
 
-    async def _run_attempt(self, entrypoint: str | Callable[..., Any]) -> GroupOutcome:
+    async def _run_attempt(
+        self, entrypoint: str | Callable[..., Any], rdzv: RendezvousInfo
+    ) -> GroupOutcome:
         """Start the group, monitor it, and stop it; workers still running when this is
         cancelled are left in ``_processes`` for ``run`` to stop with the right signal."""
         group = self._worker_group
         spec = group.spec
         restart_count = spec.max_restarts - self._remaining_restarts
+        # Held until the attempt's workers are stopped: dropping it stops node 0's server.
+        attempt_store, group.master_port = await self._attempt_store(rdzv, restart_count)
         dest = self._logs_specs.reify(
             self._log_dir, self._rendezvous.get_run_id(), restart_count, spec.local_world_size
         )
@@ -211,7 +220,41 @@ class LocalElasticAgent:
         group.state = WorkerState.HEALTHY
         outcome = await monitor(self._processes, dest.error_files, self._shutdown_timeout)
         await self._stop_workers(signal.SIGTERM)
+        del attempt_store
         return outcome
+
+    async def _attempt_store(self, rdzv: RendezvousInfo, restart_count: int) -> tuple[Any, int]:
+        """The store this attempt's workers meet in through ``env://``, and its port.
+
+        Every attempt gets a fresh one: torch's ``env://`` (2.13) adds no per-attempt prefix
+        to the agent store (it expects a new store per retry), so a restarted group meeting
+        in the rendezvous store would read the dead group's keys (gloo connects to the dead
+        ranks' addresses and fails or hangs). Node 0 hosts it on a port the kernel picks,
+        held from the moment it is chosen; the other nodes read the port from the
+        rendezvous store. Returns ``(server or None, port)``.
+        """
+        key = f"torchelastic/attempt_store_port/{restart_count}"
+        if rdzv.rank != 0:
+            raw = await run_blocking(lambda: rdzv.store.get(key), "aiockpt-attempt-store")
+            return None, int(raw)
+        from datetime import timedelta
+
+        from torch.distributed import TCPStore  # type: ignore[attr-defined]
+
+        def host() -> Any:
+            server = TCPStore(
+                rdzv.master_addr,
+                0,
+                is_master=True,
+                wait_for_workers=False,
+                timeout=timedelta(seconds=self._rendezvous.timeout),
+            )
+            if rdzv.world_size > 1:
+                rdzv.store.set(key, str(server.port))
+            return server
+
+        server = await run_blocking(host, "aiockpt-attempt-store")
+        return server, int(server.port)
 
     async def _stop_workers(self, sig: signal.Signals) -> None:
         """Stop and close every worker in ``_processes``. A worker leaves the list only once

@@ -49,6 +49,15 @@ def test_runs_script_with_tee_and_log_dir(tmp_path: Path) -> None:
         assert log.read_text() == f"line 0 of rank {rank}\nline 1 of rank {rank}\n"
 
 
+def test_restarted_group_meets_again_through_env_init(tmp_path: Path) -> None:
+    done = launch(
+        "--standalone", "--nproc-per-node=2", "--max-restarts=1", "--tee=3",
+        f"--log-dir={tmp_path}", SCRIPT, "gloo-crash-once",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("attempt 1 sum 2") == 2
+
+
 def test_failure_report_and_exit_code() -> None:
     done = launch("--standalone", "--nproc-per-node=2", SCRIPT, "exit-rank", "1", "7")
     assert done.returncode == 1

@@ -2,7 +2,8 @@
 
 Modes: ``exit-rank R CODE`` (local rank R exits CODE after a moment, the others sleep),
 ``record-raise MESSAGE`` (an ``@record`` main raising ValueError), ``print N``,
-``pid-then-sleep DIR`` (write DIR/<local_rank>.pid, note SIGTERM in DIR/<local_rank>.term).
+``pid-then-sleep DIR`` (write DIR/<local_rank>.pid, note SIGTERM in DIR/<local_rank>.term),
+``gloo-crash-once`` (join a gloo group through env://; rank 1 dies on the first attempt).
 """
 
 from __future__ import annotations
@@ -46,6 +47,20 @@ def main(argv: list[str]) -> None:
             f.write(str(os.getpid()))
         os.rename(path + ".tmp", path)
         time.sleep(120)
+    elif mode == "gloo-crash-once":
+        # torch's own env:// rendezvous, as most training scripts do it; a restarted group
+        # must meet in a store of its own, not among the dead group's keys.
+        import torch
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        total = torch.ones(1)
+        dist.all_reduce(total)
+        if dist.get_rank() == 1 and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+            os._exit(1)
+        dist.barrier()
+        print(f"attempt {os.environ['TORCHELASTIC_RESTART_COUNT']} sum {total.item():.0f}")
+        dist.destroy_process_group()
     else:
         raise SystemExit(f"unknown mode {mode}")
 
