@@ -268,7 +268,7 @@ class Worker:
             self._after_write()
         try:
             msgspec.msgpack.encode(result)
-        except (TypeError, msgspec.EncodeError):
+        except (TypeError, msgspec.EncodeError, RecursionError):
             result = None  # torch-style writers may return futures or other local objects
         return WorkerResponse(
             request_id,
