@@ -37,7 +37,18 @@ class SyncSaveHandle:
         self._handle = handle
         self._runner = runner
         self.staged: concurrent.futures.Future[None] = runner.submit(_staged(handle))
-        self._done: concurrent.futures.Future[SaveResult] = runner.submit(_finished(handle))
+        self._done: concurrent.futures.Future[SaveResult] = concurrent.futures.Future()
+        # Settled by a callback of the save's own task, which runs before anything that
+        # awaited the task resumes: once wait() returns, done() is true.
+        runner.loop.call_soon_threadsafe(handle.add_done_callback, self._settle)
+
+    def _settle(self, handle: SaveHandle) -> None:
+        try:
+            self._done.set_result(handle.result())
+        except asyncio.CancelledError:
+            self._done.cancel()
+        except BaseException as exc:
+            self._done.set_exception(exc)
 
     def result(self, timeout: float | None = None) -> SaveResult:
         """Block until the checkpoint is durable; raise ``TimeoutError`` after ``timeout``."""
@@ -59,10 +70,6 @@ class SyncSaveHandle:
 
 async def _staged(handle: SaveHandle) -> None:
     await handle.staged
-
-
-async def _finished(handle: SaveHandle) -> SaveResult:
-    return await asyncio.shield(handle)
 
 
 async def _cancel(handle: SaveHandle) -> bool:
