@@ -56,10 +56,20 @@ _ARENA_NAME = re.compile(rf"{RESOURCE_PREFIX}-\d+-[0-9a-f]{{16}}$")
 
 
 def shm_entries() -> set[str]:
+    """Arena names in /dev/shm that this test session may have made: /dev/shm is shared by
+    the whole machine, so an arena whose creator is alive and not this process or one of its
+    descendants belongs to someone else (another test run, say) and is left out. One whose
+    creator is dead counts: it may be ours, left by a process a test killed."""
     try:
-        return {n for n in os.listdir("/dev/shm") if _ARENA_NAME.match(n)}
+        names = {n for n in os.listdir("/dev/shm") if _ARENA_NAME.match(n)}
     except FileNotFoundError:
         return set()
+    ours = {os.getpid(), *descendants()}
+    return {n for n in names if _creator(n) in ours or not os.path.exists(f"/proc/{_creator(n)}")}
+
+
+def _creator(name: str) -> int:
+    return int(name.split("-")[1])
 
 
 def temp_entries() -> set[str]:
