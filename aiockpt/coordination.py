@@ -52,6 +52,8 @@ __all__ = [
 
 
 class Success(msgspec.Struct, frozen=True, tag="ok"):
+    """What a key's owner posted when it delivered."""
+
     value: Any = None
 
 

@@ -11,7 +11,6 @@ custom writers that call ``torch.distributed`` collectives then find a group of 
 from __future__ import annotations
 
 import datetime
-import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,8 +26,6 @@ from aiockpt.protocol import CommitOptions, GroupInfo, ShardSpec
 from aiockpt.writers.base import GroupWriter, Writer, WriterPart
 
 __all__ = ["WorkerGroup"]
-
-logger = logging.getLogger("aiockpt.worker")
 
 
 class Outcome(msgspec.Struct, frozen=True):
