@@ -375,8 +375,10 @@ class Checkpointer:
                         process = self._process
                         assert process is not None
                         if arena is not None:
-                            await process.map_arena(arena.ref)
-                            arena.unlink()
+                            # _map closes it if that fails: never give it back unmapped.
+                            unmapped, arena = arena, None
+                            await _map(process, unmapped)
+                            arena = unmapped
                     assert process is not None
                     payload = WritePayload(path, plan.payload(arena), commit=options)
                     if self._group is not None:
@@ -431,12 +433,7 @@ class Checkpointer:
                 await process.release_arena(retired.ref)
             retired.close()
         arena = await asyncio.to_thread(SharedArena, nbytes)
-        try:
-            await process.map_arena(arena.ref)
-        except BaseException:
-            arena.close()
-            raise
-        arena.unlink()
+        await _map(process, arena)
         return arena
 
     def _give_back(self, process: CheckpointProcess, arena: SharedArena | None) -> None:
@@ -531,6 +528,17 @@ async def _report_failure(group: TrainerGroup, save_id: int, exc: BaseException)
 async def _new_arena(nbytes: int) -> SharedArena | None:
     """A new arena of ``nbytes``, not mapped by any worker yet (None for no tensor bytes)."""
     return await asyncio.to_thread(SharedArena, nbytes) if nbytes else None
+
+
+async def _map(process: CheckpointProcess, arena: SharedArena) -> None:
+    """Have ``process``'s worker map ``arena``, then drop its name (the two mappings keep it);
+    if that fails, ``arena`` is closed."""
+    try:
+        await process.map_arena(arena.ref)
+    except BaseException:
+        arena.close()
+        raise
+    arena.unlink()
 
 
 def _close(arena: SharedArena | None) -> None:

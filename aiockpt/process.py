@@ -425,13 +425,12 @@ class CheckpointProcess:
                 error_type=response.error_type,
                 traceback=response.traceback,
             )
-        if not response.success:
-            raise CheckpointWriteError(
-                f"{what} failed in the checkpoint worker (pid {self.pid}): "
-                f"{response.error_type}: {response.error_msg}",
-                error_type=response.error_type,
-                traceback=response.traceback,
-            )
+        raise CheckpointWriteError(
+            f"{what} failed in the checkpoint worker (pid {self.pid}): "
+            f"{response.error_type}: {response.error_msg}",
+            error_type=response.error_type,
+            traceback=response.traceback,
+        )
 
     async def _cancel_write(
         self, request_id: int, future: asyncio.Future[WorkerResponse]

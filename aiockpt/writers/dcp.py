@@ -138,13 +138,22 @@ class DcpWriter:
         Raises TypeError if ``state_dict`` is not a dict (DCP's rule) or holds non-strided
         tensors, ValueError for two leaves with the same DCP name, OSError from the file system.
         """
-        (assignment,) = self.assign([self.plan(state_dict, {})])
+        # One rank: its plan goes straight to the global step, no encoding on the way.
+        (assignment,) = self._assign([self._plan(state_dict, {})])
         part = self.write_part(state_dict, path, assignment)
         return [*part.records, *self.finish(path, [part])]
 
     def plan(self, state_dict: Any, shards: Mapping[int, ShardSpec]) -> DcpPlan:
         """This rank's items, as DCP's planner makes them; ``shards`` turn whole-tensor items
         into pieces of a bigger tensor (DTensor shards, staged as their local tensor)."""
+        local_plan = self._plan(state_dict, shards)
+        mappings = local_plan.planner_data or {}
+        return DcpPlan(
+            [_encode_item(item) for item in local_plan.items],
+            {k: list(v) for k, v in mappings.items()},
+        )
+
+    def _plan(self, state_dict: Any, shards: Mapping[int, ShardSpec]) -> SavePlan:
         if not isinstance(state_dict, dict):
             raise TypeError(
                 f"format='dcp' needs a dict at the top of the state dict, got "
@@ -162,14 +171,10 @@ class DcpWriter:
             spec = shard_of.get(id(planner.state_dict[item.index.fqn]))
             items.append(item if spec is None else _shard_item(item, spec))
         self._planner, self._items = planner, items
-        mappings = local_plan.planner_data or {}
-        return DcpPlan(
-            [_encode_item(item) for item in items], {k: list(v) for k, v in mappings.items()}
-        )
+        return dataclasses.replace(local_plan, items=items)
 
     def assign(self, plans: Sequence[Any]) -> list[list[int]]:
         """Rank 0: for every rank, the positions in its plan of the items it writes."""
-        assert self._planner is not None, "plan() first"
         all_plans = []
         for plan in plans:
             plan = msgspec.convert(plan, DcpPlan)
@@ -179,6 +184,10 @@ class DcpWriter:
                     planner_data={fqn: tuple(path) for fqn, path in plan.mappings.items()},
                 )
             )
+        return self._assign(all_plans)
+
+    def _assign(self, all_plans: list[SavePlan]) -> list[list[int]]:
+        assert self._planner is not None, "plan() first"
         global_plans, self._metadata = self._planner.create_global_plan(all_plans)
         assignments = []
         for local, kept in zip(all_plans, global_plans, strict=True):
