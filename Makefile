@@ -8,13 +8,13 @@ STAMP := $(VENV)/.aiockpt-installed
 
 .PHONY: test lint typecheck unit demo bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# Keep a torch that is already installed and satisfies the requirement; otherwise take
-	# the pinned wheel first so that installing the project never resolves torch itself.
-	$(BIN)/python -c "import torch, sys; v = tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(v < (2, 6))" 2>/dev/null \
-		|| $(BIN)/python -m pip install --disable-pip-version-check -q "$(TORCH_PIN)"
-	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev]"
+	# Every package is pinned in constraints.txt, so a release elsewhere never changes what a
+	# fresh clone runs. torch goes first, on its own, so that installing the project never
+	# resolves torch itself (the registry's CUDA build is several GB).
+	$(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt "$(TORCH_PIN)"
+	$(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 lint: $(STAMP)

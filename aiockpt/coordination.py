@@ -169,11 +169,13 @@ class SaveRound:
             for name, owner in zip(names, owners, strict=True):
                 if not self.store.check([self._key(name)]):
                     self._post(name, self._timeout(name, owner, waited))
-        values = [_decoder.decode(self.store.get(key)) for key in keys]
-        for value in values:
+        delivered: list[Any] = []
+        for key in keys:
+            value = _decoder.decode(self.store.get(key))
             if isinstance(value, Failure):
                 raise value.to_exception()
-        return [value.value for value in values]
+            delivered.append(value.value)
+        return delivered
 
     def forget(self) -> None:
         """Delete this save's keys (best effort): rank 0 does so two saves later, when no
