@@ -3,7 +3,7 @@ workers run it in their write thread, the trainers (after a worker crash) in ``t
 
 Theory of operation
 -------------------
-The ranks of a save meet at keys of the store under ``save/<save_id>/``. Each key has one
+The ranks of a save meet at keys of the store under ``save/<round_id>/``. Each key has one
 owner, the rank whose worker posts it:
 
 =============  ======  ===============================================================
@@ -112,19 +112,19 @@ def connect_store(group: GroupInfo, *, base: Store | None = None) -> Store:
 
 
 class SaveRound:
-    """The keys of save ``save_id``, seen from ``rank``."""
+    """The keys of save ``round_id``, seen from ``rank``."""
 
     def __init__(
-        self, store: Store, save_id: int, *, rank: int, world_size: int, timeout_s: float
+        self, store: Store, round_id: str, *, rank: int, world_size: int, timeout_s: float
     ) -> None:
         self.store = store
-        self.save_id = save_id
+        self.round_id = round_id
         self.rank = rank
         self.world_size = world_size
         self.timeout_s = timeout_s
 
     def _key(self, name: str) -> str:
-        return f"save/{self.save_id}/{name}"
+        return f"save/{self.round_id}/{name}"
 
     def post(self, name: str, value: Any) -> None:
         """Post this rank's ``value`` to ``name``; raise what another rank posted there first
@@ -192,7 +192,7 @@ class SaveRound:
         return Failure(
             owner,
             qualified_name(CoordinationTimeout),
-            f"rank {owner} did not reach step {name!r} of save {self.save_id} within "
+            f"rank {owner} did not reach step {name!r} of save {self.round_id!r} within "
             f"{waited:.1f} s (rank {self.rank} stopped waiting; timeout_s={self.timeout_s})",
             timed_out=True,
         )

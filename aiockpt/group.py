@@ -4,8 +4,11 @@ Theory of operation
 -------------------
 When ``torch.distributed`` is initialised with several ranks, each rank's checkpoint worker
 joins a group of the workers alone (never the trainers' process group). Rank 0 decides where
-they meet and broadcasts it over the trainers' group; that broadcast, at ``Checkpointer.start``,
-is the only collective aiockpt runs on the trainers' group:
+they meet and posts it in the trainers' *store* (the one their process group was created
+with); the other ranks wait for that key, within the coordination timeout. No collective runs
+on the trainers' process group: forming the group, lazily at the first save or at ``start``,
+may happen in a thread while the training loop runs collectives of its own, and only a store
+is safe to use that way. Where they meet:
 
 * by default, a ``TCPStore`` server of the Checkpointer's own, in rank 0's *trainer*, bound to
   port 0: the kernel picks a free port and the server holds it from that moment, so there is
@@ -18,7 +21,11 @@ is the only collective aiockpt runs on the trainers' group:
 
 Either way the keys live under a random session id, so two Checkpointers never meet. The
 workers use the store to coordinate each save (``aiockpt.coordination``) and to form their
-gloo process group; the trainers use it only to report a worker that died mid-save.
+gloo process group; the trainers use it to report a save that failed on their side.
+
+The key rank 0 posts is named by the Checkpointer (its root), by how many Checkpointers of
+that name this process formed before, and by torchelastic's restart count, so that a
+restarted job never reads the key of the attempt before it from a store that outlived it.
 """
 
 from __future__ import annotations
@@ -34,9 +41,17 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import Store, TCPStore
 
 from aiockpt.coordination import connect_store
+from aiockpt.errors import CoordinationTimeout
 from aiockpt.protocol import GroupInfo
 
-__all__ = ["DEFAULT_TIMEOUT_S", "PREFIX_STORE_PREFIX", "TrainerGroup", "form_group", "world_of"]
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "PREFIX_STORE_PREFIX",
+    "TrainerGroup",
+    "form_group",
+    "reserve_group_key",
+    "world_of",
+]
 
 #: how long a rank waits for another at any step of a save, unless configured
 DEFAULT_TIMEOUT_S = 300.0
@@ -74,18 +89,35 @@ class _Choice(msgspec.Struct, frozen=True):
     error: str | None = None
 
 
+#: name -> how many group keys of that name this process has reserved
+_reserved: dict[str, int] = {}
+
+
+def reserve_group_key(name: str) -> str:
+    """The store key under which rank 0 will say where the workers of the next Checkpointer
+    named ``name`` meet. Every rank reserves one per Checkpointer, in the order they create
+    them, so the ranks' keys agree; retries of a failed formation keep their key."""
+    count = _reserved.get(name, 0)
+    _reserved[name] = count + 1
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return f"aiockpt/group/{restart}/{count}/{name}"
+
+
 def form_group(
     process_group: Any = None,
     *,
+    key: str,
     use_prefix_store: bool | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> TrainerGroup:
-    """Agree with the other ranks on where the workers meet. Blocking, and a collective on
-    ``process_group``: every rank must call it, in the same order as its other collectives.
+    """Agree with the other ranks on where the workers meet, through the store of
+    ``process_group`` (no collective), at ``key`` (from ``reserve_group_key``). Blocking:
+    run it in a thread.
 
     ``use_prefix_store`` None reads ``DCP_USE_PREFIX_STORE``. Raises ValueError on every rank
     when rank 0 cannot choose (prefix store without ``MASTER_ADDR`` or ``MASTER_PORT``),
-    ``torch.distributed.DistStoreError`` when the store cannot be reached within
+    ``CoordinationTimeout`` when rank 0 does not post its choice within ``timeout_s``,
+    ``torch.distributed.DistStoreError`` when the chosen store cannot be reached within
     ``timeout_s``, and RuntimeError when ``torch.distributed`` is not initialised with
     several ranks.
     """
@@ -95,17 +127,26 @@ def form_group(
     rank, world_size = world
     if use_prefix_store is None:
         use_prefix_store = os.environ.get("DCP_USE_PREFIX_STORE", "0") == "1"
+    trainers_store = _store_of(process_group)
+    timeout = datetime.timedelta(seconds=timeout_s)
     server: TCPStore | None = None
-    message: list[Any] = [None]
     if rank == 0:
         try:
             choice, server = _choose(use_prefix_store, timeout_s)
         except ValueError as exc:
             choice = _Choice(error=str(exc))
-        message = [msgspec.msgpack.encode(choice)]
-    source = 0 if process_group is None else dist.get_global_rank(process_group, 0)
-    dist.broadcast_object_list(message, src=source, group=process_group)
-    choice = msgspec.msgpack.decode(message[0], type=_Choice)
+        trainers_store.set(key, msgspec.msgpack.encode(choice))  # type: ignore[arg-type]
+    else:
+        try:
+            trainers_store.wait([key], timeout)
+        except dist.DistError as exc:
+            raise CoordinationTimeout(
+                f"rank 0 did not say where the checkpoint workers meet within "
+                f"{timeout_s} s (store key {key!r}): did every rank create the Checkpointer "
+                f"and save or start it? ({exc})",
+                rank=0,
+            ) from None
+        choice = msgspec.msgpack.decode(trainers_store.get(key), type=_Choice)
     if choice.error is not None:
         raise ValueError(f"{choice.error} (reported by rank 0)")
     info = GroupInfo(
@@ -119,6 +160,15 @@ def form_group(
         timeout_s=timeout_s,
     )
     return TrainerGroup(info, connect_store(info, base=server), server)
+
+
+def _store_of(process_group: Any) -> Store:
+    """The store ``process_group`` (default: the world) was created with; its key space is
+    the group's own."""
+    from torch.distributed.distributed_c10d import _get_default_group, _world
+
+    group = _get_default_group() if process_group is None else process_group
+    return _world.pg_map[group][1]
 
 
 def _choose(use_prefix_store: bool, timeout_s: float) -> tuple[_Choice, TCPStore | None]:

@@ -222,9 +222,14 @@ class CommitOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     format: str
     overwrite: bool = False
     metadata: dict[str, Any] | None = None
-    #: the save's number in its group session (every rank numbers its saves alike); only
-    #: read when the worker belongs to a group
-    save_id: int = 0
+    #: which save of its group session this is: the ranks' workers meet under this name.
+    #: It is the checkpoint's path (relative to the root) and how many saves to that path
+    #: came before, so a rank that skipped or added a save cannot shift the saves after it.
+    #: Only read when the worker belongs to a group.
+    round_id: str = ""
+    #: a finished round whose keys rank 0's worker deletes (two saves back: no rank can
+    #: still be reading them without having timed out)
+    forget_round: str | None = None
 
 
 class WritePayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="write"):

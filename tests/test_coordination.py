@@ -24,9 +24,9 @@ def group() -> Iterator[tuple[GroupInfo, dist.TCPStore]]:
     yield info, server
 
 
-def rounds(info: GroupInfo, server: dist.TCPStore, save_id: int = 0) -> list[SaveRound]:
+def rounds(info: GroupInfo, server: dist.TCPStore, round_id: str = "step_1#0") -> list[SaveRound]:
     return [
-        SaveRound(connect_store(info, base=server), save_id, rank=r, world_size=2, timeout_s=0.3)
+        SaveRound(connect_store(info, base=server), round_id, rank=r, world_size=2, timeout_s=0.3)
         for r in range(2)
     ]
 
@@ -81,7 +81,7 @@ def test_collect_waits_for_values_posted_meanwhile(group: tuple[GroupInfo, dist.
     rank0, _ = rounds(info, server)
     rank0.timeout_s = 10
     # Its own client, as in its own process: a client blocked in wait serves nobody else.
-    rank1 = SaveRound(connect_store(info), 0, rank=1, world_size=2, timeout_s=10)
+    rank1 = SaveRound(connect_store(info), "step_1#0", rank=1, world_size=2, timeout_s=10)
     poster = threading.Timer(0.1, lambda: rank1.post("plan/1", [1, 2, 3]))
     poster.start()
     try:
@@ -94,15 +94,15 @@ def test_saves_do_not_see_each_others_keys_and_forget_removes_them(
     group: tuple[GroupInfo, dist.TCPStore],
 ) -> None:
     info, server = group
-    first, _ = rounds(info, server, save_id=0)
-    second, _ = rounds(info, server, save_id=1)
+    first, _ = rounds(info, server, round_id="step_1#0")
+    second, _ = rounds(info, server, round_id="step_2#0")
     first.post("prepared", "a")
     second.post("prepared", "b")
     assert second.collect(["prepared"], [0]) == ["b"]
     first.forget()
     session = connect_store(info, base=server)
-    assert not session.check(["save/0/prepared"])
-    assert session.check(["save/1/prepared"])
+    assert not session.check(["save/step_1#0/prepared"])
+    assert session.check(["save/step_2#0/prepared"])
 
 
 def test_each_rank_owes_its_own_keys_and_rank_0_the_shared_ones() -> None:

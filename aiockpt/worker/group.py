@@ -11,6 +11,7 @@ custom writers that call ``torch.distributed`` collectives then find a group of 
 from __future__ import annotations
 
 import datetime
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -78,7 +79,7 @@ class WorkerGroup:
         *,
         begin_commit: Callable[[], None],
     ) -> Outcome:
-        """Write this rank's part of save ``options.save_id`` into the directory all ranks
+        """Write this rank's part of save ``options.round_id`` into the directory all ranks
         share and, on rank 0, commit it once every part is in.
 
         ``begin_commit`` is called at this rank's point of no return (rank 0: before the
@@ -90,7 +91,7 @@ class WorkerGroup:
         ranks = list(range(info.world_size))
         round_ = SaveRound(
             self.store,
-            options.save_id,
+            options.round_id,
             rank=info.rank,
             world_size=info.world_size,
             timeout_s=info.timeout_s,
@@ -99,9 +100,13 @@ class WorkerGroup:
         started = time.perf_counter()
         try:
             if info.rank == 0:
-                if options.save_id >= 2:
+                if options.forget_round is not None:
                     SaveRound(
-                        self.store, options.save_id - 2, rank=0, world_size=len(ranks), timeout_s=0
+                        self.store,
+                        options.forget_round,
+                        rank=0,
+                        world_size=len(ranks),
+                        timeout_s=0,
                     ).forget()
                 pending = commit.prepare(path, overwrite=options.overwrite)
                 temp_path = pending.temp_path
@@ -174,7 +179,8 @@ class WorkerGroup:
         # A worker that replaced a dead one, or one whose re-forming failed, is not in the
         # others' process group: all of them re-form it once this save is answered.
         generations = {part.pg_generation for part in parts}
-        regroup = None if generations == {self.pg_generation} != {None} else options.save_id
+        # Generations are random: a replaced rank 0 worker must not reuse an old prefix.
+        regroup = None if generations == {self.pg_generation} != {None} else secrets.randbits(62)
         begin_commit()
         manifest_size = commit.finalize(pending, manifest)
         result = commit.CommitResult(
