@@ -21,27 +21,37 @@ checkpoints, and ``latest()`` only ever reports directories that have a manifest
 Several ranks
 -------------
 When ``torch.distributed`` is initialised with several ranks, a Checkpointer is one rank of a
-group (``aiockpt.group``), formed at ``start``: every rank creates its Checkpointer with the
-same root and calls ``start`` and ``save`` in the same order (as with any collective), and
-each save is one checkpoint that every rank's worker writes a part of. Saves are numbered in
-call order, which is how the ranks' workers know they are meeting about the same save, and
-are sent to the worker in that order. Only rank 0 deletes anything (retention, leftovers of
-crashed saves). A rank whose save fails before its worker could report it (its worker died,
-the save was cancelled) reports it itself, so that no rank waits for it until the timeout.
+group (``aiockpt.group``), formed at ``start`` or lazily at the first save through the
+trainers' *store* (never a collective on their process group, so a lazy start in the
+background cannot interleave with the training loop's own collectives). Every rank creates
+its Checkpointer with the same root and calls ``save`` in the same order, and each save is
+one checkpoint that every rank's worker writes a part of.
+
+The ranks' workers meet about a save under its *round id*: the checkpoint's path (relative to
+the root) and how many saves to that path this Checkpointer made before. A rank that skips a
+save, or makes one the others do not, therefore costs that one save (it fails on the ranks
+that made it, with ``CoordinationTimeout`` after ``coordination_timeout_secs``) and cannot
+shift the saves after it. Saves are sent to the worker in call order, so two ranks' workers
+never wait in different saves. A save that fails on one rank fails on every rank: a rank
+whose save fails before its worker could report it (a bad entry refused in ``save`` itself,
+a failed staging, a dead worker, a cancellation) posts the failure for its worker, so the
+others raise ``RankFailed`` naming the rank at once rather than at their timeout. Only rank 0
+deletes anything (retention, leftovers of crashed saves).
 
 As in ``torch.distributed.checkpoint``, a plain (non-DTensor) tensor under the same key on
 every rank is taken to be replicated and written once: per-rank tensors need per-rank keys.
-``start`` broadcasts over ``process_group``: to start the worker in the background while the
-training loop runs collectives of its own, give the Checkpointer a group of its own
-(``process_group=dist.new_group(backend="gloo")``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import logging
 import os
+import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -50,8 +60,14 @@ import msgspec
 
 from aiockpt import commit, loading
 from aiockpt.coordination import SaveRound
-from aiockpt.errors import WorkerClosed, WorkerCrashed
-from aiockpt.group import DEFAULT_TIMEOUT_S, TrainerGroup, form_group, world_of
+from aiockpt.errors import WorkerClosed, WorkerCrashed, WorkerError
+from aiockpt.group import (
+    DEFAULT_TIMEOUT_S,
+    TrainerGroup,
+    form_group,
+    reserve_group_key,
+    world_of,
+)
 from aiockpt.process import CheckpointProcess, CheckpointProcessConfig
 from aiockpt.protocol import CommitOptions, GroupInfo, RankInfo, WritePayload
 from aiockpt.refs import check_encodable
@@ -128,20 +144,33 @@ class Checkpointer:
         self._free_arenas: list[SharedArena] = []
         self._slots: asyncio.Semaphore | None = None
         self._saves: set[asyncio.Task[SaveResult]] = set()
+        #: threads posting, for the other ranks, failures of saves on this rank
+        self._failure_reports: set[asyncio.Future[None]] = set()
         self._start_lock: asyncio.Lock | None = None
-        self._root_cleaned = False
+        #: forming the group is blocking and happens in threads (a save's, a failure report's)
+        self._group_formation = threading.Lock()
+        self._root_prepared = False
+        #: set by ``close``; saves issued before it still finish
         self.closed = False
+        #: set once ``close`` has stopped the worker: nothing starts another
+        self._worker_stopped = False
+        self._close_task: asyncio.Task[None] | None = None
         self.process_group = process_group
         self.no_dist = no_dist
         self.use_prefix_store = use_prefix_store
         self.coordination_timeout_secs = coordination_timeout_secs
         self._group: TrainerGroup | None = None
         self._group_checked = False
+        #: where rank 0 will say where the workers meet: reserved here, in program order,
+        #: which is the same on every rank
+        self._group_key = None if no_dist else reserve_group_key(self.root or "<no root>")
         self._workers_spawned = 0
-        #: the number of the next save; every rank of a group numbers its saves alike
-        self._next_save_id = 0
+        #: name -> saves to that name so far; with the name, the next save's round id
+        self._saves_per_name: collections.Counter[str] = collections.Counter()
+        #: the latest round ids, oldest first: rank 0 forgets the keys of the one two back
+        self._recent_rounds: collections.deque[str] = collections.deque(maxlen=3)
         #: resolves once the latest save's write request is sent: a group's saves are sent in
-        #: their numbers' order, or two ranks' workers could each wait in a different save
+        #: call order, or two ranks' workers could each wait in a different save
         self._previous_sent: asyncio.Future[None] | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -169,41 +198,47 @@ class Checkpointer:
         return self._process.pid if self._process is not None and self._process.alive else None
 
     async def start(self, *, like: Any = None) -> None:
-        """Start the worker now (so that the first save pays no spawn) and remove what
-        crashed saves left under ``root``. Idempotent; saves call it themselves.
+        """Start the worker now (so that the first save pays no spawn), check that ``root``
+        is writable and remove what crashed saves left under it. Idempotent; saves start the
+        Checkpointer themselves.
 
         ``like``: a state dict of the layout you will save (the same tensors will do); its
         staging arena is created and mapped now, so that the first save costs what the
         later ones do.
 
-        In a multi-rank job this is a collective (call it on every rank): it forms the
-        workers' group, and every worker joins the workers' gloo process group before it
+        In a multi-rank job every rank starts (or saves): the workers' group forms over the
+        trainers' store, and every worker joins the workers' gloo process group before this
         returns.
 
-        Raises what ``CheckpointProcess.start`` raises, ``TypeError`` as ``save`` does for a
-        ``like`` that cannot be checkpointed, ``WorkerClosed`` after ``close``, and what
-        ``aiockpt.group.form_group`` raises (``ValueError`` for a prefix store without
-        ``MASTER_ADDR``/``MASTER_PORT``).
+        Raises ``OSError`` (``PermissionError``, read-only file system, ...) naming ``root``
+        when a checkpoint cannot be created under it, what ``CheckpointProcess.start``
+        raises, ``TypeError`` as ``save`` does for a ``like`` that cannot be checkpointed,
+        ``WorkerClosed`` after ``close``, and what ``aiockpt.group.form_group`` raises
+        (``ValueError`` for a prefix store without ``MASTER_ADDR``/``MASTER_PORT``,
+        ``CoordinationTimeout`` when rank 0 never forms the group).
         """
-        await self._start()
+        if self.closed:
+            raise WorkerClosed("the Checkpointer was closed")
+        await self._ensure_started()
         if like is not None:
             process = self._process
             assert process is not None
             arena = await self._take_arena(process, plan_staging(like, allow_pickle=True).nbytes)
             self._give_back(process, arena)
 
-    async def _start(self) -> None:
-        if self.closed:
-            raise WorkerClosed("the Checkpointer was closed")
+    async def _ensure_started(self) -> None:
+        """Form the group, prepare the root and have a live worker. Saves issued before
+        ``close`` still get here after it, and are served; once ``close`` has stopped the
+        worker, raises ``WorkerClosed``."""
+        await self._ensure_group()
         if self._start_lock is None:
             self._start_lock = asyncio.Lock()
         async with self._start_lock:
-            if not self._group_checked:
-                await self._form_group()
-                self._group_checked = True
-            if not self._root_cleaned:
-                await asyncio.to_thread(self._remove_leftovers)
-                self._root_cleaned = True
+            if self._worker_stopped:
+                raise WorkerClosed("the Checkpointer was closed before this save was written")
+            if not self._root_prepared:
+                await asyncio.to_thread(self._prepare_root)
+                self._root_prepared = True
             if self._process is not None and not self._process.alive:
                 await self._drop_worker()
             if self._process is None:
@@ -216,21 +251,47 @@ class Checkpointer:
                 self._workers_spawned += 1
             await self._process.start()
 
-    async def _form_group(self) -> None:
-        if self.no_dist or world_of(self.process_group) is None:
-            return
-        self._group = await asyncio.to_thread(
-            form_group,
-            self.process_group,
-            use_prefix_store=self.use_prefix_store,
-            timeout_s=self.coordination_timeout_secs,
-        )
-        self.rank_info = RankInfo(self._group.info.rank, self._group.info.world_size)
+    def _is_collective(self) -> bool:
+        """Whether saves span several ranks (decided anew: the user may initialise
+        ``torch.distributed`` after creating the Checkpointer)."""
+        return not self.no_dist and world_of(self.process_group) is not None
 
-    def _remove_leftovers(self) -> None:
+    async def _ensure_group(self) -> None:
+        """Form the workers' group once, over the trainers' store (see ``aiockpt.group``)."""
+        if not self._group_checked:
+            await asyncio.to_thread(self._form_group_once)
+
+    def _form_group_once(self) -> None:
+        """Blocking; from any thread."""
+        with self._group_formation:
+            if self._group_checked:
+                return
+            if self._is_collective():
+                assert self._group_key is not None
+                self._group = form_group(
+                    self.process_group,
+                    key=self._group_key,
+                    use_prefix_store=self.use_prefix_store,
+                    timeout_s=self.coordination_timeout_secs,
+                )
+                self.rank_info = RankInfo(self._group.info.rank, self._group.info.world_size)
+            self._group_checked = True
+
+    def _prepare_root(self) -> None:
+        """Fail now, not at the first save, when no checkpoint can be created under the
+        root; remove what crashed saves left there."""
         for path in remove_orphaned_arenas():
             logger.info("removed orphaned staging arena %s", path)
-        if self.root is not None and self._leader:
+        if self.root is None:
+            return
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            os.rmdir(tempfile.mkdtemp(prefix=".aiockpt-probe-", dir=self.root))
+        except OSError as exc:
+            raise type(exc)(
+                exc.errno, f"cannot create checkpoints under {self.root}: {exc.strerror}"
+            ) from exc
+        if self._leader:
             for path in commit.remove_stale_temps(self.root):
                 logger.warning("removed %s, left by a save that did not finish", path)
 
@@ -257,21 +318,64 @@ class Checkpointer:
         return results
 
     async def close(self) -> None:
-        """Let saves in flight finish, then stop the worker. Idempotent.
+        """Finish every save issued before this call, then stop the worker. Idempotent, and
+        safe to call concurrently; saves issued after it raise ``WorkerClosed``.
 
-        Failures of saves nobody awaited are logged, not raised. In a multi-rank group, close
-        on every rank (rank 0 holds the store the others' workers meet in).
+        Every step is bounded: saves are waited for as long as the worker answers a ping
+        within ``config.subprocess_shutdown_timeout_secs`` (a worker writing to a slow disk
+        answers; a hung or stopped one does not), then the worker is asked to exit, then
+        SIGTERM, then SIGKILL (see ``CheckpointProcess.close``); saves still pending then
+        fail with ``WorkerClosed`` naming their paths. Failures of saves nobody awaited are
+        logged, not raised. In a multi-rank group, close on every rank (rank 0 holds the
+        store the others' workers meet in).
         """
-        if self.closed:
-            return
-        self.closed = True
-        outcomes = await asyncio.gather(*self._saves, return_exceptions=True)
+        if self._close_task is None:
+            self.closed = True
+            self._close_task = asyncio.get_running_loop().create_task(self._shut_down())
+        await asyncio.shield(self._close_task)
+
+    async def _shut_down(self) -> None:
+        issued: set[asyncio.Future[Any]] = {*self._saves, *self._failure_reports}
+        await self._wait_while_worker_answers(issued)
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:  # not while a save is starting the worker
+            self._worker_stopped = True
+        await self._drop_worker()
+        outcomes = await asyncio.gather(*issued, return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, Exception):
                 logger.error("a save failed before close: %s", outcome)
-        await self._drop_worker()
+        # Saves that failed just now have their failures reported to the other ranks.
+        await asyncio.gather(*self._failure_reports, return_exceptions=True)
         # Rank 0's store server stops with its last reference (nothing left listening).
         self._group = None
+
+    async def _wait_while_worker_answers(self, tasks: set[asyncio.Future[Any]]) -> None:
+        """Wait for ``tasks`` while the worker (if any) answers a ping within the shutdown
+        timeout; return early when it stops answering. Saves not yet at the worker are
+        bounded by their own timeouts (worker start, coordination)."""
+        bound = self.config.subprocess_shutdown_timeout_secs
+        pending = {task for task in tasks if not task.done()}
+        while pending:
+            _, pending = await asyncio.wait(pending, timeout=bound)
+            process = self._process
+            if not pending or process is None or not process.alive:
+                continue
+            try:
+                async with asyncio.timeout(bound):
+                    await process.ping()
+            except TimeoutError:
+                logger.warning(
+                    "checkpoint worker (pid %s) has not answered for %s s; stopping it with "
+                    "%d save(s) unfinished",
+                    process.pid,
+                    bound,
+                    len(pending),
+                )
+                return
+            except WorkerError:
+                continue  # it died: the saves fail (or start a new worker) on their own
 
     # --- saving --------------------------------------------------------------------------------
 
@@ -310,26 +414,39 @@ class Checkpointer:
         Raises ``TypeError`` here, naming the key, for an entry that cannot be checkpointed
         (or for ``metadata`` that is not msgspec-encodable), ``ValueError`` for an unknown
         format, ``WorkerClosed`` after ``close``, ``RuntimeError`` outside a running loop.
-        Failures of the save itself are raised by awaiting the handle.
+        In a multi-rank job such an error still fails this save on the other ranks (with
+        ``RankFailed`` naming this rank), and the next save works on every rank. Failures of
+        the save itself are raised by awaiting the handle.
         """
         if self.closed:
             raise WorkerClosed("the Checkpointer was closed")
         loop = asyncio.get_running_loop()
-        fmt = self.format if format is None else format
-        self._check_format(fmt)
-        check_encodable(dict(metadata or {}), "metadata")
-        plan = plan_staging(
-            state_dict, allow_pickle=self.allow_pickle if allow_pickle is None else allow_pickle
-        )
-        options = CommitOptions(fmt, overwrite, dict(metadata) if metadata else None)
-        if plan.shards and fmt != "dcp":
-            raise TypeError(
-                f"format={fmt!r} cannot store sharded tensors (DTensor); use format='dcp' "
-                "or save full tensors (DTensor.full_tensor())"
-            )
-        options = msgspec.structs.replace(options, save_id=self._next_save_id)
-        self._next_save_id += 1
         target = os.path.abspath(os.fspath(path))
+        # The round is taken before anything can fail, so that every rank agrees on it.
+        round_id = self._next_round(target)
+        try:
+            fmt = self.format if format is None else format
+            self._check_format(fmt)
+            check_encodable(dict(metadata or {}), "metadata")
+            plan = plan_staging(
+                state_dict,
+                allow_pickle=self.allow_pickle if allow_pickle is None else allow_pickle,
+            )
+            if plan.shards and fmt != "dcp":
+                raise TypeError(
+                    f"format={fmt!r} cannot store sharded tensors (DTensor); use "
+                    "format='dcp' or save full tensors (DTensor.full_tensor())"
+                )
+        except Exception as exc:
+            self._report_failed_save(round_id, exc)
+            raise
+        options = CommitOptions(
+            fmt,
+            overwrite,
+            dict(metadata) if metadata else None,
+            round_id=round_id,
+            forget_round=self._recent_rounds[0] if len(self._recent_rounds) == 3 else None,
+        )
         staged: asyncio.Future[None] = loop.create_future()
         previous_sent, sent = self._previous_sent, loop.create_future()
         self._previous_sent = sent
@@ -338,7 +455,75 @@ class Checkpointer:
         )
         self._saves.add(task)
         task.add_done_callback(self._saves.discard)
+        task.add_done_callback(functools.partial(self._save_done, round_id, staged, sent))
         return SaveHandle(target, task, staged, step)
+
+    def _save_done(
+        self,
+        round_id: str,
+        staged: asyncio.Future[None],
+        sent: asyncio.Future[None],
+        task: asyncio.Task[SaveResult],
+    ) -> None:
+        """Settle what a save task leaves behind, however it ended; a task cancelled before
+        it ran a single line included."""
+        if not sent.done():
+            sent.set_result(None)  # the next save's turn to be sent
+        if task.cancelled():
+            exc: BaseException | None = asyncio.CancelledError()
+        elif self._is_collective():
+            exc = task.exception()
+        else:
+            exc = None
+        if exc is not None:
+            _resolve(staged, exc)
+            self._report_failed_save(round_id, exc)
+
+    def _next_round(self, target: str) -> str:
+        """The round id of a save to ``target``: its name (relative to the root when under
+        it) and how many saves to that name came before."""
+        name = target
+        if self.root is not None and os.path.dirname(target) == self.root:
+            name = os.path.basename(target)
+        round_id = f"{name}#{self._saves_per_name[name]}"
+        self._saves_per_name[name] += 1
+        self._recent_rounds.append(round_id)
+        return round_id
+
+    def _report_failed_save(self, round_id: str, exc: BaseException) -> None:
+        """In a group, post this rank's failure of a save to the keys its worker owes and
+        has not posted (refused in ``save``, failed staging, dead worker, cancelled), so that
+        the other ranks fail that save now (``RankFailed``) instead of at their timeout.
+
+        The post runs in a thread that starts now: the caller may block its loop in a
+        collective next, which the other ranks only join once they learn of the failure."""
+        if not self._is_collective():
+            return
+        loop = asyncio.get_running_loop()
+        report = loop.run_in_executor(None, self._post_failure, round_id, exc)
+        self._failure_reports.add(report)
+        report.add_done_callback(self._failure_reports.discard)
+
+    def _post_failure(self, round_id: str, exc: BaseException) -> None:
+        """Blocking. Keys this rank's worker already posted are left as they are."""
+        try:
+            self._form_group_once()
+            if self._group is None:
+                return
+            info = self._group.info
+            SaveRound(
+                self._group.store,
+                round_id,
+                rank=info.rank,
+                world_size=info.world_size,
+                timeout_s=0,
+            ).fail(exc)
+        except Exception as report_error:  # the save's own error is the one to raise
+            logger.warning(
+                "could not tell the other ranks that save %r failed here: %s",
+                round_id,
+                report_error,
+            )
 
     async def _save(
         self,
@@ -358,13 +543,13 @@ class Checkpointer:
                     raise FileExistsError(f"checkpoint path exists and overwrite=False: {path}")
                 process = self._process
                 if process is not None and process.alive:
-                    await self._start()  # cheap for a running worker; raises after close
+                    await self._ensure_started()  # cheap for a running worker
                     arena = await self._take_arena(process, plan.nbytes)
                     starting = None
                 else:
                     # No worker yet (or a dead one): stage into a new arena while it starts
                     # (and, in a group, while the group forms), and map the arena after.
-                    starting = asyncio.ensure_future(self._start())
+                    starting = asyncio.ensure_future(self._ensure_started())
                     arena = await _new_arena(plan.nbytes)
                 try:
                     await _copy_in(arena, plan)
@@ -398,11 +583,9 @@ class Checkpointer:
             _resolve(staged, exc)
             if isinstance(exc, WorkerCrashed):
                 logger.error("save to %s failed: %s; the next save starts a new worker", path, exc)
-            if self._group is not None:
-                await _report_failure(self._group, options.save_id, exc)
+            if isinstance(exc, WorkerClosed):
+                raise WorkerClosed(f"save to {path} did not finish: {exc}") from exc
             raise
-        finally:
-            order.done()
         result = msgspec.convert(written.result, commit.CommitResult)
         if self.keep_last is not None and self.root is not None and self._leader:
             await asyncio.to_thread(self._apply_retention, result.path)
@@ -509,20 +692,6 @@ class _SendOrder:
     def done(self) -> None:
         if not self._mine.done():
             self._mine.set_result(None)
-
-
-async def _report_failure(group: TrainerGroup, save_id: int, exc: BaseException) -> None:
-    """Post ``exc`` to the keys of save ``save_id`` this rank owes and has not posted (its
-    worker died, or never got the save), so the other ranks fail now rather than at their
-    timeout. Keys the worker already posted are left as they are."""
-    info = group.info
-    round_ = SaveRound(
-        group.store, save_id, rank=info.rank, world_size=info.world_size, timeout_s=0
-    )
-    try:
-        await asyncio.to_thread(round_.fail, exc)
-    except Exception as report_error:  # the save's own error is the one to raise
-        logger.warning("could not report failed save %d to the others: %s", save_id, report_error)
 
 
 async def _new_arena(nbytes: int) -> SharedArena | None:

@@ -49,6 +49,11 @@ class SaveHandle:
     ``CheckpointWriteError`` (the writer failed; worker traceback attached), ``WorkerCrashed``
     (the worker died; the next save respawns it), ``OSError`` (no room for staging) or
     ``asyncio.CancelledError`` (cancelled before its commit; nothing at ``path``).
+
+    Awaiting the handle is awaiting the save: cancelling the awaiting task, or
+    ``asyncio.wait_for(handle, t)`` running out, cancels the save. To bound a wait without
+    giving up the save, wait with ``handle.wait()``:
+    ``async with asyncio.timeout(t): await handle.wait()``.
     """
 
     def __init__(
@@ -73,6 +78,12 @@ class SaveHandle:
         # Awaiting the task itself links cancellation: cancelling the awaiting task cancels
         # the save, exactly like cancelling the handle.
         return self._task.__await__()
+
+    async def wait(self) -> SaveResult:
+        """The save's result, awaited without owning the save: cancelling the waiting task,
+        or a deadline around it (``async with asyncio.timeout(t): await handle.wait()``),
+        stops the wait and leaves the save running. Raises what ``await handle`` raises."""
+        return await asyncio.shield(self._task)
 
     def done(self) -> bool:
         """True once the save committed, failed or was cancelled."""
@@ -113,10 +124,11 @@ def default_checkpointer(*, no_dist: bool = False) -> Checkpointer:
     ``no_dist``, the one that saves from this rank alone in a multi-rank job.
 
     Its worker starts with the first save (``await default_checkpointer().start()`` to start
-    it earlier) and stops when the loop shuts down (``asyncio.run``, ``uvloop.run`` and
-    ``anyio.run`` cancel the remaining tasks, which stops it), on ``close()``, or at the
-    latest when the interpreter exits (the worker sees its channel close). Raises
-    ``RuntimeError`` outside a running event loop.
+    it earlier) and the Checkpointer is closed, releasing its worker, channel and arenas, when
+    the loop shuts down (``asyncio.run``, ``uvloop.run`` and ``anyio.run`` cancel the tasks
+    left, among them one that closes it), or on ``close()``; so a program may call
+    ``asyncio.run`` once per checkpoint. Raises ``RuntimeError`` outside a running event
+    loop.
     """
     from aiockpt.manager import Checkpointer
 
@@ -131,7 +143,29 @@ def default_checkpointer(*, no_dist: bool = False) -> Checkpointer:
     checkpointer = checkpointers.get(no_dist)
     if checkpointer is None or checkpointer.closed:
         checkpointer = checkpointers[no_dist] = Checkpointer(no_dist=no_dist)
+        closer = loop.create_task(_close_at_loop_shutdown(loop, checkpointer, no_dist))
+        _closers.add(closer)  # the loop holds its tasks weakly
+        closer.add_done_callback(_closers.discard)
     return checkpointer
+
+
+#: one task per default Checkpointer, pending until its loop shuts down
+_closers: set[asyncio.Task[None]] = set()
+
+
+async def _close_at_loop_shutdown(
+    loop: asyncio.AbstractEventLoop, checkpointer: Checkpointer, no_dist: bool
+) -> None:
+    """Wait until the loop's shutdown cancels this task, then close ``checkpointer`` and
+    forget it: nothing else would release a default Checkpointer's worker, channel and
+    arenas, nor the entry that keeps it."""
+    try:
+        await asyncio.Future()
+    finally:
+        await checkpointer.close()
+        checkpointers = _default_checkpointers.get(loop, {})
+        if checkpointers.get(no_dist) is checkpointer:
+            del checkpointers[no_dist]
 
 
 def async_save(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 from typing import Any
 
@@ -82,12 +83,42 @@ def plain_leaf(path: KeyPath, value: Any, *, allow_pickle: bool) -> Leaf:
     if isinstance(value, _PLAIN_TYPES):
         return PlainValue(value)
     if allow_pickle:
-        return PickledObject(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+        return PickledObject(_pickle_importable(path, value))
     raise TypeError(
         f"state dict entry {format_key_path(path)!r} is a {type(value).__qualname__}; only "
         "tensors, int, float, str, bool, None, bytes and lists/tuples/dicts of these can be "
         "checkpointed without pickling (pass allow_pickle=True to pickle it)"
     )
+
+
+class _ImportablePickler(pickle.Pickler):
+    """Refuses what only this process can unpickle: classes and functions of ``__main__``
+    (the worker's ``__main__`` is aiockpt's, so they would fail there with a bare
+    ``AttributeError``)."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if getattr(obj, "__module__", None) == "__main__" and (
+            isinstance(obj, type) or callable(obj)
+        ):
+            raise _DefinedInMain(getattr(obj, "__qualname__", repr(obj)))
+        return NotImplemented
+
+
+class _DefinedInMain(Exception):
+    pass
+
+
+def _pickle_importable(path: KeyPath, value: Any) -> bytes:
+    buffer = io.BytesIO()
+    try:
+        _ImportablePickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    except _DefinedInMain as exc:
+        raise TypeError(
+            f"state dict entry {format_key_path(path)!r} cannot be pickled for the checkpoint "
+            f"worker: it uses {exc.args[0]!r}, defined in __main__, which no other process "
+            "can import; define it in an importable module"
+        ) from None
+    return buffer.getvalue()
 
 
 def tensor_from_leaf(leaf: TensorInArena | TensorInline, arena: memoryview | None) -> torch.Tensor:
