@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from aiockpt.elastic.cli import parse_args
+
 SCRIPT = str(Path(__file__).with_name("worker_script.py"))
 LAUNCH = [sys.executable, "-m", "aiockpt.run"]
 #: a hang guard, not a performance bound
@@ -31,7 +33,7 @@ def test_help_reads_like_torchrun() -> None:
         "--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port",
         "--standalone", "--max-restarts", "--monitor-interval", "--redirects", "--tee",
         "--log-dir", "--local-ranks-filter", "--run-id", "--role", "--module", "--no-python",
-        "training_script",
+        "--start-method", "--shutdown-timeout", "--exit-barrier-timeout", "training_script",
     ):  # fmt: skip
         assert flag in done.stdout
     assert done.stdout.startswith("usage: aiockpt-run")
@@ -75,6 +77,88 @@ def test_module_and_no_python(tmp_path: Path) -> None:
     assert "line 0 of rank 1" in done.stdout
     bad = launch("--no-python", "-m", "x")
     assert bad.returncode == 2 and "--no-python" in bad.stderr
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork", "forkserver"])
+def test_start_method_takes_torchrun_choices(method: str) -> None:
+    assert parse_args([f"--start-method={method}", "train.py"]).start_method == method
+    assert parse_args(["--start_method", method, "train.py"]).start_method == method
+
+
+def test_start_method_default_and_unknown(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_args(["train.py"]).start_method == "spawn"
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--start-method=thread", "train.py"])
+    assert exited.value.code == 2
+    assert "--start-method" in capsys.readouterr().err
+
+
+def test_torchrun_command_line_with_start_method_runs() -> None:
+    # as torchrun users write it: underscores, a separate value, a start method
+    done = launch("--standalone", "--nproc_per_node", "2", "--start_method", "fork", SCRIPT,
+                  "print", "1")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "line 0 of rank 1" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--nnodes", "0"),
+        ("--nnodes", "two"),
+        ("--nnodes", "1:2"),
+        ("--nproc-per-node", "0"),
+        ("--nproc-per-node", "-2"),
+        ("--nproc-per-node", "many"),
+        ("--max-restarts", "-1"),
+        ("--max-restarts", "1.5"),
+        ("--monitor-interval", "-0.1"),
+        ("--monitor-interval", "nan"),
+        ("--node-rank", "-1"),
+        ("--master-port", "-1"),
+        ("--master-port", "65536"),
+        ("--exit-barrier-timeout", "-1"),
+        ("--exit-barrier-timeout", "inf"),
+        ("--shutdown-timeout", "-5"),
+        ("--shutdown-timeout", "soon"),
+        ("--redirects", "4"),
+        ("--tee", "0:5"),
+    ],
+)
+def test_invalid_numeric_flag_is_an_argparse_error_naming_it(
+    flag: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_args([f"{flag}={value}", "train.py"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.rsplit("error: argument ", 1)[1]
+    assert flag in error.split(":")[0].split("/"), error  # "-r/--redirects: ..."
+
+
+def test_invalid_shutdown_timeout_from_environment_names_the_flag(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "-5")
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["train.py"])
+    assert exited.value.code == 2
+    assert "argument --shutdown-timeout" in capsys.readouterr().err
+
+
+def test_valid_numeric_flags() -> None:
+    args = parse_args(
+        ["--nnodes=2:2", "--node-rank=1", "--master-port=0", "--max-restarts=0",
+         "--shutdown-timeout=0", "--exit-barrier-timeout=0.5", "--monitor-interval=5",
+         "--nproc-per-node=cpu", "train.py"]
+    )  # fmt: skip
+    assert (args.nnodes, args.node_rank, args.master_port) == (2, 1, 0)
+    assert (args.shutdown_timeout, args.exit_barrier_timeout) == (0.0, 0.5)
+
+
+def test_node_rank_beyond_nnodes_is_rejected_before_anything_starts() -> None:
+    done = launch("--nnodes=2", "--node-rank=2", "--master-port=29555", SCRIPT, "print", "1")
+    assert done.returncode == 2
+    assert "error: --node-rank must be less than --nnodes (2), got 2" in done.stderr
 
 
 @contextmanager
