@@ -108,16 +108,14 @@ async def test_function_sys_exit_138() -> None:
 
 
 async def test_binary_exit_138_stops_running_sibling() -> None:
+    # the sibling stopped with SIGTERM is not a failure (see test_faults for the deterministic
+    # version: a sibling surely running when the crash happens)
     result = await run_agent(sys.executable, "-u", SCRIPT, "exit-rank", "0", "138", nproc=2)
     assert result.state == WorkerState.FAILED
-    assert list(result.failures) == [0, 1], "the root cause is recorded first"
-    root, sibling = result.failures[0], result.failures[1]
+    assert list(result.failures) == [0], "only the root cause"
+    root = result.failures[0]
     assert root.exitcode == 138
     assert root.signal_name() == NOT_AVAILABLE
-    assert sibling.exitcode == -signal.SIGTERM
-    assert sibling.signal_name() == "SIGTERM"
-    assert sibling.message == f"Signal 15 (SIGTERM) received by PID {sibling.pid}"
-    assert root.timestamp <= sibling.timestamp
 
 
 async def test_binary_record_writes_error_file() -> None:

@@ -15,6 +15,7 @@ import pytest
 from aiockpt.elastic.cli import parse_args
 
 SCRIPT = str(Path(__file__).with_name("worker_script.py"))
+FAULT_SCRIPT = str(Path(__file__).with_name("fault_script.py"))
 LAUNCH = [sys.executable, "-m", "aiockpt.run"]
 #: a hang guard, not a performance bound
 DEADLINE_S = 60.0
@@ -60,12 +61,15 @@ def test_restarted_group_meets_again_through_env_init(tmp_path: Path) -> None:
     assert done.stdout.count("attempt 1 sum 2") == 2
 
 
-def test_failure_report_and_exit_code() -> None:
-    done = launch("--standalone", "--nproc-per-node=2", SCRIPT, "exit-rank", "1", "7")
+def test_failure_report_and_exit_code(tmp_path: Path) -> None:
+    # rank 1 exits 3 once ranks 0 and 2 are running; the agent then stops them with SIGTERM
+    done = launch("--standalone", "--nproc-per-node=3", FAULT_SCRIPT, "crash", str(tmp_path), "1")
     assert done.returncode == 1
-    root_cause = done.stderr.split("Root Cause (first observed failure):")[1]
-    assert "exitcode  : 7" in root_cause
-    assert "(SIGTERM)" in done.stderr, "the stopped sibling is reported with its signal"
+    others, root_cause = done.stderr.split("Root Cause (first observed failure):")
+    assert "exitcode  : 3" in root_cause
+    assert "rank      : 1 (local_rank: 1)" in root_cause
+    assert "<NO_OTHER_FAILURES>" in others, "the siblings the agent stopped are no failures"
+    assert "SIGTERM" not in done.stderr
 
 
 def test_module_and_no_python(tmp_path: Path) -> None:
