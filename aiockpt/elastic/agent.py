@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 from aiockpt.elastic.barrier import exit_barrier
 from aiockpt.elastic.janitor import janitor_command
-from aiockpt.elastic.logs import LogsDest, LogsSpecs, Std
+from aiockpt.elastic.logs import LogsDest, LogsSpecs, Std, make_run_log_dir
 from aiockpt.elastic.monitor import GroupOutcome, monitor, stop_processes
 from aiockpt.elastic.process import StreamTarget, WorkerProcess
 from aiockpt.elastic.rendezvous import (
@@ -87,12 +87,22 @@ class LocalElasticAgent:
         self._rendezvous = spec.rdzv_handler or StaticRendezvous()
         self._remaining_restarts = spec.max_restarts
         self._processes: list[WorkerProcess] = []
-        self._log_dir = ""
+        self._run_log_dir: str | None = None
 
     @property
     def worker_group(self) -> WorkerGroup:
         """This node's workers, their ranks and the group's state."""
         return self._worker_group
+
+    @property
+    def run_log_dir(self) -> str | None:
+        """This run's log directory, ``<log_dir>/<run_id>_<unique>`` (``None`` before ``run``).
+
+        Unique per run, as torchrun's, so a rerun into the same ``log_dir`` keeps the earlier
+        runs' logs and error files. Under the agent's temporary directory (no ``log_dir``) it
+        is removed when ``run`` ends, unless it holds redirected or teed logs.
+        """
+        return self._run_log_dir
 
     async def run(self) -> RunResult:
         """Run the worker group to completion (with restarts) and return the result.
@@ -202,9 +212,8 @@ class LocalElasticAgent:
         restart_count = spec.max_restarts - self._remaining_restarts
         # Held until the attempt's workers are stopped: dropping it stops node 0's server.
         attempt_store, group.master_port = await self._attempt_store(rdzv, restart_count)
-        dest = self._logs_specs.reify(
-            self._log_dir, self._rendezvous.get_run_id(), restart_count, spec.local_world_size
-        )
+        assert self._run_log_dir is not None  # set by _log_root, which encloses every attempt
+        dest = self._logs_specs.reify(self._run_log_dir, restart_count, spec.local_world_size)
         for worker in group.workers:
             rank = worker.local_rank
             process = await WorkerProcess.start(
@@ -345,27 +354,30 @@ class LocalElasticAgent:
         A temporary directory is also watched by a janitor process (:mod:`janitor`) that
         removes it if this process dies without doing so, SIGKILL included.
         """
+        run_id = self._rendezvous.get_run_id()
         root = self._logs_specs.root_log_dir
         if root is not None:
-            self._log_dir = root
+            self._run_log_dir = make_run_log_dir(root, run_id)
             yield
             return
-        self._log_dir = tempfile.mkdtemp(prefix="aiockpt-elastic-")
+        temp_root = tempfile.mkdtemp(prefix="aiockpt-elastic-")
         if self._logs_specs.redirects != Std.NONE or self._logs_specs.tee != Std.NONE:
+            self._run_log_dir = make_run_log_dir(temp_root, run_id)
             try:
                 yield
             finally:
-                logger.info("worker logs kept in %s", self._log_dir)
+                logger.info("worker logs kept in %s", self._run_log_dir)
             return
         try:
-            janitor, janitor_pipe = await _start_janitor(self._log_dir)
+            self._run_log_dir = make_run_log_dir(temp_root, run_id)
+            janitor, janitor_pipe = await _start_janitor(temp_root)
         except BaseException:
-            shutil.rmtree(self._log_dir, ignore_errors=True)
+            shutil.rmtree(temp_root, ignore_errors=True)
             raise
         try:
             yield
         finally:
-            shutil.rmtree(self._log_dir, ignore_errors=True)
+            shutil.rmtree(temp_root, ignore_errors=True)
             with contextlib.suppress(BrokenPipeError):  # the janitor was killed: no matter
                 os.write(janitor_pipe, b"\0")  # done: the janitor exits without looking
             os.close(janitor_pipe)

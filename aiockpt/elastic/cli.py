@@ -118,7 +118,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=str,
         default=None,
         help="Base directory to use for log files (e.g. /var/log/torch/elastic); logs go to "
-        "<log-dir>/<run-id>/attempt_<restart>/<local_rank>/.",
+        "<log-dir>/<run-id>_<unique suffix>/attempt_<restart>/<local_rank>/ (a directory per "
+        "run, as torchrun: a rerun keeps the earlier runs' logs).",
     )
     add(
         "-r",

@@ -11,7 +11,9 @@ Three destinations, chosen per local rank and per stream as torchelastic does:
   torchelastic redirects into the file and tails it from a thread per file, polling; here the
   pipe wakes the loop, so there is no thread and no polling interval.
 
-Layout: ``<log_dir>/<run_id>/attempt_<restart>/<local_rank>/{stdout.log,stderr.log,error.json}``.
+Layout: ``<log_dir>/<run_id>_<unique>/attempt_<restart>/<local_rank>/{stdout.log,stderr.log,
+error.json}``: as torchrun's, a run's directory gets a suffix of its own, so that a rerun with
+the same ``log_dir`` and run id (the default ``none``) keeps the earlier runs' logs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntFlag
@@ -127,12 +130,12 @@ class LogsSpecs:
             f"tee={self.tee!r}, local_ranks_filter={self.local_ranks_filter!r})"
         )
 
-    def reify(self, log_dir: str, run_id: str, restart_count: int, nprocs: int) -> LogsDest:
-        """Create ``<log_dir>/<run_id>/attempt_<restart_count>/<rank>/`` (emptied first) and
-        return where each stream goes. ``log_dir`` is the resolved root (the agent's temporary
-        directory when ``root_log_dir`` is ``None``). Raises ``OSError`` from the file system.
+    def reify(self, run_log_dir: str, restart_count: int, nprocs: int) -> LogsDest:
+        """Create ``<run_log_dir>/attempt_<restart_count>/<rank>/`` (emptied first) and return
+        where each stream goes. ``run_log_dir`` is the run's own directory, from
+        :func:`make_run_log_dir`. Raises ``OSError`` from the file system.
         """
-        attempt_dir = os.path.join(log_dir, run_id, f"attempt_{restart_count}")
+        attempt_dir = os.path.join(run_log_dir, f"attempt_{restart_count}")
         shutil.rmtree(attempt_dir, ignore_errors=True)
         os.makedirs(attempt_dir)
         redirects = to_map(self.redirects, nprocs)
@@ -156,6 +159,17 @@ class LogsSpecs:
                 else:
                     paths[rank] = "" if shown else os.devnull
         return dest
+
+
+def make_run_log_dir(log_dir: str, run_id: str) -> str:
+    """Create and return a new directory ``<log_dir>/<run_id>_<unique>`` for one run.
+
+    Unique per call, as torchelastic's ``DefaultLogsSpecs._make_log_dir``: a run never
+    empties another run's attempt directories. Raises ``OSError`` from the file system.
+    """
+    run_log_dir = tempfile.mkdtemp(prefix=f"{run_id}_", dir=log_dir)
+    logger.info("log directory set to: %s", run_log_dir)
+    return run_log_dir
 
 
 class ConsoleLines:

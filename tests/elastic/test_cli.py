@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -48,8 +49,24 @@ def test_runs_script_with_tee_and_log_dir(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     for rank in (0, 1):
         assert f"[worker{rank}]:line 1 of rank {rank}\n" in done.stdout
-        log = tmp_path / "cli" / "attempt_0" / str(rank) / "stdout.log"
+        [run_dir] = tmp_path.glob("cli_*")
+        log = run_dir / "attempt_0" / str(rank) / "stdout.log"
         assert log.read_text() == f"line 0 of rank {rank}\nline 1 of rank {rank}\n"
+
+
+def test_rerun_into_the_same_log_dir_keeps_the_earlier_run(tmp_path: Path) -> None:
+    # the default run id both times, as a job is rerun: each run gets a directory of its own
+    for message in ("first", "second"):
+        done = launch("--redirects=3", f"--log-dir={tmp_path}", SCRIPT, "record-raise", message)
+        assert done.returncode == 1, done.stderr
+    runs = sorted(tmp_path.glob("none_*"))
+    assert len(runs) == 2, list(tmp_path.iterdir())
+    recorded = set()
+    for run in runs:
+        rank_dir = run / "attempt_0" / "0"
+        recorded.add(json.loads((rank_dir / "error.json").read_text())["message"]["message"])
+        assert "Traceback" in (rank_dir / "stderr.log").read_text()
+    assert recorded == {"ValueError: first", "ValueError: second"}
 
 
 def test_restarted_group_meets_again_through_env_init(tmp_path: Path) -> None:

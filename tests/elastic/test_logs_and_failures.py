@@ -15,7 +15,13 @@ import pytest
 import aiockpt.elastic
 from aiockpt.elastic import LogsSpecs, ProcessFailure, Std, WorkerSpec, record
 from aiockpt.elastic.failures import NO_ERROR_FILE_MESSAGE, NOT_AVAILABLE, format_failures
-from aiockpt.elastic.logs import TEE_LINE_LIMIT, ConsoleLines, tee_stream, to_map
+from aiockpt.elastic.logs import (
+    TEE_LINE_LIMIT,
+    ConsoleLines,
+    make_run_log_dir,
+    tee_stream,
+    to_map,
+)
 
 #: a hang guard, not a performance bound
 HANG_S = 30.0
@@ -65,10 +71,13 @@ def test_reify_layout_redirects_tee_and_filter(tmp_path: Path) -> None:
         tee={1: Std.ALL, 2: Std.ERR},
         local_ranks_filter={0, 1},
     )
-    stale = tmp_path / "run" / "attempt_1" / "stale"
+    run_dir = Path(make_run_log_dir(str(tmp_path), "run"))
+    assert run_dir.parent == tmp_path and run_dir.name.startswith("run_")
+    assert make_run_log_dir(str(tmp_path), "run") != str(run_dir), "one directory per run"
+    stale = run_dir / "attempt_1" / "stale"
     stale.mkdir(parents=True)
-    dest = specs.reify(str(tmp_path), "run", restart_count=1, nprocs=3)
-    attempt = tmp_path / "run" / "attempt_1"
+    dest = specs.reify(str(run_dir), restart_count=1, nprocs=3)
+    attempt = run_dir / "attempt_1"
     assert not stale.exists(), "an attempt directory starts empty"
     assert sorted(os.listdir(attempt)) == ["0", "1", "2"]
     assert dest.error_files == {r: str(attempt / str(r) / "error.json") for r in range(3)}
