@@ -415,8 +415,8 @@ async def test_restarts_do_not_grow_fds_threads_or_memory(tmp_path: Path, kind: 
     result: RunResult = await run
     elapsed = time.monotonic() - start
     assert result.state == WorkerState.FAILED
+    assert list(result.failures) == [0], "rank 1, stopped by the agent, is no failure"
     assert result.failures[0].exitcode == 1
-    assert result.failures[1].exitcode == -signal.SIGTERM
     early, late = samples[5], samples[last]
     report = (
         f"{kind} on {type(asyncio.get_running_loop()).__module__}: {last} restarts in "
@@ -429,7 +429,8 @@ async def test_restarts_do_not_grow_fds_threads_or_memory(tmp_path: Path, kind: 
     assert late.tasks == early.tasks, report
     assert late.asyncio_tasks == early.asyncio_tasks, report
     assert late.rss_kib <= early.rss_kib * 1.10, report
-    assert len(list((tmp_path / "logs" / "faults").iterdir())) == last + 1, "one per attempt"
+    [run_dir] = (tmp_path / "logs").glob("faults_*")
+    assert len(list(run_dir.iterdir())) == last + 1, "one per attempt"
 
 
 # -- a signal to the agent while a worker ignores SIGTERM, in this process ---------------------
