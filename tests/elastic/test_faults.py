@@ -12,6 +12,7 @@ import asyncio
 import gc
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -188,11 +189,22 @@ async def test_cancelled_run_kills_workers_ignoring_sigterm(
     assert sigkill_warnings(caplog) == set(pids)
 
 
+async def open_loop_devnull() -> None:
+    """Close a transport once. uvloop then opens a /dev/null fd that it keeps until the loop
+    closes (one per loop, not per transport): open before counting this process's fds."""
+    ours, theirs = socket.socketpair()
+    with theirs:
+        _, writer = await asyncio.open_unix_connection(sock=ours)
+        writer.close()
+        await writer.wait_closed()
+
+
 async def test_cancelling_again_during_shutdown_still_kills_and_reaps(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # asyncio.run's final cancellation, a TaskGroup and a timeout can each cancel the run while
     # it is already stopping its workers: the stop must still finish (SIGKILL, reap, close)
+    await open_loop_devnull()
     fds_before = len(os.listdir("/proc/self/fd"))
     run = asyncio.create_task(make_agent(2, *WORKER, "stubborn", str(tmp_path), -1).run())
     await wait_for_files([tmp_path / "0.pid", tmp_path / "1.pid"])
@@ -299,6 +311,29 @@ def test_sigkilled_agent_leaves_no_worker_and_no_files(tmp_path: Path) -> None:
         # the janitor (see aiockpt.elastic.janitor) removed the directory, then itself
         assert wait_until(lambda: log_dir not in temp_entries(), GONE_S), temp_entries()
         assert wait_until(lambda: mentioning(janitor_arg) == [], GONE_S), "the janitor lingers"
+
+
+@pytest.mark.parametrize("log_dir", [True, False], ids=["log-dir", "temporary"])
+def test_sigkilled_agent_leaves_no_child_of_a_worker(tmp_path: Path, log_dir: bool) -> None:
+    # the parent-death signal reaches the workers only; the child each started (in its
+    # process group, ignoring SIGTERM) is killed by the janitor, whatever the log directory
+    logs = [f"--log-dir={tmp_path / 'logs'}"] if log_dir else []
+    argv = [*LAUNCH, "--nproc-per-node=2", *logs, SCRIPT, "stubborn-child", str(tmp_path)]
+    names = [f"{rank}{kind}.pid" for rank in range(2) for kind in ("", ".child")]
+    with launched(argv) as agent:
+        wait_for_files_sync(agent, [tmp_path / name for name in names])
+        pids = read_pids(tmp_path, names)
+        try:
+            agent.kill()
+            agent.wait(HANG_S)
+            assert wait_until(lambda: all(gone(pid) for pid in pids), GONE_S), [
+                pid for pid in pids if not gone(pid)
+            ]
+        finally:  # when it fails: leave nothing behind
+            for pid in pids:
+                if not gone(pid):
+                    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: mentioning(str(tmp_path)) == [], GONE_S), "a helper lingers"
 
 
 def test_sigkilled_agent_mid_restarts_leaves_no_worker(tmp_path: Path) -> None:
