@@ -216,7 +216,7 @@ class LocalElasticAgent:
         restart_count = spec.max_restarts - self._remaining_restarts
         # Held until the attempt's workers are stopped: dropping it stops node 0's server.
         attempt_store, group.master_port = await self._attempt_store(rdzv, restart_count)
-        assert self._run_log_dir is not None  # set by _log_root, which encloses every attempt
+        assert self._run_log_dir is not None  # set by _log_root_and_janitor, around every attempt
         dest = self._logs_specs.reify(self._run_log_dir, restart_count, spec.local_world_size)
         for worker in group.workers:
             rank = worker.local_rank
@@ -362,8 +362,8 @@ class LocalElasticAgent:
         The log directory is the user's, or a temporary one removed at the end (error files
         are read before that, and nothing else of value lands there without redirects); the
         janitor kills the workers' process groups (their children too) and removes that
-        temporary directory. Raises ``OSError`` if a directory, the pipe or the janitor cannot
-        be created.
+        temporary directory. Raises ``OSError`` if a directory, the socket pair or the janitor
+        cannot be created.
         """
         root = self._logs_specs.root_log_dir
         temp_root: str | None = None
