@@ -12,7 +12,8 @@ Modules, from the worker outwards::
     monitor     await the group's exits; on the first failure stop the rest (TERM, KILL)
     rendezvous  static rendezvous and rank assignment over TCPStore
     barrier     the exit barrier
-    janitor     removes the temporary log directory of an agent that died without doing so
+    janitor     kills the workers' process groups and removes the temporary log directory
+                of an agent that died without doing so
     spec        WorkerSpec, WorkerState, Worker, WorkerGroup, RunResult
     agent       LocalElasticAgent: rendezvous, start, monitor, restart, barrier, signals
     cli         aiockpt-run / python -m aiockpt.run

@@ -25,15 +25,16 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from string import Template
 from typing import Any, TypeVar
 
+from aiockpt.elastic import janitor
 from aiockpt.elastic.barrier import exit_barrier
-from aiockpt.elastic.janitor import janitor_command
-from aiockpt.elastic.logs import LogsDest, LogsSpecs, Std
+from aiockpt.elastic.logs import LogsDest, LogsSpecs, Std, make_run_log_dir
 from aiockpt.elastic.monitor import GroupOutcome, monitor, stop_processes
 from aiockpt.elastic.process import StreamTarget, WorkerProcess
 from aiockpt.elastic.rendezvous import (
@@ -50,6 +51,8 @@ __all__ = ["DEFAULT_LOG_LINE_PREFIX_TEMPLATE", "DEFAULT_SIGNALS", "LocalElasticA
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+#: how long the janitor may take to read the agent's last message
+_CHANNEL_CLOSE_S = 5.0
 
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 #: torchelastic's console prefix for teed lines, e.g. ``[trainer0]:``
@@ -87,12 +90,23 @@ class LocalElasticAgent:
         self._rendezvous = spec.rdzv_handler or StaticRendezvous()
         self._remaining_restarts = spec.max_restarts
         self._processes: list[WorkerProcess] = []
-        self._log_dir = ""
+        self._run_log_dir: str | None = None
+        self._janitor: _Janitor | None = None
 
     @property
     def worker_group(self) -> WorkerGroup:
         """This node's workers, their ranks and the group's state."""
         return self._worker_group
+
+    @property
+    def run_log_dir(self) -> str | None:
+        """This run's log directory, ``<log_dir>/<run_id>_<unique>`` (``None`` before ``run``).
+
+        Unique per run, as torchrun's, so a rerun into the same ``log_dir`` keeps the earlier
+        runs' logs and error files. Under the agent's temporary directory (no ``log_dir``) it
+        is removed when ``run`` ends, unless it holds redirected or teed logs.
+        """
+        return self._run_log_dir
 
     async def run(self) -> RunResult:
         """Run the worker group to completion (with restarts) and return the result.
@@ -107,7 +121,7 @@ class LocalElasticAgent:
         stop_signal = signal.SIGTERM  # workers get the agent's signal when there is one
         try:
             with self._handle_signals(loop, signalled):
-                async with self._log_root():
+                async with self._log_root_and_janitor():
                     # created once the log directory exists: the first attempt writes there
                     work = asyncio.create_task(self._invoke_run())
                     try:
@@ -202,9 +216,8 @@ class LocalElasticAgent:
         restart_count = spec.max_restarts - self._remaining_restarts
         # Held until the attempt's workers are stopped: dropping it stops node 0's server.
         attempt_store, group.master_port = await self._attempt_store(rdzv, restart_count)
-        dest = self._logs_specs.reify(
-            self._log_dir, self._rendezvous.get_run_id(), restart_count, spec.local_world_size
-        )
+        assert self._run_log_dir is not None  # set by _log_root_and_janitor, around every attempt
+        dest = self._logs_specs.reify(self._run_log_dir, restart_count, spec.local_world_size)
         for worker in group.workers:
             rank = worker.local_rank
             process = await WorkerProcess.start(
@@ -217,6 +230,8 @@ class LocalElasticAgent:
             )
             worker.id = process.pid
             self._processes.append(process)
+            assert self._janitor is not None  # started with the log root, like _run_log_dir
+            self._janitor.watch(process.pid)  # the worker leads its own process group
         group.state = WorkerState.HEALTHY
         outcome = await monitor(self._processes, dest.error_files, self._shutdown_timeout)
         await self._stop_workers(signal.SIGTERM)
@@ -265,6 +280,8 @@ class LocalElasticAgent:
         for process in processes:
             await process.close()
             self._processes.remove(process)
+            if self._janitor is not None:  # the group is dead and its leader reaped
+                self._janitor.forget(process.pid)
 
     def _worker_env(self, worker: Worker, restart_count: int, error_file: str) -> dict[str, str]:
         group = self._worker_group
@@ -338,61 +355,127 @@ class LocalElasticAgent:
                     signal.signal(sig, previous)
 
     @contextlib.asynccontextmanager
-    async def _log_root(self) -> AsyncIterator[None]:
-        """The log directory: the user's, or a temporary one removed at the end (error files
-        are read before that, and nothing else of value lands there without redirects).
+    async def _log_root_and_janitor(self) -> AsyncIterator[None]:
+        """This run's log directory, and the janitor (:mod:`janitor`) that cleans up if this
+        process dies without doing so, SIGKILL included.
 
-        A temporary directory is also watched by a janitor process (:mod:`janitor`) that
-        removes it if this process dies without doing so, SIGKILL included.
+        The log directory is the user's, or a temporary one removed at the end (error files
+        are read before that, and nothing else of value lands there without redirects); the
+        janitor kills the workers' process groups (their children too) and removes that
+        temporary directory. Raises ``OSError`` if a directory, the socket pair or the janitor
+        cannot be created.
         """
         root = self._logs_specs.root_log_dir
-        if root is not None:
-            self._log_dir = root
-            yield
-            return
-        self._log_dir = tempfile.mkdtemp(prefix="aiockpt-elastic-")
-        if self._logs_specs.redirects != Std.NONE or self._logs_specs.tee != Std.NONE:
-            try:
-                yield
-            finally:
-                logger.info("worker logs kept in %s", self._log_dir)
-            return
+        temp_root: str | None = None
+        if root is None:
+            root = temp_root = tempfile.mkdtemp(prefix="aiockpt-elastic-")
+        keep = self._logs_specs.redirects != Std.NONE or self._logs_specs.tee != Std.NONE
+        remove = None if keep else temp_root
         try:
-            janitor, janitor_pipe = await _start_janitor(self._log_dir)
+            self._run_log_dir = make_run_log_dir(root, self._rendezvous.get_run_id())
+            self._janitor = await _Janitor.start(remove)
         except BaseException:
-            shutil.rmtree(self._log_dir, ignore_errors=True)
+            if temp_root is not None:  # nothing was written there yet
+                shutil.rmtree(temp_root, ignore_errors=True)
             raise
         try:
             yield
         finally:
-            shutil.rmtree(self._log_dir, ignore_errors=True)
-            with contextlib.suppress(BrokenPipeError):  # the janitor was killed: no matter
-                os.write(janitor_pipe, b"\0")  # done: the janitor exits without looking
-            os.close(janitor_pipe)
-            await _finish(janitor.wait())
+            if remove is not None:
+                shutil.rmtree(remove, ignore_errors=True)
+            elif temp_root is not None:
+                logger.info("worker logs kept in %s", self._run_log_dir)
+            await _finish(self._janitor.close())
 
 
-async def _start_janitor(path: str) -> tuple[asyncio.subprocess.Process, int]:
-    """Start the janitor of ``path``; return it and the write end of its pipe.
+class _Janitor:
+    """The agent's end of its janitor (:mod:`janitor`): tells it which process groups to kill
+    and, at the end, that it is done. Create with :meth:`start`; always :meth:`close` it."""
 
-    Raises ``OSError`` if the pipe or the process cannot be created.
-    """
-    read_end, write_end = os.pipe()  # not inheritable: workers get neither end
-    try:
-        janitor = await asyncio.create_subprocess_exec(
-            *janitor_command(read_end, path),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,  # holds no pipe of whoever reads the agent's output
-            stderr=subprocess.DEVNULL,
-            pass_fds=(read_end,),
-            start_new_session=True,
-        )
-    except BaseException:
-        os.close(write_end)
-        raise
-    finally:
-        os.close(read_end)
-    return janitor, write_end
+    def __init__(
+        self,
+        process: asyncio.subprocess.Process,
+        channel: asyncio.Transport,
+        closed: asyncio.Future[None],
+    ) -> None:
+        self._process = process
+        self._channel = channel
+        self._closed = closed
+
+    @classmethod
+    async def start(cls, path: str | None) -> _Janitor:
+        """Start the janitor (removing ``path`` if the agent dies, when not ``None``).
+
+        Raises ``OSError`` if the socket pair or the process cannot be created.
+        """
+        # A socket pair, as for function workers, not a pipe: the stream transport's writes
+        # never block the loop (even if the janitor stopped reading), and on uvloop closing a
+        # write-pipe transport leaves a /dev/null fd open. Neither end is inheritable.
+        channel, child_end = socket.socketpair()
+        try:
+            child_fd = child_end.detach()
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    *janitor.janitor_command(child_fd, path),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,  # holds no pipe of whoever reads our output
+                    stderr=subprocess.DEVNULL,
+                    pass_fds=(child_fd,),
+                    start_new_session=True,
+                )
+            finally:
+                os.close(child_fd)
+        except BaseException:
+            channel.close()
+            raise
+        loop = asyncio.get_running_loop()
+        closed: asyncio.Future[None] = loop.create_future()
+        try:
+            transport, _ = await loop.create_unix_connection(
+                lambda: _ChannelClosed(closed), sock=channel
+            )
+        except BaseException:
+            # the EOF would have the janitor clean up after a live agent: kill it first
+            process.kill()
+            channel.close()
+            await _finish(process.wait())
+            raise
+        return cls(process, transport, closed)
+
+    def watch(self, pgid: int) -> None:
+        """Have process group ``pgid`` killed if the agent dies."""
+        self._send(janitor.watch(pgid))
+
+    def forget(self, pgid: int) -> None:
+        """Stop watching ``pgid``: the agent killed the group and reaped its leader."""
+        self._send(janitor.forget(pgid))
+
+    async def close(self) -> None:
+        """Tell the janitor the agent cleaned up, and wait for it to exit. Never raises for a
+        janitor that died meanwhile: there is nothing left for it to do."""
+        self._send(janitor.DONE)
+        self._channel.close()  # after what is buffered is written
+        await asyncio.wait([self._closed], timeout=_CHANNEL_CLOSE_S)
+        if not self._closed.done():  # a janitor that stopped reading: it must not linger
+            self._channel.abort()
+            self._process.kill()
+        await self._process.wait()
+
+    def _send(self, message: bytes) -> None:
+        if not self._channel.is_closing():  # else the janitor is gone (killed): no matter
+            self._channel.write(message)
+
+
+class _ChannelClosed(asyncio.Protocol):
+    """Resolves ``closed`` when the janitor's channel is closed, by us or by its exit (EOF:
+    the transport then closes itself)."""
+
+    def __init__(self, closed: asyncio.Future[None]) -> None:
+        self._closed = closed
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._closed.done():
+            self._closed.set_result(None)
 
 
 async def _finish(coro: Coroutine[Any, Any, _T]) -> _T:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import sys
 import uuid
@@ -39,16 +40,18 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="aiockpt Elastic Training Launcher (torchrun's flags; asyncio worker agent)",
     )
     add = parser.add_argument
+    # Every numeric flag is validated by its argparse type, so that a bad value is an argparse
+    # error (exit 2) naming the flag, before anything starts.
     add(
         "--nnodes",
-        type=str,
+        type=_nnodes,
         default="1",
         help="Number of nodes (static rendezvous: N, or N:N).",
     )
     add(
         "--nproc-per-node",
         "--nproc_per_node",
-        type=str,
+        type=_nproc_per_node,
         default="1",
         help="Number of workers per node; supported values: [auto, cpu, gpu, int].",
     )
@@ -71,16 +74,28 @@ def get_args_parser() -> argparse.ArgumentParser:
     add(
         "--max-restarts",
         "--max_restarts",
-        type=int,
+        type=_integer(minimum=0),
         default=0,
         help="Maximum number of worker group restarts before failing.",
     )
     add(
         "--monitor-interval",
         "--monitor_interval",
-        type=float,
-        default=0.1,
+        type=_seconds,
+        default="0.1",
         help="Accepted for torchrun compatibility; unused (the agent awaits worker exits).",
+    )
+    add(
+        "--start-method",
+        "--start_method",
+        type=str,
+        default="spawn",
+        choices=["spawn", "fork", "forkserver"],
+        help="torchrun's multiprocessing start method. Accepted for compatibility, with no "
+        "effect: the workers of aiockpt-run are the training script, each a separate exec'd "
+        "process, as torchrun starts scripts whatever this flag says (torchrun uses it only "
+        "for function entrypoints; those of aiockpt's LocalElasticAgent always start in a "
+        "fresh interpreter, as with spawn).",
     )
     add("--role", type=str, default=DEFAULT_ROLE, help="User-defined role for the workers.")
     add(
@@ -103,12 +118,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=str,
         default=None,
         help="Base directory to use for log files (e.g. /var/log/torch/elastic); logs go to "
-        "<log-dir>/<run-id>/attempt_<restart>/<local_rank>/.",
+        "<log-dir>/<run-id>_<unique suffix>/attempt_<restart>/<local_rank>/ (a directory per "
+        "run, as torchrun: a rerun keeps the earlier runs' logs).",
     )
     add(
         "-r",
         "--redirects",
-        type=str,
+        type=_std,
         default="0",
         help="Redirect std streams into a log file in the log directory (e.g. [-r 3] redirects "
         "both stdout+stderr for all workers, [-r 0:1,1:2] redirects stdout for local rank 0 and "
@@ -117,7 +133,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add(
         "-t",
         "--tee",
-        type=str,
+        type=_std,
         default="0",
         help="Tee std streams into a log file and also to console (see --redirects for format).",
     )
@@ -141,7 +157,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add(
         "--node-rank",
         "--node_rank",
-        type=int,
+        type=_integer(minimum=0),
         default=0,
         help="Rank of the node for multi-node distributed training.",
     )
@@ -157,7 +173,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add(
         "--master-port",
         "--master_port",
-        type=int,
+        type=_integer(minimum=0, maximum=65535),
         default=None,
         help="Port on the master node (rank 0) to be used for communication during distributed "
         f"training. Defaults to a free port on one node and {_DEFAULT_MASTER_PORT} on several.",
@@ -165,15 +181,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     add(
         "--exit-barrier-timeout",
         "--exit_barrier_timeout",
-        type=float,
-        default=300.0,
+        type=_seconds,
+        default="300",
         help="Seconds a node whose workers succeeded waits for the other nodes.",
     )
     add(
         "--shutdown-timeout",
         "--shutdown_timeout",
-        type=float,
-        default=float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", 30)),
+        type=_seconds,
+        # a string: argparse validates it like a given value, naming the flag
+        default=os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"),
         help="Time in seconds to wait for graceful shutdown of worker processes before sending "
         "SIGKILL (env TORCH_ELASTIC_SHUTDOWN_TIMEOUT; default 30).",
     )
@@ -197,8 +214,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[WorkerSpec, LogsSpecs]:
 
     Raises ``ValueError`` for inconsistent flags, ``NotADirectoryError`` for a file as log dir.
     """
-    nnodes = _parse_nnodes(args.nnodes)
-    nproc = _parse_nproc_per_node(args.nproc_per_node)
+    nnodes: int = args.nnodes
+    nproc = _resolve_nproc_per_node(args.nproc_per_node)
     if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
         # as torchrun: N busy workers each with all cores' worth of OpenMP threads thrash
         logger.warning("setting OMP_NUM_THREADS=1 for each worker; tune it for your job")
@@ -208,6 +225,10 @@ def config_from_args(args: argparse.Namespace) -> tuple[WorkerSpec, LogsSpecs]:
             raise ValueError("--standalone runs one node; drop --nnodes or --standalone")
         rendezvous = StaticRendezvous(run_id=uuid.uuid4().hex)
     else:
+        if args.node_rank >= nnodes:
+            raise ValueError(
+                f"--node-rank must be less than --nnodes ({nnodes}), got {args.node_rank}"
+            )
         port = args.master_port
         if port is None and nnodes > 1:
             port = _DEFAULT_MASTER_PORT
@@ -250,8 +271,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[WorkerSpec, LogsSpecs]:
     )
     logs_specs = LogsSpecs(
         log_dir=args.log_dir,
-        redirects=Std.from_str(args.redirects),
-        tee=Std.from_str(args.tee),
+        redirects=args.redirects,
+        tee=args.tee,
         local_ranks_filter=ranks_filter,
     )
     return spec, logs_specs
@@ -295,20 +316,66 @@ def _run_on_fastest_loop(main: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
     return result
 
 
-def _parse_nnodes(value: str) -> int:
-    low, _, high = value.partition(":")
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in ``[minimum, maximum]``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a finite, non-negative number of seconds (every wait is bounded)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _std(text: str) -> Std | dict[int, Std]:
+    """An argparse type: torchrun's ``--redirects``/``--tee`` syntax."""
+    try:
+        return Std.from_str(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _nnodes(text: str) -> int:
+    """An argparse type: ``N`` or ``N:N`` with N >= 1 (the rendezvous is static)."""
+    low, _, high = text.partition(":")
     try:
         nnodes, max_nodes = int(low), int(high or low)
-    except ValueError as exc:
-        raise ValueError(f"--nnodes must be N or N:N, got {value!r}") from exc
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or N:N, got {text!r}") from None
     if nnodes != max_nodes:
-        raise ValueError(f"--nnodes {value}: only a fixed number of nodes is supported")
+        raise argparse.ArgumentTypeError(f"{text}: only a fixed number of nodes is supported")
     if nnodes < 1:
-        raise ValueError(f"--nnodes must be positive, got {value!r}")
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
     return nnodes
 
 
-def _parse_nproc_per_node(value: str) -> int:
+def _nproc_per_node(text: str) -> str:
+    """An argparse type: ``auto``, ``cpu``, ``gpu`` or a positive integer, kept as text: the
+    device counts are looked up once the flags are all valid."""
+    if text not in ("auto", "cpu", "gpu"):
+        _integer(minimum=1)(text)
+    return text
+
+
+def _resolve_nproc_per_node(value: str) -> int:
+    """The worker count ``--nproc-per-node`` means. Raises ``ValueError`` for ``gpu``
+    without CUDA."""
     if value == "cpu":
         return os.cpu_count() or 1
     if value in ("gpu", "auto"):
@@ -319,7 +386,4 @@ def _parse_nproc_per_node(value: str) -> int:
         if value == "gpu":
             raise ValueError("--nproc-per-node gpu: CUDA is not available")
         return os.cpu_count() or 1
-    try:
-        return int(value)
-    except ValueError as exc:
-        raise ValueError(f"unsupported --nproc-per-node value: {value!r}") from exc
+    return int(value)

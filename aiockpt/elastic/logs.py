@@ -6,34 +6,45 @@ Three destinations, chosen per local rank and per stream as torchelastic does:
 - redirect: the worker's fd *is* the log file (opened by the agent, written by the child), so
   redirected output costs the agent nothing, not even a wake-up;
 - tee: the worker writes into a pipe; :func:`tee_stream`, a task on the agent's loop, appends
-  each chunk to the log file and writes its complete lines to the console with a prefix.
+  each chunk to the log file and writes its complete lines to the console with a prefix
+  (:class:`ConsoleLines`: linear in the bytes, and memory bounded however long a line is).
   torchelastic redirects into the file and tails it from a thread per file, polling; here the
   pipe wakes the loop, so there is no thread and no polling interval.
 
-Layout: ``<log_dir>/<run_id>/attempt_<restart>/<local_rank>/{stdout.log,stderr.log,error.json}``.
+Layout: ``<log_dir>/<run_id>_<unique>/attempt_<restart>/<local_rank>/{stdout.log,stderr.log,
+error.json}``: as torchrun's, a run's directory gets a suffix of its own, so that a rerun with
+the same ``log_dir`` and run id (the default ``none``) keeps the earlier runs' logs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
 import os
 import re
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntFlag
 from typing import TextIO
 
-__all__ = ["LogsDest", "LogsSpecs", "Std", "tee_stream", "to_map"]
+__all__ = ["TEE_LINE_LIMIT", "ConsoleLines", "LogsDest", "LogsSpecs", "Std", "tee_stream", "to_map"]
 
 logger = logging.getLogger(__name__)
 
 _VALUE_REGEX = re.compile(r"^[0123]$")
 _MAPPING_REGEX = re.compile(r"^(\d+:[0123],)*(\d+:[0123])$")
-#: the chunk the tee reads at once; lines longer than this are still written whole
+#: the chunk the tee reads at once
 _TEE_CHUNK = 64 * 1024
+#: the most characters of one line the tee holds back waiting for its end; a longer line
+#: reaches the console in pieces this long (the log file gets every byte as it comes)
+TEE_LINE_LIMIT = 64 * 1024
+#: console line ends: a progress bar's lone ``\r`` too, as text-mode reading (torchelastic's
+#: tail) sees it; otherwise a bar redrawn for hours is one ever-growing line
+_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 class Std(IntFlag):
@@ -119,12 +130,12 @@ class LogsSpecs:
             f"tee={self.tee!r}, local_ranks_filter={self.local_ranks_filter!r})"
         )
 
-    def reify(self, log_dir: str, run_id: str, restart_count: int, nprocs: int) -> LogsDest:
-        """Create ``<log_dir>/<run_id>/attempt_<restart_count>/<rank>/`` (emptied first) and
-        return where each stream goes. ``log_dir`` is the resolved root (the agent's temporary
-        directory when ``root_log_dir`` is ``None``). Raises ``OSError`` from the file system.
+    def reify(self, run_log_dir: str, restart_count: int, nprocs: int) -> LogsDest:
+        """Create ``<run_log_dir>/attempt_<restart_count>/<rank>/`` (emptied first) and return
+        where each stream goes. ``run_log_dir`` is the run's own directory, from
+        :func:`make_run_log_dir`. Raises ``OSError`` from the file system.
         """
-        attempt_dir = os.path.join(log_dir, run_id, f"attempt_{restart_count}")
+        attempt_dir = os.path.join(run_log_dir, f"attempt_{restart_count}")
         shutil.rmtree(attempt_dir, ignore_errors=True)
         os.makedirs(attempt_dir)
         redirects = to_map(self.redirects, nprocs)
@@ -150,6 +161,88 @@ class LogsSpecs:
         return dest
 
 
+def make_run_log_dir(log_dir: str, run_id: str) -> str:
+    """Create and return a new directory ``<log_dir>/<run_id>_<unique>`` for one run.
+
+    Unique per call, as torchelastic's ``DefaultLogsSpecs._make_log_dir``: a run never
+    empties another run's attempt directories. Raises ``OSError`` from the file system.
+    """
+    run_log_dir = tempfile.mkdtemp(prefix=f"{run_id}_", dir=log_dir)
+    logger.info("log directory set to: %s", run_log_dir)
+    return run_log_dir
+
+
+class ConsoleLines:
+    """Splits a worker's output into the lines the tee writes to the console, in time linear
+    in the bytes and holding at most ``limit`` characters.
+
+    A line ends at ``\n``, ``\r\n`` or ``\r`` (also when the ``\r\n`` is split across reads);
+    a line longer than ``limit`` characters is emitted in pieces of ``limit``. Bytes that are
+    not UTF-8 become U+FFFD; a character split across reads is decoded whole. Raises
+    ``ValueError`` for a ``limit`` below 1.
+    """
+
+    def __init__(self, limit: int = TEE_LINE_LIMIT) -> None:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        self._limit = limit
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # The unfinished line, as pieces: appending never copies what is already held (joining
+        # a growing string per read is what made the old tee quadratic).
+        self._held: list[str] = []
+        self._held_len = 0
+        #: the text so far ended with ``\r``: a ``\n`` next belongs to that line end
+        self._after_cr = False
+
+    @property
+    def held(self) -> int:
+        """How many characters of an unfinished line are held back (never above the limit)."""
+        return self._held_len
+
+    def feed(self, data: bytes) -> list[str]:
+        """The lines (or pieces of an overlong line) that ``data`` completes, without ends."""
+        return self._split(self._decoder.decode(data))
+
+    def finish(self) -> list[str]:
+        """At end of output: what is left, as a last line without its end (if any)."""
+        lines = self._split(self._decoder.decode(b"", final=True))
+        if self._held_len:
+            lines.append(self._take())
+        return lines
+
+    def _split(self, text: str) -> list[str]:
+        if self._after_cr and text.startswith("\n"):
+            text = text[1:]
+            self._after_cr = False
+        if text:
+            self._after_cr = text.endswith("\r")
+        lines: list[str] = []
+        start = 0
+        for end in _LINE_END.finditer(text):
+            self._hold(text[start : end.start()], lines)
+            lines.append(self._take())
+            start = end.end()
+        self._hold(text[start:], lines)
+        return lines
+
+    def _hold(self, text: str, lines: list[str]) -> None:
+        while self._held_len + len(text) > self._limit:
+            cut = self._limit - self._held_len
+            self._held.append(text[:cut])
+            self._held_len = self._limit
+            lines.append(self._take())
+            text = text[cut:]
+        if text:
+            self._held.append(text)
+            self._held_len += len(text)
+
+    def _take(self) -> str:
+        line = "".join(self._held)
+        self._held.clear()
+        self._held_len = 0
+        return line
+
+
 async def tee_stream(
     reader: asyncio.StreamReader,
     log_file: int,
@@ -157,25 +250,24 @@ async def tee_stream(
     prefix: str,
 ) -> None:
     """Copy ``reader`` to the ``log_file`` fd byte for byte, and to the console line by line
-    with ``prefix`` in front of each line, until EOF.
+    with ``prefix`` in front of each line, until EOF (see :class:`ConsoleLines` for what a
+    console line is; each ends with ``\n`` there, but the last if the output did not).
 
     ``console`` is looked up per write so that a replaced ``sys.stdout`` (pytest's capture, a
     logging redirect) is honoured. The file appends are small page-cache writes; the console
     write is as blocking as any ``print``. Raises ``OSError`` if the log file cannot be written.
     """
-    partial = b""
+    lines = ConsoleLines()
     while chunk := await reader.read(_TEE_CHUNK):
         os.write(log_file, chunk)
-        *lines, partial = (partial + chunk).split(b"\n")
-        if lines:
-            _write_console(console(), prefix, lines, b"\n")
-    if partial:
-        _write_console(console(), prefix, [partial], b"")
+        if complete := lines.feed(chunk):
+            _write_console(console(), prefix, complete, "\n")
+    if rest := lines.finish():
+        _write_console(console(), prefix, rest, "")
 
 
-def _write_console(out: TextIO, prefix: str, lines: list[bytes], end: bytes) -> None:
-    text = "\n".join(f"{prefix}{line.decode(errors='replace')}" for line in lines)
-    out.write(text + end.decode())
+def _write_console(out: TextIO, prefix: str, lines: list[str], end: str) -> None:
+    out.write("\n".join(f"{prefix}{line}" for line in lines) + end)
     out.flush()
 
 

@@ -31,8 +31,9 @@ _REAP_AFTER_KILL_S = 5.0
 
 @dataclass
 class GroupOutcome:
-    """How one attempt ended, by local rank: every return value, or the failures in the
-    order they were observed (root cause first)."""
+    """How one attempt ended, by local rank: every return value, or the workers that failed
+    on their own (the first exit or exits seen to fail, root cause first; never the siblings
+    the agent then stopped)."""
 
     return_values: dict[int, Any] = field(default_factory=dict)
     failures: dict[int, ProcessFailure] = field(default_factory=dict)
@@ -44,8 +45,10 @@ async def monitor(
     """Wait until every worker exited 0 (collect return values) or one failed.
 
     On a failure the others are stopped with :func:`stop_processes` (SIGTERM, ``stop_timeout``,
-    SIGKILL) and those that then exit non-zero are recorded after the root cause. Raises what
-    reading an error file raises (``OSError``, ``ValueError`` for malformed JSON).
+    SIGKILL). Only the exits seen up to the first failure are failures: a sibling that the
+    stop ends (SIGTERM, SIGKILL, or a non-zero exit from its handler) died because the agent
+    ended it, not on its own, and torchelastic does not report it either. Raises what reading
+    an error file raises (``OSError``, ``ValueError`` for malformed JSON).
     """
     running = {process.exited: process for process in processes}
     failures: dict[int, ProcessFailure] = {}
@@ -74,11 +77,7 @@ async def monitor(
             first.pid,
             len(running),
         )
-        siblings = sorted(running.values(), key=_by_local_rank)
-        await stop_processes(siblings, signal.SIGTERM, stop_timeout)
-        for process in siblings:
-            if process.exited.done():
-                record_exit(process)
+        await stop_processes(list(running.values()), signal.SIGTERM, stop_timeout)
         return GroupOutcome(failures=failures)
     return GroupOutcome(
         return_values={process.local_rank: await process.return_value() for process in processes}

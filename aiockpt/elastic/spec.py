@@ -117,8 +117,9 @@ class RunResult:
     """Outcome of ``await agent.run()``: all-or-nothing over this node's workers.
 
     ``return_values`` (function entrypoints; ``None`` per rank for binaries) and ``failures``
-    are keyed by global rank. ``failures`` is in the order the agent saw the exits: the root
-    cause first, then the siblings it stopped (those show ``SIGTERM``/``SIGKILL``).
+    are keyed by global rank. ``failures`` holds the workers that failed on their own, in the
+    order the agent saw them (root cause first); the siblings the agent stopped because of
+    them are not failures and are not listed.
     """
 
     state: WorkerState

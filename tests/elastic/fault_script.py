@@ -8,6 +8,9 @@ Modes:
 ``stubborn DIR FAIL_RANK``
     Every rank but ``FAIL_RANK`` ignores SIGTERM, writes ``DIR/<local_rank>.pid`` and sleeps.
     ``FAIL_RANK`` (``-1``: none) waits until the others are ignoring SIGTERM, then exits 3.
+``crash DIR FAIL_RANK``
+    As ``stubborn``, but the other ranks die of SIGTERM as most programs do: ``FAIL_RANK``
+    exits 3 while they are surely running.
 ``stubborn-child DIR``
     The worker starts a child that ignores SIGTERM (``DIR/<local_rank>.child.pid``), then
     writes ``DIR/<local_rank>.pid`` and sleeps; the worker itself dies of SIGTERM.
@@ -47,14 +50,15 @@ def wait_for(path: str) -> None:
 def main(argv: list[str]) -> None:
     mode, directory = argv[1], argv[2]
     local_rank = int(os.environ["LOCAL_RANK"])
-    if mode == "stubborn":
+    if mode in ("stubborn", "crash"):
         fail_rank = int(argv[3])
         if local_rank == fail_rank:
             for rank in range(int(os.environ["LOCAL_WORLD_SIZE"])):
                 if rank != fail_rank:
                     wait_for(os.path.join(directory, f"{rank}.pid"))
             sys.exit(3)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if mode == "stubborn":
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         announce(directory, f"{local_rank}.pid", str(os.getpid()))
         time.sleep(120)
     elif mode == "stubborn-child":

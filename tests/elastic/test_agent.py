@@ -30,6 +30,12 @@ SCRIPT = str(Path(__file__).with_name("worker_script.py"))
 RUN_ID = "test-run"
 
 
+def run_dir(log_dir: Path) -> Path:
+    """The one run directory the agent made under ``log_dir``: ``<run_id>_<unique>``."""
+    [found] = log_dir.glob(f"{RUN_ID}_*")
+    return found
+
+
 async def run_agent(
     entrypoint: Any,
     *args: Any,
@@ -92,7 +98,7 @@ async def test_function_raises_records_error_file(tmp_path: Path) -> None:
     assert failure.exitcode == 1
     assert failure.message == "ValueError: worker broke"
     assert failure.traceback is not None and "raise_value_error" in failure.traceback
-    error_file = tmp_path / RUN_ID / "attempt_0" / "0" / "error.json"
+    error_file = run_dir(tmp_path) / "attempt_0" / "0" / "error.json"
     assert failure.error_file == str(error_file)
     recorded = json.loads(error_file.read_text())
     assert recorded["message"]["message"] == failure.message
@@ -108,16 +114,14 @@ async def test_function_sys_exit_138() -> None:
 
 
 async def test_binary_exit_138_stops_running_sibling() -> None:
+    # the sibling stopped with SIGTERM is not a failure (see test_faults for the deterministic
+    # version: a sibling surely running when the crash happens)
     result = await run_agent(sys.executable, "-u", SCRIPT, "exit-rank", "0", "138", nproc=2)
     assert result.state == WorkerState.FAILED
-    assert list(result.failures) == [0, 1], "the root cause is recorded first"
-    root, sibling = result.failures[0], result.failures[1]
+    assert list(result.failures) == [0], "only the root cause"
+    root = result.failures[0]
     assert root.exitcode == 138
     assert root.signal_name() == NOT_AVAILABLE
-    assert sibling.exitcode == -signal.SIGTERM
-    assert sibling.signal_name() == "SIGTERM"
-    assert sibling.message == f"Signal 15 (SIGTERM) received by PID {sibling.pid}"
-    assert root.timestamp <= sibling.timestamp
 
 
 async def test_binary_record_writes_error_file() -> None:
@@ -161,7 +165,7 @@ async def test_redirects_and_tee(
     assert result.state == WorkerState.SUCCEEDED
     out, err = capfd.readouterr()
     for rank in (0, 1):
-        rank_dir = tmp_path / RUN_ID / "attempt_0" / str(rank)
+        rank_dir = run_dir(tmp_path) / "attempt_0" / str(rank)
         assert {p.name for p in rank_dir.iterdir()} == files
         if "stdout.log" in files:
             expected = f"out 0 of rank {rank}\nout 1 of rank {rank}\n"
@@ -189,7 +193,7 @@ async def test_prefix_template_and_local_ranks_filter(
     assert "<trainer|1|1> out 0 of rank 1\n" in out
     assert "rank 0" not in out + err and "rank 2" not in out + err, "filtered ranks stay quiet"
     for rank in (0, 1, 2):  # the files are complete whatever the filter
-        stdout_log = tmp_path / RUN_ID / "attempt_0" / str(rank) / "stdout.log"
+        stdout_log = run_dir(tmp_path) / "attempt_0" / str(rank) / "stdout.log"
         assert stdout_log.read_text() == f"out 0 of rank {rank}\n"
 
 
@@ -203,9 +207,9 @@ async def test_restart_until_success(tmp_path: Path) -> None:
     )
     assert result.state == WorkerState.SUCCEEDED
     assert result.return_values == {0: 1, 1: 1}, "both ranks ran again with restart count 1"
-    run_dir = tmp_path / RUN_ID
-    assert sorted(os.listdir(run_dir)) == ["attempt_0", "attempt_1"]
-    first_error = json.loads((run_dir / "attempt_0" / "1" / "error.json").read_text())
+    logs = run_dir(tmp_path)
+    assert sorted(os.listdir(logs)) == ["attempt_0", "attempt_1"]
+    first_error = json.loads((logs / "attempt_0" / "1" / "error.json").read_text())
     assert "fails on attempt 0" in first_error["message"]["message"]
 
 
@@ -215,7 +219,7 @@ async def test_restarts_exhausted_fails(tmp_path: Path) -> None:
     )
     assert result.state == WorkerState.FAILED
     assert result.failures[0].message == "RuntimeError: rank 0 always fails"
-    assert sorted(os.listdir(tmp_path / RUN_ID)) == ["attempt_0", "attempt_1", "attempt_2"]
+    assert sorted(os.listdir(run_dir(tmp_path))) == ["attempt_0", "attempt_1", "attempt_2"]
     assert result.return_values == {}
 
 

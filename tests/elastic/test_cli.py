@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -12,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from aiockpt.elastic.cli import parse_args
+
 SCRIPT = str(Path(__file__).with_name("worker_script.py"))
+FAULT_SCRIPT = str(Path(__file__).with_name("fault_script.py"))
 LAUNCH = [sys.executable, "-m", "aiockpt.run"]
 #: a hang guard, not a performance bound
 DEADLINE_S = 60.0
@@ -31,7 +35,7 @@ def test_help_reads_like_torchrun() -> None:
         "--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port",
         "--standalone", "--max-restarts", "--monitor-interval", "--redirects", "--tee",
         "--log-dir", "--local-ranks-filter", "--run-id", "--role", "--module", "--no-python",
-        "training_script",
+        "--start-method", "--shutdown-timeout", "--exit-barrier-timeout", "training_script",
     ):  # fmt: skip
         assert flag in done.stdout
     assert done.stdout.startswith("usage: aiockpt-run")
@@ -45,8 +49,24 @@ def test_runs_script_with_tee_and_log_dir(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     for rank in (0, 1):
         assert f"[worker{rank}]:line 1 of rank {rank}\n" in done.stdout
-        log = tmp_path / "cli" / "attempt_0" / str(rank) / "stdout.log"
+        [run_dir] = tmp_path.glob("cli_*")
+        log = run_dir / "attempt_0" / str(rank) / "stdout.log"
         assert log.read_text() == f"line 0 of rank {rank}\nline 1 of rank {rank}\n"
+
+
+def test_rerun_into_the_same_log_dir_keeps_the_earlier_run(tmp_path: Path) -> None:
+    # the default run id both times, as a job is rerun: each run gets a directory of its own
+    for message in ("first", "second"):
+        done = launch("--redirects=3", f"--log-dir={tmp_path}", SCRIPT, "record-raise", message)
+        assert done.returncode == 1, done.stderr
+    runs = sorted(tmp_path.glob("none_*"))
+    assert len(runs) == 2, list(tmp_path.iterdir())
+    recorded = set()
+    for run in runs:
+        rank_dir = run / "attempt_0" / "0"
+        recorded.add(json.loads((rank_dir / "error.json").read_text())["message"]["message"])
+        assert "Traceback" in (rank_dir / "stderr.log").read_text()
+    assert recorded == {"ValueError: first", "ValueError: second"}
 
 
 def test_restarted_group_meets_again_through_env_init(tmp_path: Path) -> None:
@@ -58,12 +78,15 @@ def test_restarted_group_meets_again_through_env_init(tmp_path: Path) -> None:
     assert done.stdout.count("attempt 1 sum 2") == 2
 
 
-def test_failure_report_and_exit_code() -> None:
-    done = launch("--standalone", "--nproc-per-node=2", SCRIPT, "exit-rank", "1", "7")
+def test_failure_report_and_exit_code(tmp_path: Path) -> None:
+    # rank 1 exits 3 once ranks 0 and 2 are running; the agent then stops them with SIGTERM
+    done = launch("--standalone", "--nproc-per-node=3", FAULT_SCRIPT, "crash", str(tmp_path), "1")
     assert done.returncode == 1
-    root_cause = done.stderr.split("Root Cause (first observed failure):")[1]
-    assert "exitcode  : 7" in root_cause
-    assert "(SIGTERM)" in done.stderr, "the stopped sibling is reported with its signal"
+    others, root_cause = done.stderr.split("Root Cause (first observed failure):")
+    assert "exitcode  : 3" in root_cause
+    assert "rank      : 1 (local_rank: 1)" in root_cause
+    assert "<NO_OTHER_FAILURES>" in others, "the siblings the agent stopped are no failures"
+    assert "SIGTERM" not in done.stderr
 
 
 def test_module_and_no_python(tmp_path: Path) -> None:
@@ -75,6 +98,88 @@ def test_module_and_no_python(tmp_path: Path) -> None:
     assert "line 0 of rank 1" in done.stdout
     bad = launch("--no-python", "-m", "x")
     assert bad.returncode == 2 and "--no-python" in bad.stderr
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork", "forkserver"])
+def test_start_method_takes_torchrun_choices(method: str) -> None:
+    assert parse_args([f"--start-method={method}", "train.py"]).start_method == method
+    assert parse_args(["--start_method", method, "train.py"]).start_method == method
+
+
+def test_start_method_default_and_unknown(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_args(["train.py"]).start_method == "spawn"
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--start-method=thread", "train.py"])
+    assert exited.value.code == 2
+    assert "--start-method" in capsys.readouterr().err
+
+
+def test_torchrun_command_line_with_start_method_runs() -> None:
+    # as torchrun users write it: underscores, a separate value, a start method
+    done = launch("--standalone", "--nproc_per_node", "2", "--start_method", "fork", SCRIPT,
+                  "print", "1")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "line 0 of rank 1" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--nnodes", "0"),
+        ("--nnodes", "two"),
+        ("--nnodes", "1:2"),
+        ("--nproc-per-node", "0"),
+        ("--nproc-per-node", "-2"),
+        ("--nproc-per-node", "many"),
+        ("--max-restarts", "-1"),
+        ("--max-restarts", "1.5"),
+        ("--monitor-interval", "-0.1"),
+        ("--monitor-interval", "nan"),
+        ("--node-rank", "-1"),
+        ("--master-port", "-1"),
+        ("--master-port", "65536"),
+        ("--exit-barrier-timeout", "-1"),
+        ("--exit-barrier-timeout", "inf"),
+        ("--shutdown-timeout", "-5"),
+        ("--shutdown-timeout", "soon"),
+        ("--redirects", "4"),
+        ("--tee", "0:5"),
+    ],
+)
+def test_invalid_numeric_flag_is_an_argparse_error_naming_it(
+    flag: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_args([f"{flag}={value}", "train.py"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.rsplit("error: argument ", 1)[1]
+    assert flag in error.split(":")[0].split("/"), error  # "-r/--redirects: ..."
+
+
+def test_invalid_shutdown_timeout_from_environment_names_the_flag(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "-5")
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["train.py"])
+    assert exited.value.code == 2
+    assert "argument --shutdown-timeout" in capsys.readouterr().err
+
+
+def test_valid_numeric_flags() -> None:
+    args = parse_args(
+        ["--nnodes=2:2", "--node-rank=1", "--master-port=0", "--max-restarts=0",
+         "--shutdown-timeout=0", "--exit-barrier-timeout=0.5", "--monitor-interval=5",
+         "--nproc-per-node=cpu", "train.py"]
+    )  # fmt: skip
+    assert (args.nnodes, args.node_rank, args.master_port) == (2, 1, 0)
+    assert (args.shutdown_timeout, args.exit_barrier_timeout) == (0.0, 0.5)
+
+
+def test_node_rank_beyond_nnodes_is_rejected_before_anything_starts() -> None:
+    done = launch("--nnodes=2", "--node-rank=2", "--master-port=29555", SCRIPT, "print", "1")
+    assert done.returncode == 2
+    assert "error: --node-rank must be less than --nnodes (2), got 2" in done.stderr
 
 
 @contextmanager

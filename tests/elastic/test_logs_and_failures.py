@@ -7,6 +7,7 @@ import io
 import json
 import os
 import signal
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,16 @@ import pytest
 import aiockpt.elastic
 from aiockpt.elastic import LogsSpecs, ProcessFailure, Std, WorkerSpec, record
 from aiockpt.elastic.failures import NO_ERROR_FILE_MESSAGE, NOT_AVAILABLE, format_failures
-from aiockpt.elastic.logs import tee_stream, to_map
+from aiockpt.elastic.logs import (
+    TEE_LINE_LIMIT,
+    ConsoleLines,
+    make_run_log_dir,
+    tee_stream,
+    to_map,
+)
+
+#: a hang guard, not a performance bound
+HANG_S = 30.0
 
 
 @pytest.mark.parametrize(
@@ -61,10 +71,13 @@ def test_reify_layout_redirects_tee_and_filter(tmp_path: Path) -> None:
         tee={1: Std.ALL, 2: Std.ERR},
         local_ranks_filter={0, 1},
     )
-    stale = tmp_path / "run" / "attempt_1" / "stale"
+    run_dir = Path(make_run_log_dir(str(tmp_path), "run"))
+    assert run_dir.parent == tmp_path and run_dir.name.startswith("run_")
+    assert make_run_log_dir(str(tmp_path), "run") != str(run_dir), "one directory per run"
+    stale = run_dir / "attempt_1" / "stale"
     stale.mkdir(parents=True)
-    dest = specs.reify(str(tmp_path), "run", restart_count=1, nprocs=3)
-    attempt = tmp_path / "run" / "attempt_1"
+    dest = specs.reify(str(run_dir), restart_count=1, nprocs=3)
+    attempt = run_dir / "attempt_1"
     assert not stale.exists(), "an attempt directory starts empty"
     assert sorted(os.listdir(attempt)) == ["0", "1", "2"]
     assert dest.error_files == {r: str(attempt / str(r) / "error.json") for r in range(3)}
@@ -98,6 +111,92 @@ async def test_tee_stream_keeps_bytes_and_prefixes_lines(tmp_path: Path) -> None
     assert console.getvalue() == (
         "[r0]:first line\n[r0]:second\n[r0]:third \ufffd\n[r0]:unterminated"
     )
+
+
+def test_console_lines_ends_and_pieces() -> None:
+    lines = ConsoleLines(limit=4)
+    assert lines.feed(b"a\rb\r\nc\nd") == ["a", "b", "c"]
+    assert lines.feed(b"\r") == ["d"]
+    assert lines.feed(b"\ne\r") == ["e"], "a \\r\\n split across reads is one line end"
+    assert lines.feed(b"\n\n") == [""]
+    assert lines.feed(b"0123456789") == ["0123", "4567"], "an overlong line comes in pieces"
+    assert lines.held == 2
+    assert lines.feed(b"\xe2\x82") == [], "half a character waits for the rest"
+    assert lines.feed(b"\xac\xff\n") == ["89\u20ac\ufffd"]
+    assert lines.feed(b"tail\xe2") == [], "a line as long as the limit still waits for its end"
+    assert lines.finish() == ["tail", "\ufffd"]
+    with pytest.raises(ValueError, match="limit"):
+        ConsoleLines(limit=0)
+
+
+#: a tqdm bar, redrawn with a carriage return and never a newline
+BAR = b"\r 42%|" + b"#" * 40 + b" " * 56 + b"| 42/100 [00:07<00:09, 6.02it/s]"
+
+
+def test_console_lines_stay_bounded_on_huge_lines() -> None:
+    # 32 MiB of redraws, then 8 MiB without any line end at all: what is held back never
+    # exceeds the limit, so no read costs more than its own size plus the limit
+    lines = ConsoleLines()
+    chunk = BAR * (64 * 1024 // len(BAR))
+    emitted = 0
+    for _ in range(32 * 1024 * 1024 // len(chunk)):
+        complete = lines.feed(chunk)
+        assert lines.held <= len(BAR)
+        emitted += len(complete)
+        assert complete[-1] == BAR[1:].decode()
+    assert emitted == 32 * 1024 * 1024 // len(chunk) * chunk.count(b"\r")
+    pieces = 0
+    for _ in range(8 * 1024 * 1024 // len(chunk)):
+        complete = lines.feed(chunk.replace(b"\r", b"-"))
+        assert lines.held <= TEE_LINE_LIMIT
+        assert all(len(piece) == TEE_LINE_LIMIT for piece in complete[1:])
+        pieces += len(complete)
+    assert pieces >= 8 * 1024 * 1024 // TEE_LINE_LIMIT - 1
+
+
+class CountingConsole(io.StringIO):
+    """A console that counts the lines written to it and keeps none (tens of MB pass)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines = 0
+        self.last = ""
+        self.written = asyncio.Event()
+
+    def write(self, text: str) -> int:
+        self.lines += text.count("\n")
+        self.last = text[-200:]
+        self.written.set()
+        return len(text)
+
+
+async def test_tee_of_a_progress_bar_is_line_by_line_in_bounded_memory(tmp_path: Path) -> None:
+    # a tqdm bar for minutes: only \r, never \n. Every redraw must reach the console as it
+    # comes, and the tee must not keep (and re-copy on every read) everything since the last
+    # \n: that made it quadratic in time and linear in memory.
+    chunk = BAR * (64 * 1024 // len(BAR))
+    reads = 24 * 1024 * 1024 // len(chunk)
+    reader = asyncio.StreamReader()
+    console = CountingConsole()
+    fd = os.open(tmp_path / "stdout.log", os.O_WRONLY | os.O_CREAT)
+    tracemalloc.start()
+    try:
+        tee = asyncio.create_task(tee_stream(reader, fd, lambda: console, "[r0]:"))
+        for read in range(1, reads + 1):
+            console.written.clear()
+            reader.feed_data(chunk)  # one read at a time: the reader holds no backlog
+            await asyncio.wait_for(console.written.wait(), HANG_S)
+            assert console.lines == read * chunk.count(b"\r"), "each \\r ends a console line"
+        _, peak = tracemalloc.get_traced_memory()
+        reader.feed_eof()
+        await asyncio.wait_for(tee, HANG_S)
+        assert os.fstat(fd).st_size == reads * len(chunk), "the file gets every byte"
+    finally:
+        tracemalloc.stop()
+        os.close(fd)
+    assert console.last == "[r0]:" + BAR[1:].decode(), "the last redraw, without a line end"
+    # a few reads' worth of text and lines at a time, independent of the 24 MiB that passed
+    assert peak < 16 * len(chunk), peak
 
 
 def test_record_writes_torchelastic_error_file(
