@@ -15,6 +15,8 @@ tree at the boundary where they happen; callers catch ``AiockptError`` for anyth
     │   └── WorkerClosed              the CheckpointProcess was closed; no more requests
     ├── CheckpointWriteError          the worker's writer raised; carries the worker traceback
     ├── CorruptCheckpoint             a checkpoint failed verification (names the file)
+    ├── RootLocked                    another process writes checkpoints under this root
+    │                                 (names its pid and host)
     ├── CoordinationError             ranks disagree or fail to meet during a multi-rank save
     │   ├── CoordinationTimeout       a rank never arrived (also a builtin TimeoutError)
     │   └── RankFailed                another rank's part of the save failed (its traceback)
@@ -39,6 +41,7 @@ __all__ = [
     "ProtocolVersionMismatch",
     "RankFailed",
     "RendezvousError",
+    "RootLocked",
     "SignalException",
     "WorkerClosed",
     "WorkerCrashed",
@@ -121,6 +124,17 @@ class CorruptCheckpoint(AiockptError):
     def __init__(self, message: str, *, path: str) -> None:
         super().__init__(message)
         self.path = path
+
+
+class RootLocked(AiockptError):
+    """Another process holds the writer lock of the checkpoint root ``path``: ``pid`` on
+    ``host`` (None when it could not be read)."""
+
+    def __init__(self, message: str, *, path: str, pid: int | None, host: str | None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.pid = pid
+        self.host = host
 
 
 class CoordinationError(AiockptError):

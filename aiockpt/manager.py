@@ -48,8 +48,10 @@ import asyncio
 import collections
 import contextlib
 import functools
+import io
 import logging
 import os
+import re
 import tempfile
 import threading
 import time
@@ -71,6 +73,7 @@ from aiockpt.group import (
 from aiockpt.process import CheckpointProcess, CheckpointProcessConfig
 from aiockpt.protocol import CommitOptions, GroupInfo, RankInfo, WritePayload
 from aiockpt.refs import check_encodable
+from aiockpt.root_lock import RootLock
 from aiockpt.saver import SaveHandle, SaveResult
 from aiockpt.staging import SharedArena, StagingPlan, plan_staging, remove_orphaned_arenas
 from aiockpt.writers import resolve_writer
@@ -81,6 +84,8 @@ logger = logging.getLogger("aiockpt.manager")
 
 #: ``Checkpointer.save`` names checkpoints ``step_<step>`` zero-padded, so that they sort
 STEP_NAME = "step_{step:010d}"
+#: the names retention considers: ``save``'s, and no others
+STEP_NAME_PATTERN = re.compile(r"step_(\d{10,})")
 
 
 class Checkpointer:
@@ -91,8 +96,10 @@ class Checkpointer:
             here. May be None when only ``save_to`` (explicit paths) is used.
         format: "dcp" (loadable by ``torch.distributed.checkpoint.load``), "safetensors", or
             a custom writer's import reference ``"package.module:Writer"``.
-        keep_last: keep only the newest K committed checkpoints under ``root``; older ones
-            are deleted only after a newer one is durable.
+        keep_last: keep only the newest K checkpoints that ``save`` named by step
+            (``step_<n>`` under ``root``, ordered by step); older ones are deleted only after
+            a newer one is durable. Checkpoints of other names (``save_to(root / "best")``)
+            are the user's and never deleted.
         max_in_flight: saves that may be staged or written at once; a further save waits for
             a slot (and its ``staged`` with it).
         allow_pickle: pickle state-dict leaves that are neither tensors nor plain values,
@@ -107,6 +114,13 @@ class Checkpointer:
             multi-rank save before failing it with ``CoordinationTimeout``.
         rank_info, config: passed to the ``CheckpointProcess`` (``rank_info`` comes from the
             process group when there is one).
+        read_only: open ``root`` to read it only (an eval or export process next to a
+            running trainer): ``latest`` and ``load_latest`` work, no worker starts, no lock
+            is taken, nothing is deleted, and saving raises ``io.UnsupportedOperation``.
+
+    A root has one writer: ``start`` takes an exclusive lock on it (``aiockpt.root_lock``;
+    in a group, rank 0 does) that the kernel releases when the process dies, and a second
+    writer's ``start`` raises ``RootLocked`` naming the holder.
 
     Use ``async with Checkpointer(...) as ckpt`` or ``await start()`` / ``await close()``.
     """
@@ -125,6 +139,7 @@ class Checkpointer:
         coordination_timeout_secs: float = DEFAULT_TIMEOUT_S,
         rank_info: RankInfo | None = None,
         config: CheckpointProcessConfig | None = None,
+        read_only: bool = False,
     ) -> None:
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last must be at least 1 (or None), got {keep_last}")
@@ -133,6 +148,9 @@ class Checkpointer:
         self._checked_formats: set[str] = set()
         self._check_format(format)
         self.root = os.path.abspath(os.fspath(root)) if root is not None else None
+        self.read_only = read_only
+        #: this process's writer lock on ``root`` (rank 0's, in a group), from ``start``
+        self._root_lock: RootLock | None = None
         self.format = format
         self.keep_last = keep_last
         self.max_in_flight = max_in_flight
@@ -210,8 +228,9 @@ class Checkpointer:
         trainers' store, and every worker joins the workers' gloo process group before this
         returns.
 
-        Raises ``OSError`` (``PermissionError``, read-only file system, ...) naming ``root``
-        when a checkpoint cannot be created under it, what ``CheckpointProcess.start``
+        Raises ``RootLocked`` when another process writes under ``root``, ``OSError``
+        (``PermissionError``, read-only file system, ...) naming ``root`` when a checkpoint
+        cannot be created under it, what ``CheckpointProcess.start``
         raises, ``TypeError`` as ``save`` does for a ``like`` that cannot be checkpointed,
         ``WorkerClosed`` after ``close``, and what ``aiockpt.group.form_group`` raises
         (``ValueError`` for a prefix store without ``MASTER_ADDR``/``MASTER_PORT``,
@@ -219,6 +238,8 @@ class Checkpointer:
         """
         if self.closed:
             raise WorkerClosed("the Checkpointer was closed")
+        if self.read_only:
+            return
         await self._ensure_started()
         if like is not None:
             process = self._process
@@ -279,7 +300,8 @@ class Checkpointer:
 
     def _prepare_root(self) -> None:
         """Fail now, not at the first save, when no checkpoint can be created under the
-        root; remove what crashed saves left there."""
+        root; take its writer lock and remove what crashed saves left there (the lock says
+        that no other writer's save is in progress)."""
         for path in remove_orphaned_arenas():
             logger.info("removed orphaned staging arena %s", path)
         if self.root is None:
@@ -292,6 +314,7 @@ class Checkpointer:
                 exc.errno, f"cannot create checkpoints under {self.root}: {exc.strerror}"
             ) from exc
         if self._leader:
+            self._root_lock = RootLock.acquire(self.root)
             for path in commit.remove_stale_temps(self.root):
                 logger.warning("removed %s, left by a save that did not finish", path)
 
@@ -342,6 +365,8 @@ class Checkpointer:
         async with self._start_lock:  # not while a save is starting the worker
             self._worker_stopped = True
         await self._drop_worker()
+        if self._root_lock is not None:
+            self._root_lock.release()
         outcomes = await asyncio.gather(*issued, return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, Exception):
@@ -413,11 +438,14 @@ class Checkpointer:
 
         Raises ``TypeError`` here, naming the key, for an entry that cannot be checkpointed
         (or for ``metadata`` that is not msgspec-encodable), ``ValueError`` for an unknown
-        format, ``WorkerClosed`` after ``close``, ``RuntimeError`` outside a running loop.
-        In a multi-rank job such an error still fails this save on the other ranks (with
-        ``RankFailed`` naming this rank), and the next save works on every rank. Failures of
-        the save itself are raised by awaiting the handle.
+        format, ``WorkerClosed`` after ``close``, ``io.UnsupportedOperation`` when opened
+        ``read_only``, ``RuntimeError`` outside a running loop. In a multi-rank job such an
+        error still fails this save on the other ranks (with ``RankFailed`` naming this
+        rank), and the next save works on every rank. Failures of the save itself are raised
+        by awaiting the handle.
         """
+        if self.read_only:
+            raise io.UnsupportedOperation(f"the Checkpointer of {self.root} is read_only")
         if self.closed:
             raise WorkerClosed("the Checkpointer was closed")
         loop = asyncio.get_running_loop()
@@ -587,8 +615,8 @@ class Checkpointer:
                 raise WorkerClosed(f"save to {path} did not finish: {exc}") from exc
             raise
         result = msgspec.convert(written.result, commit.CommitResult)
-        if self.keep_last is not None and self.root is not None and self._leader:
-            await asyncio.to_thread(self._apply_retention, result.path)
+        if self.keep_last is not None and step is not None and self._leader:
+            await asyncio.to_thread(self._apply_retention)
         return SaveResult(
             path=result.path,
             nbytes=result.nbytes,
@@ -625,10 +653,15 @@ class Checkpointer:
         else:
             _close(arena)
 
-    def _apply_retention(self, newest: str) -> None:
+    def _apply_retention(self) -> None:
+        """Delete all but the newest ``keep_last`` step-named checkpoints under the root."""
         assert self.root is not None and self.keep_last is not None
-        committed = [p for p in commit.list_committed(self.root) if p != newest]
-        for old in committed[: max(0, len(committed) - (self.keep_last - 1))]:
+        by_step = sorted(
+            (int(match[1]), path)
+            for path in commit.list_committed(self.root)
+            if (match := STEP_NAME_PATTERN.fullmatch(os.path.basename(path)))
+        )
+        for _, old in by_step[: max(0, len(by_step) - self.keep_last)]:
             with contextlib.suppress(FileNotFoundError):
                 commit.remove_checkpoint(old)
 

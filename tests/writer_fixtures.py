@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -143,3 +144,27 @@ class FailingWriter:
         with open(os.path.join(path, "partial.bin"), "wb") as f:
             f.write(b"x" * 1000)
         raise RuntimeError("disk on fire")
+
+
+class GatedDcpWriter:
+    """The DCP writer, held at a gate: given a ``"gate"`` entry (a path), it creates
+    ``<gate>.started`` once its temporary directory exists and writes only once
+    ``<gate>.go`` appears (at most a minute later), so a test acts while a save is in
+    flight without guessing how long that lasts."""
+
+    def __init__(self, rank_info: Any, **options: Any) -> None:
+        from aiockpt.writers.dcp import DcpWriter
+
+        self._inner = DcpWriter(rank_info=rank_info, **options)
+
+    def write(self, state_dict: Any, path: str, **kwargs: Any) -> Any:
+        gate = state_dict.get("gate")
+        if gate is not None:
+            with open(f"{gate}.started", "w"):
+                pass
+            deadline = time.monotonic() + 60
+            while not os.path.exists(f"{gate}.go"):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{gate}.go never appeared")
+                time.sleep(0.002)
+        return self._inner.write(state_dict=state_dict, path=path, **kwargs)
