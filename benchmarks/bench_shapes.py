@@ -1,0 +1,218 @@
+"""Saves of real-shaped training state: a GPT-style model with AdamW, thousands of small
+tensors, and the 64 large tensors the first figures came from.
+
+    python -m benchmarks.bench_shapes [--workloads gpt,small8k,small20k,big64] [--repeats 5]
+                                      [--dir /dev/shm]
+
+Per workload, every round runs each method once, in an order rotated every round, so noise
+on a shared machine hits every method alike; the first round is a warm-up (worker spawn,
+arena creation, first page faults) and the figures are medians over the others:
+
+    memcpy      copy_ into preallocated tensors of the same layout (the staging limit)
+    raw         os.write of every tensor's bytes into one file + fsync (the write limit)
+    torch.save  torch.save to a file + fsync
+    aiockpt     Checkpointer.save_to, DCP layout: *blocking* until ``staged``, *durable*
+                until the commit; *call* is the synchronous ``save_to`` call (planning), per
+                tensor
+
+A benchmark, not a test: it prints figures and ratios and never fails on a threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from benchmarks._common import GiB, KiB, MiB, format_size, median
+
+DIR_PREFIX = "bench-shapes-"  # never "aiockpt*": the test suite's leak checker owns those
+
+
+def gpt_adamw(layers: int = 24, width: int = 512, vocab: int = 24_000) -> dict[str, Any]:
+    """A GPT-2-style model (``layers`` blocks of ``width``) and its AdamW state after one
+    step: ~1,170 tensors, ~1 GiB."""
+    torch.manual_seed(0)
+
+    def block() -> nn.Module:
+        return nn.ModuleDict(
+            {
+                "ln_1": nn.LayerNorm(width),
+                "attn": nn.ModuleDict(
+                    {"c_attn": nn.Linear(width, 3 * width), "c_proj": nn.Linear(width, width)}
+                ),
+                "ln_2": nn.LayerNorm(width),
+                "mlp": nn.ModuleDict(
+                    {"c_fc": nn.Linear(width, 4 * width), "c_proj": nn.Linear(4 * width, width)}
+                ),
+            }
+        )
+
+    model = nn.ModuleDict(
+        {
+            "wte": nn.Embedding(vocab, width),
+            "wpe": nn.Embedding(1024, width),
+            "h": nn.ModuleList([block() for _ in range(layers)]),
+            "ln_f": nn.LayerNorm(width),
+        }
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for parameter in model.parameters():
+        parameter.grad = torch.full_like(parameter, 1e-3)
+    optimizer.step()
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 1}
+
+
+def many_tensors(count: int, nbytes: int) -> dict[str, Any]:
+    numel = max(1, nbytes // 4 // count)
+    return {f"t{i}": torch.rand(numel) for i in range(count)}
+
+
+WORKLOADS: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
+    "gpt": ("GPT 24x512 + AdamW", gpt_adamw),
+    "small8k": ("256 MiB in 8,192 tensors", lambda: many_tensors(8192, 256 * MiB)),
+    "small20k": ("20,000 tensors of 4 KiB", lambda: many_tensors(20_000, 20_000 * 4 * KiB)),
+    "big64": ("1 GiB in 64 tensors", lambda: many_tensors(64, GiB)),
+}
+
+
+def tensors_of(tree: Any) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for value in tree.values() for t in tensors_of(value)]
+    if isinstance(tree, (list, tuple)):
+        return [t for value in tree for t in tensors_of(value)]
+    return []
+
+
+def raw_write(tensors: Sequence[torch.Tensor], path: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for tensor in tensors:
+            view = memoryview(tensor.numpy()).cast("B")
+            while view:
+                view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def torch_save(state_dict: Any, path: str) -> None:
+    with open(path, "wb") as file:
+        torch.save(state_dict, file)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.unlink(path)
+
+
+async def measure(name: str, state_dict: Any, directory: str, repeats: int) -> dict[str, float]:
+    """Medians over ``repeats`` interleaved rounds after one warm-up round."""
+    import aiockpt
+
+    tensors = tensors_of(state_dict)
+    copies = [torch.empty_like(t) for t in tensors]
+    samples: dict[str, list[float]] = {}
+    counter = 0
+
+    def target() -> str:
+        nonlocal counter
+        counter += 1
+        return os.path.join(directory, f"{name}-{counter}")
+
+    async with aiockpt.Checkpointer(directory) as ckpt:
+        await ckpt.start(like=state_dict)
+
+        async def run_aiockpt() -> dict[str, float]:
+            path = target()
+            started = time.perf_counter()
+            handle = ckpt.save_to(state_dict, path)
+            called = time.perf_counter()
+            await handle.staged
+            staged = time.perf_counter()
+            await handle
+            durable = time.perf_counter()
+            await asyncio.to_thread(remove, path)
+            return {
+                "aiockpt call us/tensor": (called - started) / len(tensors) * 1e6,
+                "aiockpt blocking": staged - started,
+                "aiockpt durable": durable - started,
+            }
+
+        async def run_memcpy() -> dict[str, float]:
+            started = time.perf_counter()
+            torch._foreach_copy_(copies, tensors)
+            return {"memcpy": time.perf_counter() - started}
+
+        async def run_sync(
+            key: str, save: Callable[[Any, str], None], what: Any
+        ) -> dict[str, float]:
+            path = target()
+            started = time.perf_counter()
+            await asyncio.to_thread(save, what, path)
+            elapsed = time.perf_counter() - started
+            await asyncio.to_thread(remove, path)
+            return {key: elapsed}
+
+        methods = [
+            run_aiockpt,
+            run_memcpy,
+            lambda: run_sync("raw write+fsync", raw_write, tensors),
+            lambda: run_sync("torch.save+fsync", torch_save, state_dict),
+        ]
+        for round_ in range(repeats + 1):
+            order = methods[round_ % len(methods) :] + methods[: round_ % len(methods)]
+            for method in order:
+                figures = await method()
+                if round_:  # round 0 is the warm-up
+                    for key, value in figures.items():
+                        samples.setdefault(key, []).append(value)
+    return {key: median(values) for key, values in samples.items()}
+
+
+def report(title: str, count: int, nbytes: int, figures: dict[str, float]) -> None:
+    print(f"\n{title}: {count} tensors, {format_size(nbytes)}")
+    for key, value in figures.items():
+        unit = "" if "us/" in key else " s"
+        print(f"  {key:<24} {value:8.3f}{unit}")
+    durable, raw = figures["aiockpt durable"], figures["raw write+fsync"]
+    print(f"  durable / raw write      {durable / raw:8.2f}x")
+    print(f"  durable / torch.save     {durable / figures['torch.save+fsync']:8.2f}x")
+    print(f"  blocking / memcpy        {figures['aiockpt blocking'] / figures['memcpy']:8.2f}x")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_shapes")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dir", default="/dev/shm", help="where checkpoints are written")
+    args = parser.parse_args(argv)
+    for name in args.workloads.split(","):
+        title, build = WORKLOADS[name]
+        state_dict = build()
+        tensors = tensors_of(state_dict)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        directory = tempfile.mkdtemp(prefix=DIR_PREFIX, dir=args.dir)
+        try:
+            figures = asyncio.run(measure(name, state_dict, directory, args.repeats))
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+        report(title, len(tensors), nbytes, figures)
+
+
+if __name__ == "__main__":
+    main()
