@@ -31,7 +31,14 @@ from aiockpt.commit import (
     write_files,
 )
 from aiockpt.loading import load, read_manifest, verify
-from aiockpt.manifest import MANIFEST_NAME, OpaqueLeaf, ValueLeaf, decode_manifest
+from aiockpt.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    OpaqueLeaf,
+    ValueLeaf,
+    decode_manifest,
+    encode_manifest,
+)
 from aiockpt.writers.base import FileRecord
 from aiockpt.writers.safetensors import SafetensorsWriter
 from tests.writer_fixtures import FailingWriter, NoneReturningWriter, assert_same
@@ -70,7 +77,7 @@ def test_write_checkpoint_commits(tmp_path: Path) -> None:
     assert [f.name for f in result.files] == ["model.safetensors"]
     assert result.write_seconds >= 0 and result.commit_seconds >= 0
     manifest = decode_manifest((path / MANIFEST_NAME).read_bytes())
-    assert manifest.format == "safetensors" and manifest.format_version == 1
+    assert manifest.format == "safetensors" and manifest.format_version == FORMAT_VERSION == 2
     assert manifest.metadata == {"epoch": 3, "tags": ["a"]}
     assert manifest.leaves[1] == ValueLeaf(1)
     data = (path / "model.safetensors").read_bytes()
@@ -235,7 +242,7 @@ def test_phases_and_a_crash_before_finalize(tmp_path: Path) -> None:
     records = write_files(SafetensorsWriter(), state(), pending.temp_path)
     manifest = build_manifest("safetensors", state(), records)
     # "Crash": the manifest is written in the temp directory but never renamed into place.
-    (Path(pending.temp_path) / MANIFEST_NAME).write_bytes(msgspec.json.encode(manifest))
+    (Path(pending.temp_path) / MANIFEST_NAME).write_bytes(encode_manifest(manifest))
     parent = tmp_path / "deep" / "er"
     assert not os.path.lexists(parent / "ckpt")
     assert not is_committed(pending.temp_path)

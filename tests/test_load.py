@@ -15,6 +15,7 @@ from aiockpt.commit import write_checkpoint
 from aiockpt.errors import CorruptCheckpoint
 from aiockpt.loading import load, verify
 from aiockpt.manifest import MANIFEST_NAME, TensorLeaf, decode_manifest, encode_manifest
+from aiockpt.tree import MAX_DEPTH
 from aiockpt.writers import create_writer
 from tests.writer_fixtures import assert_same, full_state_dict, like, random_tensor
 
@@ -199,3 +200,15 @@ def test_dcp_load_never_unpickles_metadata(tmp_path: Path) -> None:
     assert not marker.exists()
     with pytest.raises(CorruptCheckpoint, match=r"\.metadata"):
         load(path)
+
+
+def test_the_deepest_state_dict_a_save_accepts_loads(tmp_path: Path) -> None:
+    """Saves refuse nesting deeper than MAX_DEPTH (the loader refuses such manifests), and
+    the deepest they accept loads back."""
+    deepest: Any = {"w": torch.ones(2)}
+    for _ in range(MAX_DEPTH - 1):
+        deepest = [deepest]
+    assert_same(load(save(tmp_path, deepest, "safetensors")), deepest)
+    with pytest.raises(TypeError, match=f"more than {MAX_DEPTH} deep"):
+        save(tmp_path, [deepest], "safetensors", name="deeper")
+    assert not (tmp_path / "deeper").exists()
