@@ -264,37 +264,32 @@ def verify(path: str | os.PathLike[str]) -> Manifest:
     exist.
     """
     with _Checkpoint(path) as checkpoint:
-        files = _open_files(checkpoint, checkpoint.manifest.files)
-        try:
-            for entry in checkpoint.manifest.files:
-                _read_file(checkpoint.root, entry, files[entry.name], [], verify=True)
-        finally:
-            _close_files(files)
+        entries = checkpoint.manifest.files
+        _check_sizes(checkpoint, entries)
+        for entry in entries:
+            _read_file(checkpoint, entry, [], verify=True)
         return checkpoint.manifest
 
 
-def _open_files(checkpoint: _Checkpoint, entries: list[FileEntry]) -> dict[str, int]:
-    """Descriptors of the files of ``entries``, each checked to have its listed size before
-    anything is allocated or read. Raises CorruptCheckpoint naming the first that does not."""
-    files: dict[str, int] = {}
-    try:
-        for entry in entries:
-            fd, size = checkpoint.open_file(entry.name)
-            files[entry.name] = fd
-            if size != entry.size:
-                raise CorruptCheckpoint(
-                    f"{entry.name} has {size} bytes, the manifest says {entry.size} (truncated?)",
-                    path=os.path.join(checkpoint.root, entry.name),
-                )
-    except BaseException:
-        _close_files(files)
-        raise
-    return files
-
-
-def _close_files(files: dict[str, int]) -> None:
-    for fd in files.values():
+def _open_checked(checkpoint: _Checkpoint, entry: FileEntry) -> int:
+    """A descriptor of the file of ``entry``, which has the listed size; raises
+    CorruptCheckpoint naming the file otherwise."""
+    fd, size = checkpoint.open_file(entry.name)
+    if size != entry.size:
         os.close(fd)
+        raise CorruptCheckpoint(
+            f"{entry.name} has {size} bytes, the manifest says {entry.size} (truncated?)",
+            path=os.path.join(checkpoint.root, entry.name),
+        )
+    return fd
+
+
+def _check_sizes(checkpoint: _Checkpoint, entries: list[FileEntry]) -> None:
+    """Check every file of ``entries`` before anything is allocated or read: a manifest
+    listing a huge file must not get a huge buffer. (Opened again to be read, one at a time:
+    keeping thousands of files open, one per rank of a large job, could exhaust descriptors.)"""
+    for entry in entries:
+        os.close(_open_checked(checkpoint, entry))
 
 
 def load(
@@ -448,19 +443,16 @@ def _read_leaves(
             stored.append((index, leaf))
     needed = {leaf.file for _, leaf in stored}
     entries = [entry for entry in manifest.files if verify or entry.name in needed]
-    files = _open_files(checkpoint, entries)  # sizes checked before any buffer exists
-    try:
-        regions, buffers = _plan_regions(checkpoint.root, manifest, stored, destinations, values)
-        for entry in entries:
-            file_regions = sorted(regions.get(entry.name, {}).values(), key=lambda r: r.offset)
-            _read_file(checkpoint.root, entry, files[entry.name], file_regions, verify=verify)
-            for region in file_regions:
-                first = buffers[region.leaves[0]]
-                value = pickle.loads(first) if isinstance(first, bytearray) else first
-                for index in region.leaves:
-                    values[index] = _place(value, destinations.get(index))
-    finally:
-        _close_files(files)
+    _check_sizes(checkpoint, entries)
+    regions, buffers = _plan_regions(checkpoint.root, manifest, stored, destinations, values)
+    for entry in entries:
+        file_regions = sorted(regions.get(entry.name, {}).values(), key=lambda r: r.offset)
+        _read_file(checkpoint, entry, file_regions, verify=verify)
+        for region in file_regions:
+            first = buffers[region.leaves[0]]
+            value = pickle.loads(first) if isinstance(first, bytearray) else first
+            for index in region.leaves:
+                values[index] = _place(value, destinations.get(index))
     return values
 
 
@@ -521,34 +513,37 @@ def _place(value: Any, destination: torch.Tensor | None) -> Any:
 
 
 def _read_file(
-    root: str, entry: FileEntry, fd: int, regions: list[_Region], *, verify: bool
+    checkpoint: _Checkpoint, entry: FileEntry, regions: list[_Region], *, verify: bool
 ) -> None:
-    """Read ``regions`` of one open file, whose size is ``entry.size``, into their views;
-    with ``verify``, read and hash the whole file and compare with ``entry``. Raises
-    CorruptCheckpoint naming the file."""
-    full = os.path.join(root, entry.name)
-    size = entry.size
-    digest = xxhash.xxh3_64() if verify else None
-    position = 0
-    for region in regions:
-        end = region.offset + region.view.nbytes
-        if region.offset < position or end > size:
-            raise CorruptCheckpoint(
-                f"entry at {region.offset}..{end} overlaps another or the end", path=full
-            )
+    """Read ``regions`` of one file into their views; with ``verify``, read and hash the
+    whole file and compare with ``entry``. Raises CorruptCheckpoint naming the file."""
+    full = os.path.join(checkpoint.root, entry.name)
+    fd = _open_checked(checkpoint, entry)
+    try:
+        size = entry.size
+        digest = xxhash.xxh3_64() if verify else None
+        position = 0
+        for region in regions:
+            end = region.offset + region.view.nbytes
+            if region.offset < position or end > size:
+                raise CorruptCheckpoint(
+                    f"entry at {region.offset}..{end} overlaps another or the end", path=full
+                )
+            if digest is not None:
+                _hash_range(fd, position, region.offset, digest, full)
+            _read_exactly(fd, region.view, region.offset, full)
+            if digest is not None:
+                digest.update(region.view)
+            position = end
         if digest is not None:
-            _hash_range(fd, position, region.offset, digest, full)
-        _read_exactly(fd, region.view, region.offset, full)
-        if digest is not None:
-            digest.update(region.view)
-        position = end
-    if digest is not None:
-        _hash_range(fd, position, size, digest, full)
-        if digest.hexdigest() != entry.xxh3_64:
-            raise CorruptCheckpoint(
-                f"{entry.name} does not match its xxh3_64 checksum (altered or corrupt)",
-                path=full,
-            )
+            _hash_range(fd, position, size, digest, full)
+            if digest.hexdigest() != entry.xxh3_64:
+                raise CorruptCheckpoint(
+                    f"{entry.name} does not match its xxh3_64 checksum (altered or corrupt)",
+                    path=full,
+                )
+    finally:
+        os.close(fd)
 
 
 def _hash_range(fd: int, start: int, end: int, digest: Any, full: str) -> None:
