@@ -296,6 +296,19 @@ def test_list_committed_and_is_committed(tmp_path: Path) -> None:
     assert list_committed(tmp_path / "missing") == []
 
 
+def test_a_linked_manifest_does_not_make_a_checkpoint(tmp_path: Path) -> None:
+    """The loader refuses a manifest that is a link, so listing (``latest``, retention) must
+    not count one either."""
+    save(tmp_path / "real")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    os.symlink(tmp_path / "real" / MANIFEST_NAME, linked / MANIFEST_NAME)
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / MANIFEST_NAME)
+    assert not is_committed(linked) and not is_committed(tmp_path / "fifo")
+    assert list_committed(tmp_path) == [str(tmp_path / "real")]
+
+
 def test_remove_stale_temps_only_touches_its_own(tmp_path: Path) -> None:
     save(tmp_path / "keep")
     (tmp_path / "unrelated").mkdir()
