@@ -96,6 +96,11 @@ def flatten(tree: Any, is_leaf: Callable[[Any], bool]) -> tuple[Node, list[tuple
                         f"state dict key {key!r} at {format_key_path(path)!r} is a "
                         f"{type(key).__name__}; only str and int keys can be checkpointed"
                     )
+                if not _encodable_key(key):
+                    raise TypeError(
+                        f"state dict key {key!r} at {format_key_path(path)!r} cannot be "
+                        "written: an int key must fit in 64 bits, a str key be valid Unicode"
+                    )
                 keys.append(key)
                 children.append(visit(child, (*path, key)))
             return DictNode(keys, children)
@@ -107,6 +112,20 @@ def flatten(tree: Any, is_leaf: Callable[[Any], bool]) -> tuple[Node, list[tuple
         return LeafNode(len(leaves) - 1)
 
     return visit(tree, ()), leaves
+
+
+def _encodable_key(key: str | int) -> bool:
+    """Whether both the channel (msgpack: 64-bit ints, UTF-8) and the manifest carry ``key``;
+    checked here so that such a key fails in the caller, naming it, not later in an encoder."""
+    if isinstance(key, int):
+        return -(2**63) <= key <= 2**64 - 1
+    if key.isascii():
+        return True
+    try:
+        key.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def unflatten(skeleton: Node, leaves: Sequence[Any]) -> Any:
