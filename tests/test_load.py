@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pickle
 from pathlib import Path
@@ -226,7 +227,7 @@ async def test_ints_beyond_64_bits_round_trip_through_the_worker(tmp_path: Path)
     async with Checkpointer(tmp_path) as ckpt:
         for fmt in FORMATS:
             await ckpt.save_to(state, tmp_path / fmt, format=fmt)
-            assert_same(load(tmp_path / fmt), state)
+            assert_same(await asyncio.to_thread(load, tmp_path / fmt), state)
 
 
 @pytest.mark.parametrize(
