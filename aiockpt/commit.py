@@ -378,12 +378,16 @@ def abort(pending: PendingCheckpoint) -> None:
 
 
 def is_committed(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a committed checkpoint: a directory holding a manifest whose name
-    is not one of a save in progress or a removal in progress."""
+    """Whether ``path`` is a committed checkpoint: a directory holding a manifest (a regular
+    file, not a link: the loader refuses links) whose name is not one of a save in progress
+    or a removal in progress."""
     name = os.path.basename(os.path.normpath(os.fspath(path)))
     if name.startswith((TEMP_PREFIX, TRASH_PREFIX)):
         return False
-    return os.path.isfile(os.path.join(path, MANIFEST_NAME))
+    try:
+        return stat.S_ISREG(os.lstat(os.path.join(path, MANIFEST_NAME)).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
 
 
 def list_committed(root: str | os.PathLike[str]) -> list[str]:

@@ -10,12 +10,31 @@ With ``verify=True`` every file the manifest names is read once, front to back: 
 land directly in their destination tensors and are hashed on the way, the bytes in between are
 hashed through a scratch buffer, and the xxh3_64 digest and size are compared with the
 manifest's before any value is handed out.
+
+Everything on disk is hostile until checked, whoever wrote it (the disk is shared), and
+whether or not ``verify`` is set:
+
+* the manifest must match its own checksum (``aiockpt.manifest``) and then be consistent:
+  its format version, file names inside the directory, ranks, a skeleton no deeper than
+  ``tree.MAX_DEPTH`` that names every leaf once, numbers that parse, and every tensor within
+  the listed size of its file;
+* every file, the manifest too, is opened from the checkpoint directory's descriptor one path
+  component at a time with ``O_NOFOLLOW`` (a link anywhere inside is refused), must be a
+  regular file (a FIFO or a device is refused; ``O_NONBLOCK`` keeps the open itself from
+  waiting on a FIFO), and must have the listed size before any buffer is allocated for it;
+  the manifest is read only up to ``MAX_MANIFEST_BYTES``.
+
+A checksum proves nothing against someone who can write the directory (they can write a
+matching manifest); the rules about opening files are what keep a reader inside it.
 """
 
 from __future__ import annotations
 
+import errno
+import math
 import os
 import pickle
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,10 +47,12 @@ from aiockpt.errors import CorruptCheckpoint
 from aiockpt.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
     BigIntLeaf,
     BytesLeaf,
     FileEntry,
     FloatLeaf,
+    Leaf,
     Manifest,
     ObjectLeaf,
     OpaqueLeaf,
@@ -41,7 +62,17 @@ from aiockpt.manifest import (
     decode_manifest,
     plain_value,
 )
-from aiockpt.tree import KeyPath, flatten, format_key_path, iter_key_paths, unflatten
+from aiockpt.tree import (
+    MAX_DEPTH,
+    DictNode,
+    KeyPath,
+    LeafNode,
+    Node,
+    flatten,
+    format_key_path,
+    iter_key_paths,
+    unflatten,
+)
 from aiockpt.writers.base import dtype_from_name, is_tensor, tensor_bytes
 
 __all__ = ["load", "read_manifest", "verify"]
@@ -52,62 +83,213 @@ _SCRATCH_BYTES = 8 << 20
 def read_manifest(path: str | os.PathLike[str]) -> Manifest:
     """The manifest of the checkpoint at ``path``, checked for internal consistency.
 
-    Raises FileNotFoundError if ``path`` does not exist, CorruptCheckpoint (naming the
-    manifest) if it has no manifest, or one that cannot be decoded, comes from a newer
-    format version, or names files outside the directory or leaves it does not have.
+    Raises FileNotFoundError if ``path`` is not a directory, CorruptCheckpoint (naming the
+    manifest) if it has no manifest, or one that is not a regular file (a symbolic link, a
+    FIFO, a device), is larger than ``MAX_MANIFEST_BYTES``, does not match its own checksum,
+    cannot be decoded, has another format version, or describes files outside the
+    directory, leaves it does not have, or tensors beyond the end of their files.
     """
-    root = os.fspath(path)
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"no checkpoint directory at {root!r}")
-    manifest_path = os.path.join(root, MANIFEST_NAME)
-    try:
-        with open(manifest_path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise CorruptCheckpoint(
-            f"{root!r} has no {MANIFEST_NAME}: it was never committed", path=manifest_path
-        ) from None
-    try:
-        manifest = decode_manifest(data)
-        _check_consistent(manifest)
-    except (msgspec.DecodeError, ValueError) as exc:
-        raise CorruptCheckpoint(f"unreadable manifest: {exc}", path=manifest_path) from exc
-    return manifest
+    with _Checkpoint(path) as checkpoint:
+        return checkpoint.manifest
+
+
+class _Checkpoint:
+    """An open checkpoint directory and its checked manifest; every file is opened through
+    the directory's descriptor, one path component at a time, never following a link, so a
+    link anywhere inside the checkpoint (``sub -> /etc``) cannot lead a reader out of it, and
+    a directory renamed or replaced meanwhile is still the one whose manifest was read."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.root = os.fspath(path)
+        try:
+            # The caller chose this path, so it may be a link itself (a `latest` pointer).
+            self.fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            raise FileNotFoundError(f"no checkpoint directory at {self.root!r}") from None
+        try:
+            self.manifest = self._read_manifest()
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def __enter__(self) -> _Checkpoint:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        os.close(self.fd)
+
+    def _read_manifest(self) -> Manifest:
+        manifest_path = os.path.join(self.root, MANIFEST_NAME)
+        try:
+            fd, size = self.open_file(MANIFEST_NAME)
+        except CorruptCheckpoint as exc:
+            if isinstance(exc.__cause__, FileNotFoundError):
+                raise CorruptCheckpoint(
+                    f"{self.root!r} has no {MANIFEST_NAME}: it was never committed",
+                    path=manifest_path,
+                ) from None
+            raise
+        try:
+            if size > MAX_MANIFEST_BYTES:
+                raise CorruptCheckpoint(
+                    f"the manifest has {size} bytes, more than any aiockpt writes "
+                    f"({MAX_MANIFEST_BYTES})",
+                    path=manifest_path,
+                )
+            data = bytearray(size)
+            _read_exactly(fd, memoryview(data), 0, manifest_path)
+        finally:
+            os.close(fd)
+        try:
+            manifest = decode_manifest(bytes(data))
+            _check_consistent(manifest)
+        except (ValueError, RecursionError) as exc:  # msgspec's errors are ValueErrors
+            raise CorruptCheckpoint(f"unreadable manifest: {exc}", path=manifest_path) from exc
+        return manifest
+
+    def open_file(self, name: str) -> tuple[int, int]:
+        """A read-only descriptor of the regular file ``name`` (a checked relative name) and
+        its size. Raises CorruptCheckpoint naming the file if it is missing, a link or lies
+        behind one, or is anything but a regular file (a FIFO would block a read forever)."""
+        full = os.path.join(self.root, name)
+        *directories, last = name.split("/")
+        parent = self.fd
+        try:
+            try:
+                for directory in directories:
+                    opened = os.open(directory, _DIRECTORY_FLAGS, dir_fd=parent)
+                    if parent != self.fd:
+                        os.close(parent)
+                    parent = opened
+                # O_NONBLOCK: opening a FIFO must not wait for a writer; a regular file
+                # ignores the flag.
+                fd = os.open(last, _FILE_FLAGS, dir_fd=parent)
+            finally:
+                if parent != self.fd:
+                    os.close(parent)
+        except OSError as exc:
+            reason = "a symbolic link or not a directory" if exc.errno in _LINK_ERRNOS else ""
+            raise CorruptCheckpoint(
+                f"cannot open checkpoint file{f' ({reason} on the way)' if reason else ''}: {exc}",
+                path=full,
+            ) from exc
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise CorruptCheckpoint(
+                f"{name} is not a regular file (mode {stat.filemode(info.st_mode)})", path=full
+            )
+        return fd, info.st_size
+
+
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+# O_NOFOLLOW on a link gives ELOOP; O_DIRECTORY on a link or a file gives ENOTDIR.
+_LINK_ERRNOS = (errno.ELOOP, errno.ENOTDIR)
 
 
 def _check_consistent(manifest: Manifest) -> None:
-    if manifest.format_version > FORMAT_VERSION:
+    """Raise ValueError for anything in ``manifest`` a reader could misuse."""
+    if manifest.format_version != FORMAT_VERSION:
         raise ValueError(
-            f"format version {manifest.format_version} is newer than this aiockpt reads "
-            f"({FORMAT_VERSION})"
+            f"format version {manifest.format_version}; this aiockpt reads {FORMAT_VERSION}"
         )
-    names = {check_relative_name(f.name) for f in manifest.files}
-    if manifest.ranks and len(manifest.ranks) != manifest.world_size - 1:
-        raise ValueError(f"{len(manifest.ranks) + 1} ranks described, world_size says otherwise")
+    sizes = {check_relative_name(f.name): f.size for f in manifest.files}
+    if len(sizes) != len(manifest.files):
+        raise ValueError("a file is listed twice")
+    if any(size < 0 for size in sizes.values()):
+        raise ValueError("a file has a negative size")
+    if manifest.world_size < 1 or len(manifest.ranks) != manifest.world_size - 1:
+        raise ValueError(
+            f"{len(manifest.ranks) + 1} ranks described, world_size says {manifest.world_size}"
+        )
     for state in [manifest.rank_state(0), *manifest.ranks]:
         for leaf in state.leaves:
-            if isinstance(leaf, (TensorLeaf, ObjectLeaf)) and leaf.file not in names:
-                raise ValueError(f"a leaf points into {leaf.file!r}, which is not listed")
-            if isinstance(leaf, TensorLeaf):
-                dtype_from_name(leaf.dtype)
-                if any(size < 0 for size in leaf.shape):
-                    raise ValueError(f"negative size in tensor shape {leaf.shape}")
-        indices = sorted(index for index, _ in iter_key_paths(state.skeleton))
-        if indices != list(range(len(state.leaves))):
-            raise ValueError("skeleton and leaves disagree")
+            _check_leaf(leaf, sizes)
+        _check_skeleton(state.skeleton, len(state.leaves))
+
+
+def _check_leaf(leaf: Leaf, sizes: dict[str, int]) -> None:
+    if isinstance(leaf, TensorLeaf):
+        itemsize = dtype_from_name(leaf.dtype).itemsize
+        if any(size < 0 for size in leaf.shape):
+            raise ValueError(f"negative size in tensor shape {leaf.shape}")
+        nbytes = math.prod(leaf.shape) * itemsize
+    elif isinstance(leaf, ObjectLeaf):
+        nbytes = leaf.nbytes
+    else:
+        if isinstance(leaf, (FloatLeaf, BigIntLeaf)):
+            plain_value(leaf)  # ValueError for text that is not a number
+        return
+    if leaf.file not in sizes:
+        raise ValueError(f"a leaf points into {leaf.file!r}, which is not listed")
+    # Checked here, against the sizes the files are checked against before any read, so that
+    # no buffer larger than the checkpoint is ever allocated for a leaf.
+    if leaf.offset < 0 or nbytes < 0 or leaf.offset + nbytes > sizes[leaf.file]:
+        raise ValueError(
+            f"a leaf at {leaf.offset}..{leaf.offset + nbytes} of {leaf.file!r} lies outside "
+            f"its {sizes[leaf.file]} bytes"
+        )
+
+
+def _check_skeleton(skeleton: Node, leaf_count: int) -> None:
+    """Every leaf exactly once, no key twice in a dict, containers at most ``MAX_DEPTH``
+    deep (checked without recursion: the walks that follow recurse)."""
+    seen = bytearray(leaf_count)
+    pending: list[tuple[Node, int]] = [(skeleton, 0)]
+    while pending:
+        node, depth = pending.pop()
+        if isinstance(node, LeafNode):
+            if not 0 <= node.index < leaf_count or seen[node.index]:
+                raise ValueError("skeleton and leaves disagree")
+            seen[node.index] = 1
+            continue
+        if depth >= MAX_DEPTH:
+            raise ValueError(f"containers nested more than {MAX_DEPTH} deep")
+        if isinstance(node, DictNode) and (
+            len(node.keys) != len(node.children) or len(set(node.keys)) != len(node.keys)
+        ):
+            raise ValueError("a dict in the skeleton has mismatched or repeated keys")
+        pending.extend((child, depth + 1) for child in node.children)
+    if not all(seen):
+        raise ValueError("skeleton and leaves disagree")
 
 
 def verify(path: str | os.PathLike[str]) -> Manifest:
     """Check every file of the checkpoint at ``path`` against its manifest; return it.
 
-    Raises CorruptCheckpoint naming the first file that is missing, has another size
-    (truncated) or another xxh3_64 digest (a flipped byte), or the manifest if it is absent or
-    unreadable; FileNotFoundError if ``path`` does not exist.
+    Raises CorruptCheckpoint naming the first file that is missing, not a regular file, has
+    another size (truncated) or another xxh3_64 digest (a flipped byte), or the manifest if
+    it is absent or unreadable (see ``read_manifest``); FileNotFoundError if ``path`` does not
+    exist.
     """
-    manifest = read_manifest(path)
-    for entry in manifest.files:
-        _read_file(os.fspath(path), entry, [], verify=True)
-    return manifest
+    with _Checkpoint(path) as checkpoint:
+        entries = checkpoint.manifest.files
+        _check_sizes(checkpoint, entries)
+        for entry in entries:
+            _read_file(checkpoint, entry, [], verify=True)
+        return checkpoint.manifest
+
+
+def _open_checked(checkpoint: _Checkpoint, entry: FileEntry) -> int:
+    """A descriptor of the file of ``entry``, which has the listed size; raises
+    CorruptCheckpoint naming the file otherwise."""
+    fd, size = checkpoint.open_file(entry.name)
+    if size != entry.size:
+        os.close(fd)
+        raise CorruptCheckpoint(
+            f"{entry.name} has {size} bytes, the manifest says {entry.size} (truncated?)",
+            path=os.path.join(checkpoint.root, entry.name),
+        )
+    return fd
+
+
+def _check_sizes(checkpoint: _Checkpoint, entries: list[FileEntry]) -> None:
+    """Check every file of ``entries`` before anything is allocated or read: a manifest
+    listing a huge file must not get a huge buffer. (Opened again to be read, one at a time:
+    keeping thousands of files open, one per rank of a large job, could exhaust descriptors.)"""
+    for entry in entries:
+        os.close(_open_checked(checkpoint, entry))
 
 
 def load(
@@ -135,21 +317,29 @@ def load(
     ``allow_pickle`` lets leaves that were saved as arbitrary objects be unpickled: only for
     checkpoints you trust.
 
-    Raises CorruptCheckpoint naming the file for a missing manifest, a missing, truncated or
-    altered file (on failure the tensors of ``state_dict`` may be partly overwritten, its
-    other leaves are not); FileNotFoundError if ``path`` does not exist; KeyError naming the
-    key path for a leaf of ``state_dict`` the checkpoint does not have; ValueError for a shape
-    mismatch, for a pickled leaf without ``allow_pickle``, for a leaf a custom writer stored
-    in its own format, or for a ``rank`` the checkpoint does not have.
+    Raises CorruptCheckpoint naming the file for a missing or malformed manifest (see
+    ``read_manifest``), a missing, truncated or altered file, or one that is a link, lies
+    behind one or is not a regular file (on failure the tensors of ``state_dict`` may be
+    partly overwritten, its other leaves are not); FileNotFoundError if ``path`` does not
+    exist; KeyError naming the key path for a leaf of ``state_dict`` the checkpoint does not
+    have; ValueError for a shape mismatch, for a pickled leaf without ``allow_pickle``, for a
+    leaf a custom writer stored in its own format, or for a ``rank`` the checkpoint does not
+    have.
     """
-    root = os.fspath(path)
-    manifest = read_manifest(root)
+    with _Checkpoint(path) as checkpoint:
+        return _load(checkpoint, state_dict, verify=verify, allow_pickle=allow_pickle, rank=rank)
+
+
+def _load(
+    checkpoint: _Checkpoint, state_dict: Any, *, verify: bool, allow_pickle: bool, rank: int
+) -> Any:
+    manifest = checkpoint.manifest
     if rank != 0 or manifest.ranks:
         state = manifest.rank_state(rank)
         manifest = msgspec.structs.replace(manifest, skeleton=state.skeleton, leaves=state.leaves)
     if state_dict is None:
         wanted = list(range(len(manifest.leaves)))
-        values = _read_leaves(root, manifest, wanted, {}, verify, allow_pickle)
+        values = _read_leaves(checkpoint, manifest, wanted, {}, verify, allow_pickle)
         return unflatten(manifest.skeleton, [values[i] for i in wanted])
     saved_at = {key_path: index for index, key_path in iter_key_paths(manifest.skeleton)}
     _, targets = flatten(state_dict, is_tensor)
@@ -157,7 +347,9 @@ def load(
     destinations: dict[int, torch.Tensor] = {}
     for key_path, target in targets:
         if key_path not in saved_at:
-            raise KeyError(f"{format_key_path(key_path)!r} is not in the checkpoint at {root!r}")
+            raise KeyError(
+                f"{format_key_path(key_path)!r} is not in the checkpoint at {checkpoint.root!r}"
+            )
         index = sources[key_path] = saved_at[key_path]
         leaf = manifest.leaves[index]
         if isinstance(target, torch.Tensor) and isinstance(leaf, TensorLeaf):
@@ -170,7 +362,7 @@ def load(
             if _can_read_into(target, leaf):
                 destinations.setdefault(index, target)
     values = _read_leaves(
-        root, manifest, list(sources.values()), destinations, verify, allow_pickle
+        checkpoint, manifest, list(sources.values()), destinations, verify, allow_pickle
     )
     return _fill(state_dict, (), lambda key_path: values[sources[key_path]])
 
@@ -223,7 +415,7 @@ class _Region:
 
 
 def _read_leaves(
-    root: str,
+    checkpoint: _Checkpoint,
     manifest: Manifest,
     wanted: list[int],
     destinations: dict[int, torch.Tensor],
@@ -232,23 +424,50 @@ def _read_leaves(
 ) -> dict[int, Any]:
     """Values of the ``wanted`` leaves; tensors go into ``destinations`` where given."""
     values: dict[int, Any] = {}
-    regions: dict[str, dict[int, _Region]] = {}
-    buffers: dict[int, Any] = {}
+    stored: list[tuple[int, TensorLeaf | ObjectLeaf]] = []
     for index in dict.fromkeys(wanted):
         leaf = manifest.leaves[index]
         if isinstance(leaf, (ValueLeaf, FloatLeaf, BigIntLeaf, BytesLeaf)):
             values[index] = plain_value(leaf)
-            continue
-        if isinstance(leaf, OpaqueLeaf):
+        elif isinstance(leaf, OpaqueLeaf):
             raise ValueError(
                 f"leaf {index} ({leaf.kind}) was stored by the {manifest.format!r} writer in "
                 f"its own way; load this checkpoint with that format's loader"
             )
-        if isinstance(leaf, ObjectLeaf) and not allow_pickle:
+        elif isinstance(leaf, ObjectLeaf) and not allow_pickle:
             raise ValueError(
                 f"leaf {index} was saved as a pickled object; pass allow_pickle=True to load "
                 "it, and only for checkpoints you trust"
             )
+        else:
+            stored.append((index, leaf))
+    needed = {leaf.file for _, leaf in stored}
+    entries = [entry for entry in manifest.files if verify or entry.name in needed]
+    _check_sizes(checkpoint, entries)
+    regions, buffers = _plan_regions(checkpoint.root, manifest, stored, destinations, values)
+    for entry in entries:
+        file_regions = sorted(regions.get(entry.name, {}).values(), key=lambda r: r.offset)
+        _read_file(checkpoint, entry, file_regions, verify=verify)
+        for region in file_regions:
+            first = buffers[region.leaves[0]]
+            value = pickle.loads(first) if isinstance(first, bytearray) else first
+            for index in region.leaves:
+                values[index] = _place(value, destinations.get(index))
+    return values
+
+
+def _plan_regions(
+    root: str,
+    manifest: Manifest,
+    stored: list[tuple[int, TensorLeaf | ObjectLeaf]],
+    destinations: dict[int, torch.Tensor],
+    values: dict[int, Any],
+) -> tuple[dict[str, dict[int, _Region]], dict[int, Any]]:
+    """The regions to read per file and the buffer of each region's first leaf; empty
+    tensors go straight into ``values``."""
+    regions: dict[str, dict[int, _Region]] = {}
+    buffers: dict[int, Any] = {}
+    for index, leaf in stored:
         by_offset = regions.setdefault(leaf.file, {})
         shared = by_offset.get(leaf.offset)
         if shared is not None and manifest.leaves[shared.leaves[0]] == leaf:
@@ -264,17 +483,7 @@ def _read_leaves(
             )
         by_offset[leaf.offset] = _Region(leaf.offset, view, [index])
         buffers[index] = buffer
-    entries = {entry.name: entry for entry in manifest.files}
-    names = list(entries) if verify else list(regions)
-    for name in names:
-        file_regions = sorted(regions.get(name, {}).values(), key=lambda r: r.offset)
-        _read_file(root, entries[name], file_regions, verify=verify)
-        for region in file_regions:
-            first = buffers[region.leaves[0]]
-            value = pickle.loads(first) if isinstance(first, bytearray) else first
-            for index in region.leaves:
-                values[index] = _place(value, destinations.get(index))
-    return values
+    return regions, buffers
 
 
 def _new_buffer(
@@ -303,21 +512,15 @@ def _place(value: Any, destination: torch.Tensor | None) -> Any:
     return value
 
 
-def _read_file(root: str, entry: FileEntry, regions: list[_Region], *, verify: bool) -> None:
-    """Read ``regions`` of one file into their views; with ``verify``, read and hash the whole
-    file and compare with ``entry``. Raises CorruptCheckpoint naming the file."""
-    full = os.path.join(root, entry.name)
+def _read_file(
+    checkpoint: _Checkpoint, entry: FileEntry, regions: list[_Region], *, verify: bool
+) -> None:
+    """Read ``regions`` of one file into their views; with ``verify``, read and hash the
+    whole file and compare with ``entry``. Raises CorruptCheckpoint naming the file."""
+    full = os.path.join(checkpoint.root, entry.name)
+    fd = _open_checked(checkpoint, entry)
     try:
-        fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise CorruptCheckpoint(f"cannot open checkpoint file: {exc}", path=full) from exc
-    try:
-        size = os.fstat(fd).st_size
-        if size != entry.size:
-            raise CorruptCheckpoint(
-                f"{entry.name} has {size} bytes, the manifest says {entry.size} (truncated?)",
-                path=full,
-            )
+        size = entry.size
         digest = xxhash.xxh3_64() if verify else None
         position = 0
         for region in regions:

@@ -14,23 +14,35 @@ keys and tuples intact, see ``aiockpt.tree``) and one entry per leaf, in skeleto
 
 Example (abridged)::
 
-    {"format_version": 1, "format": "safetensors", "world_size": 1,
+    {"format_version": 2, "format": "safetensors", "world_size": 1,
      "files": [{"name": "model.safetensors", "size": 1088, "xxh3_64": "3b5d..."}],
      "skeleton": ["dict", ["w", "step"], [["leaf", 0], ["leaf", 1]]],
      "leaves": [{"type": "tensor", "file": "model.safetensors", "offset": 64,
                  "dtype": "float32", "shape": [16, 16]},
                 {"type": "value", "value": 100}],
-     "metadata": {"epoch": 3}}
+     "metadata": {"epoch": 3},
+     "manifest_sha256": "9f86d0..."}
 
 A save by several ranks adds ``"ranks"``: the skeleton and leaves of ranks 1, 2, ... (rank 0's
 are the top-level ones).
+
+The manifest checks itself: the file always ends with ``,"manifest_sha256":"<64 hex>"}``, the
+SHA-256 of every byte before that suffix, and ``decode_manifest`` compares it before it parses
+anything, so a flipped bit anywhere (an offset, a shape, ``step``, a key) is an error rather
+than different data. The suffix is fixed-length, so that the body that was hashed is exactly
+the file minus it, with no canonical re-encoding; the file stays plain JSON. (Against someone
+who can write the directory the checksum proves nothing: they can write a matching one. What
+keeps a reader inside the checkpoint is ``check_relative_name`` and how ``aiockpt.loading``
+opens files.) Format version 1 had no checksum, so it is not read any more.
 
 Everything here is plain msgspec: no torch import, no I/O.
 """
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
+import re
 from typing import Any, TypeAlias
 
 import msgspec
@@ -40,6 +52,7 @@ from aiockpt.tree import Node
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "MAX_MANIFEST_BYTES",
     "BigIntLeaf",
     "BytesLeaf",
     "FileEntry",
@@ -58,10 +71,14 @@ __all__ = [
     "plain_value",
 ]
 
-#: bumped when a reader of an older version could misread a newer manifest
-FORMAT_VERSION = 1
+#: bumped when a reader of an older version could misread a newer manifest (2: the manifest
+#: carries its own checksum)
+FORMAT_VERSION = 2
 #: file name of the manifest inside a checkpoint directory
 MANIFEST_NAME = "aiockpt-manifest.json"
+#: the largest manifest a reader accepts. A manifest costs ~150 bytes per leaf, so this allows
+#: millions of leaves, and stops a reader from being fed /dev/zero or a runaway file.
+MAX_MANIFEST_BYTES = 1 << 30
 
 # msgpack and JSON both carry ints in this range exactly; larger ones go through BigIntLeaf.
 _INT_MIN = -(2**63)
@@ -210,13 +227,36 @@ def check_relative_name(name: str) -> str:
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Manifest)
+_CHECKSUM_FIELD = b',"manifest_sha256":"'
+# The exact end of every manifest: the checksum field, 64 lowercase hex digits, the brace.
+_CHECKSUM_SUFFIX = re.compile(re.escape(_CHECKSUM_FIELD) + rb'([0-9a-f]{64})"\}\Z')
+_SUFFIX_BYTES = len(_CHECKSUM_FIELD) + 64 + 2
 
 
 def encode_manifest(manifest: Manifest) -> bytes:
-    """JSON bytes for ``manifest`` (``msgspec.EncodeError`` for unencodable user metadata)."""
-    return _encoder.encode(manifest)
+    """The manifest file's bytes: JSON for ``manifest`` ending in its own SHA-256.
+
+    Raises ``msgspec.EncodeError`` for unencodable user metadata.
+    """
+    body = _encoder.encode(manifest)[:-1]  # without its closing brace
+    digest = hashlib.sha256(body).hexdigest().encode()
+    return body + _CHECKSUM_FIELD + digest + b'"}'
 
 
 def decode_manifest(data: bytes) -> Manifest:
-    """Parse manifest bytes; raises ``msgspec.DecodeError`` or ``msgspec.ValidationError``."""
-    return _decoder.decode(data)
+    """Check the manifest file's own checksum, then parse it.
+
+    Raises ``ValueError`` if ``data`` does not end in a checksum or does not match it (nothing
+    in it is parsed then), ``msgspec.DecodeError`` (a ``ValueError``) if it is not a manifest,
+    ``RecursionError`` for nesting deeper than msgspec decodes.
+    """
+    match = _CHECKSUM_SUFFIX.search(data, max(0, len(data) - _SUFFIX_BYTES))
+    if match is None:
+        raise ValueError(
+            "the manifest does not end in its checksum (truncated, corrupt, or written by "
+            f"aiockpt before format version {FORMAT_VERSION})"
+        )
+    body = data[: match.start()]
+    if hashlib.sha256(body).hexdigest() != match.group(1).decode():
+        raise ValueError("the manifest does not match its own checksum (altered or corrupt)")
+    return _decoder.decode(body + b"}")

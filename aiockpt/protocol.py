@@ -41,6 +41,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "ArenaPayload",
     "ArenaRef",
+    "BigIntValue",
     "CancelPayload",
     "CommitOptions",
     "FrameDecoder",
@@ -66,7 +67,8 @@ __all__ = [
     "encode_frame",
 ]
 
-PROTOCOL_VERSION = 1
+#: 2: int leaves beyond 64 bits travel as ``BigIntValue``
+PROTOCOL_VERSION = 2
 #: frames carry metadata only (tensor bytes go through shared memory), so 64 MiB is generous
 DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
 
@@ -176,13 +178,19 @@ class PlainValue(msgspec.Struct, frozen=True, tag="value", array_like=True):
     value: Any
 
 
+class BigIntValue(msgspec.Struct, frozen=True, tag="bigint", array_like=True):
+    """An int leaf beyond msgpack's range (below -2**63 or above 2**64 - 1), as decimal text."""
+
+    value: str
+
+
 class PickledObject(msgspec.Struct, frozen=True, tag="pickled", array_like=True):
     """Any other object, pickled only because the caller explicitly allowed it."""
 
     data: bytes
 
 
-Leaf: TypeAlias = TensorInArena | TensorInline | PlainValue | PickledObject
+Leaf: TypeAlias = TensorInArena | TensorInline | PlainValue | BigIntValue | PickledObject
 
 
 class ArenaRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -20,6 +20,10 @@ import msgspec
 __all__ = ["check_encodable", "import_ref", "resolve_ref"]
 
 _encoder = msgspec.msgpack.Encoder()
+# What msgspec raises for a value it cannot encode: an unsupported type (TypeError), an int
+# beyond 64 bits (OverflowError), a str with a lone surrogate (UnicodeEncodeError, a
+# ValueError).
+_UNENCODABLE = (TypeError, ValueError, OverflowError, msgspec.EncodeError)
 
 
 def import_ref(target: str | Callable[..., Any], what: str) -> str:
@@ -114,7 +118,7 @@ def check_encodable(value: Any, what: str) -> None:
     """Raise ``TypeError`` naming the first part of ``value`` msgspec cannot encode."""
     try:
         _encoder.encode(value)
-    except (TypeError, msgspec.EncodeError, OverflowError):
+    except _UNENCODABLE:
         pass
     else:
         return
@@ -134,6 +138,6 @@ def _first_unencodable(value: Any, where: str) -> str:
     for child_where, child in children:
         try:
             _encoder.encode(child)
-        except (TypeError, msgspec.EncodeError, OverflowError):
+        except _UNENCODABLE:
             return _first_unencodable(child, child_where)
     return f"{where} = {value!r} ({type(value).__qualname__})"

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from aiockpt.protocol import (
+    BigIntValue,
     Leaf,
     PickledObject,
     PlainValue,
@@ -30,7 +31,10 @@ __all__ = [
     "value_from_leaf",
 ]
 
-_PLAIN_TYPES = (int, float, str, bool, bytes, type(None))
+_PLAIN_TYPES = frozenset({int, float, str, bool, bytes, type(None)})
+# msgpack carries ints in this range exactly; larger ones travel as BigIntValue.
+_INT_MIN = -(2**63)
+_INT_MAX = 2**64 - 1
 
 
 def is_tensor(value: Any) -> bool:
@@ -75,19 +79,46 @@ def inline_tensor(tensor: torch.Tensor) -> TensorInline:
 
 
 def plain_leaf(path: KeyPath, value: Any, *, allow_pickle: bool) -> Leaf:
-    """Describe a non-tensor leaf.
+    """Describe a non-tensor leaf, checking here, in the caller, that it can be encoded.
+
+    Plain means exactly ``int``, ``float``, ``str``, ``bool``, ``None`` or ``bytes``: a
+    subclass (``IntEnum``, ``numpy.float64``) would come back as another type, or not encode
+    at all, so it is pickled when ``allow_pickle`` allows, like any other object. Ints beyond
+    msgpack's 64 bits travel as ``BigIntValue``.
 
     Raises ``TypeError`` naming the key for an object that is not a plain value, unless
-    ``allow_pickle`` says the caller accepts pickling it.
+    ``allow_pickle`` says the caller accepts pickling it, and for a plain value no checkpoint
+    can hold: a str that is not valid Unicode (a lone surrogate), an int too long to write
+    as decimal text (``sys.get_int_max_str_digits``).
     """
-    if isinstance(value, _PLAIN_TYPES):
+    kind = type(value)
+    if kind is int:
+        if _INT_MIN <= value <= _INT_MAX:
+            return PlainValue(value)
+        try:
+            return BigIntValue(str(value))
+        except ValueError:  # more digits than int <-> str conversions allow
+            raise TypeError(
+                f"state dict entry {format_key_path(path)!r} is an int of "
+                f"{value.bit_length()} bits, too large to checkpoint"
+            ) from None
+    if kind is str and not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError as exc:
+            raise TypeError(
+                f"state dict entry {format_key_path(path)!r} is not valid Unicode ({exc.reason} "
+                f"at {exc.start}); it cannot be written as UTF-8"
+            ) from None
+    if kind in _PLAIN_TYPES:
         return PlainValue(value)
     if allow_pickle:
         return PickledObject(_pickle_importable(path, value))
     raise TypeError(
-        f"state dict entry {format_key_path(path)!r} is a {type(value).__qualname__}; only "
-        "tensors, int, float, str, bool, None, bytes and lists/tuples/dicts of these can be "
-        "checkpointed without pickling (pass allow_pickle=True to pickle it)"
+        f"state dict entry {format_key_path(path)!r} is a {kind.__qualname__}; only "
+        "tensors, int, float, str, bool, None, bytes (exactly: not subclasses) and "
+        "lists/tuples/dicts of these can be checkpointed without pickling (convert it, e.g. "
+        "int(x) or float(x), or pass allow_pickle=True to pickle it)"
     )
 
 
@@ -147,9 +178,12 @@ def tensor_from_leaf(leaf: TensorInArena | TensorInline, arena: memoryview | Non
     return raw.view(dtype).reshape(shape)
 
 
-def value_from_leaf(leaf: PlainValue | PickledObject) -> Any:
+def value_from_leaf(leaf: PlainValue | BigIntValue | PickledObject) -> Any:
+    """The value a non-tensor leaf stands for (the worker's side of ``plain_leaf``)."""
     if isinstance(leaf, PlainValue):
         return leaf.value
+    if isinstance(leaf, BigIntValue):
+        return int(leaf.value)
     return pickle.loads(leaf.data)
 
 

@@ -18,6 +18,7 @@ from typing import Any, TypeAlias
 import msgspec
 
 __all__ = [
+    "MAX_DEPTH",
     "DictNode",
     "KeyPath",
     "LeafNode",
@@ -32,6 +33,11 @@ __all__ = [
 
 #: the keys from the root to a leaf: ``("optimizer", "state", 0, "exp_avg")``
 KeyPath: TypeAlias = tuple[str | int, ...]
+
+#: the deepest nesting of containers a state dict may have. Real ones are under ten deep; the
+#: bound lets every recursive walk here (and the loader's check of a manifest read from disk)
+#: stay far inside Python's recursion limit.
+MAX_DEPTH = 256
 
 
 class LeafNode(msgspec.Struct, frozen=True, tag="leaf", array_like=True):
@@ -66,7 +72,8 @@ def flatten(tree: Any, is_leaf: Callable[[Any], bool]) -> tuple[Node, list[tuple
 
     Dicts, lists and tuples are containers unless ``is_leaf`` claims them; everything else is a
     leaf. Raises ``TypeError`` naming the key path for a dict key that is neither ``str`` nor
-    ``int`` (such keys cannot be named in a checkpoint file).
+    ``int`` (such keys cannot be named in a checkpoint file), or for containers nested more
+    than ``MAX_DEPTH`` deep.
     """
     leaves: list[tuple[KeyPath, Any]] = []
 
@@ -74,6 +81,11 @@ def flatten(tree: Any, is_leaf: Callable[[Any], bool]) -> tuple[Node, list[tuple
         if is_leaf(value):
             leaves.append((path, value))
             return LeafNode(len(leaves) - 1)
+        if len(path) >= MAX_DEPTH and isinstance(value, (dict, list, tuple)):
+            raise TypeError(
+                f"state dict entry {format_key_path(path)!r} nests containers more than "
+                f"{MAX_DEPTH} deep; such a checkpoint could not be loaded again"
+            )
         if isinstance(value, dict):
             keys: list[str | int] = []
             children: list[Node] = []
@@ -83,6 +95,11 @@ def flatten(tree: Any, is_leaf: Callable[[Any], bool]) -> tuple[Node, list[tuple
                     raise TypeError(
                         f"state dict key {key!r} at {format_key_path(path)!r} is a "
                         f"{type(key).__name__}; only str and int keys can be checkpointed"
+                    )
+                if not _encodable_key(key):
+                    raise TypeError(
+                        f"state dict key {key!r} at {format_key_path(path)!r} cannot be "
+                        "written: an int key must fit in 64 bits, a str key be valid Unicode"
                     )
                 keys.append(key)
                 children.append(visit(child, (*path, key)))
@@ -95,6 +112,20 @@ def flatten(tree: Any, is_leaf: Callable[[Any], bool]) -> tuple[Node, list[tuple
         return LeafNode(len(leaves) - 1)
 
     return visit(tree, ()), leaves
+
+
+def _encodable_key(key: str | int) -> bool:
+    """Whether both the channel (msgpack: 64-bit ints, UTF-8) and the manifest carry ``key``;
+    checked here so that such a key fails in the caller, naming it, not later in an encoder."""
+    if isinstance(key, int):
+        return -(2**63) <= key <= 2**64 - 1
+    if key.isascii():
+        return True
+    try:
+        key.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def unflatten(skeleton: Node, leaves: Sequence[Any]) -> Any:

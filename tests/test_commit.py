@@ -31,7 +31,14 @@ from aiockpt.commit import (
     write_files,
 )
 from aiockpt.loading import load, read_manifest, verify
-from aiockpt.manifest import MANIFEST_NAME, OpaqueLeaf, ValueLeaf, decode_manifest
+from aiockpt.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    OpaqueLeaf,
+    ValueLeaf,
+    decode_manifest,
+    encode_manifest,
+)
 from aiockpt.writers.base import FileRecord
 from aiockpt.writers.safetensors import SafetensorsWriter
 from tests.writer_fixtures import FailingWriter, NoneReturningWriter, assert_same
@@ -70,7 +77,7 @@ def test_write_checkpoint_commits(tmp_path: Path) -> None:
     assert [f.name for f in result.files] == ["model.safetensors"]
     assert result.write_seconds >= 0 and result.commit_seconds >= 0
     manifest = decode_manifest((path / MANIFEST_NAME).read_bytes())
-    assert manifest.format == "safetensors" and manifest.format_version == 1
+    assert manifest.format == "safetensors" and manifest.format_version == FORMAT_VERSION == 2
     assert manifest.metadata == {"epoch": 3, "tags": ["a"]}
     assert manifest.leaves[1] == ValueLeaf(1)
     data = (path / "model.safetensors").read_bytes()
@@ -235,7 +242,7 @@ def test_phases_and_a_crash_before_finalize(tmp_path: Path) -> None:
     records = write_files(SafetensorsWriter(), state(), pending.temp_path)
     manifest = build_manifest("safetensors", state(), records)
     # "Crash": the manifest is written in the temp directory but never renamed into place.
-    (Path(pending.temp_path) / MANIFEST_NAME).write_bytes(msgspec.json.encode(manifest))
+    (Path(pending.temp_path) / MANIFEST_NAME).write_bytes(encode_manifest(manifest))
     parent = tmp_path / "deep" / "er"
     assert not os.path.lexists(parent / "ckpt")
     assert not is_committed(pending.temp_path)
@@ -287,6 +294,19 @@ def test_list_committed_and_is_committed(tmp_path: Path) -> None:
     assert not is_committed(crashed)
     assert not is_committed(tmp_path / "missing")
     assert list_committed(tmp_path / "missing") == []
+
+
+def test_a_linked_manifest_does_not_make_a_checkpoint(tmp_path: Path) -> None:
+    """The loader refuses a manifest that is a link, so listing (``latest``, retention) must
+    not count one either."""
+    save(tmp_path / "real")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    os.symlink(tmp_path / "real" / MANIFEST_NAME, linked / MANIFEST_NAME)
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / MANIFEST_NAME)
+    assert not is_committed(linked) and not is_committed(tmp_path / "fifo")
+    assert list_committed(tmp_path) == [str(tmp_path / "real")]
 
 
 def test_remove_stale_temps_only_touches_its_own(tmp_path: Path) -> None:

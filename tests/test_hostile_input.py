@@ -15,13 +15,15 @@ make the module slow.
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import pickle
+import re
 import stat
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +34,15 @@ import xxhash
 
 import aiockpt
 import aiockpt.manager
-from aiockpt import CheckpointWriteError, SyncCheckpointer, commit, loading
-from aiockpt.manifest import MANIFEST_NAME, TensorLeaf
+from aiockpt import CheckpointWriteError, CorruptCheckpoint, SyncCheckpointer, commit, loading
+from aiockpt.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, TensorLeaf
 from aiockpt.protocol import RankInfo
 from aiockpt.staging import SharedArena
-from aiockpt.tree import format_key_path
+from aiockpt.tree import MAX_DEPTH, format_key_path
+from aiockpt.writers import create_writer
 from aiockpt.writers.base import FileRecord, FileSink, dtype_name, flatten_state_dict
 from tests.faults import PAUSING_DCP, arena_names, open_fds, tree_snapshot
+from tests.writer_fixtures import assert_same
 
 pytestmark = pytest.mark.faults
 
@@ -221,12 +225,275 @@ def test_dcp_metadata_is_never_unpickled_even_when_pickles_are_allowed(
     for entry in manifest["files"]:
         if entry["name"] == ".metadata":
             entry.update(size=len(evil), xxh3_64=xxhash.xxh3_64(evil).hexdigest())
-    manifest_path.write_text(json.dumps(manifest))
+    manifest_path.write_bytes(sealed(manifest))  # the attacker can write a valid checksum too
     loading.verify(target)
     for allow_pickle in (False, True):
         loaded = aiockpt.load(target, allow_pickle=allow_pickle)
         assert torch.equal(loaded["w"], torch.arange(4.0))
     assert not marker.exists()
+
+
+# --- manifests: every bit checked, every malformed one a CorruptCheckpoint --------------------
+
+
+def sealed(manifest: dict[str, Any]) -> bytes:
+    """Manifest file bytes for ``manifest`` with a valid checksum, as anyone who can write the
+    directory can make them (format 2: a fixed-length suffix with the SHA-256 of all bytes
+    before it). A value ``"<nested N>"`` becomes N nested lists (deeper than ``json`` nests)."""
+    fields = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    text = json.dumps(fields, separators=(",", ":"))
+    text = re.sub(
+        r'"<nested (\d+)>"',
+        lambda m: '["list",[' * int(m[1]) + '["leaf",0]' + "]]" * int(m[1]),
+        text,
+    )
+    body = text.encode()[:-1]
+    return body + b',"manifest_sha256":"' + hashlib.sha256(body).hexdigest().encode() + b'"}'
+
+
+def small_checkpoint(path: Path, fmt: str = "safetensors") -> dict[str, Any]:
+    """A checkpoint with the kinds of values a bit flip used to change silently."""
+    state = {
+        "w": torch.arange(256.0).reshape(16, 16),
+        "step": 123,
+        "lr": 0.001,
+        "opt": {"betas": (0.9, 0.95), "name": "adamw", "big": 2**80},
+    }
+    commit.write_checkpoint(create_writer(fmt), state, path, format=fmt)
+    return state
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "dcp"])
+def test_no_single_bit_flip_in_the_manifest_goes_unnoticed(tmp_path: Path, fmt: str) -> None:
+    """Every one of the manifest's bits flipped in turn: each load raises CorruptCheckpoint
+    naming the manifest, or returns exactly what was saved (a checksum leaves no such flip)."""
+    target = tmp_path / "ck"
+    expected = small_checkpoint(target, fmt)
+    manifest_path = target / MANIFEST_NAME
+    original = manifest_path.read_bytes()
+    silent: list[tuple[int, str]] = []
+    misreported: list[tuple[int, str]] = []
+    # Flipped in place, one byte written and restored each time: rewriting the whole file
+    # costs ten times the load on some file systems.
+    fd = os.open(manifest_path, os.O_RDWR)
+    try:
+        for bit in range(len(original) * 8):
+            at = bit // 8
+            os.pwrite(fd, bytes([original[at] ^ (1 << (bit % 8))]), at)
+            try:
+                loaded = aiockpt.load(target)
+            except CorruptCheckpoint as exc:
+                if exc.path != str(manifest_path):
+                    misreported.append((bit, f"{exc} (path {exc.path})"))
+                continue
+            except Exception as exc:  # anything else is a bug too: say which flip
+                misreported.append((bit, repr(exc)))
+                continue
+            finally:
+                os.pwrite(fd, original[at : at + 1], at)
+            try:
+                assert_same(loaded, expected)
+            except AssertionError as exc:
+                silent.append((bit, str(exc)))
+    finally:
+        os.close(fd)
+    assert silent == [], f"{len(silent)} flips gave wrong data: {silent[:5]}"
+    assert misreported == [], f"{len(misreported)} flips: {misreported[:5]}"
+
+
+def _one_leaf(depth: int) -> Callable[[dict[str, Any]], None]:
+    def edit(manifest: dict[str, Any]) -> None:
+        manifest.update(skeleton=f"<nested {depth}>", leaves=[{"type": "value", "value": 1}])
+
+    return edit
+
+
+def _leaf_of(manifest: dict[str, Any], kind: str) -> dict[str, Any]:
+    leaf: dict[str, Any] = next(leaf for leaf in manifest["leaves"] if leaf["type"] == kind)
+    return leaf
+
+
+def _dict_node(manifest: dict[str, Any]) -> list[Any]:
+    node: list[Any] = manifest["skeleton"]
+    assert node[0] == "dict"
+    return node
+
+
+#: edits of a valid manifest, each sealed with a matching checksum: what an attacker (or a
+#: buggy writer) could put there; every one must be refused as corrupt
+MALFORMED: dict[str, Callable[[dict[str, Any]], None]] = {
+    "nested-5000-deep": _one_leaf(5000),
+    "nested-past-max-depth": _one_leaf(MAX_DEPTH + 1),
+    "corrupt-float": lambda m: _leaf_of(m, "float").update(value="1.0.01"),
+    "corrupt-bigint": lambda m: _leaf_of(m, "bigint").update(value="12e3"),
+    "world-size-without-ranks": lambda m: m.update(world_size=2),
+    "world-size-zero": lambda m: m.update(world_size=0),
+    "negative-format-version": lambda m: m.update(format_version=-1),
+    "format-version-1": lambda m: m.update(format_version=1),
+    "newer-format-version": lambda m: m.update(format_version=3),
+    "negative-offset": lambda m: _leaf_of(m, "tensor").update(offset=-8),
+    "tensor-past-end-of-file": lambda m: _leaf_of(m, "tensor").update(shape=[17, 16]),
+    "huge-shape": lambda m: _leaf_of(m, "tensor").update(shape=[2**40, 2**40]),
+    "negative-shape": lambda m: _leaf_of(m, "tensor").update(shape=[-16, -16]),
+    "negative-file-size": lambda m: m["files"][0].update(size=-1),
+    "file-listed-twice": lambda m: m["files"].append(m["files"][0]),
+    "repeated-key": lambda m: _dict_node(m)[1].__setitem__(1, "w"),
+    "leaf-twice": lambda m: _dict_node(m)[2].__setitem__(1, ["leaf", 0]),
+    "leaf-out-of-range": lambda m: _dict_node(m)[2].__setitem__(1, ["leaf", 99]),
+    "wrong-type": lambda m: m.update(files="model.safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_manifest_is_corrupt_even_with_a_valid_checksum(
+    tmp_path: Path, case: str
+) -> None:
+    target = tmp_path / "ck"
+    small_checkpoint(target)
+    manifest_path = target / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_bytes())
+    MALFORMED[case](manifest)
+    manifest_path.write_bytes(sealed(manifest))
+    for call in (aiockpt.load, loading.verify, loading.read_manifest):
+        with pytest.raises(CorruptCheckpoint, match="unreadable manifest") as info:
+            call(target)
+        assert info.value.path == str(manifest_path)
+
+
+def test_a_manifest_without_its_checksum_is_corrupt(tmp_path: Path) -> None:
+    """What aiockpt wrote before format version 2 (plain JSON) is refused, not guessed at."""
+    target = tmp_path / "ck"
+    small_checkpoint(target)
+    manifest_path = target / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_bytes())
+    del manifest["manifest_sha256"]
+    manifest_path.write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(CorruptCheckpoint, match="checksum") as info:
+        aiockpt.load(target)
+    assert info.value.path == str(manifest_path)
+
+
+# --- opening files: never outside the checkpoint, never blocking -----------------------------
+
+
+@pytest.mark.parametrize("link", ["directory", "file"])
+def test_links_inside_a_checkpoint_are_never_followed(tmp_path: Path, link: str) -> None:
+    """A manifest naming ``sub/model.safetensors`` where ``sub`` links to a directory outside
+    (or the file itself is a link) is refused, even with checksums that match what the link
+    points at: the checksum cannot tell, the way files are opened must."""
+    target = tmp_path / "ck"
+    expected = small_checkpoint(target)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.rename(target / "model.safetensors", outside / "model.safetensors")
+    manifest_path = target / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_bytes())
+    if link == "directory":
+        os.symlink(outside, target / "sub")
+        manifest["files"][0]["name"] = "sub/model.safetensors"
+        _leaf_of(manifest, "tensor")["file"] = "sub/model.safetensors"
+        manifest_path.write_bytes(sealed(manifest))
+        linked = target / "sub" / "model.safetensors"
+    else:
+        linked = target / "model.safetensors"
+        os.symlink(outside / "model.safetensors", linked)
+    for call in (loading.verify, aiockpt.load, lambda p: aiockpt.load(p, verify=False)):
+        with pytest.raises(CorruptCheckpoint, match="symbolic link") as info:
+            call(target)
+        assert info.value.path == str(linked)
+    # The same layout with a real directory (a custom writer may use one) loads.
+    os.unlink(linked if link == "file" else target / "sub")
+    os.rename(outside, linked.parent if link == "directory" else outside)
+    if link == "file":
+        os.rename(outside / "model.safetensors", linked)
+    assert_same(aiockpt.load(target), expected)
+
+
+def outcome_unless_blocked(call: Callable[[Path], Any], target: Path, fifo: Path) -> Any:
+    """What ``call(target)`` raises or returns, run in a thread. If it is still blocked (on
+    ``fifo``) after 30 s, open the FIFO's other end, which releases a reader waiting in
+    ``open``, and fail: the test stays bounded even when the code under test is broken."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call(target))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join()
+        pytest.fail(f"{call.__name__} blocked on the FIFO {fifo}")
+    return outcome[0]
+
+
+@pytest.mark.parametrize("which", ["model.safetensors", MANIFEST_NAME])
+def test_a_fifo_in_a_checkpoint_is_refused_without_blocking(tmp_path: Path, which: str) -> None:
+    target = tmp_path / "ck"
+    small_checkpoint(target)
+    fifo = target / which
+    fifo.unlink()
+    os.mkfifo(fifo)
+    for call in (aiockpt.load, loading.verify):
+        error = outcome_unless_blocked(call, target, fifo)
+        assert isinstance(error, CorruptCheckpoint), repr(error)
+        assert "not a regular file" in str(error) and error.path == str(fifo)
+
+
+def test_a_manifest_linked_to_dev_zero_is_refused(tmp_path: Path) -> None:
+    """Read without a bound, /dev/zero fills memory until MemoryError."""
+    target = tmp_path / "ck"
+    small_checkpoint(target)
+    manifest_path = target / MANIFEST_NAME
+    manifest_path.unlink()
+    os.symlink("/dev/zero", manifest_path)
+    for call in (aiockpt.load, loading.verify):
+        with pytest.raises(CorruptCheckpoint, match="symbolic link") as info:
+            call(target)
+        assert info.value.path == str(manifest_path)
+
+
+def test_an_oversized_manifest_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    target = tmp_path / "ck"
+    small_checkpoint(target)
+    manifest_path = target / MANIFEST_NAME
+    with open(manifest_path, "r+b") as f:
+        f.truncate(MAX_MANIFEST_BYTES + 1)  # sparse: nothing is written
+    with pytest.raises(CorruptCheckpoint, match="more than any aiockpt writes") as info:
+        aiockpt.load(target)
+    assert info.value.path == str(manifest_path)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_file_sizes_are_checked_before_anything_is_read_or_allocated(
+    tmp_path: Path, verify: bool
+) -> None:
+    """A truncated data file, and a manifest claiming a 4 PiB tensor in a file it claims is
+    that large (consistent, and sealed): both refused by the data file's real size, naming it,
+    before a buffer for the tensor exists."""
+    target = tmp_path / "ck"
+    small_checkpoint(target)
+    data = target / "model.safetensors"
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 2)
+    with pytest.raises(CorruptCheckpoint, match="truncated") as info:
+        aiockpt.load(target, verify=verify)
+    assert info.value.path == str(data)
+
+    small_checkpoint(tmp_path / "huge")
+    manifest_path = tmp_path / "huge" / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_bytes())
+    tensor = _leaf_of(manifest, "tensor")
+    tensor["shape"] = [2**25, 2**25]
+    manifest["files"][0]["size"] = tensor["offset"] + 4 * 2**50
+    manifest_path.write_bytes(sealed(manifest))
+    with pytest.raises(CorruptCheckpoint, match="truncated") as info:
+        aiockpt.load(tmp_path / "huge", verify=verify)
+    assert info.value.path == str(tmp_path / "huge" / "model.safetensors")
 
 
 def _calls(tree: ast.AST) -> Iterator[tuple[ast.Call, str]]:

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pickle
 from pathlib import Path
 from typing import Any
 
 import msgspec
+import numpy as np
 import pytest
 import torch
 
+from aiockpt import Checkpointer
 from aiockpt.commit import write_checkpoint
 from aiockpt.errors import CorruptCheckpoint
 from aiockpt.loading import load, verify
 from aiockpt.manifest import MANIFEST_NAME, TensorLeaf, decode_manifest, encode_manifest
+from aiockpt.tree import MAX_DEPTH
 from aiockpt.writers import create_writer
 from tests.writer_fixtures import assert_same, full_state_dict, like, random_tensor
 
@@ -199,3 +203,48 @@ def test_dcp_load_never_unpickles_metadata(tmp_path: Path) -> None:
     assert not marker.exists()
     with pytest.raises(CorruptCheckpoint, match=r"\.metadata"):
         load(path)
+
+
+def test_the_deepest_state_dict_a_save_accepts_loads(tmp_path: Path) -> None:
+    """Saves refuse nesting deeper than MAX_DEPTH (the loader refuses such manifests), and
+    the deepest they accept loads back."""
+    deepest: Any = {"w": torch.ones(2)}
+    for _ in range(MAX_DEPTH - 1):
+        deepest = [deepest]
+    assert_same(load(save(tmp_path, deepest, "safetensors")), deepest)
+    with pytest.raises(TypeError, match=f"more than {MAX_DEPTH} deep"):
+        save(tmp_path, [deepest], "safetensors", name="deeper")
+    assert not (tmp_path / "deeper").exists()
+
+
+BIG_INTS = {"huge": 2**200, "negative": -(2**70), "edge": 2**64, "max": 2**64 - 1}
+
+
+async def test_ints_beyond_64_bits_round_trip_through_the_worker(tmp_path: Path) -> None:
+    """Trainer -> channel -> worker -> manifest -> load, in both formats (such ints failed
+    at ``await`` with an OverflowError from the encoder that named no key)."""
+    state = {"w": torch.arange(4.0), "ints": dict(BIG_INTS), "nested": [(2**100, "x")]}
+    async with Checkpointer(tmp_path) as ckpt:
+        for fmt in FORMATS:
+            await ckpt.save_to(state, tmp_path / fmt, format=fmt)
+            assert_same(await asyncio.to_thread(load, tmp_path / fmt), state)
+
+
+@pytest.mark.parametrize(
+    ("state", "key"),
+    [
+        ({"opt": {"lr": np.float64(0.1)}}, "opt.lr"),
+        ({"opt": {"name": "\ud800"}}, "opt.name"),
+        ({"opt": {2**70: 1}}, "1180591620717411303424"),
+        ({"opt": {"\udcff": 1}}, r"\\udcff"),
+    ],
+    ids=["numpy-scalar", "surrogate-value", "int-key-beyond-64-bits", "surrogate-key"],
+)
+async def test_a_leaf_the_worker_cannot_receive_fails_in_the_caller(
+    tmp_path: Path, state: dict[str, Any], key: str
+) -> None:
+    """TypeError from ``save_to`` itself, naming the key, before anything is sent or written."""
+    async with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(TypeError, match=key):
+            ckpt.save_to(state, tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()

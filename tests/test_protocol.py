@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ast
+import enum
 import struct
 from pathlib import Path
 
 import msgspec
+import numpy
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,6 +18,7 @@ from aiockpt.errors import ProtocolError, ProtocolVersionMismatch
 from aiockpt.protocol import (
     PROTOCOL_VERSION,
     ArenaRef,
+    BigIntValue,
     FrameDecoder,
     GcOptions,
     InitPayload,
@@ -34,6 +37,7 @@ from aiockpt.protocol import (
     WriteResultPayload,
     encode_frame,
 )
+from aiockpt.tensors import plain_leaf, value_from_leaf
 from aiockpt.tree import DictNode, LeafNode, ListNode, TupleNode
 
 codec = MessageCodec()
@@ -48,6 +52,7 @@ def sample_messages() -> list[WorkerRequest | WorkerResponse]:
             TensorInArena("bfloat16", [2, 3], offset=4096, nbytes=12),
             TensorInline("int64", [], b"\x01" * 8),
             PlainValue(b"\x00bytes"),
+            BigIntValue(str(-(2**100))),
         ],
         arena=ArenaRef("/dev/shm/aiockpt-1", 8192),
     )
@@ -216,3 +221,48 @@ def test_matching_handshake_passes() -> None:
 
 def test_frame_length_limit() -> None:
     assert encode_frame(b"abc") == b"\x00\x00\x00\x03abc"
+
+
+# --- non-tensor leaves ------------------------------------------------------------------------
+
+#: ints on both sides of msgpack's 64-bit range, and far beyond it
+INTS = [0, -1, 2**63 - 1, -(2**63), 2**64 - 1, 2**64, -(2**63) - 1, 2**200, -(2**1000)]
+
+
+@pytest.mark.parametrize("value", INTS, ids=lambda v: f"{'-' if v < 0 else ''}{v.bit_length()}bit")
+def test_every_int_leaf_crosses_the_channel_exactly(value: int) -> None:
+    """The trainer describes a leaf, the frame is encoded and decoded, the worker rebuilds
+    it: the same int, of type int (ints beyond 64 bits failed in the encoder, keyless)."""
+    payload = StateDictPayload(LeafNode(0), [plain_leaf(("k",), value, allow_pickle=False)])
+    message = WorkerRequest(1, RequestType.WRITE_CHECKPOINT, WritePayload("/p", payload, {}))
+    (body,) = FrameDecoder().feed(codec.encode(message))
+    decoded = codec.decode_request(body)
+    assert isinstance(decoded.payload, WritePayload)
+    leaf = decoded.payload.state_dict.leaves[0]
+    assert isinstance(leaf, (PlainValue, BigIntValue, PickledObject))
+    rebuilt = value_from_leaf(leaf)
+    assert rebuilt == value and type(rebuilt) is int
+
+
+class Color(enum.IntEnum):
+    RED = 1
+
+
+UNENCODABLE = {
+    "numpy-float64": numpy.float64(1.5),
+    "int-enum": Color.RED,
+    "lone-surrogate": "\ud800",
+    "int-too-long-for-text": 10**5000,
+}
+
+
+@pytest.mark.parametrize("case", list(UNENCODABLE))
+def test_a_leaf_the_channel_cannot_carry_fails_in_the_caller_naming_its_key(case: str) -> None:
+    with pytest.raises(TypeError, match=r"'opt\.state\.0'"):
+        plain_leaf(("opt", "state", 0), UNENCODABLE[case], allow_pickle=False)
+
+
+def test_subclasses_of_plain_types_are_pickled_when_allowed_and_keep_their_type() -> None:
+    leaf = plain_leaf(("c",), Color.RED, allow_pickle=True)
+    assert isinstance(leaf, PickledObject)
+    assert type(value_from_leaf(leaf)) is Color
