@@ -128,7 +128,7 @@ async def test_the_lock_goes_with_its_holder(tmp_path: Path) -> None:
     holder = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
         str(tmp_path / LOCK_NAME),
         stdin=asyncio.subprocess.PIPE,

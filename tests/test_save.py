@@ -27,6 +27,7 @@ from aiockpt import (
     WorkerCrashed,
 )
 from aiockpt.commit import TEMP_PREFIX
+from aiockpt.root_lock import LOCK_NAME
 from aiockpt.staging import ARENA_PREFIX, SharedArena
 from tests.leaks import descendants
 
@@ -208,6 +209,7 @@ async def test_checkpointer_names_latest_retention_and_load_latest(tmp_path: Pat
         latest = await ckpt.latest()
         assert latest == str(tmp_path / "step_0000000010")
         assert sorted(os.listdir(tmp_path)) == [
+            LOCK_NAME,  # held while the Checkpointer writes here
             "step_0000000002",
             "step_0000000010",
             "step_9999999999",

@@ -45,6 +45,8 @@ async def lazy_start(root: str, rank: int) -> dict[str, Any]:
     all_reduce) while the Checkpointer forms its group and starts its worker."""
     weights = torch.zeros(1024)
     results = []
+    trainers_group = dist.distributed_c10d._get_default_group()
+    collectives_before = trainers_group._get_sequence_number_for_group()
     async with Checkpointer(root, keep_last=2) as ckpt:
         for step in range(1, 31):
             train_step(weights)
@@ -53,7 +55,12 @@ async def lazy_start(root: str, rank: int) -> dict[str, Any]:
                 await handle.staged
                 results.append(handle)
         paths = [(await handle).path for handle in results]
-    return {"paths": paths, "w0": float(weights[0])}
+    return {
+        "paths": paths,
+        "w0": float(weights[0]),
+        # Every collective on the trainers' group is one of train_step's 30 all_reduces.
+        "collectives": trainers_group._get_sequence_number_for_group() - collectives_before,
+    }
 
 
 async def save_and_report(ckpt: Checkpointer, state: Any, step: int) -> dict[str, Any]:

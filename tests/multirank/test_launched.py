@@ -75,6 +75,7 @@ def test_lazy_start_while_training_runs_collectives_does_not_deadlock(
     paths = [str(tmp_path / "ckpt" / f"step_{step:010d}") for step in (10, 20, 30)]
     assert results[0]["paths"] == results[1]["paths"] == paths
     assert results[0]["w0"] == results[1]["w0"]
+    assert [r["collectives"] for r in results] == [30, 30]  # none of aiockpt's
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["step_0000000020", "step_0000000030"]
 
 
