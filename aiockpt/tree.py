@@ -69,32 +69,37 @@ def flatten(tree: Any, is_leaf: Callable[[Any], bool]) -> tuple[Node, list[tuple
     ``int`` (such keys cannot be named in a checkpoint file).
     """
     leaves: list[tuple[KeyPath, Any]] = []
+    return _visit(tree, (), is_leaf, leaves), leaves
 
-    def visit(value: Any, path: KeyPath) -> Node:
-        if is_leaf(value):
-            leaves.append((path, value))
-            return LeafNode(len(leaves) - 1)
-        if isinstance(value, dict):
-            keys: list[str | int] = []
-            children: list[Node] = []
-            for key, child in value.items():
-                # bool is an int subclass, but True as a key would come back as 1.
-                if isinstance(key, bool) or not isinstance(key, (str, int)):
-                    raise TypeError(
-                        f"state dict key {key!r} at {format_key_path(path)!r} is a "
-                        f"{type(key).__name__}; only str and int keys can be checkpointed"
-                    )
-                keys.append(key)
-                children.append(visit(child, (*path, key)))
-            return DictNode(keys, children)
-        if isinstance(value, list):
-            return ListNode([visit(c, (*path, i)) for i, c in enumerate(value)])
-        if isinstance(value, tuple) and not hasattr(value, "_fields"):
-            return TupleNode([visit(c, (*path, i)) for i, c in enumerate(value)])
+
+def _visit(
+    value: Any, path: KeyPath, is_leaf: Callable[[Any], bool], leaves: list[tuple[KeyPath, Any]]
+) -> Node:
+    # A module-level function, not a closure: a closure that calls itself is a reference
+    # cycle holding ``leaves``, which kept the leaves (tensor views of a shared-memory arena
+    # in the worker) alive until the garbage collector ran, so the arena could not be unmapped.
+    if is_leaf(value):
         leaves.append((path, value))
         return LeafNode(len(leaves) - 1)
-
-    return visit(tree, ()), leaves
+    if isinstance(value, dict):
+        keys: list[str | int] = []
+        children: list[Node] = []
+        for key, child in value.items():
+            # bool is an int subclass, but True as a key would come back as 1.
+            if isinstance(key, bool) or not isinstance(key, (str, int)):
+                raise TypeError(
+                    f"state dict key {key!r} at {format_key_path(path)!r} is a "
+                    f"{type(key).__name__}; only str and int keys can be checkpointed"
+                )
+            keys.append(key)
+            children.append(_visit(child, (*path, key), is_leaf, leaves))
+        return DictNode(keys, children)
+    if isinstance(value, list):
+        return ListNode([_visit(c, (*path, i), is_leaf, leaves) for i, c in enumerate(value)])
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return TupleNode([_visit(c, (*path, i), is_leaf, leaves) for i, c in enumerate(value)])
+    leaves.append((path, value))
+    return LeafNode(len(leaves) - 1)
 
 
 def unflatten(skeleton: Node, leaves: Sequence[Any]) -> Any:
