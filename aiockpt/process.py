@@ -633,8 +633,9 @@ class CheckpointProcess:
         removes the id from ``_pending`` once done with it."""
         if self._crashed is not None:
             raise self._crashed
-        if self._process is not None and self._process.returncode is not None:
-            # Gone after close() failed what was pending: nobody would fail this one.
+        if self._closing and self._process is not None and self._process.returncode is not None:
+            # Gone after close() failed what was pending: nobody would fail this one. (A
+            # worker that exited on its own is failed by the monitor, as a crash.)
             raise WorkerClosed("the checkpoint process was closed")
         assert self._channel is not None
         request_id = next(self._request_ids)
