@@ -578,7 +578,7 @@ class Checkpointer:
                     starting = asyncio.ensure_future(self._ensure_started())
                     arena = await _new_arena(plan.nbytes)
                 try:
-                    await copy_into_arena(arena, plan)
+                    await _copy_in(arena, plan)
                     staging_seconds = time.perf_counter() - started
                     _resolve(staged)
                     if starting is not None:
@@ -722,6 +722,10 @@ async def _map(process: CheckpointProcess, arena: SharedArena) -> None:
 def _close(arena: SharedArena | None) -> None:
     if arena is not None:
         arena.close()
+
+
+#: copy a plan's tensors into its arena off the loop (one implementation, in staging)
+_copy_in = copy_into_arena
 
 
 def _resolve(staged: asyncio.Future[None], exc: BaseException | None = None) -> None:
