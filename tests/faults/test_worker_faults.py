@@ -34,6 +34,7 @@ import aiockpt
 from aiockpt import Checkpointer, WorkerCrashed, commit, loading
 from aiockpt.manifest import MANIFEST_NAME
 from aiockpt.process import CheckpointProcess
+from aiockpt.root_lock import LOCK_NAME
 from aiockpt.saver import SaveHandle
 from tests.faults import (
     PAUSING_DCP,
@@ -102,7 +103,7 @@ def check_root(root: Path, killed_steps: set[int], keep_last: int) -> list[str]:
     assert len(committed) <= keep_last, committed
     for path in committed:
         assert_loads_as_saved(path)
-    for entry in os.listdir(root):
+    for entry in checkpoint_entries(root):
         full = str(root / entry)
         if full in committed:
             continue
@@ -110,6 +111,11 @@ def check_root(root: Path, killed_steps: set[int], keep_last: int) -> list[str]:
         step = int(entry.removeprefix(commit.TEMP_PREFIX).split("-")[0].removeprefix("step_"))
         assert step in killed_steps, f"{entry!r} is left by a save that was not killed"
     return committed
+
+
+def checkpoint_entries(root: Path) -> list[str]:
+    """What saves put under ``root``: everything but the writer lock."""
+    return [e for e in os.listdir(root) if e != LOCK_NAME]
 
 
 def manifestless(latest: str | None) -> bool:
@@ -258,7 +264,7 @@ async def test_sigkilled_worker_fails_the_save_promptly_and_the_next_save_respaw
     # What killed saves left is recognised by its name and swept by the next start.
     left = commit.remove_stale_temps(tmp_path)
     assert all(int(p.split("step_")[1].split("-")[0]) in killed for p in left)
-    assert all(commit.is_committed(tmp_path / e) for e in os.listdir(tmp_path))
+    assert all(commit.is_committed(tmp_path / e) for e in checkpoint_entries(tmp_path))
 
 
 async def test_worker_killed_with_a_request_unread_fails_it_with_worker_crashed() -> None:
@@ -380,7 +386,7 @@ def test_trainer_killed_mid_save_leaves_nothing_behind(tmp_path: Path, runs: int
 
         latest = asyncio.run(restart())
         assert arena_names(trainer.pid) == []
-        entries = sorted(os.listdir(root))
+        entries = sorted(checkpoint_entries(root))
         assert not [e for e in entries if e.startswith(commit.TEMP_PREFIX)], entries
         assert latest is not None and step_of(latest) in (0, 1)
         for entry in entries:
