@@ -18,6 +18,8 @@ from aiockpt.protocol import (
 __all__ = ["Channel"]
 
 _READ_CHUNK = 256 * 1024
+#: how long ``aclose`` lets buffered frames drain before aborting the connection
+_CLOSE_TIMEOUT_S = 1.0
 
 
 class Channel:
@@ -38,6 +40,8 @@ class Channel:
         self._writer = writer
         self._decoder = FrameDecoder(max_frame_size)
         self.codec = MessageCodec()
+        #: True once this side closed the channel (``aclose``)
+        self.closed = False
 
     @classmethod
     async def open(
@@ -75,9 +79,15 @@ class Channel:
                 yield body
 
     async def aclose(self) -> None:
-        """Close our end; the peer's reads see EOF."""
+        """Close our end; the peer's reads see EOF. Frames still buffered get ``_CLOSE_TIMEOUT_S``
+        seconds to go out (a peer that reads nothing, stopped say, would hold a graceful
+        close forever); then the connection is aborted."""
+        self.closed = True
         self._writer.close()
         try:
-            await self._writer.wait_closed()
+            async with asyncio.timeout(_CLOSE_TIMEOUT_S):
+                await self._writer.wait_closed()
+        except TimeoutError:
+            self._writer.transport.abort()
         except (ConnectionError, OSError):
             pass

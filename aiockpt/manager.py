@@ -13,8 +13,8 @@ A save is one task owned by the Checkpointer, in three steps:
 3. *Write*: send one WRITE_CHECKPOINT frame that describes the arena; the worker writes,
    fsyncs and commits; the slot and the arena are free again once it answers.
 
-The worker and its arenas belong together (the worker unlinks an arena's name when it maps
-it): when the worker dies, its arenas are dropped with it and the next save starts a fresh
+The worker and its arenas belong together (it maps each one through this process's
+descriptor): when the worker dies, its arenas are dropped with it and the next save starts a fresh
 worker. Only after a commit is durable does retention (``keep_last``) delete older
 checkpoints, and ``latest()`` only ever reports directories that have a manifest.
 
@@ -75,7 +75,7 @@ from aiockpt.protocol import CommitOptions, GroupInfo, RankInfo, WritePayload
 from aiockpt.refs import check_encodable
 from aiockpt.root_lock import RootLock
 from aiockpt.saver import SaveHandle, SaveResult
-from aiockpt.staging import SharedArena, StagingPlan, plan_staging, remove_orphaned_arenas
+from aiockpt.staging import SharedArena, StagingPlan, copy_into_arena, plan_staging
 from aiockpt.writers import resolve_writer
 
 __all__ = ["Checkpointer"]
@@ -302,8 +302,6 @@ class Checkpointer:
         """Fail now, not at the first save, when no checkpoint can be created under the
         root; take its writer lock and remove what crashed saves left there (the lock says
         that no other writer's save is in progress)."""
-        for path in remove_orphaned_arenas():
-            logger.info("removed orphaned staging arena %s", path)
         if self.root is None:
             return
         try:
@@ -629,27 +627,11 @@ class Checkpointer:
     async def _take_arena(self, process: CheckpointProcess, nbytes: int) -> SharedArena | None:
         """A free arena of at least ``nbytes`` mapped by ``process``'s worker, or None when
         the state dict has no tensor bytes."""
-        if nbytes == 0:
-            return None
-        fitting = [a for a in self._free_arenas if a.size >= nbytes]
-        if fitting:
-            arena = min(fitting, key=lambda a: a.size)
-            self._free_arenas.remove(arena)
-            return arena
-        if self._free_arenas:
-            # The layout grew: retire the largest free arena rather than keep one per size.
-            retired = max(self._free_arenas, key=lambda a: a.size)
-            self._free_arenas.remove(retired)
-            with contextlib.suppress(WorkerCrashed, WorkerClosed):
-                await process.release_arena(retired.ref)
-            retired.close()
-        arena = await asyncio.to_thread(SharedArena, nbytes)
-        await _map(process, arena)
-        return arena
+        return await process.take_arena(nbytes, self._free_arenas)
 
     def _give_back(self, process: CheckpointProcess, arena: SharedArena | None) -> None:
-        if arena is not None and process is self._process and process.alive:
-            self._free_arenas.append(arena)
+        if process is self._process:
+            process.give_back(arena, self._free_arenas)  # closes it if the worker is gone
         else:
             _close(arena)
 
@@ -733,14 +715,8 @@ async def _new_arena(nbytes: int) -> SharedArena | None:
 
 
 async def _map(process: CheckpointProcess, arena: SharedArena) -> None:
-    """Have ``process``'s worker map ``arena``, then drop its name (the two mappings keep it);
-    if that fails, ``arena`` is closed."""
-    try:
-        await process.map_arena(arena.ref)
-    except BaseException:
-        arena.close()
-        raise
-    arena.unlink()
+    """Have ``process``'s worker map ``arena``; if that fails, ``arena`` is closed."""
+    await process.map_new_arena(arena)
 
 
 def _close(arena: SharedArena | None) -> None:
@@ -748,23 +724,8 @@ def _close(arena: SharedArena | None) -> None:
         arena.close()
 
 
-async def _copy_in(arena: SharedArena | None, plan: StagingPlan) -> None:
-    """Copy ``plan``'s tensors into ``arena`` without blocking the loop.
-
-    If the saving task is cancelled meanwhile the copy still finishes before this returns:
-    the arena must not be reused while a thread writes into it.
-    """
-    if arena is None:
-        return
-    copying = asyncio.ensure_future(asyncio.to_thread(arena.copy_in, plan))
-    try:
-        await asyncio.shield(copying)
-        if plan.has_cuda:
-            event = arena.copy_in_from_cuda(plan)
-            await asyncio.to_thread(event.synchronize)
-    except asyncio.CancelledError:
-        await asyncio.gather(copying, return_exceptions=True)
-        raise
+#: copy a plan's tensors into its arena off the loop (one implementation, in staging)
+_copy_in = copy_into_arena
 
 
 def _resolve(staged: asyncio.Future[None], exc: BaseException | None = None) -> None:

@@ -7,7 +7,13 @@ three kinds of task run on the caller's loop, all owned by this object and ended
 - the *reader* decodes response frames and resolves the matching request futures;
 - the *monitor* awaits the worker's exit; an exit nobody asked for fails every pending request
   with ``WorkerCrashed`` at once (no polling), and every later request too;
-- one task per ``write``, so that a write may wait for its staging future before it is sent.
+- one task per ``write``, so that a write may wait for its state dict and stage it before it
+  is sent.
+
+Every wait has a bound: the answer to a control request (map or release an arena, ping,
+cancel) is awaited at most ``subprocess_shutdown_timeout_secs``; a worker that does not answer
+by then is hung, and is killed. ``close`` asks the worker to exit, then escalates to SIGTERM
+and SIGKILL, each under its deadline.
 """
 
 from __future__ import annotations
@@ -60,7 +66,13 @@ from aiockpt.protocol import (
     WriteResultPayload,
 )
 from aiockpt.refs import check_encodable, import_ref
-from aiockpt.tensors import describe_inline
+from aiockpt.staging import (
+    SharedArena,
+    StagingPlan,
+    copy_into_arena,
+    plan_staging,
+    take_fitting_arena,
+)
 
 __all__ = ["CheckpointProcess", "CheckpointProcessConfig", "WriteResult", "describe_exit"]
 
@@ -82,7 +94,9 @@ class CheckpointProcessConfig:
     Attributes:
         subprocess_init_timeout_secs: how long spawn + init functions + handshake may take.
         subprocess_shutdown_timeout_secs: how long ``close`` waits for in-flight writes and a
-            graceful exit before it escalates to SIGTERM, then SIGKILL.
+            graceful exit before it escalates to SIGTERM, then SIGKILL; also how long the
+            worker may take to answer a control request (ping, arena, cancel) before it is
+            taken as hung and killed.
         sigterm_grace_secs: how long ``close`` waits after SIGTERM before SIGKILL.
         max_frame_size: the largest frame either side accepts.
         gc: garbage-collector controls in the worker; by default from torch's
@@ -165,8 +179,16 @@ class CheckpointProcess:
         self._writes: set[asyncio.Task[WriteResult]] = set()
         #: writes still waiting for their state dict (close cancels these, lets others fail)
         self._unsent: set[asyncio.Task[WriteResult]] = set()
+        #: arenas ``write`` staged into, mapped by the current worker and free again
+        self._free_arenas: list[SharedArena] = []
+        #: every pool of free arenas this worker mapped (``write``'s, a Checkpointer's): their
+        #: arenas are closed when the worker goes, however it goes (loop shutdown included)
+        self._pools: list[list[SharedArena]] = [self._free_arenas]
         self._crashed: WorkerCrashed | None = None
         self._closing = False
+        #: the parent ended the worker's service itself (TERMINATE sent, or the channel
+        #: closed from this side): its exit is not a crash
+        self._exit_requested = False
         self._close_task: asyncio.Task[None] | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -245,7 +267,7 @@ class CheckpointProcess:
         timeout = self.config.subprocess_init_timeout_secs
         try:
             async with asyncio.timeout(timeout):
-                response = await self._request(RequestType.INIT, self._init_payload)
+                response = await self._request(RequestType.INIT, self._init_payload, bounded=False)
         except TimeoutError:
             await self._kill()
             raise WorkerStartTimeout(
@@ -276,7 +298,9 @@ class CheckpointProcess:
 
         In-flight writes may finish, then the worker is asked to exit; past
         ``subprocess_shutdown_timeout_secs`` it gets SIGTERM, then SIGKILL after
-        ``sigterm_grace_secs``. Writes still pending then fail with ``WorkerClosed``.
+        ``sigterm_grace_secs``. Writes still pending then fail with ``WorkerClosed`` naming
+        their paths. Returns within about the sum of those two bounds, whatever the worker
+        does (even stopped with SIGSTOP). Raises nothing of the worker's.
         """
         if self._close_task is None:
             self._closing = True
@@ -309,11 +333,13 @@ class CheckpointProcess:
         if self._channel is not None:
             await self._channel.aclose()
         self._fail_pending(WorkerClosed("the checkpoint process was closed"))
+        self._close_free_arenas()
 
     async def _stop_gracefully(self, process: asyncio.subprocess.Process) -> None:
         """Ask the worker to exit once its queued writes are done, and wait for it. The
         answer to TERMINATE is not awaited: the reader may already be gone at loop shutdown."""
         if self._ready and self._channel is not None:
+            self._exit_requested = True
             request = WorkerRequest(next(self._request_ids), RequestType.TERMINATE_PROCESS)
             with contextlib.suppress(ConnectionError):
                 await self._channel.send(request)
@@ -357,17 +383,22 @@ class CheckpointProcess:
     ) -> asyncio.Task[WriteResult]:
         """Start writing ``state_dict`` to ``path`` in the worker; return the awaitable write.
 
-        ``state_dict`` may be an awaitable (a staging future), resolved before sending; a plain
-        state dict has its tensor bytes copied into the request here. The first write starts
-        the worker if needed. Raises ``TypeError`` here, naming the key, for a state-dict entry
-        or keyword argument that cannot cross the process boundary. Awaiting the result raises
+        ``state_dict`` may be an awaitable (a staging future), resolved before staging. The
+        returned task copies the tensors, once, into a shared-memory arena the worker maps
+        (any size: tensor bytes never travel in frames), then sends the request; keep the
+        tensors unchanged until the task is done. The first write starts the worker if
+        needed. Raises ``TypeError`` here, naming the key, for a state-dict entry or keyword
+        argument that cannot cross the process boundary. Awaiting the result raises
         ``CheckpointWriteError`` (with the worker's traceback) when the writer raised,
-        ``WorkerCrashed`` when the worker died, ``WorkerClosed`` after ``close``.
+        ``WorkerCrashed`` when the worker died, ``WorkerClosed`` after ``close``, and
+        ``OSError`` when there is no memory for the arena.
         """
         self._check_usable()
         check_encodable(kwargs, "write() keyword arguments")
-        payload = state_dict if inspect.isawaitable(state_dict) else describe_inline(state_dict)
-        task = asyncio.get_running_loop().create_task(self._write(payload, os.fspath(path), kwargs))
+        plan = None if inspect.isawaitable(state_dict) else plan_staging(state_dict)
+        task = asyncio.get_running_loop().create_task(
+            self._write(plan if plan is not None else state_dict, os.fspath(path), kwargs)
+        )
         self._writes.add(task)
         self._unsent.add(task)
         task.add_done_callback(self._writes.discard)
@@ -375,17 +406,90 @@ class CheckpointProcess:
         return task
 
     async def _write(
-        self, state_dict: StateDictPayload | Awaitable[Any], path: str, kwargs: dict[str, Any]
+        self, state_dict: StagingPlan | Awaitable[Any], path: str, kwargs: dict[str, Any]
     ) -> WriteResult:
-        if not isinstance(state_dict, StateDictPayload):
+        if isinstance(state_dict, StagingPlan):
+            plan = state_dict
+        else:
             resolved = await state_dict
-            state_dict = (
-                resolved if isinstance(resolved, StateDictPayload) else describe_inline(resolved)
-            )
+            if isinstance(resolved, StateDictPayload):  # described (and staged) already
+                self._under_way()
+                return await self.write_payload(WritePayload(path, resolved, kwargs))
+            plan = plan_staging(resolved)
+        self._under_way()
+        await self._ensure_started()
+        arena = await self.take_arena(plan.nbytes, self._free_arenas)
+        try:
+            await copy_into_arena(arena, plan)
+            return await self.write_payload(WritePayload(path, plan.payload(arena), kwargs))
+        finally:
+            self.give_back(arena, self._free_arenas)
+
+    def _under_way(self) -> None:
+        """The write has its state dict: ``close`` lets it finish (within its deadline)
+        instead of cancelling it."""
         task = asyncio.current_task()
         if task is not None:
             self._unsent.discard(task)
-        return await self.write_payload(WritePayload(path, state_dict, kwargs))
+
+    # --- arenas --------------------------------------------------------------------------------
+
+    async def take_arena(self, nbytes: int, free: list[SharedArena]) -> SharedArena | None:
+        """An arena of at least ``nbytes`` that the worker has mapped, taken from the pool
+        ``free`` or made (and mapped) when none fits; None when there are no tensor bytes.
+
+        A pool that has only smaller arenas gives up its largest first (the worker unmaps
+        it): memory stays at what the saves in flight need. Raises ``OSError`` when there is
+        no memory for a new arena, ``CheckpointWriteError`` when the worker cannot map it,
+        and ``WorkerCrashed`` / ``WorkerClosed``.
+        """
+        if nbytes == 0:
+            return None
+        self._adopt_pool(free)
+        arena, retired = take_fitting_arena(free, nbytes)
+        if arena is not None:
+            return arena
+        if retired is not None:
+            with contextlib.suppress(WorkerCrashed, WorkerClosed):
+                await self.release_arena(retired.ref)
+            retired.close()
+        arena = await asyncio.to_thread(SharedArena, nbytes)
+        await self.map_new_arena(arena)
+        return arena
+
+    def give_back(self, arena: SharedArena | None, free: list[SharedArena]) -> None:
+        """Return ``arena`` to the pool ``free`` while this worker is usable; else close it
+        (a new worker maps arenas of its own)."""
+        if arena is None:
+            return
+        if self.alive:
+            self._adopt_pool(free)
+            free.append(arena)
+        else:
+            arena.close()
+
+    def _adopt_pool(self, free: list[SharedArena]) -> None:
+        if not any(pool is free for pool in self._pools):
+            self._pools.append(free)
+
+    async def map_new_arena(self, arena: SharedArena) -> None:
+        """Have the worker map ``arena`` before anything is copied into it; if that fails,
+        ``arena`` is closed and the error raised (``CheckpointWriteError`` with the worker's
+        ``OSError``, ``WorkerCrashed``, ``WorkerClosed``)."""
+        try:
+            await self.map_arena(arena.ref)
+        except BaseException:
+            arena.close()
+            raise
+
+    def _close_free_arenas(self) -> None:
+        """Close the free arenas of every pool this worker mapped (arenas in use are closed
+        by ``give_back``, once their save is done with them)."""
+        for pool in self._pools:
+            arenas = list(pool)
+            pool.clear()
+            for arena in arenas:
+                arena.close()
 
     async def write_payload(
         self, payload: WritePayload, *, on_sent: Callable[[], object] | None = None
@@ -399,15 +503,18 @@ class CheckpointProcess:
         returned. Raises what ``write``'s awaitable raises.
         """
         await self._ensure_started()
-        request_id, future = await self._send_request(RequestType.WRITE_CHECKPOINT, payload)
-        if on_sent is not None:
-            on_sent()
         try:
-            response = await asyncio.shield(future)
-        except asyncio.CancelledError:
-            response = await self._cancel_write(request_id, future)
-        finally:
-            self._pending.pop(request_id, None)
+            request_id, future = await self._send_request(RequestType.WRITE_CHECKPOINT, payload)
+            if on_sent is not None:
+                on_sent()
+            try:
+                response = await asyncio.shield(future)
+            except asyncio.CancelledError:
+                response = await self._cancel_write(request_id, future)
+            finally:
+                self._pending.pop(request_id, None)
+        except WorkerClosed as exc:
+            raise WorkerClosed(f"writing {payload.path} did not finish: {exc}") from None
         self._raise_for_failure(response, f"writing {payload.path}")
         assert isinstance(response.payload, WriteResultPayload)
         return response.payload
@@ -435,11 +542,22 @@ class CheckpointProcess:
     async def _cancel_write(
         self, request_id: int, future: asyncio.Future[WorkerResponse]
     ) -> WorkerResponse:
-        if not future.done():
-            with contextlib.suppress(ConnectionError, WorkerError):
-                await self._send_request(RequestType.CANCEL, CancelPayload(request_id))
+        timeout = self.config.subprocess_shutdown_timeout_secs
         try:
-            response = await future
+            async with asyncio.timeout(timeout):
+                if not future.done():
+                    with contextlib.suppress(ConnectionError, WorkerError):
+                        cancel_id, _ = await self._send_request(
+                            RequestType.CANCEL, CancelPayload(request_id)
+                        )
+                        # The write's own answer says how the cancellation went.
+                        self._pending.pop(cancel_id, None)
+                response = await asyncio.shield(future)
+        except TimeoutError:
+            # A worker that answers nothing within the bound may still be reading the arena:
+            # it must not outlive the cancellation, or a later save could tear this one.
+            await self._kill_hung(f"did not answer the cancellation of a write within {timeout} s")
+            raise asyncio.CancelledError from None
         except WorkerError:
             raise asyncio.CancelledError from None
         if response.success:
@@ -453,9 +571,22 @@ class CheckpointProcess:
             logger.warning("write to %s failed while being cancelled: %s", request_id, response)
         raise asyncio.CancelledError
 
+    async def _kill_hung(self, what: str) -> None:
+        """SIGKILL a worker that stopped answering; what is pending fails with
+        ``WorkerCrashed`` saying so, and so does every later request."""
+        message = f"checkpoint worker (pid {self.pid}) {what}; it was killed"
+        logger.error("%s", message)
+        crashed = WorkerCrashed(message, returncode=-signal.SIGKILL)
+        if self._crashed is None and not self._closing:
+            self._crashed = crashed
+        self._fail_pending(crashed)
+        await self._kill()
+
     async def map_arena(self, arena: ArenaRef) -> None:
-        """Have the worker map ``arena`` now (it then unlinks the name). Raises ``OSError``
-        text inside ``CheckpointWriteError`` if the worker cannot map it."""
+        """Have the worker map ``arena`` now. Raises ``OSError`` text inside
+        ``CheckpointWriteError`` if the worker cannot map it, and ``WorkerCrashed`` for a
+        worker that does not answer within ``subprocess_shutdown_timeout_secs`` (it is
+        killed)."""
         await self._checked(RequestType.MAP_ARENA, ArenaPayload(arena))
 
     async def release_arena(self, arena: ArenaRef) -> None:
@@ -474,12 +605,26 @@ class CheckpointProcess:
         await self._request(RequestType.PING)
         return time.perf_counter() - started
 
-    async def _request(self, request_type: RequestType, payload: Any = None) -> WorkerResponse:
-        request_id, future = await self._send_request(request_type, payload)
+    async def _request(
+        self, request_type: RequestType, payload: Any = None, *, bounded: bool = True
+    ) -> WorkerResponse:
+        """Send a request and await its answer; ``bounded``: within
+        ``subprocess_shutdown_timeout_secs``, past which the worker is killed as hung and
+        ``WorkerCrashed`` raised."""
+        timeout = self.config.subprocess_shutdown_timeout_secs if bounded else None
+        request_id = None
         try:
-            return await future
+            async with asyncio.timeout(timeout):
+                request_id, future = await self._send_request(request_type, payload)
+                return await future
+        except TimeoutError:
+            what = f"did not answer a {request_type.value} request within {timeout} s"
+            await self._kill_hung(what)
+            assert self._crashed is not None or self._closing
+            raise self._crashed or WorkerClosed("the checkpoint process was closed") from None
         finally:
-            self._pending.pop(request_id, None)
+            if request_id is not None:
+                self._pending.pop(request_id, None)
 
     async def _send_request(
         self, request_type: RequestType, payload: Any = None
@@ -488,6 +633,10 @@ class CheckpointProcess:
         removes the id from ``_pending`` once done with it."""
         if self._crashed is not None:
             raise self._crashed
+        if self._closing and self._process is not None and self._process.returncode is not None:
+            # Gone after close() failed what was pending: nobody would fail this one. (A
+            # worker that exited on its own is failed by the monitor, as a crash.)
+            raise WorkerClosed("the checkpoint process was closed")
         assert self._channel is not None
         request_id = next(self._request_ids)
         future: asyncio.Future[WorkerResponse] = asyncio.get_running_loop().create_future()
@@ -563,14 +712,22 @@ class CheckpointProcess:
                         await self._stop_gracefully(process)
                 except TimeoutError:
                     await self._escalate(process)
+            self._close_free_arenas()
             raise
-        if self._closing:
-            self._fail_pending(WorkerClosed("the checkpoint process was closed"))
+        if self._closing or self._exit_requested or (self._channel and self._channel.closed):
+            # This side ended the worker's service (close, TERMINATE, or its channel closed
+            # here): the exit that follows is not a crash.
+            self._closing = True
+            exited = describe_exit(returncode)
+            self._fail_pending(WorkerClosed(f"the checkpoint process was closed (worker {exited})"))
+            self._close_free_arenas()
             return
-        self._crashed = WorkerCrashed(
-            f"checkpoint worker (pid {process.pid}) {describe_exit(returncode)}",
-            returncode=returncode,
-        )
+        if self._crashed is None:  # else: killed as hung, which says more than the signal
+            self._crashed = WorkerCrashed(
+                f"checkpoint worker (pid {process.pid}) {describe_exit(returncode)}",
+                returncode=returncode,
+            )
         if self._pending:
             logger.error("%s with %d request(s) pending", self._crashed, len(self._pending))
         self._fail_pending(self._crashed)
+        self._close_free_arenas()

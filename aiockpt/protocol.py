@@ -19,8 +19,9 @@ no longer decodes.
 
 Tensor bytes do not belong in frames: a WRITE_CHECKPOINT request describes the state dict as a
 skeleton plus leaves (``aiockpt.tree``), and tensor leaves point into a shared-memory arena by
-offset (``TensorInArena``). ``TensorInline`` exists for small ad-hoc writes through the bare
-``CheckpointProcess`` where no arena has been set up.
+offset (``TensorInArena``); a request whose tensors are all empty names no arena. The
+worker still accepts ``TensorInline`` (bytes in the frame), which this version never sends:
+``CheckpointProcess.write`` stages through an arena too.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class RequestType(enum.Enum):
     PING = "ping"
     WRITE_CHECKPOINT = "write_checkpoint"
     TERMINATE_PROCESS = "terminate_process"
-    #: map a new arena now (and unlink its name), before the parent copies into it
+    #: map a new arena (the parent's memfd, by its /proc path) before the parent copies into it
     MAP_ARENA = "map_arena"
     #: drop the worker's mapping of an arena the parent no longer uses
     RELEASE_ARENA = "release_arena"

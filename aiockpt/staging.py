@@ -4,22 +4,26 @@ A save is *staged* once every tensor has been copied out: from then on the calle
 its tensors. The copy is the only pass over the tensor bytes in the trainer; the worker writes
 files straight from its mapping of the same memory, and frames carry only descriptions.
 
-Arenas are files under /dev/shm created owner-only (0600) and pre-allocated, so that running
-out of shared memory is an ``OSError`` here rather than a SIGBUS in the middle of a copy. The
-worker unlinks the name as soon as it has mapped the file (``aiockpt.worker.serve.ArenaMaps``):
-from then on only the two mappings hold the memory, and a crash of either process leaks nothing.
-An arena is reused by every later save that fits in it.
+Arenas are anonymous shared memory (``memfd_create``), pre-allocated so that running out of
+memory is an ``OSError`` here rather than a SIGBUS in the middle of a copy. No name ever
+exists in /dev/shm: the worker (a child of the trainer, same user) maps an arena by opening
+``/proc/<trainer pid>/fd/<fd>``, so an arena lives exactly as long as the trainer's descriptor
+and the two mappings. A crash of either process leaks nothing, nothing needs sweeping, and
+the size of /dev/shm (64 MiB in Docker by default) does not limit saves. The memory is
+owner-only (0600) like any file the trainer creates for itself. An arena is reused by every
+later save that fits in it.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import ctypes
 import errno
+import logging
 import mmap
 import os
-import secrets
 import sys
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,18 +33,19 @@ from aiockpt.protocol import ArenaRef, Leaf, ShardSpec, StateDictPayload, Tensor
 from aiockpt.tensors import dtype_name, is_tensor, plain_leaf
 from aiockpt.tree import KeyPath, Node, flatten, format_key_path
 
+logger = logging.getLogger("aiockpt.staging")
+
 __all__ = [
-    "ARENA_DIR",
-    "ARENA_PREFIX",
+    "ARENA_NAME",
     "SharedArena",
     "StagingPlan",
+    "copy_into_arena",
     "plan_staging",
-    "remove_orphaned_arenas",
+    "take_fitting_arena",
 ]
 
-ARENA_DIR = "/dev/shm"
-#: arena files are named ``aiockpt-<creator pid>-<random>``
-ARENA_PREFIX = "aiockpt-"
+#: the name of every arena's memfd: ``/proc/<pid>/maps`` shows ``/memfd:aiockpt-arena (deleted)``
+ARENA_NAME = "aiockpt-arena"
 #: tensor offsets are aligned so that every dtype's view of the arena is aligned
 ALIGNMENT = 64
 
@@ -168,35 +173,40 @@ def map_populated(fd: int, size: int) -> mmap.mmap:
 
 
 class SharedArena:
-    """One pre-allocated, owner-only shared-memory file, mapped in this process.
+    """One pre-allocated, owner-only, anonymous shared-memory file, mapped in this process.
 
-    Raises ``OSError`` (``ENOSPC``, with a message naming /dev/shm) when shared memory cannot
-    hold ``size`` bytes.
+    ``ref`` names it for the worker as ``/proc/<this pid>/fd/<fd>``, valid until ``close``.
+    Raises ``OSError`` (``ENOMEM``/``ENOSPC``, with a message saying so) when memory cannot
+    hold ``size`` bytes, and ``ValueError`` for a size that is not positive.
     """
 
-    def __init__(self, size: int, *, directory: str = ARENA_DIR) -> None:
+    def __init__(self, size: int) -> None:
         if size <= 0:
             raise ValueError(f"an arena needs a positive size, got {size}")
         self.size = size
-        self.path = os.path.join(directory, f"{ARENA_PREFIX}{os.getpid()}-{secrets.token_hex(8)}")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = os.memfd_create(ARENA_NAME, os.MFD_CLOEXEC)
         try:
+            # A memfd starts 0777; only this user's processes could open it through /proc
+            # anyway, but keep the arena's own mode owner-only like every file we create.
+            os.fchmod(fd, 0o600)
             try:
                 os.posix_fallocate(fd, 0, size)
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.ENOMEM):
                     raise OSError(
                         exc.errno,
-                        f"{directory} has no room for a {size}-byte staging arena; free shared "
-                        "memory or make /dev/shm larger",
+                        f"no memory for a {size}-byte staging arena (shared memory is limited "
+                        "by RAM and the memory cgroup)",
                     ) from exc
                 raise
             self._mmap = map_populated(fd, size)
         except BaseException:
-            self.unlink()
-            raise
-        finally:
             os.close(fd)
+            raise
+        # The descriptor keeps the memory alive: close it with the arena even when nobody
+        # calls close() (an arena dropped with its Checkpointer), never later.
+        self._close_fd = weakref.finalize(self, os.close, fd)
+        self.path = f"/proc/{os.getpid()}/fd/{fd}"
         self.bytes: torch.Tensor | None = torch.frombuffer(self._mmap, dtype=torch.uint8)
         self._pinned = False
 
@@ -204,21 +214,25 @@ class SharedArena:
     def ref(self) -> ArenaRef:
         return ArenaRef(self.path, self.size)
 
-    def unlink(self) -> None:
-        """Remove the name (the worker normally did already); the mappings stay valid."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
     def close(self) -> None:
-        """Unlink and unmap; the arena is unusable afterwards."""
-        self.unlink()
-        if self.bytes is None:
-            return
-        if self._pinned:
-            torch.cuda.cudart().cudaHostUnregister(self.bytes.data_ptr())  # type: ignore[no-untyped-call]
-        self.bytes = None
-        with contextlib.suppress(BufferError):  # a view still alive: unmapped with it
-            self._mmap.close()
+        """Unmap and close the descriptor (the worker's mapping, if any, keeps its memory
+        until it releases it); the arena is unusable afterwards. Idempotent."""
+        if self.bytes is not None:
+            if self._pinned:
+                torch.cuda.cudart().cudaHostUnregister(self.bytes.data_ptr())  # type: ignore[no-untyped-call]
+            self.bytes = None
+            try:
+                self._mmap.close()
+            except BufferError:
+                # A view of the arena outlives it (a caller kept a staged tensor): the memory
+                # is unmapped only when that view goes. Say so rather than hide a leak.
+                logger.warning(
+                    "staging arena %s (%d bytes) is still viewed; it stays mapped until the "
+                    "last view goes",
+                    self.path,
+                    self.size,
+                )
+        self._close_fd()
 
     def destination(self, source: torch.Tensor, offset: int) -> torch.Tensor:
         """The arena region, shaped like ``source``, that ``source`` is copied to."""
@@ -261,34 +275,39 @@ class SharedArena:
         return event
 
 
-def remove_orphaned_arenas(directory: str = ARENA_DIR) -> list[str]:
-    """Remove arena files whose creating process no longer exists (a crash between creating
-    an arena and the worker mapping it); return their paths."""
-    removed = []
-    with contextlib.suppress(FileNotFoundError):
-        for name in os.listdir(directory):
-            pid = _creator_pid(name)
-            if pid is None or _alive(pid):
-                continue
-            path = os.path.join(directory, name)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-                removed.append(path)
-    return removed
+def take_fitting_arena(
+    free: list[SharedArena], nbytes: int
+) -> tuple[SharedArena | None, SharedArena | None]:
+    """Pick from the pool ``free`` an arena for ``nbytes``: ``(the smallest that fits, None)``
+    when one does, else ``(None, the largest free one)``, to be retired before a bigger arena
+    is made (the layout grew: keep one arena, not one per size). The arena returned is
+    removed from ``free``."""
+    fitting = [a for a in free if a.size >= nbytes]
+    if fitting:
+        chosen = min(fitting, key=lambda a: a.size)
+        free.remove(chosen)
+        return chosen, None
+    if not free:
+        return None, None
+    retired = max(free, key=lambda a: a.size)
+    free.remove(retired)
+    return None, retired
 
 
-def _creator_pid(name: str) -> int | None:
-    if not name.startswith(ARENA_PREFIX):
-        return None
-    pid, _, token = name[len(ARENA_PREFIX) :].partition("-")
-    return int(pid) if pid.isdigit() and len(token) == 16 else None
+async def copy_into_arena(arena: SharedArena | None, plan: StagingPlan) -> None:
+    """Copy ``plan``'s tensors into ``arena`` without blocking the loop.
 
-
-def _alive(pid: int) -> bool:
+    If the calling task is cancelled meanwhile the copy still finishes before this returns:
+    the arena must not be reused while a thread writes into it.
+    """
+    if arena is None:
+        return
+    copying = asyncio.ensure_future(asyncio.to_thread(arena.copy_in, plan))
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        await asyncio.shield(copying)
+        if plan.has_cuda:
+            event = arena.copy_in_from_cuda(plan)
+            await asyncio.to_thread(event.synchronize)
+    except asyncio.CancelledError:
+        await asyncio.gather(copying, return_exceptions=True)
+        raise

@@ -76,42 +76,47 @@ def flatten(tree: Any, is_leaf: Callable[[Any], bool]) -> tuple[Node, list[tuple
     than ``MAX_DEPTH`` deep.
     """
     leaves: list[tuple[KeyPath, Any]] = []
+    return _visit(tree, (), is_leaf, leaves), leaves
 
-    def visit(value: Any, path: KeyPath) -> Node:
-        if is_leaf(value):
-            leaves.append((path, value))
-            return LeafNode(len(leaves) - 1)
-        if len(path) >= MAX_DEPTH and isinstance(value, (dict, list, tuple)):
-            raise TypeError(
-                f"state dict entry {format_key_path(path)!r} nests containers more than "
-                f"{MAX_DEPTH} deep; such a checkpoint could not be loaded again"
-            )
-        if isinstance(value, dict):
-            keys: list[str | int] = []
-            children: list[Node] = []
-            for key, child in value.items():
-                # bool is an int subclass, but True as a key would come back as 1.
-                if isinstance(key, bool) or not isinstance(key, (str, int)):
-                    raise TypeError(
-                        f"state dict key {key!r} at {format_key_path(path)!r} is a "
-                        f"{type(key).__name__}; only str and int keys can be checkpointed"
-                    )
-                if not _encodable_key(key):
-                    raise TypeError(
-                        f"state dict key {key!r} at {format_key_path(path)!r} cannot be "
-                        "written: an int key must fit in 64 bits, a str key be valid Unicode"
-                    )
-                keys.append(key)
-                children.append(visit(child, (*path, key)))
-            return DictNode(keys, children)
-        if isinstance(value, list):
-            return ListNode([visit(c, (*path, i)) for i, c in enumerate(value)])
-        if isinstance(value, tuple) and not hasattr(value, "_fields"):
-            return TupleNode([visit(c, (*path, i)) for i, c in enumerate(value)])
+
+def _visit(
+    value: Any, path: KeyPath, is_leaf: Callable[[Any], bool], leaves: list[tuple[KeyPath, Any]]
+) -> Node:
+    # A module-level function, not a closure: a closure that calls itself is a reference
+    # cycle holding ``leaves``, which kept the leaves (tensor views of a shared-memory arena
+    # in the worker) alive until the garbage collector ran, so the arena could not be unmapped.
+    if is_leaf(value):
         leaves.append((path, value))
         return LeafNode(len(leaves) - 1)
-
-    return visit(tree, ()), leaves
+    if len(path) >= MAX_DEPTH and isinstance(value, (dict, list, tuple)):
+        raise TypeError(
+            f"state dict entry {format_key_path(path)!r} nests containers more than "
+            f"{MAX_DEPTH} deep; such a checkpoint could not be loaded again"
+        )
+    if isinstance(value, dict):
+        keys: list[str | int] = []
+        children: list[Node] = []
+        for key, child in value.items():
+            # bool is an int subclass, but True as a key would come back as 1.
+            if isinstance(key, bool) or not isinstance(key, (str, int)):
+                raise TypeError(
+                    f"state dict key {key!r} at {format_key_path(path)!r} is a "
+                    f"{type(key).__name__}; only str and int keys can be checkpointed"
+                )
+            if not _encodable_key(key):
+                raise TypeError(
+                    f"state dict key {key!r} at {format_key_path(path)!r} cannot be "
+                    "written: an int key must fit in 64 bits, a str key be valid Unicode"
+                )
+            keys.append(key)
+            children.append(_visit(child, (*path, key), is_leaf, leaves))
+        return DictNode(keys, children)
+    if isinstance(value, list):
+        return ListNode([_visit(c, (*path, i), is_leaf, leaves) for i, c in enumerate(value)])
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return TupleNode([_visit(c, (*path, i), is_leaf, leaves) for i, c in enumerate(value)])
+    leaves.append((path, value))
+    return LeafNode(len(leaves) - 1)
 
 
 def _encodable_key(key: str | int) -> bool:

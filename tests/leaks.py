@@ -6,6 +6,7 @@ checks.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import signal
@@ -72,6 +73,52 @@ def _creator(name: str) -> int:
     return int(name.split("-")[1])
 
 
+#: what /proc shows for a staging arena (an anonymous memfd): ``/memfd:aiockpt-arena (deleted)``
+ARENA_MEMFD = "/memfd:aiockpt-arena"
+
+
+def arena_memfds(pids: set[int] | None = None) -> dict[int, set[int]]:
+    """The staging arenas (by inode) that live processes of this session (this one and its
+    descendants, by default) still map or hold a descriptor of. Arenas have no name anywhere:
+    these mappings and descriptors are all there is of them."""
+    found: dict[int, set[int]] = {}
+    for pid in {os.getpid(), *descendants()} if pids is None else pids:
+        inodes: set[int] = set()
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                for line in maps:
+                    fields = line.split(maxsplit=5)
+                    if len(fields) == 6 and fields[5].startswith(ARENA_MEMFD):
+                        inodes.add(int(fields[4]))
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(ARENA_MEMFD):
+                        inodes.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
+                except OSError:
+                    continue  # closed meanwhile
+        except OSError:
+            continue  # exited meanwhile
+        if inodes:
+            found[pid] = inodes
+    return found
+
+
+def new_arenas(before: dict[int, set[int]], now: dict[int, set[int]]) -> list[str]:
+    """Arenas a process holds beyond as many as it held before. A process may have *replaced*
+    an arena meanwhile (a Checkpointer that a module-scoped fixture owns grows its arena when
+    a test saves more): only more arenas than before is a leak."""
+    leaked = []
+    for pid, inodes in now.items():
+        had = before.get(pid, set())
+        if len(inodes) > len(had):
+            extra = sorted(inodes - had)
+            leaked.append(
+                f"{len(inodes) - len(had)} more staging arena(s) than before (inodes {extra}) "
+                f"held by {describe(pid)}"
+            )
+    return leaked
+
+
 def temp_entries() -> set[str]:
     tmp = tempfile.gettempdir()
     return {n for n in os.listdir(tmp) if n.startswith(RESOURCE_PREFIX)}
@@ -82,27 +129,34 @@ class Snapshot:
     processes: set[int]
     shm: set[str]
     temp: set[str]
+    #: pid -> inodes of the staging arenas it maps or holds open
+    arenas: dict[int, set[int]]
 
     @classmethod
     def take(cls) -> Snapshot:
-        return cls(descendants(), shm_entries(), temp_entries())
+        return cls(descendants(), shm_entries(), temp_entries(), arena_memfds())
 
     def leaked_since(self, settle_s: float = 3.0) -> list[str]:
         """Describe what appeared since this snapshot and is still there after ``settle_s``.
 
         Leaked processes are killed so that one leak does not cascade into later tests.
         """
+        # Objects the test dropped go now, cycles included (a finished test's event loop and
+        # what it owned): what is still there after this is held by something alive.
+        gc.collect()
         deadline = time.monotonic() + settle_s
         while True:
             now = Snapshot.take()
             procs = now.processes - self.processes
             shm = now.shm - self.shm
             temp = now.temp - self.temp
-            if not (procs or shm or temp) or time.monotonic() > deadline:
+            arenas = new_arenas(self.arenas, now.arenas)
+            if not (procs or shm or temp or arenas) or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
         problems = [f"process left running: {describe(p)}" for p in sorted(procs)]
         problems += [f"shared memory left in /dev/shm: {n}" for n in sorted(shm)]
+        problems += [f"shared memory left: {a}" for a in arenas]
         problems += [f"temporary path left: {n}" for n in sorted(temp)]
         for pid in procs:
             try:

@@ -23,7 +23,7 @@ from aiockpt import (
     WorkerClosed,
 )
 from aiockpt.saver import _default_checkpointers
-from aiockpt.staging import ARENA_PREFIX
+from aiockpt.staging import ARENA_NAME
 from tests.faults.test_disk_faults import (
     permission_bits_enforced,
     remount,
@@ -122,7 +122,7 @@ def test_async_save_per_asyncio_run_releases_worker_fds_and_arenas(
 
     def arena_mappings() -> list[str]:
         with open("/proc/self/maps") as maps:
-            return [line for line in maps if ARENA_PREFIX in line]
+            return [line for line in maps if ARENA_NAME in line]
 
     run(save(1))
     fds = open_fds()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -32,7 +34,9 @@ from aiockpt.protocol import (
     RankInfo,
     RequestType,
     WorkerRequest,
+    WritePayload,
 )
+from aiockpt.staging import plan_staging
 from aiockpt.tensors import as_bytes
 from tests import workers
 from tests.workers import RawWriter, read_raw
@@ -414,3 +418,102 @@ def test_describe_exit() -> None:
     assert describe_exit(-9) == "was killed by SIGKILL"
     assert describe_exit(3) == "exited with code 3"
     assert describe_exit(-200) == "was killed by signal 200"
+
+
+# --- large writes, exits the parent caused, and bounded waits ---------------------------------
+
+
+def test_write_of_1_gib_stages_through_shared_memory_not_frames(tmp_path: Path) -> None:
+    """1 GiB is sixteen times the maximum frame size: the bytes must go through an arena.
+    Written once (not on both loops): it takes seconds and gigabytes."""
+    numel = 64 << 20  # 256 MiB of int32 per tensor: every element tells where it belongs
+    state = {f"t{i}": torch.arange(i * numel, (i + 1) * numel, dtype=torch.int32) for i in range(4)}
+    target = tmp_path / "big"
+
+    async def write() -> None:
+        async with make_process() as proc:
+            await proc.write(state, target)
+
+    asyncio.run(write())
+    with open(target / "index.json") as f:
+        index = json.load(f)
+    for key, tensor in state.items():
+        data = bytearray((target / index[key]["file"]).read_bytes())
+        assert torch.equal(torch.frombuffer(data, dtype=torch.int32), tensor), key
+        del data
+
+
+async def test_a_worker_whose_channel_the_parent_closed_is_closed_not_crashed() -> None:
+    async with make_process() as proc:
+        assert proc._channel is not None and proc._process is not None
+        await proc._channel.aclose()  # what a parent tearing down its side does
+        assert await asyncio.wait_for(proc._process.wait(), 10) == 0  # EOF: a clean exit
+        with pytest.raises(WorkerClosed):
+            await proc.ping()
+        assert not proc.alive
+
+
+async def start_stoppable_write(proc: CheckpointProcess, path: Path) -> asyncio.Task[object]:
+    """Start a 60 s write and return once the worker has read its request (a PING sent after
+    it is answered), so that stopping the worker stops it mid-write."""
+    sent = asyncio.Event()
+    payload = WritePayload(str(path), plan_staging({"step": 1}).payload(None), {"delay": 60})
+    write = asyncio.create_task(proc.write_payload(payload, on_sent=sent.set))
+    await sent.wait()
+    await proc.ping()
+    return write
+
+
+async def test_cancelling_a_write_of_a_stopped_worker_returns_within_the_bound(
+    tmp_path: Path,
+) -> None:
+    """A worker that answers nothing (SIGSTOP) cannot hold the cancellation: past
+    subprocess_shutdown_timeout_secs it is killed and the write is cancelled."""
+    bound = 3.0
+    proc = make_process(config=CheckpointProcessConfig(subprocess_shutdown_timeout_secs=bound))
+    await proc.start()
+    pid = proc.pid
+    assert pid is not None
+    try:
+        write = await start_stoppable_write(proc, tmp_path / "ck")
+        os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
+        write.cancel()
+        done, _ = await asyncio.wait({write}, timeout=bound + 10)
+        elapsed = time.monotonic() - started
+        assert write in done, "the cancelled write still waits for the stopped worker"
+        assert write.cancelled() and bound <= elapsed < bound + 5, elapsed
+        assert await asyncio.wait_for(proc._process.wait(), 10) == -signal.SIGKILL  # type: ignore[union-attr]
+        with pytest.raises(WorkerCrashed, match="did not answer"):
+            await proc.ping()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        await proc.close()
+
+
+async def test_close_of_a_stopped_worker_is_bounded_and_names_the_pending_writes(
+    tmp_path: Path,
+) -> None:
+    """close(): TERMINATE within the shutdown timeout, then SIGTERM (held while stopped),
+    then SIGKILL after the grace; the write still pending fails naming its path."""
+    config = CheckpointProcessConfig(subprocess_shutdown_timeout_secs=1, sigterm_grace_secs=1)
+    proc = make_process(config=config)
+    await proc.start()
+    pid = proc.pid
+    assert pid is not None
+    try:
+        write = await start_stoppable_write(proc, tmp_path / "ck")
+        os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
+        closing = asyncio.create_task(proc.close())
+        done, _ = await asyncio.wait({closing}, timeout=10)
+        assert closing in done, "close() still waits for the stopped worker"
+        assert time.monotonic() - started < 1 + 1 + 3
+        assert proc._process is not None and proc._process.returncode == -signal.SIGKILL
+        with pytest.raises(WorkerClosed, match=str(tmp_path / "ck")):
+            await write
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        await proc.close()

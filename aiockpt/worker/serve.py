@@ -85,38 +85,77 @@ def failure(request_id: int, request_type: RequestType, exc: BaseException) -> W
 
 
 class ArenaMaps:
-    """The worker's mappings of the parent's shared-memory arenas, by path.
+    """The worker's mappings of the parent's shared-memory arenas, by ``ArenaRef.path``.
 
-    The worker unlinks an arena's file as soon as it has mapped it: from then on only the two
-    mappings keep the memory alive, so a crash of either process leaks nothing in /dev/shm.
+    An arena is the parent's memfd, opened as ``/proc/<parent pid>/fd/<fd>``: nothing to
+    unlink, and its memory goes with the last of the parent's descriptor and the mappings.
+    A path names whatever the parent has open under that descriptor number now, so a mapping
+    is keyed by the file it maps too: a descriptor number reused for a newer arena gets a
+    mapping of its own.
     """
 
     def __init__(self) -> None:
-        self._maps: dict[str, mmap.mmap] = {}
+        self._maps: dict[str, tuple[tuple[int, int], mmap.mmap]] = {}
+        #: released while a view of them was still alive: closed as soon as they can be
+        self._lingering: list[mmap.mmap] = []
 
     def view(self, ref: ArenaRef) -> memoryview:
-        """The arena's memory, mapping it first if needed (blocking: it faults pages in)."""
-        mapping = self._maps.get(ref.path)
-        if mapping is None:
-            fd = os.open(ref.path, os.O_RDWR | os.O_CLOEXEC)
-            try:
-                mapping = map_populated(fd, ref.size)
-            finally:
-                os.close(fd)
-            try:
-                os.unlink(ref.path)
-            except FileNotFoundError:
-                pass  # the parent unlinked it first: both sides had it mapped already
-            self._maps[ref.path] = mapping
+        """The arena's memory, mapping it first if needed (blocking: it faults pages in).
+
+        Raises ``OSError`` when the file cannot be opened, ``ValueError`` when it is
+        smaller than ``ref.size``.
+        """
+        fd = os.open(ref.path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            info = os.fstat(fd)
+            identity = (info.st_dev, info.st_ino)
+            known = self._maps.get(ref.path)
+            if known is not None and known[0] == identity and len(known[1]) >= ref.size:
+                return memoryview(known[1])
+            if known is not None:
+                self.release(ref.path)  # the parent's descriptor now names another arena
+            if info.st_size < ref.size:
+                raise ValueError(
+                    f"arena {ref.path} holds {info.st_size} bytes, the request says {ref.size}"
+                )
+            mapping = map_populated(fd, ref.size)
+        finally:
+            os.close(fd)
+        self._maps[ref.path] = (identity, mapping)
         return memoryview(mapping)
 
     def release(self, path: str) -> None:
-        mapping = self._maps.pop(path, None)
-        if mapping is not None:
+        """Unmap the arena at ``path``. A mapping still viewed (a writer kept a tensor of a
+        finished write) cannot be closed yet: that is logged, and ``close_lingering`` closes
+        it once the view is gone."""
+        known = self._maps.pop(path, None)
+        if known is None:
+            return
+        try:
+            known[1].close()
+        except BufferError:
+            logger.warning(
+                "arena %s (%d bytes) was released while still viewed (a writer kept a tensor "
+                "of a finished write); it stays mapped until that view is gone",
+                path,
+                len(known[1]),
+            )
+            self._lingering.append(known[1])
+
+    def close_lingering(self) -> None:
+        """Close the released mappings whose views have gone since."""
+        still: list[mmap.mmap] = []
+        for mapping in self._lingering:
             try:
                 mapping.close()
             except BufferError:
-                pass  # a writer kept a tensor view; the mapping goes with the last reference
+                still.append(mapping)
+        self._lingering = still
+
+
+#: what a request's arena tensors are viewed in when it names no arena: only empty tensors
+#: fit in it (a state dict whose tensors are all empty has no bytes to stage)
+_NO_ARENA = memoryview(b"")
 
 
 def shards_of(payload: StateDictPayload) -> dict[int, ShardSpec]:
@@ -130,7 +169,7 @@ def shards_of(payload: StateDictPayload) -> dict[int, ShardSpec]:
 
 def materialize(payload: StateDictPayload, arenas: ArenaMaps) -> Any:
     """The state dict a request describes; arena tensors are views of the mapping."""
-    arena = arenas.view(payload.arena) if payload.arena is not None else None
+    arena = arenas.view(payload.arena) if payload.arena is not None else _NO_ARENA
     leaves = [
         tensor_from_leaf(leaf, arena)
         if isinstance(leaf, (TensorInArena, TensorInline))
@@ -266,6 +305,7 @@ class Worker:
                 self._cancelled.discard(request_id)
                 self._committing.discard(request_id)
             self._after_write()
+            self._arenas.close_lingering()
         try:
             msgspec.msgpack.encode(result)
         except (TypeError, msgspec.EncodeError, RecursionError):

@@ -17,9 +17,9 @@ import torch
 
 from aiockpt.manifest import TensorLeaf
 from aiockpt.protocol import RankInfo
-from aiockpt.staging import ARENA_DIR, ARENA_PREFIX
 from aiockpt.writers.base import FileRecord, FileSink, dtype_name, flatten_state_dict
 from aiockpt.writers.dcp import DcpWriter
+from tests.leaks import ARENA_MEMFD
 
 #: import references of the writers below, for ``format=``
 TRICKLING = "tests.faults:TricklingWriter"
@@ -76,23 +76,23 @@ class PausingDcpWriter:
 
 
 def arena_names(pid: int) -> list[str]:
-    """Staging-arena names in /dev/shm created by process ``pid``."""
-    prefix = f"{ARENA_PREFIX}{pid}-"
+    """Entries of /dev/shm that name process ``pid`` (staging arenas were once files there,
+    ``aiockpt-<pid>-<random>``; now none may ever appear)."""
     try:
-        return sorted(n for n in os.listdir(ARENA_DIR) if n.startswith(prefix))
+        return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"aiockpt-{pid}-"))
     except FileNotFoundError:
         return []
 
 
-def mapped_arenas(pid: int) -> set[str]:
-    """Arena files (unlinked or not) that process ``pid`` still has mapped."""
-    found: set[str] = set()
+def mapped_arenas(pid: int) -> set[int]:
+    """The inodes of the staging arenas (anonymous memfds) that process ``pid`` maps."""
+    found: set[int] = set()
     try:
         with open(f"/proc/{pid}/maps") as maps:
             for line in maps:
                 parts = line.split(maxsplit=5)
-                if len(parts) == 6 and parts[5].startswith(f"{ARENA_DIR}/{ARENA_PREFIX}"):
-                    found.add(parts[5].strip().removesuffix(" (deleted)"))
+                if len(parts) == 6 and parts[5].startswith(ARENA_MEMFD):
+                    found.add(int(parts[4]))
     except FileNotFoundError:
         pass
     return found

@@ -34,6 +34,7 @@ import aiockpt
 from aiockpt import Checkpointer, WorkerCrashed, commit, loading
 from aiockpt.manifest import MANIFEST_NAME
 from aiockpt.process import CheckpointProcess
+from aiockpt.root_lock import LOCK_NAME
 from aiockpt.saver import SaveHandle
 from tests.faults import (
     PAUSING_DCP,
@@ -102,7 +103,7 @@ def check_root(root: Path, killed_steps: set[int], keep_last: int) -> list[str]:
     assert len(committed) <= keep_last, committed
     for path in committed:
         assert_loads_as_saved(path)
-    for entry in os.listdir(root):
+    for entry in checkpoint_entries(root):
         full = str(root / entry)
         if full in committed:
             continue
@@ -110,6 +111,11 @@ def check_root(root: Path, killed_steps: set[int], keep_last: int) -> list[str]:
         step = int(entry.removeprefix(commit.TEMP_PREFIX).split("-")[0].removeprefix("step_"))
         assert step in killed_steps, f"{entry!r} is left by a save that was not killed"
     return committed
+
+
+def checkpoint_entries(root: Path) -> list[str]:
+    """What saves put under ``root``: everything but the writer lock."""
+    return [e for e in os.listdir(root) if e != LOCK_NAME]
 
 
 def manifestless(latest: str | None) -> bool:
@@ -258,7 +264,7 @@ async def test_sigkilled_worker_fails_the_save_promptly_and_the_next_save_respaw
     # What killed saves left is recognised by its name and swept by the next start.
     left = commit.remove_stale_temps(tmp_path)
     assert all(int(p.split("step_")[1].split("-")[0]) in killed for p in left)
-    assert all(commit.is_committed(tmp_path / e) for e in os.listdir(tmp_path))
+    assert all(commit.is_committed(tmp_path / e) for e in checkpoint_entries(tmp_path))
 
 
 async def test_worker_killed_with_a_request_unread_fails_it_with_worker_crashed() -> None:
@@ -370,7 +376,7 @@ def test_trainer_killed_mid_save_leaves_nothing_behind(tmp_path: Path, runs: int
             f"run {run}: killed {delay:.3f} s after {phase!r}; worker gone {gone_after:.4f} s later"
         )
         assert gone_after < 1.0, f"the worker exited {gone_after:.3f} s after its trainer"
-        if phase == "staged":  # arenas already mapped and unlinked by the worker
+        if phase == "staged":  # arenas never have a name in /dev/shm
             assert arena_names(trainer.pid) == [] and arena_names(worker) == []
         assert process_gone(worker)
 
@@ -379,8 +385,8 @@ def test_trainer_killed_mid_save_leaves_nothing_behind(tmp_path: Path, runs: int
                 return await ckpt.latest()
 
         latest = asyncio.run(restart())
-        assert arena_names(trainer.pid) == []  # orphans are swept by the start too
-        entries = sorted(os.listdir(root))
+        assert arena_names(trainer.pid) == []
+        entries = sorted(checkpoint_entries(root))
         assert not [e for e in entries if e.startswith(commit.TEMP_PREFIX)], entries
         assert latest is not None and step_of(latest) in (0, 1)
         for entry in entries:
@@ -388,3 +394,58 @@ def test_trainer_killed_mid_save_leaves_nothing_behind(tmp_path: Path, runs: int
             assert loaded.keys() == expected.keys()
             assert all(torch.equal(loaded[k], v) for k, v in expected.items())
     print(f"trainer SIGKILL x{runs}: worker exited {[round(x * 1000, 1) for x in exits]} ms later")
+
+
+FIRST_SAVE_TRAINER = """
+import asyncio, json, sys
+import torch
+import aiockpt
+
+async def main():
+    state = {f"w{i}": torch.randn(1 << 20) for i in range(8)}  # 32 MiB
+    ckpt = aiockpt.Checkpointer(sys.argv[1])
+    # The first save, before any start(): its arena is made and filled while the worker
+    # starts, and only mapped by the worker afterwards.
+    handle = ckpt.save(state, step=0)
+    await handle.staged
+    while ckpt._process is None or ckpt._process.pid is None:  # spawned by now, or soon
+        await asyncio.sleep(0.001)
+    print(json.dumps({"worker": ckpt._process.pid, "done": handle.done()}), flush=True)
+    await asyncio.sleep(60)  # killed before this ends
+
+asyncio.run(main())
+"""
+
+
+def test_trainer_killed_during_its_first_save_leaves_nothing_in_dev_shm(tmp_path: Path) -> None:
+    """SIGKILL the trainer once its first save is staged, while its worker is still starting:
+    no arena of it may be left in /dev/shm (nor anywhere: arenas are anonymous memory that
+    goes with the last process holding it), and the worker exits."""
+    shm_before = set(os.listdir("/dev/shm"))
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", FIRST_SAVE_TRAINER, str(tmp_path)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    worker = None
+    try:
+        assert trainer.stdout is not None
+        staged = json.loads(trainer.stdout.readline())
+        worker = staged["worker"]
+        assert not staged["done"]
+    finally:
+        trainer.kill()
+        trainer.wait()
+    if worker is not None:
+        gone_after = wait_gone(worker, timeout=10)
+        if gone_after is None:
+            os.kill(worker, signal.SIGKILL)  # no longer our descendant: the leak check misses it
+        assert gone_after is not None, f"worker {worker} outlived its trainer by 10 s"
+    left = [
+        n
+        for n in set(os.listdir("/dev/shm")) - shm_before
+        if n.startswith("aiockpt") and (str(trainer.pid) in n or str(worker) in n)
+    ]
+    assert left == [] and arena_names(trainer.pid) == [], left
