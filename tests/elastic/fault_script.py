@@ -17,8 +17,8 @@ Modes:
 ``crash-loop DIR PAUSES``
     Every worker writes ``DIR/pid_<restart>_<local_rank>`` and a line to stdout. Local rank 0
     exits 1 on every attempt, at once on even restarts and after 20 ms on odd ones; on a
-    restart listed in ``PAUSES`` (``5,50``) it first writes ``DIR/paused_<n>`` and waits for
-    ``DIR/go_<n>``. The other ranks sleep until stopped.
+    restart listed in ``PAUSES`` (``5,50``) it first waits for the other ranks' pid files, then
+    writes ``DIR/paused_<n>`` and waits for ``DIR/go_<n>``. The other ranks sleep until stopped.
 """
 
 from __future__ import annotations
@@ -82,6 +82,9 @@ def main(argv: list[str]) -> None:
         if local_rank != 0:
             time.sleep(120)
         if restart in pauses:
+            # Pause once every worker of the attempt runs, so the test samples a whole set.
+            for rank in range(1, int(os.environ["LOCAL_WORLD_SIZE"])):
+                wait_for(os.path.join(directory, f"pid_{restart}_{rank}"))
             announce(directory, f"paused_{restart}", "")
             wait_for(os.path.join(directory, f"go_{restart}"))
         if restart % 2:
