@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import itertools
 import logging
 import os
 import signal
@@ -60,12 +59,12 @@ from aiockpt.protocol import (
     RankInfo,
     RequestType,
     StateDictPayload,
-    WorkerRequest,
     WorkerResponse,
     WritePayload,
     WriteResultPayload,
 )
 from aiockpt.refs import check_encodable, import_ref
+from aiockpt.session import ParentSession, ParentState
 from aiockpt.staging import (
     SharedArena,
     StagingPlan,
@@ -171,7 +170,8 @@ class CheckpointProcess:
         self._process: asyncio.subprocess.Process | None = None
         self._channel: Channel | None = None
         self._pending: dict[int, asyncio.Future[WorkerResponse]] = {}
-        self._request_ids = itertools.count(1)
+        #: the channel's rules (handshake first, ids, answers); one per spawned worker
+        self._session = ParentSession()
         self._start_lock: asyncio.Lock | None = None
         self._ready = False
         self._reader: asyncio.Task[None] | None = None
@@ -338,9 +338,10 @@ class CheckpointProcess:
     async def _stop_gracefully(self, process: asyncio.subprocess.Process) -> None:
         """Ask the worker to exit once its queued writes are done, and wait for it. The
         answer to TERMINATE is not awaited: the reader may already be gone at loop shutdown."""
-        if self._ready and self._channel is not None:
+        if self._session.state is ParentState.READY and self._channel is not None:
             self._exit_requested = True
-            request = WorkerRequest(next(self._request_ids), RequestType.TERMINATE_PROCESS)
+            request = self._session.request(RequestType.TERMINATE_PROCESS)
+            self._session.abandon(request.request_id)
             with contextlib.suppress(ConnectionError):
                 await self._channel.send(request)
         await process.wait()
@@ -512,7 +513,7 @@ class CheckpointProcess:
             except asyncio.CancelledError:
                 response = await self._cancel_write(request_id, future)
             finally:
-                self._pending.pop(request_id, None)
+                self._forget(request_id)
         except WorkerClosed as exc:
             raise WorkerClosed(f"writing {payload.path} did not finish: {exc}") from None
         self._raise_for_failure(response, f"writing {payload.path}")
@@ -551,7 +552,7 @@ class CheckpointProcess:
                             RequestType.CANCEL, CancelPayload(request_id)
                         )
                         # The write's own answer says how the cancellation went.
-                        self._pending.pop(cancel_id, None)
+                        self._forget(cancel_id)
                 response = await asyncio.shield(future)
         except TimeoutError:
             # A worker that answers nothing within the bound may still be reading the arena:
@@ -624,13 +625,14 @@ class CheckpointProcess:
             raise self._crashed or WorkerClosed("the checkpoint process was closed") from None
         finally:
             if request_id is not None:
-                self._pending.pop(request_id, None)
+                self._forget(request_id)
 
     async def _send_request(
         self, request_type: RequestType, payload: Any = None
     ) -> tuple[int, asyncio.Future[WorkerResponse]]:
         """Send a request; return its id and the future its response resolves. The caller
-        removes the id from ``_pending`` once done with it."""
+        calls ``_forget`` on the id once done with it. Raises ``ProtocolError`` for a request
+        the session does not allow now (see ``aiockpt.session``)."""
         if self._crashed is not None:
             raise self._crashed
         if self._closing and self._process is not None and self._process.returncode is not None:
@@ -638,17 +640,25 @@ class CheckpointProcess:
             # worker that exited on its own is failed by the monitor, as a crash.)
             raise WorkerClosed("the checkpoint process was closed")
         assert self._channel is not None
-        request_id = next(self._request_ids)
+        if request_type is RequestType.INIT:
+            request = self._session.handshake(payload)
+        else:
+            request = self._session.request(request_type, payload)
         future: asyncio.Future[WorkerResponse] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
+        self._pending[request.request_id] = future
         try:
-            await self._channel.send(WorkerRequest(request_id, request_type, payload))
+            await self._channel.send(request)
         except ConnectionError:
             pass  # the worker is gone: the monitor fails the future with its exit status
         except BaseException:
-            self._pending.pop(request_id, None)
+            self._forget(request.request_id)
             raise
-        return request_id, future
+        return request.request_id, future
+
+    def _forget(self, request_id: int) -> None:
+        """Stop waiting for ``request_id``: a late answer is dropped."""
+        self._pending.pop(request_id, None)
+        self._session.abandon(request_id)
 
     def _check_usable(self) -> None:
         if self._closing:
@@ -666,15 +676,12 @@ class CheckpointProcess:
 
     async def _read_responses(self) -> None:
         assert self._channel is not None
-        codec = self._channel.codec
-        handshake = True
         try:
             async for body in self._channel.frames():
-                if handshake:
-                    codec.check_handshake_response(body)
-                    handshake = False
-                response = codec.decode_response(body)
-                future = self._pending.get(response.request_id)
+                response = self._session.receive(body)
+                if response is None:
+                    continue  # nobody waits for it any more
+                future = self._pending.pop(response.request_id, None)
                 if future is not None and not future.done():
                     future.set_result(response)
         except ConnectionError as exc:

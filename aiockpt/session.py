@@ -1,0 +1,272 @@
+"""The rules of one trainer <-> worker channel, without IO (no asyncio, no sockets, no torch).
+
+Theory of operation
+-------------------
+``aiockpt.protocol`` says what a frame and a message are; this module says which message may
+come when. Each side holds one session; its IO glue (``aiockpt.process`` in the trainer,
+``aiockpt.worker.serve`` in the worker) hands it every frame body it reads, sends only the
+messages the session made or allowed, and so cannot break these rules by accident. The tests
+pair two sessions in memory, as h11's do, with no process in between.
+
+Trainer side, ``ParentSession``::
+
+    HANDSHAKING --INIT answered, success--> READY --TERMINATE sent--> TERMINATING
+         |--INIT answered, failure--> FAILED
+
+- The first request is INIT, with the fixed id 0 (so that a worker which cannot decode it can
+  still answer it); nothing else is sent before the worker has answered it with success.
+- Every later request gets the next id; each id is answered exactly once.
+- The first response must answer INIT; its protocol version is checked before the rest of it
+  is decoded, so a version mismatch is reported as such.
+- A response to an id never sent, or one answered already, is a ``ProtocolError`` (the worker
+  is confused: nothing it says can be trusted). One to an id the trainer stopped waiting for
+  (``abandon``: a timed-out ping, a cancelled write's CANCEL) is dropped.
+
+Worker side, ``WorkerSession``::
+
+    AWAITING_INIT --INIT--> SERVING --TERMINATE--> TERMINATING
+
+- The first request must be INIT (a request of another protocol version is a
+  ``ProtocolVersionMismatch`` even when it no longer decodes); a second INIT, or any request
+  after TERMINATE, is a ``ProtocolError``.
+- Each request is routed: PING, CANCEL, MAP_ARENA and RELEASE_ARENA are answered at once,
+  even while a write runs (``Route.IMMEDIATE``); WRITE_CHECKPOINT and TERMINATE wait their turn
+  behind earlier writes (``Route.QUEUED``).
+- ``respond`` accepts an answer only to a request received and not yet answered.
+
+Cancel before commit, ``WriteGate``: a CANCEL (on the worker's loop) races the write thread.
+Whichever takes the gate's lock first decides: a write whose commit began completes and
+answers with success; a write cancelled before that raises ``WriteCancelled`` at its next
+check and answers as cancelled.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+
+from aiockpt.errors import ProtocolError
+from aiockpt.protocol import (
+    InitPayload,
+    MessageCodec,
+    RequestType,
+    WorkerRequest,
+    WorkerResponse,
+)
+
+__all__ = [
+    "HANDSHAKE_ID",
+    "ParentSession",
+    "ParentState",
+    "Route",
+    "WorkerSession",
+    "WorkerState",
+    "WriteCancelled",
+    "WriteGate",
+]
+
+#: the id of INIT, fixed so that a worker which cannot decode the request can answer it
+HANDSHAKE_ID = 0
+
+#: requests the worker answers at once, even while a write runs
+_IMMEDIATE = frozenset(
+    {
+        RequestType.PING,
+        RequestType.CANCEL,
+        RequestType.MAP_ARENA,
+        RequestType.RELEASE_ARENA,
+    }
+)
+
+
+class ParentState(enum.Enum):
+    HANDSHAKING = "handshaking"
+    READY = "ready"
+    FAILED = "failed"
+    TERMINATING = "terminating"
+
+
+class WorkerState(enum.Enum):
+    AWAITING_INIT = "awaiting init"
+    SERVING = "serving"
+    TERMINATING = "terminating"
+
+
+class Route(enum.Enum):
+    """What the worker does with a request it received."""
+
+    #: the handshake: run the init functions, then answer
+    HANDSHAKE = "handshake"
+    #: answer now, whatever else is in progress
+    IMMEDIATE = "immediate"
+    #: serve after the writes received before it, in arrival order
+    QUEUED = "queued"
+
+
+class ParentSession:
+    """The trainer's side of one channel (see the module docstring for the rules)."""
+
+    def __init__(self, codec: MessageCodec | None = None) -> None:
+        self._codec = codec if codec is not None else MessageCodec()
+        self.state = ParentState.HANDSHAKING
+        self._next_id = HANDSHAKE_ID + 1
+        self._handshake_sent = False
+        self._handshake_answered = False
+        #: ids sent and not answered, by request type
+        self._outstanding: dict[int, RequestType] = {}
+        #: ids sent whose answers nobody waits for any more
+        self._abandoned: set[int] = set()
+
+    def handshake(self, init: InitPayload) -> WorkerRequest:
+        """The INIT request. Raises ``ProtocolError`` if it was made before."""
+        if self._handshake_sent:
+            raise ProtocolError("the handshake was sent already")
+        self._handshake_sent = True
+        self._outstanding[HANDSHAKE_ID] = RequestType.INIT
+        return WorkerRequest(HANDSHAKE_ID, RequestType.INIT, init)
+
+    def request(self, kind: RequestType, payload: object = None) -> WorkerRequest:
+        """The next request of ``kind``. Raises ``ProtocolError`` before the handshake
+        succeeded, after it failed, after TERMINATE, or for a second INIT."""
+        if kind is RequestType.INIT:
+            raise ProtocolError("INIT is the handshake; use handshake()")
+        if self.state is not ParentState.READY:
+            raise ProtocolError(f"cannot send {kind.value} while the session is {self.state.value}")
+        request_id = self._next_id
+        self._next_id += 1
+        self._outstanding[request_id] = kind
+        if kind is RequestType.TERMINATE_PROCESS:
+            self.state = ParentState.TERMINATING
+        return WorkerRequest(request_id, kind, payload)  # type: ignore[arg-type]
+
+    def abandon(self, request_id: int) -> None:
+        """Stop waiting for ``request_id``'s answer: it is dropped when it comes."""
+        if request_id in self._outstanding:
+            self._abandoned.add(request_id)
+
+    def receive(self, body: bytes) -> WorkerResponse | None:
+        """Decode one response frame body and check it against the rules; None for the
+        answer to an abandoned request. Raises ``ProtocolError`` (``ProtocolVersionMismatch``
+        for a worker of another version) when the worker broke them."""
+        if not self._handshake_answered:
+            self._codec.check_handshake_response(body)
+        response = self._codec.decode_response(body)
+        kind = self._outstanding.pop(response.request_id, None)
+        if kind is None:
+            raise ProtocolError(
+                f"response to request {response.request_id}, which was never sent or is "
+                "answered already"
+            )
+        if not self._handshake_answered:
+            if kind is not RequestType.INIT:
+                raise ProtocolError(f"the first response answers {kind.value}, not INIT")
+            self._handshake_answered = True
+            self.state = ParentState.READY if response.success else ParentState.FAILED
+        elif response.request_type is not kind:
+            raise ProtocolError(
+                f"response to request {response.request_id} ({kind.value}) says it answers "
+                f"{response.request_type.value}"
+            )
+        if response.request_id in self._abandoned:
+            self._abandoned.discard(response.request_id)
+            return None
+        return response
+
+    @property
+    def outstanding(self) -> frozenset[int]:
+        """Ids sent and not answered yet (abandoned ones included)."""
+        return frozenset(self._outstanding)
+
+
+class WorkerSession:
+    """The worker's side of one channel (see the module docstring for the rules)."""
+
+    def __init__(self, codec: MessageCodec | None = None) -> None:
+        self._codec = codec if codec is not None else MessageCodec()
+        self.state = WorkerState.AWAITING_INIT
+        self._unanswered: set[int] = set()
+
+    def receive(self, body: bytes) -> tuple[Route, WorkerRequest]:
+        """Decode one request frame body, check it, and say how to serve it. Raises
+        ``ProtocolError`` (``ProtocolVersionMismatch`` for a trainer of another version)
+        when the trainer broke the rules; answer it with ``HANDSHAKE_ID`` if it came first."""
+        if self.state is WorkerState.AWAITING_INIT:
+            self._codec.check_handshake_request(body)
+        request = self._codec.decode_request(body)
+        kind = request.request_type
+        if self.state is WorkerState.AWAITING_INIT:
+            if kind is not RequestType.INIT or not isinstance(request.payload, InitPayload):
+                raise ProtocolError(f"expected an init request first, got {kind.value}")
+            self.state = WorkerState.SERVING
+            route = Route.HANDSHAKE
+        elif self.state is WorkerState.TERMINATING:
+            raise ProtocolError(f"{kind.value} request after TERMINATE")
+        elif kind is RequestType.INIT:
+            raise ProtocolError("a second init request")
+        else:
+            if request.request_id in self._unanswered:
+                raise ProtocolError(f"request id {request.request_id} is in use")
+            route = Route.IMMEDIATE if kind in _IMMEDIATE else Route.QUEUED
+            if kind is RequestType.TERMINATE_PROCESS:
+                self.state = WorkerState.TERMINATING
+        self._unanswered.add(request.request_id)
+        return route, request
+
+    def respond(self, response: WorkerResponse) -> WorkerResponse:
+        """Check that ``response`` answers a request received and not answered yet; return
+        it, to send. Raises ``ProtocolError`` otherwise (a bug on this side)."""
+        if response.request_id not in self._unanswered:
+            raise ProtocolError(
+                f"answer to request {response.request_id}, which is not awaiting one"
+            )
+        self._unanswered.discard(response.request_id)
+        return response
+
+
+class WriteCancelled(Exception):
+    """A CANCEL request arrived before the write's commit began."""
+
+
+class WriteGate:
+    """Which writes a CANCEL may still stop. Thread-safe: the worker's loop cancels, its
+    write thread commits."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._outstanding: set[int] = set()
+        self._cancelled: set[int] = set()
+        self._committing: set[int] = set()
+
+    def admit(self, request_id: int) -> None:
+        """A write was received (and queued)."""
+        with self._lock:
+            self._outstanding.add(request_id)
+
+    def cancel(self, request_id: int) -> bool:
+        """Ask to abandon a write; True if it will be (its commit had not begun)."""
+        with self._lock:
+            if request_id in self._outstanding and request_id not in self._committing:
+                self._cancelled.add(request_id)
+                return True
+            return False
+
+    def check(self, request_id: int) -> None:
+        """Raise ``WriteCancelled`` if the write was cancelled (call it before starting)."""
+        with self._lock:
+            if request_id in self._cancelled:
+                raise WriteCancelled("cancelled before it started")
+
+    def begin_commit(self, request_id: int) -> None:
+        """The write's point of no return: raises ``WriteCancelled`` if a CANCEL came first,
+        and makes later CANCELs no-ops."""
+        with self._lock:
+            if request_id in self._cancelled:
+                raise WriteCancelled("cancelled before its commit")
+            self._committing.add(request_id)
+
+    def finish(self, request_id: int) -> None:
+        """The write was answered: forget it."""
+        with self._lock:
+            self._outstanding.discard(request_id)
+            self._cancelled.discard(request_id)
+            self._committing.discard(request_id)
