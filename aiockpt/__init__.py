@@ -9,6 +9,7 @@ Saving::
 Layout of the package, from the wire up::
 
     protocol      sans-IO frames and messages (no asyncio, no torch)
+    session       sans-IO rules of the channel: handshake, request ids, routing, cancel gate
     channel       asyncio streams <-> messages
     worker/       the checkpoint worker process (python -m aiockpt.worker)
     process       CheckpointProcess: the parent's side of one worker
@@ -20,6 +21,7 @@ Layout of the package, from the wire up::
     group         the checkpoint workers' own group: store, session, process group
     coordination  one multi-rank save's rounds over the store (blocking; worker side)
     manager       Checkpointer: root, latest, retention, backpressure
+    root_lock     one writer per checkpoint root (an flock the kernel releases)
     sync          SyncCheckpointer for synchronous loops
     elastic/      the worker agent and aiockpt-run (torchrun's counterpart)
 
