@@ -416,7 +416,7 @@ class _Source:
     def describe(self, key_path: KeyPath, leaf: TensorLeaf) -> str:
         """What was saved under ``key_path``, for error messages."""
         if leaf.global_shape is None:
-            return f"a tensor of shape {leaf.shape} (saved by {self.saved_world} ranks)"
+            return f"a tensor of shape {leaf.shape}"
         pieces = ", ".join(f"{p.shape} at {p.global_offset}" for p in self.pieces(key_path, leaf))
         return (
             f"a tensor of shape {leaf.global_shape} saved by {self.saved_world} ranks as "
@@ -520,12 +520,18 @@ def _wanted_box(source: _Source, key_path: KeyPath, leaf: TensorLeaf, target: to
             return _Box(saved.whole, (0,) * len(shape), shape)
         asked = f"a tensor of shape {list(shape)}"
     whole = list(saved.whole)
+    instead = (
+        f"Pass a tensor of shape {whole} (the whole) or a DTensor of global shape {whole} "
+        "(each rank gets its slice)"
+    )
+    if leaf.global_shape is not None:
+        instead += (
+            f", or, at the saved world size of {source.saved_world}, a tensor of one rank's "
+            "piece with rank= that rank"
+        )
     raise ValueError(
         f"{format_key_path(key_path)!r} in the checkpoint at {source.checkpoint.root!r} is "
-        f"{source.describe(key_path, leaf)}; the state dict has {asked}. Pass a tensor of "
-        f"shape {whole} (the whole), a DTensor of global shape {whole} (each rank gets its "
-        f"slice), or, at the saved world size of {source.saved_world}, rank= with that "
-        "rank's piece"
+        f"{source.describe(key_path, leaf)}; the state dict has {asked}. {instead}"
     )
 
 
