@@ -39,7 +39,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 import torch
 import xxhash
 
@@ -214,6 +213,17 @@ def _check_leaf(leaf: Leaf, sizes: dict[str, int]) -> None:
         itemsize = dtype_from_name(leaf.dtype).itemsize
         if any(size < 0 for size in leaf.shape):
             raise ValueError(f"negative size in tensor shape {leaf.shape}")
+        if (leaf.global_shape is None) != (leaf.global_offset is None):
+            raise ValueError("a tensor piece has a global shape or offset without the other")
+        if leaf.global_shape is not None and leaf.global_offset is not None:
+            dims = zip(leaf.global_offset, leaf.shape, leaf.global_shape, strict=False)
+            if not len(leaf.shape) == len(leaf.global_shape) == len(leaf.global_offset) or any(
+                start < 0 or start + size > whole for start, size, whole in dims
+            ):
+                raise ValueError(
+                    f"a tensor piece of shape {leaf.shape} at {leaf.global_offset} lies "
+                    f"outside its whole of shape {leaf.global_shape}"
+                )
         nbytes = math.prod(leaf.shape) * itemsize
     elif isinstance(leaf, ObjectLeaf):
         nbytes = leaf.nbytes
@@ -298,50 +308,149 @@ def load(
     *,
     verify: bool = True,
     allow_pickle: bool = False,
-    rank: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
 ) -> Any:
     """Load the checkpoint at ``path`` (either format) as CPU tensors and plain values.
 
-    A checkpoint saved by several ranks holds one state dict per rank; ``rank`` picks which
-    (each rank resuming at the same world size loads its own; DTensors in ``state_dict``
-    receive their local shard). To load into another world size, use
-    ``torch.distributed.checkpoint.load`` on a ``format="dcp"`` checkpoint: it reshards.
+    A checkpoint saved by several ranks holds one state dict per rank, and a DTensor was saved
+    as pieces, one per rank, each knowing where it lies in the whole. What comes back:
+
+    * ``rank`` None (an offline process: eval, export): the whole checkpoint. Sharded tensors
+      come back whole, assembled from every rank's pieces; everything else is rank 0's (the
+      value ``dcp.load`` would give every rank: replicated tensors are the same everywhere).
+    * ``rank`` given, at the saved world size (``world_size`` None or equal to it): what that
+      rank saved (its own pieces, its own values), as when each rank resumes where it was.
+    * ``rank`` given at another ``world_size``: like ``rank`` None, so that every rank of a
+      resized job gets the same non-sharded values.
 
     Without ``state_dict``, return the saved tree exactly (int keys, tuples, nesting). With
     one, fill it in place torch-style and return it: for each of its leaves, tensors are
-    overwritten with ``copy_`` (shapes must match; dtypes convert), anything else is replaced
-    by the saved value; keys the checkpoint has but ``state_dict`` lacks are not read. A tuple
-    is immutable, so a tuple in ``state_dict`` is replaced by a new one in its container.
+    overwritten with ``copy_`` (dtypes convert), anything else is replaced by the saved value;
+    keys the checkpoint has but ``state_dict`` lacks are not read. A tuple is immutable, so a
+    tuple in ``state_dict`` is replaced by a new one in its container. A DTensor in
+    ``state_dict`` receives its own slice of the whole, read from whichever saved pieces
+    overlap it, at any world size and placement (as ``dcp.load`` reshards); a plain tensor
+    receives the whole tensor, or, at the saved world size with ``rank``, that rank's piece.
+    Only the byte ranges a rank needs are read (unless ``verify`` reads whole files anyway).
 
     ``verify`` checks every file's size and xxh3_64 digest in the same pass that reads it.
     ``allow_pickle`` lets leaves that were saved as arbitrary objects be unpickled: only for
     checkpoints you trust.
 
     Raises CorruptCheckpoint naming the file for a missing or malformed manifest (see
-    ``read_manifest``), a missing, truncated or altered file, or one that is a link, lies
-    behind one or is not a regular file (on failure the tensors of ``state_dict`` may be
-    partly overwritten, its other leaves are not); FileNotFoundError if ``path`` does not
-    exist; KeyError naming the key path for a leaf of ``state_dict`` the checkpoint does not
-    have; ValueError for a shape mismatch, for a pickled leaf without ``allow_pickle``, for a
-    leaf a custom writer stored in its own format, or for a ``rank`` the checkpoint does not
-    have.
+    ``read_manifest``), a missing, truncated or altered file, one that is a link, lies behind
+    one or is not a regular file, or saved pieces that do not make up their whole (on failure
+    the tensors of ``state_dict`` may be partly overwritten, its other leaves are not);
+    FileNotFoundError if ``path`` does not exist; KeyError naming the key path for a leaf of
+    ``state_dict`` the checkpoint does not have; ValueError for a tensor of ``state_dict``
+    whose shape fits neither the saved whole nor the piece asked for (naming the saved world
+    size and shapes), for a checkpoint whose ranks saved keys rank 0 lacks when loading the
+    whole without ``state_dict``, for a pickled leaf without ``allow_pickle``, for a leaf a
+    custom writer stored in its own format, or for a ``rank`` the checkpoint does not have.
     """
     with _Checkpoint(path) as checkpoint:
-        return _load(checkpoint, state_dict, verify=verify, allow_pickle=allow_pickle, rank=rank)
+        return _load(
+            checkpoint,
+            state_dict,
+            verify=verify,
+            allow_pickle=allow_pickle,
+            rank=rank,
+            world_size=world_size,
+        )
+
+
+@dataclass(frozen=True)
+class _Box:
+    """A region of a tensor of ``whole`` shape: ``sizes`` elements from ``offset`` on."""
+
+    whole: tuple[int, ...]
+    offset: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
+def _saved_box(leaf: TensorLeaf) -> _Box:
+    shape = tuple(leaf.shape)
+    if leaf.global_shape is None or leaf.global_offset is None:
+        return _Box(shape, (0,) * len(shape), shape)
+    return _Box(tuple(leaf.global_shape), tuple(leaf.global_offset), shape)
+
+
+class _Source:
+    """The state dict a load takes its tree and plain leaves from, and, for a sharded
+    tensor, every rank's pieces of it (indexed only when a load first needs them)."""
+
+    def __init__(self, checkpoint: _Checkpoint, rank: int | None, world_size: int | None):
+        manifest = checkpoint.manifest
+        self.checkpoint = checkpoint
+        self.saved_world = manifest.world_size
+        #: whether this load is a rank resuming its own part at the saved world size
+        self.own = rank is not None and world_size in (None, manifest.world_size)
+        self.rank = rank if self.own and rank is not None else 0
+        self.state = manifest.rank_state(self.rank)
+        self._indexes: list[dict[KeyPath, int]] | None = None
+
+    def indexes(self) -> list[dict[KeyPath, int]]:
+        """Key path -> leaf index, for each saved rank."""
+        if self._indexes is None:
+            manifest = self.checkpoint.manifest
+            self._indexes = [
+                {key_path: index for index, key_path in iter_key_paths(state.skeleton)}
+                for state in (manifest.rank_state(r) for r in range(len(manifest.ranks) + 1))
+            ]
+        return self._indexes
+
+    def pieces(self, key_path: KeyPath, leaf: TensorLeaf) -> list[TensorLeaf]:
+        """The saved pieces of the tensor ``leaf`` (the source rank's) is part of, each once."""
+        if leaf.global_shape is None:
+            return [leaf]
+        manifest = self.checkpoint.manifest
+        by_offset: dict[tuple[int, ...], TensorLeaf] = {}
+        for rank, index in enumerate(self.indexes()):
+            position = index.get(key_path)
+            other = None if position is None else manifest.rank_state(rank).leaves[position]
+            if isinstance(other, TensorLeaf) and other.global_shape == leaf.global_shape:
+                by_offset.setdefault(_saved_box(other).offset, other)
+        return list(by_offset.values())
+
+    def describe(self, key_path: KeyPath, leaf: TensorLeaf) -> str:
+        """What was saved under ``key_path``, for error messages."""
+        if leaf.global_shape is None:
+            return f"a tensor of shape {leaf.shape}"
+        pieces = ", ".join(f"{p.shape} at {p.global_offset}" for p in self.pieces(key_path, leaf))
+        return (
+            f"a tensor of shape {leaf.global_shape} saved by {self.saved_world} ranks as "
+            f"pieces {pieces}"
+        )
 
 
 def _load(
-    checkpoint: _Checkpoint, state_dict: Any, *, verify: bool, allow_pickle: bool, rank: int
+    checkpoint: _Checkpoint,
+    state_dict: Any,
+    *,
+    verify: bool,
+    allow_pickle: bool,
+    rank: int | None,
+    world_size: int | None,
 ) -> Any:
     manifest = checkpoint.manifest
-    if rank != 0 or manifest.ranks:
-        state = manifest.rank_state(rank)
-        manifest = msgspec.structs.replace(manifest, skeleton=state.skeleton, leaves=state.leaves)
+    source = _Source(checkpoint, rank, world_size)
+    leaves = source.state.leaves
+    # Whole tensors to assemble from pieces: leaf index -> the region wanted.
+    boxes: dict[int, _Box] = {}
     if state_dict is None:
-        wanted = list(range(len(manifest.leaves)))
-        values = _read_leaves(checkpoint, manifest, wanted, {}, verify, allow_pickle)
-        return unflatten(manifest.skeleton, [values[i] for i in wanted])
-    saved_at = {key_path: index for index, key_path in iter_key_paths(manifest.skeleton)}
+        if not source.own and manifest.world_size > 1:
+            _check_keys_of_rank_0(source)
+            for index, leaf in enumerate(leaves):
+                if isinstance(leaf, TensorLeaf) and leaf.global_shape is not None:
+                    whole = tuple(leaf.global_shape)
+                    boxes[index] = _Box(whole, (0,) * len(whole), whole)
+        wanted = list(range(len(leaves)))
+        values = _read_leaves(
+            checkpoint, manifest, leaves, wanted, {}, boxes, source, verify, allow_pickle
+        )
+        return unflatten(source.state.skeleton, [values[i] for i in wanted])
+    saved_at = {key_path: index for index, key_path in iter_key_paths(source.state.skeleton)}
     _, targets = flatten(state_dict, is_tensor)
     sources: dict[KeyPath, int] = {}
     destinations: dict[int, torch.Tensor] = {}
@@ -351,24 +460,83 @@ def _load(
                 f"{format_key_path(key_path)!r} is not in the checkpoint at {checkpoint.root!r}"
             )
         index = sources[key_path] = saved_at[key_path]
-        leaf = manifest.leaves[index]
-        if isinstance(target, torch.Tensor) and isinstance(leaf, TensorLeaf):
-            target = _local_tensor(target)
-            if list(target.shape) != leaf.shape:
-                raise ValueError(
-                    f"{format_key_path(key_path)!r}: the checkpoint has shape {leaf.shape}, "
-                    f"the state dict {list(target.shape)}"
-                )
-            if _can_read_into(target, leaf):
-                destinations.setdefault(index, target)
+        leaf = leaves[index]
+        if not (isinstance(target, torch.Tensor) and isinstance(leaf, TensorLeaf)):
+            continue
+        box = _wanted_box(source, key_path, leaf, target)
+        if box != _saved_box(leaf):
+            boxes[index] = box
+        local = _local_tensor(target)
+        if _can_read_into(local, leaf):
+            destinations.setdefault(index, local)
     values = _read_leaves(
-        checkpoint, manifest, list(sources.values()), destinations, verify, allow_pickle
+        checkpoint,
+        manifest,
+        leaves,
+        list(sources.values()),
+        destinations,
+        boxes,
+        source,
+        verify,
+        allow_pickle,
     )
     return _fill(state_dict, (), lambda key_path: values[sources[key_path]])
 
 
+def _check_keys_of_rank_0(source: _Source) -> None:
+    """Loading the whole without a target returns rank 0's tree: refuse rather than drop
+    keys only other ranks saved (pipeline stages, say)."""
+    indexes = source.indexes()
+    for rank, index in enumerate(indexes[1:], start=1):
+        missing = index.keys() - indexes[0].keys()
+        if missing:
+            key = format_key_path(min(missing, key=format_key_path))
+            raise ValueError(
+                f"rank {rank} of the {source.saved_world} ranks that saved "
+                f"{source.checkpoint.root!r} saved {key!r} (and {len(missing) - 1} other keys) "
+                "that rank 0 did not; load into a state dict that has them, or pass rank= to "
+                "load one rank's part"
+            )
+
+
+def _wanted_box(source: _Source, key_path: KeyPath, leaf: TensorLeaf, target: torch.Tensor) -> _Box:
+    """The region of the saved tensor that ``target`` receives; raises ValueError (saying
+    what was saved, what was asked and what to do instead) when its shape fits nothing."""
+    saved = _saved_box(leaf)
+    placements = getattr(target, "placements", None)
+    mesh = getattr(target, "device_mesh", None)
+    if placements is not None and mesh is not None:  # a DTensor: its slice of the whole
+        if tuple(target.shape) == saved.whole:
+            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+            sizes, offset = compute_local_shape_and_global_offset(target.shape, mesh, placements)
+            return _Box(saved.whole, tuple(offset), tuple(sizes))
+        asked = f"a DTensor of global shape {list(target.shape)}"
+    else:
+        shape = tuple(target.shape)
+        if source.own and shape == saved.sizes:
+            return saved  # this rank's own piece, where it resumes at the same world size
+        if shape == saved.whole:
+            return _Box(saved.whole, (0,) * len(shape), shape)
+        asked = f"a tensor of shape {list(shape)}"
+    whole = list(saved.whole)
+    instead = (
+        f"Pass a tensor of shape {whole} (the whole) or a DTensor of global shape {whole} "
+        "(each rank gets its slice)"
+    )
+    if leaf.global_shape is not None:
+        instead += (
+            f", or, at the saved world size of {source.saved_world}, a tensor of one rank's "
+            "piece with rank= that rank"
+        )
+    raise ValueError(
+        f"{format_key_path(key_path)!r} in the checkpoint at {source.checkpoint.root!r} is "
+        f"{source.describe(key_path, leaf)}; the state dict has {asked}. {instead}"
+    )
+
+
 def _local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (what its rank saved), any other tensor itself."""
+    """A DTensor's local shard, any other tensor itself."""
     to_local = getattr(tensor, "to_local", None)
     return to_local() if callable(to_local) else tensor
 
@@ -407,26 +575,32 @@ def _fill(target: Any, key_path: KeyPath, saved: Callable[[KeyPath], Any]) -> An
 
 @dataclass
 class _Region:
-    """Bytes of one file that go into one buffer (shared by leaves saved at the same place)."""
+    """Bytes of one file that go into one buffer: shared by leaves saved at the same place,
+    or, with ``after``, part of a saved piece that ``after`` copies into a bigger tensor."""
 
     offset: int
     view: memoryview
     leaves: list[int] = field(default_factory=list)
+    after: Callable[[], None] | None = None
 
 
 def _read_leaves(
     checkpoint: _Checkpoint,
     manifest: Manifest,
+    leaves: list[Leaf],
     wanted: list[int],
     destinations: dict[int, torch.Tensor],
+    boxes: dict[int, _Box],
+    source: _Source,
     verify: bool,
     allow_pickle: bool,
 ) -> dict[int, Any]:
-    """Values of the ``wanted`` leaves; tensors go into ``destinations`` where given."""
+    """Values of the ``wanted`` leaves; tensors go into ``destinations`` where given, and
+    the leaves in ``boxes`` are assembled from the saved pieces that overlap their box."""
     values: dict[int, Any] = {}
     stored: list[tuple[int, TensorLeaf | ObjectLeaf]] = []
     for index in dict.fromkeys(wanted):
-        leaf = manifest.leaves[index]
+        leaf = leaves[index]
         if isinstance(leaf, (ValueLeaf, FloatLeaf, BigIntLeaf, BytesLeaf)):
             values[index] = plain_value(leaf)
         elif isinstance(leaf, OpaqueLeaf):
@@ -439,26 +613,137 @@ def _read_leaves(
                 f"leaf {index} was saved as a pickled object; pass allow_pickle=True to load "
                 "it, and only for checkpoints you trust"
             )
-        else:
+        elif index not in boxes:
             stored.append((index, leaf))
+    assembled = []
+    if boxes:
+        key_paths = dict(iter_key_paths(source.state.skeleton))
+        assembled = [(i, key_paths[i], leaves[i], box) for i, box in boxes.items()]
     needed = {leaf.file for _, leaf in stored}
+    for _, key_path, leaf, _ in assembled:
+        assert isinstance(leaf, TensorLeaf)
+        needed.update(piece.file for piece in source.pieces(key_path, leaf))
     entries = [entry for entry in manifest.files if verify or entry.name in needed]
+    # Before any buffer is allocated: a manifest listing a huge tensor must not get one.
     _check_sizes(checkpoint, entries)
-    regions, buffers = _plan_regions(checkpoint.root, manifest, stored, destinations, values)
+    regions, buffers = _plan_regions(checkpoint.root, leaves, stored, destinations, values)
+    pieces: dict[str, list[_Region]] = {}
+    for index, key_path, leaf, box in assembled:
+        assert isinstance(leaf, TensorLeaf)
+        values[index] = _plan_assembly(source, key_path, leaf, box, destinations.get(index), pieces)
     for entry in entries:
-        file_regions = sorted(regions.get(entry.name, {}).values(), key=lambda r: r.offset)
+        file_regions = sorted(
+            [*regions.get(entry.name, {}).values(), *pieces.get(entry.name, [])],
+            key=lambda r: r.offset,
+        )
         _read_file(checkpoint, entry, file_regions, verify=verify)
         for region in file_regions:
+            if region.after is not None:
+                region.after()
+                continue
             first = buffers[region.leaves[0]]
             value = pickle.loads(first) if isinstance(first, bytearray) else first
             for index in region.leaves:
                 values[index] = _place(value, destinations.get(index))
+    for index in boxes:
+        values[index] = _place(values[index], destinations.get(index))
     return values
+
+
+def _plan_assembly(
+    source: _Source,
+    key_path: KeyPath,
+    leaf: TensorLeaf,
+    box: _Box,
+    destination: torch.Tensor | None,
+    regions: dict[str, list[_Region]],
+) -> torch.Tensor:
+    """A tensor for ``box`` of the tensor ``leaf`` is a piece of, and the regions (added to
+    ``regions``) that fill it from the saved pieces: only the bytes of each piece that the
+    box overlaps (from its first to its last element), straight into the tensor where that
+    part of it is contiguous. Raises CorruptCheckpoint if the pieces do not cover the box
+    exactly once."""
+    dtype = dtype_from_name(leaf.dtype)
+    if destination is not None and destination.dtype == dtype:
+        tensor = destination
+    else:
+        tensor = _empty(box.sizes, dtype, source.checkpoint.root)
+    covered = 0
+    placed: list[_Box] = []
+    for piece in source.pieces(key_path, leaf):
+        saved = _saved_box(piece)
+        overlap = _overlap(saved, box)
+        if overlap is None:
+            continue
+        if piece.dtype != leaf.dtype or any(_overlap(saved, p) for p in placed):
+            raise CorruptCheckpoint(
+                f"{format_key_path(key_path)!r}: its saved pieces overlap or disagree on dtype",
+                path=os.path.join(source.checkpoint.root, MANIFEST_NAME),
+            )
+        placed.append(saved)
+        covered += math.prod(overlap.sizes)
+        regions.setdefault(piece.file, []).append(_piece_region(piece, saved, overlap, box, tensor))
+    if covered != math.prod(box.sizes):
+        raise CorruptCheckpoint(
+            f"{format_key_path(key_path)!r}: the pieces saved by {source.saved_world} ranks "
+            f"cover {covered} of the {math.prod(box.sizes)} elements wanted "
+            f"({list(box.sizes)} at {list(box.offset)} of {list(box.whole)})",
+            path=os.path.join(source.checkpoint.root, MANIFEST_NAME),
+        )
+    return tensor
+
+
+def _overlap(a: _Box, b: _Box) -> _Box | None:
+    """The part of ``a`` that ``b`` also covers (offsets in the whole), or None."""
+    starts = tuple(max(x, y) for x, y in zip(a.offset, b.offset, strict=True))
+    ends = tuple(
+        min(x + n, y + m) for x, n, y, m in zip(a.offset, a.sizes, b.offset, b.sizes, strict=True)
+    )
+    if any(end <= start for start, end in zip(starts, ends, strict=True)) and starts:
+        return None
+    return _Box(a.whole, starts, tuple(e - s for s, e in zip(starts, ends, strict=True)))
+
+
+def _piece_region(
+    piece: TensorLeaf, saved: _Box, overlap: _Box, box: _Box, tensor: torch.Tensor
+) -> _Region:
+    """The region of ``piece``'s file holding ``overlap``, and where its bytes go."""
+    itemsize = tensor.element_size()
+    strides = _contiguous_strides(saved.sizes)
+    within = [o - s for o, s in zip(overlap.offset, saved.offset, strict=True)]
+    first = sum(i * st for i, st in zip(within, strides, strict=True))
+    last = sum((i + n - 1) * st for i, n, st in zip(within, overlap.sizes, strides, strict=True))
+    count = last - first + 1
+    target = tensor
+    for dim, (start, size) in enumerate(zip(overlap.offset, overlap.sizes, strict=True)):
+        target = target.narrow(dim, start - box.offset[dim], size)
+    offset = piece.offset + first * itemsize
+    if count == math.prod(overlap.sizes) and target.is_contiguous():
+        return _Region(offset, tensor_bytes(target), after=_nothing)
+    scratch = torch.empty(count, dtype=tensor.dtype)
+    view = scratch.as_strided(overlap.sizes, strides)
+
+    def copy() -> None:
+        with torch.no_grad():
+            target.copy_(view)
+
+    return _Region(offset, tensor_bytes(scratch), after=copy)
+
+
+def _nothing() -> None:
+    pass
+
+
+def _contiguous_strides(sizes: tuple[int, ...]) -> tuple[int, ...]:
+    strides = [1] * len(sizes)
+    for dim in range(len(sizes) - 2, -1, -1):
+        strides[dim] = strides[dim + 1] * sizes[dim + 1]
+    return tuple(strides)
 
 
 def _plan_regions(
     root: str,
-    manifest: Manifest,
+    leaves: list[Leaf],
     stored: list[tuple[int, TensorLeaf | ObjectLeaf]],
     destinations: dict[int, torch.Tensor],
     values: dict[int, Any],
@@ -470,7 +755,7 @@ def _plan_regions(
     for index, leaf in stored:
         by_offset = regions.setdefault(leaf.file, {})
         shared = by_offset.get(leaf.offset)
-        if shared is not None and manifest.leaves[shared.leaves[0]] == leaf:
+        if shared is not None and leaves[shared.leaves[0]] == leaf:
             shared.leaves.append(index)  # saved once for several leaves (tied weights)
             continue
         buffer, view = _new_buffer(leaf, destinations.get(index), root)
@@ -494,13 +779,17 @@ def _new_buffer(
         return data, memoryview(data)
     if destination is not None:
         return destination, tensor_bytes(destination)
+    tensor = _empty(tuple(leaf.shape), dtype_from_name(leaf.dtype), root)
+    return tensor, tensor_bytes(tensor)
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, root: str) -> torch.Tensor:
     try:
-        tensor = torch.empty(leaf.shape, dtype=dtype_from_name(leaf.dtype))
+        return torch.empty(shape, dtype=dtype)
     except RuntimeError as exc:  # a shape no memory can hold: the manifest is wrong
         raise CorruptCheckpoint(
             f"cannot allocate tensor entry: {exc}", path=os.path.join(root, MANIFEST_NAME)
         ) from exc
-    return tensor, tensor_bytes(tensor)
 
 
 def _place(value: Any, destination: torch.Tensor | None) -> Any:
@@ -525,16 +814,18 @@ def _read_file(
         position = 0
         for region in regions:
             end = region.offset + region.view.nbytes
-            if region.offset < position or end > size:
+            if end > size:
                 raise CorruptCheckpoint(
-                    f"entry at {region.offset}..{end} overlaps another or the end", path=full
+                    f"entry at {region.offset}..{end} runs past the end", path=full
                 )
-            if digest is not None:
+            if digest is not None and region.offset > position:
                 _hash_range(fd, position, region.offset, digest, full)
             _read_exactly(fd, region.view, region.offset, full)
-            if digest is not None:
-                digest.update(region.view)
-            position = end
+            # Regions may overlap (two pieces of one saved piece, read for different targets):
+            # the digest takes each byte once, in file order.
+            if digest is not None and end > position:
+                digest.update(region.view[max(0, position - region.offset) :])
+            position = max(position, end)
         if digest is not None:
             _hash_range(fd, position, size, digest, full)
             if digest.hexdigest() != entry.xxh3_64:

@@ -675,20 +675,27 @@ class Checkpointer:
         self, state_dict: Any = None, *, verify: bool = True, allow_pickle: bool = False
     ) -> Any:
         """Load the newest committed checkpoint (see ``aiockpt.load``), or return None if
-        there is none; in a group, this rank's part of it. Raises what ``aiockpt.load``
-        raises."""
+        there is none; in a group, this rank's part of it at the current world size (its own
+        part if the save had as many ranks, else resharded: DTensors get their slice, plain
+        tensors the whole). Raises what ``aiockpt.load`` raises."""
         path = await self.latest()
         if path is None:
             return None
         if self._group is not None:
-            rank = self._group.info.rank
+            rank, world_size = self._group.info.rank, self._group.info.world_size
         else:
-            # Not started yet (or a single rank): this rank's number all the same, so that a
+            # Not started yet (or a single rank): this rank's place all the same, so that a
             # rank loading before start() does not silently get rank 0's part.
             world = None if self.no_dist else world_of(self.process_group)
-            rank = world[0] if world is not None else 0
+            rank, world_size = world if world is not None else (0, 1)
         return await asyncio.to_thread(
-            loading.load, path, state_dict, verify=verify, allow_pickle=allow_pickle, rank=rank
+            loading.load,
+            path,
+            state_dict,
+            verify=verify,
+            allow_pickle=allow_pickle,
+            rank=rank,
+            world_size=world_size,
         )
 
 

@@ -93,13 +93,21 @@ class FileEntry(msgspec.Struct, frozen=True):
     xxh3_64: str
 
 
-class TensorLeaf(msgspec.Struct, frozen=True, tag="tensor", tag_field="type"):
-    """A contiguous tensor stored as raw bytes at ``offset`` in ``file``."""
+class TensorLeaf(msgspec.Struct, frozen=True, tag="tensor", tag_field="type", omit_defaults=True):
+    """A contiguous tensor stored as raw bytes at ``offset`` in ``file``.
+
+    A rank's piece of a sharded tensor (a DTensor's local shard) also says where it lies in
+    the whole: ``global_shape`` and ``global_offset`` (the index of its first element), so
+    that a loader can reshard without DCP's pickled ``.metadata``. Both are absent (omitted
+    from the JSON) for a whole tensor.
+    """
 
     file: str
     offset: int
     dtype: str
     shape: list[int]
+    global_shape: list[int] | None = None
+    global_offset: list[int] | None = None
 
 
 class ObjectLeaf(msgspec.Struct, frozen=True, tag="object", tag_field="type"):

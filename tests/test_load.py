@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from aiockpt import Checkpointer
+from aiockpt import Checkpointer, commit
 from aiockpt.commit import write_checkpoint
 from aiockpt.errors import CorruptCheckpoint
 from aiockpt.loading import load, verify
 from aiockpt.manifest import MANIFEST_NAME, TensorLeaf, decode_manifest, encode_manifest
+from aiockpt.protocol import RankInfo, ShardSpec
 from aiockpt.tree import MAX_DEPTH
 from aiockpt.writers import create_writer
+from aiockpt.writers.dcp import DcpWriter
 from tests.writer_fixtures import assert_same, full_state_dict, like, random_tensor
 
 FORMATS = ["dcp", "safetensors"]
@@ -248,3 +250,114 @@ async def test_a_leaf_the_worker_cannot_receive_fails_in_the_caller(
         with pytest.raises(TypeError, match=key):
             ckpt.save_to(state, tmp_path / "ck")
     assert not (tmp_path / "ck").exists()
+
+
+# --- Checkpoints saved by several ranks, written here rank by rank through the DCP writer's
+# group steps (the worker's path, without processes; tests/multirank runs the real thing).
+
+
+def save_ranks(path: Path, states: list[tuple[dict[str, Any], dict[int, ShardSpec]]]) -> Path:
+    """Commit one checkpoint of ``states``, rank r's state dict and its shards (leaf index ->
+    where that tensor lies in the whole), as the ranks of one save would."""
+    world = len(states)
+    writers = [DcpWriter(RankInfo(global_rank=r, global_world_size=world)) for r in range(world)]
+    plans = [writer.plan(sd, shards) for writer, (sd, shards) in zip(writers, states, strict=True)]
+    assignments = writers[0].assign(plans)
+    pending = commit.prepare(path)
+    written = [
+        writer.write_part(sd, pending.temp_path, assignment)
+        for writer, (sd, _), assignment in zip(writers, states, assignments, strict=True)
+    ]
+    records = [record for part in written for record in part.records]
+    records += writers[0].finish(pending.temp_path, written)
+    parts = [
+        commit.RankPart(
+            str(path), part, *commit.describe_leaves(sd, part.records, elsewhere=part.imports)
+        )
+        for part, (sd, _) in zip(written, states, strict=True)
+    ]
+    commit.finalize(pending, commit.build_group_manifest("dcp", parts, records))
+    return path
+
+
+def sharded(whole: torch.Tensor, dim: int, world: int) -> list[tuple[torch.Tensor, ShardSpec]]:
+    """``whole`` cut into ``world`` pieces along ``dim`` as DTensor's Shard(dim) cuts it."""
+    pieces, offset = [], 0
+    for piece in torch.chunk(whole, world, dim):
+        offsets = [0] * whole.dim()
+        offsets[dim] = offset
+        pieces.append((piece.contiguous(), ShardSpec(list(whole.shape), offsets)))
+        offset += piece.shape[dim]
+    return pieces
+
+
+def two_rank_checkpoint(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """``rows`` (97 x 6) sharded on dim 0 and ``cols`` (5 x 9) on dim 1 over 2 ranks, plus a
+    replicated tensor and a per-rank value; returns the path and the whole tensors."""
+    whole = {"rows": torch.randn(97, 6), "cols": torch.randn(5, 9), "bias": torch.randn(6)}
+    rows, cols = sharded(whole["rows"], 0, 2), sharded(whole["cols"], 1, 2)
+    states = []
+    for r in range(2):
+        # Leaf order: bias, cols, rank, rows (flatten sorts nothing: insertion order).
+        sd = {"bias": whole["bias"], "cols": cols[r][0], "rank": r, "rows": rows[r][0]}
+        states.append((sd, {1: cols[r][1], 3: rows[r][1]}))
+    return save_ranks(tmp_path / "two", states), whole
+
+
+def test_a_sharded_checkpoint_loads_whole_in_one_process(tmp_path: Path) -> None:
+    path, whole = two_rank_checkpoint(tmp_path)
+    loaded = load(path)
+    for name in ("rows", "cols", "bias"):
+        assert torch.equal(loaded[name], whole[name]), name
+    assert loaded["rank"] == 0  # non-sharded leaves are rank 0's, as dcp.load gives them
+    # At the saved world size, a rank gets what it saved: its own piece and values.
+    own = load(path, rank=1)
+    assert torch.equal(own["rows"], whole["rows"][49:]) and own["rank"] == 1
+    assert torch.equal(own["cols"], whole["cols"][:, 5:])
+
+
+def test_a_sharded_checkpoint_fills_plain_targets_of_the_whole_shape(tmp_path: Path) -> None:
+    path, whole = two_rank_checkpoint(tmp_path)
+    target = {
+        "rows": torch.zeros(97, 6, dtype=torch.float64),  # converted on the way
+        "cols": torch.zeros(9, 5).t(),  # not contiguous: filled through a copy
+        "bias": torch.zeros(6),
+    }
+    cols = target["cols"]
+    assert load(path, target) is target
+    assert target["cols"] is cols
+    assert torch.equal(target["rows"], whole["rows"].double())
+    assert torch.equal(target["cols"], whole["cols"])
+    # At another world size, a plain tensor of one piece's shape is no piece of anything.
+    with pytest.raises(ValueError, match=r"saved by 2 ranks as pieces \[49, 6\] at \[0, 0\]"):
+        load(path, {"rows": torch.zeros(49, 6)}, rank=0, world_size=3)
+
+
+def test_a_resharding_load_reads_only_what_it_needs_and_verifies_it(tmp_path: Path) -> None:
+    path, whole = two_rank_checkpoint(tmp_path)
+    # Corrupt a byte of rank 1's file outside every tensor: only a verified load sees it.
+    data = path / "__1_0.distcp"
+    raw = bytearray(data.read_bytes())
+    raw[2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    loaded = load(path, verify=False)
+    assert torch.equal(loaded["rows"], whole["rows"])
+    with pytest.raises(CorruptCheckpoint, match=r"__1_0\.distcp"):
+        load(path)
+
+
+def test_pieces_that_do_not_make_up_their_whole_are_refused(tmp_path: Path) -> None:
+    path, _ = two_rank_checkpoint(tmp_path)
+    manifest_path = path / MANIFEST_NAME
+    manifest = decode_manifest(manifest_path.read_bytes())
+    rank_1 = manifest.ranks[0]
+    leaves = list(rank_1.leaves)
+    rows = leaves[3]
+    assert isinstance(rows, TensorLeaf) and rows.global_offset == [49, 0]
+    leaves[3] = msgspec.structs.replace(rows, global_offset=[48, 0])  # overlaps rank 0's
+    ranks = [msgspec.structs.replace(rank_1, leaves=leaves)]
+    manifest_path.write_bytes(encode_manifest(msgspec.structs.replace(manifest, ranks=ranks)))
+    with pytest.raises(CorruptCheckpoint, match="'rows'"):
+        load(path)
+    # Its own piece, at the saved world size, is still what rank 0 saved.
+    assert load(path, rank=0)["rows"].shape == (49, 6)

@@ -214,8 +214,8 @@ class DcpWriter:
         storage: list[_StorageEntry] = []
         exports: dict[str, Leaf] = {}
         imports: dict[int, str] = {}
-        # id of a tensor object written as a DCP item -> offset of its raw bytes in data_file.
-        raw_offsets: dict[int, int] = {}
+        # id of a tensor object written as a DCP item -> its leaf (raw bytes in data_file).
+        written: dict[int, TensorLeaf] = {}
         with FileSink(path, data_file) as sink:
             for item in (self._items[i] for i in positions):
                 start = sink.align(_ALIGN)
@@ -226,20 +226,22 @@ class DcpWriter:
                 else:
                     tensor = planner.state_dict[item.index.fqn]
                     raw = _write_torch_save(sink, tensor_for_write(tensor, item.index.fqn))
-                    raw_offsets.setdefault(id(tensor), raw)
-                    exports[_item_key(item)] = _tensor_leaf(data_file, raw, tensor)
+                    leaf = _tensor_leaf(data_file, raw, tensor, item)
+                    written.setdefault(id(tensor), leaf)
+                    exports[_item_key(item)] = leaf
                 where = list(item.index.offset) if item.index.offset is not None else None
                 storage.append((item.index.fqn, where, data_file, start, sink.offset - start))
             leaves: dict[int, Leaf] = {}
             for index, key_path, tensor in tensors:
-                offset = raw_offsets.get(id(tensor))
-                if offset is None and id(tensor) in planned:
+                located = written.get(id(tensor))
+                if located is None and id(tensor) in planned:
                     imports[index] = planned[id(tensor)]
                     continue
-                if offset is None:  # inside an object DCP pickles whole: a raw copy too
+                if located is None:  # inside an object DCP pickles whole: a raw copy too
                     sink.align(_ALIGN)
                     offset = sink.write_tensor(tensor_for_write(tensor, format_key_path(key_path)))
-                leaves[index] = _tensor_leaf(data_file, offset, tensor)
+                    located = _tensor_leaf(data_file, offset, tensor)
+                leaves[index] = located
             records = [msgspec.structs.replace(sink.close(), leaves=leaves)]
         object_record = write_objects(objects, path, f"__{rank}_objects.pkl")
         if object_record is not None:
@@ -265,8 +267,18 @@ class DcpWriter:
             return [sink.close()]
 
 
-def _tensor_leaf(file: str, offset: int, tensor: torch.Tensor) -> TensorLeaf:
-    return TensorLeaf(file, offset, dtype_name(tensor.dtype), list(tensor.shape))
+def _tensor_leaf(
+    file: str, offset: int, tensor: torch.Tensor, item: WriteItem | None = None
+) -> TensorLeaf:
+    """The manifest entry of ``tensor``; a shard item's also says where it lies in the whole
+    (what ``aiockpt.load`` reshards by)."""
+    leaf = TensorLeaf(file, offset, dtype_name(tensor.dtype), list(tensor.shape))
+    if item is None or item.type != WriteItemType.SHARD or item.tensor_data is None:
+        return leaf
+    data = item.tensor_data
+    return msgspec.structs.replace(
+        leaf, global_shape=list(data.size), global_offset=list(data.chunk.offsets)
+    )
 
 
 def _item_key(item: WriteItem) -> str:

@@ -129,6 +129,58 @@ async def dtensor_load(ckpt_path: str, rank: int, world: int) -> dict[str, Any]:
     }
 
 
+EMB_ROWS, EMB_COLS = 97, 48  # rows that no world size here divides evenly
+
+
+def reshard_full() -> dict[str, torch.Tensor]:
+    """The whole tensors of the resharding scenarios: ``emb`` is saved sharded on dim 0,
+    ``bias`` as a plain (replicated) tensor."""
+    generator = torch.Generator().manual_seed(97)
+    return {
+        "emb": torch.randn(EMB_ROWS, EMB_COLS, generator=generator),
+        "bias": torch.randn(EMB_COLS, generator=generator),
+    }
+
+
+async def reshard_save(ckpt_root: str, rank: int, world: int) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    whole = reshard_full()
+    mesh = init_device_mesh("cpu", (world,))
+    state = {"emb": distribute_tensor(whole["emb"], mesh, [Shard(0)]), "bias": whole["bias"]}
+    async with Checkpointer(ckpt_root) as ckpt:
+        result = await ckpt.save({**state, "step": 7}, step=7)
+    return {"path": result.path, "local_rows": state["emb"].to_local().shape[0]}
+
+
+async def reshard_load(ckpt_root: str, rank: int, world: int) -> dict[str, Any]:
+    """Resume from ``ckpt_root``'s latest checkpoint at this world size, into DTensors
+    sharded on dim 0 and a plain tensor."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    whole = reshard_full()
+    mesh = init_device_mesh("cpu", (world,))
+    expected = distribute_tensor(whole["emb"], mesh, [Shard(0)]).to_local()
+    target = {
+        "emb": distribute_tensor(torch.zeros(EMB_ROWS, EMB_COLS), mesh, [Shard(0)]),
+        "bias": torch.zeros(EMB_COLS),
+        "step": -1,
+    }
+    ckpt = Checkpointer(ckpt_root)
+    try:
+        await ckpt.load_latest(target)
+    finally:
+        await ckpt.close()
+    return {
+        "local_rows": target["emb"].to_local().shape[0],
+        "emb_matches": bool(torch.equal(target["emb"].to_local(), expected)),
+        "bias_matches": bool(torch.equal(target["bias"], whole["bias"])),
+        "step": target["step"],
+    }
+
+
 async def failure(ckpt_root: str, rank: int, world: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     fmt = "tests.multirank.writers:FailingOnRankDcpWriter"
@@ -217,6 +269,8 @@ SCENARIOS: dict[str, Callable[[str, int, int], Awaitable[dict[str, Any]]]] = {
     "replicated": replicated,
     "dtensor_save": dtensor_save,
     "dtensor_load": dtensor_load,
+    "reshard_save": reshard_save,
+    "reshard_load": reshard_load,
     "failure": failure,
     "kill_worker": kill_worker,
     "late_rank": late_rank,
@@ -232,7 +286,9 @@ def main(argv: list[str]) -> int:
     )
     dist.init_process_group("gloo", store=store, rank=rank_, world_size=world_)
     try:
-        target = argv[7] if scenario == "dtensor_load" else os.path.join(root, "ckpt")
+        target = (
+            argv[7] if scenario in ("dtensor_load", "reshard_load") else os.path.join(root, "ckpt")
+        )
         run = SCENARIOS[scenario](target, rank_, world_)
         result = uvloop.run(run) if loop == "uvloop" else asyncio.run(run)
     except WorkerCrashed as exc:  # pragma: no cover - reported to the test as a failure

@@ -16,7 +16,15 @@ import torch.distributed.checkpoint as dcp
 
 import aiockpt
 from tests.multirank.launch import run_ranks
-from tests.multirank.rank_main import COLS, ROWS, full, replicated_state
+from tests.multirank.rank_main import (
+    COLS,
+    EMB_COLS,
+    EMB_ROWS,
+    ROWS,
+    full,
+    replicated_state,
+    reshard_full,
+)
 
 pytestmark = [pytest.mark.multirank, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -81,6 +89,43 @@ def test_dtensor_shards_save_on_2_ranks_and_reshard_on_load(tmp_path: Path) -> N
     loaded = run_ranks("dtensor_load", 3, tmp_path / "load3", extra=[path])
     assert [r["local_rows"] for r in loaded] == [3, 3, 2]
     assert all(r["matches"] for r in loaded)
+
+
+def test_2_rank_sharded_checkpoint_loads_whole_resharded_or_refused(tmp_path: Path) -> None:
+    saved = run_ranks("reshard_save", 2, tmp_path / "save", loop="uvloop")
+    path = saved[0]["path"]
+    assert [r["local_rows"] for r in saved] == [49, 48]
+    whole = reshard_full()
+
+    # (a) One offline process, no target: whole tensors, not rank 0's 49 rows.
+    loaded = aiockpt.load(path)
+    assert torch.equal(loaded["emb"], whole["emb"])
+    assert torch.equal(loaded["bias"], whole["bias"])
+    assert loaded["step"] == 7
+    # (c) One process into plain tensors of the full shape.
+    target = {"emb": torch.zeros(EMB_ROWS, EMB_COLS), "bias": torch.zeros(EMB_COLS)}
+    aiockpt.load(path, target)
+    assert torch.equal(target["emb"], whole["emb"])
+    assert torch.equal(target["bias"], whole["bias"])
+    # (d) A shape that is neither the whole nor a piece asked for: says what was saved.
+    with pytest.raises(ValueError, match=r"saved by 2 ranks") as info:
+        aiockpt.load(path, {"emb": torch.zeros(49, EMB_COLS)})
+    assert "[97, 48]" in str(info.value) and "[49, 48]" in str(info.value)
+    # ... and at the saved world size, rank 1 still gets exactly its own piece.
+    piece = aiockpt.load(path, {"emb": torch.zeros(48, EMB_COLS)}, rank=1)["emb"]
+    assert torch.equal(piece, whole["emb"][49:])
+    # (f) torch's own loader agrees.
+    by_dcp = {"emb": torch.zeros(EMB_ROWS, EMB_COLS), "bias": torch.zeros(EMB_COLS)}
+    dcp.load(by_dcp, checkpoint_id=path)
+    assert torch.equal(by_dcp["emb"], whole["emb"])
+
+    # (b), (e) An elastic restart at 3 ranks: load_latest gives each DTensor its 33, 33, 31
+    # rows and every rank the whole replicated tensor.
+    resumed = run_ranks("reshard_load", 3, tmp_path / "load3", extra=[str(Path(path).parent)])
+    assert [r["local_rows"] for r in resumed] == [33, 33, 31]
+    for observed in resumed:
+        assert observed["emb_matches"] and observed["bias_matches"]
+        assert observed["step"] == 7
 
 
 async def test_one_rank_checkpoint_loads_sharded_on_2_ranks(tmp_path: Path) -> None:
