@@ -50,6 +50,12 @@ def replicated_state(step: int, rank: int) -> dict[str, Any]:
     }
 
 
+def listing(root: str) -> list[str]:
+    """What is under ``root`` but the writer lock file, which rank 0 holds (and removes at its
+    close) while another rank may already be looking."""
+    return sorted(name for name in os.listdir(root) if not name.startswith("."))
+
+
 def describe_error(exc: BaseException) -> dict[str, Any]:
     return {
         "type": type(exc).__name__,
@@ -82,7 +88,7 @@ async def replicated(ckpt_root: str, rank: int, world: int) -> dict[str, Any]:
         )
         await aiockpt.default_checkpointer(no_dist=True).close()
         out["published"] = result.path
-    out["listing"] = sorted(os.listdir(ckpt_root))
+    out["listing"] = listing(ckpt_root)
     return out
 
 
@@ -191,10 +197,10 @@ async def failure(ckpt_root: str, rank: int, world: int) -> dict[str, Any]:
         except Exception as exc:
             out["first"] = describe_error(exc)
             out["first_traceback"] = getattr(exc, "traceback", None) or ""
-        out["listing_after_failure"] = sorted(os.listdir(ckpt_root))
+        out["listing_after_failure"] = listing(ckpt_root)
         result = await ckpt.save({**state, "fail_on_rank": -1}, step=2)
         out["second"] = result.path
-    out["listing"] = sorted(os.listdir(ckpt_root))
+    out["listing"] = listing(ckpt_root)
     return out
 
 
@@ -220,7 +226,7 @@ async def kill_worker(ckpt_root: str, rank: int, world: int) -> dict[str, Any]:
         except Exception as exc:
             out["first"] = describe_error(exc)
         out["seconds_to_fail"] = time.monotonic() - killed_at
-        out["listing_after_failure"] = sorted(os.listdir(ckpt_root))
+        out["listing_after_failure"] = listing(ckpt_root)
         result = await ckpt.save(replicated_state(2, rank), step=2)
         out["second"] = result.path
         out["respawned"] = ckpt.worker_pid != first_pid
@@ -252,7 +258,7 @@ async def late_rank(ckpt_root: str, rank: int, world: int) -> dict[str, Any]:
         out["seconds_to_fail"] = time.monotonic() - started
         result = await ckpt.save(replicated_state(2, rank), step=2)
         out["second"] = result.path
-    out["listing"] = sorted(os.listdir(ckpt_root))
+    out["listing"] = listing(ckpt_root)
     return out
 
 
