@@ -14,11 +14,12 @@ writing the previous one (xxhash holds the GIL, ``os.write`` releases it), and f
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import pickle
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol, runtime_checkable
 
@@ -205,6 +206,8 @@ class FileSink:
 
     def __init__(self, directory: str, name: str, *, chunk_bytes: int = CHUNK_BYTES) -> None:
         self.name = name
+        #: named in every error: "No space left on device" says little without the file
+        self.path = os.path.join(directory, name)
         self.offset = 0
         self._fd = open_new_file(directory, name)
         self._hash = xxhash.xxh3_64()
@@ -264,7 +267,8 @@ class FileSink:
             self._flush_small()
             while self._pending:
                 self._pending.popleft().result()
-            os.fsync(self._fd)
+            with self._naming_the_file():
+                os.fsync(self._fd)
         finally:
             self._shutdown()
         return FileRecord(self.name, self.offset, self._hash.hexdigest())
@@ -288,7 +292,8 @@ class FileSink:
     def _write_parts(self, parts: list[memoryview]) -> None:
         """Runs on the write thread, one submission at a time, in order."""
         while parts:
-            count = os.writev(self._fd, parts)
+            with self._naming_the_file():
+                count = os.writev(self._fd, parts)
             self._written += count
             while parts and count >= parts[0].nbytes:
                 count -= parts.pop(0).nbytes
@@ -302,6 +307,15 @@ class FileSink:
                 self._writeback_from = -1
             else:
                 self._writeback_from = self._written
+
+    @contextlib.contextmanager
+    def _naming_the_file(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            if exc.filename is not None:
+                raise
+            raise type(exc)(exc.errno, exc.strerror, self.path) from exc
 
     def _shutdown(self) -> None:
         if self._pool is not None:

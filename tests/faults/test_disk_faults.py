@@ -15,6 +15,7 @@ import errno
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -120,6 +121,8 @@ async def disk_full(ckpt: Checkpointer, tmp_path: Path) -> None:
         with pytest.raises(CheckpointWriteError, match="No space left on device") as caught:
             await ckpt.save_to(state_of(12 * MiB, 2.0), small / "too-big")
         assert caught.value.error_type == "OSError"
+        # The message names the file being written, not only the checkpoint.
+        assert re.search(r"No space left on device: '[^']*too-big[^']*/[^'/]+'", str(caught.value))
         assert leftovers(small) == [] and not (small / "too-big").exists()
         assert shutil.disk_usage(small).used == used_after_first  # its space is free again
         assert_holds(small / "first", 1.0)
@@ -173,6 +176,7 @@ def test_file_size_limit_aborts_the_write_cleanly(tmp_path: Path) -> None:
     outcome = json.loads(child.stdout.splitlines()[-1])
     assert outcome.get("errno") == errno.EFBIG, outcome
     assert "File too large" in outcome["message"]
+    assert ".distcp'" in outcome["message"], outcome  # names the file being written
     assert outcome["left"] == ["small"]  # no temporary directory, no "big"
 
 
