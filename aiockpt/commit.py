@@ -69,6 +69,7 @@ __all__ = [
     "abort",
     "build_group_manifest",
     "build_manifest",
+    "check_published",
     "describe_leaves",
     "finalize",
     "is_committed",
@@ -347,12 +348,14 @@ def finalize(pending: PendingCheckpoint, manifest: Manifest) -> int:
     """Phase 3: write the manifest, make everything durable, publish at ``pending.path``.
 
     Returns the manifest's size in bytes. Raises FileExistsError if something appeared at
-    the path meanwhile and not ``overwrite``; the caller then aborts.
+    the path meanwhile and not ``overwrite``, or if, once published, the path no longer holds
+    this checkpoint (another writer replaced it); the caller then aborts.
     """
     with FileSink(pending.temp_path, MANIFEST_NAME) as sink:
         sink.write(encode_manifest(manifest))
         size = sink.close().size
     _fsync_dir(pending.temp_path)
+    ours = os.stat(pending.temp_path)
     parent = os.path.dirname(pending.path)
     if pending.overwrite and os.path.lexists(pending.path):
         _check_replaceable(pending.path)  # something else may have appeared since prepare
@@ -360,7 +363,26 @@ def finalize(pending: PendingCheckpoint, manifest: Manifest) -> int:
     else:
         _rename_noreplace(pending.temp_path, pending.path)
         _fsync_dir(parent)
+    check_published(pending.path, ours)
     return size
+
+
+def check_published(path: str, ours: os.stat_result) -> None:
+    """Raise FileExistsError unless ``path`` is the very directory ``ours`` describes: a
+    save is reported durable only if what is at its path is what it committed. (Renaming
+    keeps a directory's identity; a writer outside the root lock that replaced it would not.)
+    """
+    try:
+        there = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        there = None
+    if there is None or (there.st_dev, there.st_ino) != (ours.st_dev, ours.st_ino):
+        raise FileExistsError(
+            errno.EEXIST,
+            "another writer replaced this checkpoint as it was committed; what is there now "
+            "is not what this save wrote",
+            path,
+        )
 
 
 def _check_replaceable(path: str) -> None:

@@ -342,3 +342,21 @@ def test_remove_checkpoint(tmp_path: Path) -> None:
 def test_read_manifest_of_a_commit(tmp_path: Path) -> None:
     save(tmp_path / "ckpt", metadata={"k": 1})
     assert read_manifest(tmp_path / "ckpt").metadata == {"k": 1}
+
+
+def test_a_checkpoint_replaced_as_it_was_published_is_not_reported_durable(
+    tmp_path: Path,
+) -> None:
+    """The check ``finalize`` makes after its rename, made here after another writer (one
+    outside the root lock) put its own checkpoint at the path."""
+    path = tmp_path / "ckpt"
+    save(path, 1.0)
+    ours = os.stat(path)
+    commit.check_published(str(path), ours)  # still ours: fine
+    save(tmp_path / "theirs", 2.0)
+    os.rename(path, tmp_path / "ours-aside")
+    os.rename(tmp_path / "theirs", path)
+    with pytest.raises(FileExistsError, match="another writer replaced this checkpoint"):
+        commit.check_published(str(path), ours)
+    with pytest.raises(FileExistsError):  # or removed it
+        commit.check_published(str(tmp_path / "nothing"), ours)
