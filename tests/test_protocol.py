@@ -6,6 +6,7 @@ import ast
 import enum
 import struct
 from pathlib import Path
+from types import ModuleType
 
 import msgspec
 import numpy
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import aiockpt.protocol
+import aiockpt.session
 from aiockpt.errors import ProtocolError, ProtocolVersionMismatch
 from aiockpt.protocol import (
     PROTOCOL_VERSION,
@@ -93,9 +95,11 @@ def decode_like(message: WorkerRequest | WorkerResponse, body: bytes) -> object:
     return codec.decode_response(body)
 
 
-def test_protocol_module_is_sans_io() -> None:
-    """The protocol must not import asyncio, sockets or torch: it is pure data and framing."""
-    tree = ast.parse(Path(aiockpt.protocol.__file__).read_text())
+@pytest.mark.parametrize("module", [aiockpt.protocol, aiockpt.session], ids=lambda m: m.__name__)
+def test_protocol_modules_are_sans_io(module: ModuleType) -> None:
+    """The frames (protocol) and the rules (session) must not import asyncio, sockets or
+    torch: they are pure data, framing and state, testable with no process at all."""
+    tree = ast.parse(Path(str(module.__file__)).read_text())
     imported = {
         alias.name.split(".")[0]
         for node in ast.walk(tree)

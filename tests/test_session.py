@@ -3,16 +3,13 @@ cross as bytes, split and coalesced at every point, with no socket and no proces
 
 from __future__ import annotations
 
-import ast
 import threading
-from pathlib import Path
 
 import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import aiockpt.session
 from aiockpt.errors import ProtocolError, ProtocolVersionMismatch
 from aiockpt.protocol import (
     PROTOCOL_VERSION,
@@ -73,19 +70,6 @@ class Pair:
             WorkerResponse(init.request_id, init.request_type, True, payload=ready)
         )
         assert response is not None and self.parent.state is ParentState.READY
-
-
-def test_session_module_is_sans_io() -> None:
-    tree = ast.parse(Path(aiockpt.session.__file__).read_text())
-    imported = {
-        alias.name.split(".")[0]
-        for node in ast.walk(tree)
-        if isinstance(node, (ast.Import, ast.ImportFrom))
-        for alias in (
-            node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")]
-        )
-    }
-    assert not imported & {"asyncio", "socket", "torch", "anyio", "selectors", "subprocess"}
 
 
 def test_handshake_first_then_unique_increasing_ids_each_answered_once() -> None:
