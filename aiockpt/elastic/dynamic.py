@@ -164,6 +164,10 @@ class DynamicRendezvousHandler:
     the endpoint's host (or, without ``local_addr``, if the host names this machine), and
     falls back to a client if the port is taken. ``local_addr`` is this node's address, which
     its workers publish as ``MASTER_ADDR`` when it gets rank 0.
+
+    :meth:`next_rendezvous` starts a heartbeat task owned by the handler: end it with
+    :meth:`shutdown` (the job is over) or :meth:`stop` (this node goes away), as the agent
+    does when its run ends.
     """
 
     def __init__(
@@ -288,6 +292,8 @@ class DynamicRendezvousHandler:
         """Stop heartbeating and close the rendezvous (torch's ``shutdown``), within
         ``close_timeout``. Returns whether it was closed; never raises for a store error."""
         await self._stop_heartbeat()
+        if self._store is None:  # never reached the store: nothing to close, and no waiting
+            return False
         try:
             await asyncio.wait_for(self.set_closed(), self.settings.close_timeout)
         except (RuntimeError, OSError, TimeoutError) as exc:
