@@ -6,6 +6,7 @@ report their ranks through files; every wait is bounded, and every agent is kill
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -21,7 +22,14 @@ from pathlib import Path
 import pytest
 
 from aiockpt.elastic.cli import config_from_args, parse_args
-from aiockpt.elastic.dynamic import DynamicRendezvousHandler, parse_rdzv_conf
+from aiockpt.elastic.dynamic import (
+    DynamicRendezvousHandler,
+    RendezvousClosedError,
+    RendezvousGracefulExitError,
+    RendezvousSettings,
+    RendezvousTimeoutError,
+    parse_rdzv_conf,
+)
 
 SCRIPT = str(Path(__file__).with_name("membership_worker.py"))
 LAUNCH = [sys.executable, "-m", "aiockpt.run"]
@@ -305,3 +313,81 @@ def test_inconsistent_rendezvous_flags_are_rejected(argv: list[str], message: st
 def test_rdzv_conf_parsing() -> None:
     assert parse_rdzv_conf("") == {}
     assert parse_rdzv_conf("a=1, b = x,") == {"a": "1", "b": "x"}
+
+
+# -- the handler in-process, on both loops ---------------------------------------------------
+
+
+@contextmanager
+def external_store() -> Iterator[str]:
+    """A TCPStore server owned by the test; yields its endpoint."""
+    from torch.distributed import TCPStore  # type: ignore[attr-defined]
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    try:
+        yield f"127.0.0.1:{store.port}"
+    finally:
+        del store
+
+
+def handler(
+    endpoint: str, min_nodes: int, max_nodes: int, **timeouts: float
+) -> DynamicRendezvousHandler:
+    settings = RendezvousSettings(
+        "inproc",
+        min_nodes,
+        max_nodes,
+        join_timeout=timeouts.get("join_timeout", 20.0),
+        last_call_timeout=timeouts.get("last_call_timeout", 0.2),
+        keep_alive_interval=0.2,
+        keep_alive_max_attempt=5,
+        close_timeout=5.0,
+    )
+    return DynamicRendezvousHandler(settings, endpoint, local_addr="127.0.0.1", is_host=False)
+
+
+async def test_handler_wait_list_wakes_the_running_node_and_both_meet() -> None:
+    with external_store() as endpoint:
+        first, second = handler(endpoint, 1, 2), handler(endpoint, 1, 2)
+        try:
+            alone = await asyncio.wait_for(first.next_rendezvous(), 20)
+            assert (alone.rank, alone.world_size) == (0, 1)
+            watch = asyncio.create_task(first.wait_for_membership_change())
+            joining = asyncio.create_task(second.next_rendezvous())
+            reason = await asyncio.wait_for(watch, 20)  # woken by the store, not a timer
+            assert reason == "1 node(s) waiting to join"
+            assert await first.num_nodes_waiting() == 1
+            both = await asyncio.wait_for(asyncio.gather(first.next_rendezvous(), joining), 20)
+            assert sorted(info.rank for info in both) == [0, 1]
+            assert {info.world_size for info in both} == {2}
+            assert {info.round for info in both} == {1}
+            assert await first.num_nodes_waiting() == 0
+            # closing: a late node is turned away, gracefully
+            assert await first.shutdown()
+            assert await second.is_closed()
+            late = handler(endpoint, 1, 2)
+            with pytest.raises(RendezvousClosedError, match="closed"):
+                await asyncio.wait_for(late.next_rendezvous(), 20)
+            assert issubclass(RendezvousClosedError, RendezvousGracefulExitError)
+            await late.stop()
+        finally:
+            for h in (first, second):
+                await h.stop()
+
+
+async def test_handler_below_min_times_out_and_gives_its_place_back() -> None:
+    with external_store() as endpoint:
+        lonely = handler(endpoint, 2, 3, join_timeout=0.5)
+        try:
+            started = time.monotonic()
+            with pytest.raises(RendezvousTimeoutError, match=r"1 node\(s\) met \(min 2, max 3\)"):
+                await asyncio.wait_for(lonely.next_rendezvous(), 20)
+            assert 0.5 <= time.monotonic() - started < 10
+            # a node that gave up holds no place: the next two meet without it
+            pair = [handler(endpoint, 2, 3), handler(endpoint, 2, 3)]
+            met = await asyncio.wait_for(asyncio.gather(*(h.next_rendezvous() for h in pair)), 20)
+            assert {info.world_size for info in met} == {2}
+            for h in pair:
+                await h.stop()
+        finally:
+            await lonely.stop()
