@@ -9,6 +9,8 @@ One ``await agent.run()`` is torchelastic's ``LocalElasticAgent.run()``::
                  first failure  -> stop the siblings (SIGTERM, deadline, SIGKILL)
                                    restarts left -> STOPPED, restart count + 1, loop
                                    none left     -> FAILED -> RunResult(failures)
+        dynamic rendezvous only:
+                 members change -> stop the workers, next round, loop (no restart spent)
 
 A termination signal to the agent (SIGTERM, SIGINT, SIGHUP, SIGQUIT; ``loop.add_signal_handler``)
 cancels that work, forwards the signal to every worker group, waits ``shutdown_timeout``, kills
@@ -114,9 +116,12 @@ class LocalElasticAgent:
         """Run the worker group to completion (with restarts) and return the result.
 
         Raises ``FileNotFoundError`` for a binary entrypoint that does not exist,
-        ``RendezvousError`` if the nodes cannot meet, ``SignalException`` after a handled
-        signal stopped the workers, and ``OSError`` if log files cannot be created. Workers are
-        stopped whenever ``run`` leaves, including by cancellation.
+        ``RendezvousError`` if the nodes cannot meet (with a dynamic rendezvous:
+        ``RendezvousTimeoutError`` below ``min_nodes`` after ``join_timeout``, and
+        ``RendezvousClosedError``, a graceful exit, if the job already ended),
+        ``SignalException`` after a handled signal stopped the workers, and ``OSError`` if log
+        files cannot be created. Workers are stopped whenever ``run`` leaves, including by
+        cancellation.
         """
         loop = asyncio.get_running_loop()
         signalled: asyncio.Future[signal.Signals] = loop.create_future()
