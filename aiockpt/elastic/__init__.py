@@ -11,6 +11,7 @@ Modules, from the worker outwards::
     process     WorkerProcess: start one worker, await its exit, signal its process group
     monitor     await the group's exits; on the first failure stop the rest (TERM, KILL)
     rendezvous  static rendezvous and rank assignment over TCPStore
+    dynamic     dynamic (c10d) rendezvous: nodes join and leave between MIN and MAX
     barrier     the exit barrier
     janitor     kills the workers' process groups and removes the temporary log directory
                 of an agent that died without doing so
@@ -26,6 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from aiockpt.elastic.agent import LocalElasticAgent
+    from aiockpt.elastic.dynamic import (
+        DynamicRendezvousHandler,
+        RendezvousClosedError,
+        RendezvousGracefulExitError,
+        RendezvousSettings,
+        RendezvousTimeoutError,
+    )
     from aiockpt.elastic.failures import ProcessFailure, format_failures, record
     from aiockpt.elastic.logs import LogsSpecs, Std
     from aiockpt.elastic.rendezvous import StaticRendezvous
@@ -33,10 +41,15 @@ if TYPE_CHECKING:
     from aiockpt.errors import RendezvousError, SignalException
 
 __all__ = [
+    "DynamicRendezvousHandler",
     "LocalElasticAgent",
     "LogsSpecs",
     "ProcessFailure",
+    "RendezvousClosedError",
     "RendezvousError",
+    "RendezvousGracefulExitError",
+    "RendezvousSettings",
+    "RendezvousTimeoutError",
     "RunResult",
     "SignalException",
     "StaticRendezvous",
@@ -52,6 +65,11 @@ __all__ = [
 # Imported on first use: every function worker starts as ``python -m aiockpt.elastic.bootstrap``
 # and so imports this package; it needs ``record``, not asyncio and the agent (~60 ms).
 _HOME = {
+    "DynamicRendezvousHandler": "aiockpt.elastic.dynamic",
+    "RendezvousClosedError": "aiockpt.elastic.dynamic",
+    "RendezvousGracefulExitError": "aiockpt.elastic.dynamic",
+    "RendezvousSettings": "aiockpt.elastic.dynamic",
+    "RendezvousTimeoutError": "aiockpt.elastic.dynamic",
     "LocalElasticAgent": "aiockpt.elastic.agent",
     "LogsSpecs": "aiockpt.elastic.logs",
     "ProcessFailure": "aiockpt.elastic.failures",

@@ -9,6 +9,8 @@ One ``await agent.run()`` is torchelastic's ``LocalElasticAgent.run()``::
                  first failure  -> stop the siblings (SIGTERM, deadline, SIGKILL)
                                    restarts left -> STOPPED, restart count + 1, loop
                                    none left     -> FAILED -> RunResult(failures)
+        dynamic rendezvous only:
+                 members change -> stop the workers, next round, loop (no restart spent)
 
 A termination signal to the agent (SIGTERM, SIGINT, SIGHUP, SIGQUIT; ``loop.add_signal_handler``)
 cancels that work, forwards the signal to every worker group, waits ``shutdown_timeout``, kills
@@ -34,6 +36,7 @@ from typing import Any, TypeVar
 
 from aiockpt.elastic import janitor
 from aiockpt.elastic.barrier import exit_barrier
+from aiockpt.elastic.dynamic import DynamicRendezvousHandler
 from aiockpt.elastic.logs import LogsDest, LogsSpecs, Std, make_run_log_dir
 from aiockpt.elastic.monitor import GroupOutcome, monitor, stop_processes
 from aiockpt.elastic.process import StreamTarget, WorkerProcess
@@ -89,6 +92,7 @@ class LocalElasticAgent:
         self._signals_to_handle = tuple(signals_to_handle)
         self._rendezvous = spec.rdzv_handler or StaticRendezvous()
         self._remaining_restarts = spec.max_restarts
+        self._attempts = 0
         self._processes: list[WorkerProcess] = []
         self._run_log_dir: str | None = None
         self._janitor: _Janitor | None = None
@@ -112,9 +116,12 @@ class LocalElasticAgent:
         """Run the worker group to completion (with restarts) and return the result.
 
         Raises ``FileNotFoundError`` for a binary entrypoint that does not exist,
-        ``RendezvousError`` if the nodes cannot meet, ``SignalException`` after a handled
-        signal stopped the workers, and ``OSError`` if log files cannot be created. Workers are
-        stopped whenever ``run`` leaves, including by cancellation.
+        ``RendezvousError`` if the nodes cannot meet (with a dynamic rendezvous:
+        ``RendezvousTimeoutError`` below ``min_nodes`` after ``join_timeout``, and
+        ``RendezvousClosedError``, a graceful exit, if the job already ended),
+        ``SignalException`` after a handled signal stopped the workers, and ``OSError`` if log
+        files cannot be created. Workers are stopped whenever ``run`` leaves, including by
+        cancellation.
         """
         loop = asyncio.get_running_loop()
         signalled: asyncio.Future[signal.Signals] = loop.create_future()
@@ -140,9 +147,26 @@ class LocalElasticAgent:
                         # a TaskGroup, asyncio.run's final cancel): it is bounded by the
                         # deadlines, and workers left half-stopped would outlive run().
                         await _finish(self._shut_down(work, stop_signal))
+                        if isinstance(self._rendezvous, DynamicRendezvousHandler):
+                            await _finish(self._leave(self._rendezvous, work, signalled))
         finally:
             signalled.cancel()
             self._rendezvous.close()
+
+    @staticmethod
+    async def _leave(
+        handler: DynamicRendezvousHandler,
+        work: asyncio.Task[RunResult],
+        signalled: asyncio.Future[signal.Signals],
+    ) -> None:
+        """As torch's ``launch_agent``: the job is over when the run ended by itself
+        (succeeded, failed, or could not meet), so the rendezvous is closed and late nodes
+        exit; after a signal or a cancellation this node only goes away (it may be
+        replaced), so it stops heartbeating and the others notice it left."""
+        if signalled.done() or not work.done() or work.cancelled():
+            await handler.stop()
+        else:
+            await handler.shutdown()
 
     async def _shut_down(self, work: asyncio.Task[RunResult], sig: signal.Signals) -> None:
         await _cancel_and_wait(work)
@@ -155,6 +179,11 @@ class LocalElasticAgent:
         rdzv = await self._assign_ranks()
         while True:
             outcome = await self._run_attempt(entrypoint, rdzv)
+            if outcome is None:
+                # membership changed: as torch, meet again without spending a restart
+                group.state = WorkerState.STOPPED
+                rdzv = await self._assign_ranks()
+                continue
             if not outcome.failures:
                 group.state = WorkerState.SUCCEEDED
                 await exit_barrier(rdzv.store, rdzv.world_size, self._exit_barrier_timeout)
@@ -174,6 +203,9 @@ class LocalElasticAgent:
                 )
                 self._remaining_restarts -= 1
                 group.state = WorkerState.STOPPED
+                if isinstance(self._rendezvous, DynamicRendezvousHandler):
+                    # the group may have lost a node: every restart is a new round
+                    rdzv = await self._assign_ranks()
                 continue
             group.state = WorkerState.FAILED
             return RunResult(
@@ -208,16 +240,23 @@ class LocalElasticAgent:
 
     async def _run_attempt(
         self, entrypoint: str | Callable[..., Any], rdzv: RendezvousInfo
-    ) -> GroupOutcome:
+    ) -> GroupOutcome | None:
         """Start the group, monitor it, and stop it; workers still running when this is
-        cancelled are left in ``_processes`` for ``run`` to stop with the right signal."""
+        cancelled are left in ``_processes`` for ``run`` to stop with the right signal.
+
+        Returns ``None`` if the workers were stopped because the dynamic rendezvous' members
+        changed (a node waits to join, or one left) before the group finished."""
         group = self._worker_group
         spec = group.spec
         restart_count = spec.max_restarts - self._remaining_restarts
         # Held until the attempt's workers are stopped: dropping it stops node 0's server.
         attempt_store, group.master_port = await self._attempt_store(rdzv, restart_count)
         assert self._run_log_dir is not None  # set by _log_root_and_janitor, around every attempt
-        dest = self._logs_specs.reify(self._run_log_dir, restart_count, spec.local_world_size)
+        # Counted apart from restarts: membership changes restart without spending one, and
+        # an attempt's logs must not overwrite the last one's.
+        attempt = self._attempts
+        self._attempts += 1
+        dest = self._logs_specs.reify(self._run_log_dir, attempt, spec.local_world_size)
         for worker in group.workers:
             rank = worker.local_rank
             process = await WorkerProcess.start(
@@ -233,7 +272,29 @@ class LocalElasticAgent:
             assert self._janitor is not None  # started with the log root, like _run_log_dir
             self._janitor.watch(process.pid)  # the worker leads its own process group
         group.state = WorkerState.HEALTHY
-        outcome = await monitor(self._processes, dest.error_files, self._shutdown_timeout)
+        monitoring = asyncio.create_task(
+            monitor(self._processes, dest.error_files, self._shutdown_timeout)
+        )
+        watching: asyncio.Task[str] | None = None
+        if isinstance(self._rendezvous, DynamicRendezvousHandler):
+            watching = asyncio.create_task(_watch_membership(self._rendezvous))
+        try:
+            tasks: list[asyncio.Task[Any]] = (
+                [monitoring] if watching is None else [monitoring, watching]
+            )
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            # the workers' own end wins a tie: a failure spends a restart, as in torch
+            outcome = monitoring.result() if monitoring.done() else None
+            if outcome is None and watching is not None:
+                logger.warning(
+                    "[%s] membership changed (%s); stopping workers to meet again",
+                    spec.role,
+                    watching.result(),
+                )
+        finally:
+            await _cancel_and_wait(monitoring)
+            if watching is not None:
+                await _cancel_and_wait(watching)
         await self._stop_workers(signal.SIGTERM)
         del attempt_store
         return outcome
@@ -248,7 +309,9 @@ class LocalElasticAgent:
         held from the moment it is chosen; the other nodes read the port from the
         rendezvous store. Returns ``(server or None, port)``.
         """
-        key = f"torchelastic/attempt_store_port/{restart_count}"
+        # a round's store is its own (and nodes may have spent different restarts)
+        suffix = restart_count if rdzv.round is None else "round"
+        key = f"torchelastic/attempt_store_port/{suffix}"
         if rdzv.rank != 0:
             raw = await run_blocking(lambda: rdzv.store.get(key), "aiockpt-attempt-store")
             return None, int(raw)
@@ -493,6 +556,17 @@ async def _finish(coro: Coroutine[Any, Any, _T]) -> _T:
     if not task.cancelled() and task.exception() is not None:
         logger.error("clean-up failed while cancelled", exc_info=task.exception())
     raise cancelled
+
+
+async def _watch_membership(handler: DynamicRendezvousHandler) -> str:
+    """Why the group must meet again; never returns if the store fails (the workers' own
+    end decides then: a store that is gone means the job is going)."""
+    try:
+        return await handler.wait_for_membership_change()
+    except RuntimeError as exc:
+        logger.warning("cannot watch the rendezvous any more: %s", exc)
+        await asyncio.get_running_loop().create_future()  # until cancelled
+        raise AssertionError("unreachable") from None
 
 
 async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:

@@ -1,9 +1,14 @@
 """``aiockpt-run`` / ``python -m aiockpt.run``: torchrun's command line over the asyncio agent.
 
-Flags keep torchrun's names (dashes or underscores) and defaults; the rendezvous is static
-(``--nnodes N`` with ``--node-rank`` and ``--master-addr/--master-port``), or ``--standalone``
-for one node on a free port. Exit codes: 0 success; 1 the workers failed (torchelastic's
-failure report on stderr) or the launch itself failed; 128 + N after signal N stopped the run.
+Flags keep torchrun's names (dashes or underscores) and defaults, and as torchrun's each can
+come from a ``PET_<NAME>`` environment variable (``PET_NNODES``, ``PET_RDZV_ENDPOINT``: what
+Kubeflow sets); a flag on the command line wins. The rendezvous is static (``--nnodes N`` with
+``--node-rank`` and ``--master-addr/--master-port``), ``--standalone`` for one node on a free
+port, or dynamic (``--rdzv-backend c10d --nnodes MIN:MAX --rdzv-endpoint HOST[:PORT]``:
+nodes join and leave, see :mod:`aiockpt.elastic.dynamic`). Exit codes: 0 success, or a
+closed dynamic rendezvous (the job ended before this node joined); 1 the workers failed
+(torchelastic's failure report on stderr) or the launch itself failed; 128 + N after signal N
+stopped the run.
 """
 
 from __future__ import annotations
@@ -19,6 +24,12 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from aiockpt.elastic.agent import LocalElasticAgent
+from aiockpt.elastic.dynamic import (
+    DynamicRendezvousHandler,
+    RendezvousGracefulExitError,
+    parse_rdzv_conf,
+    settings_from_conf,
+)
 from aiockpt.elastic.failures import format_failures
 from aiockpt.elastic.logs import LogsSpecs, Std
 from aiockpt.elastic.rendezvous import StaticRendezvous
@@ -46,7 +57,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--nnodes",
         type=_nnodes,
         default="1",
-        help="Number of nodes (static rendezvous: N, or N:N).",
+        help="Number of nodes, or the range of nodes in form <minimum_nodes>:<maximum_nodes> "
+        "(a range needs --rdzv-backend c10d).",
     )
     add(
         "--nproc-per-node",
@@ -70,6 +82,40 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=str,
         default="none",
         help="User-defined job id (names log directories; TORCHELASTIC_RUN_ID).",
+    )
+    add(
+        "--rdzv-backend",
+        "--rdzv_backend",
+        type=str,
+        default="static",
+        choices=["static", "c10d"],
+        help="Rendezvous backend: static (a fixed set of nodes, node 0 hosts the store) or c10d "
+        "(nodes join and leave; the agent on --rdzv-endpoint hosts the store).",
+    )
+    add(
+        "--rdzv-endpoint",
+        "--rdzv_endpoint",
+        type=str,
+        default="",
+        help="Rendezvous backend endpoint; usually in form <host>:<port> (default port 29400).",
+    )
+    add(
+        "--rdzv-conf",
+        "--rdzv_conf",
+        type=str,
+        default="",
+        help="Additional rendezvous configuration (<key1>=<value1>,<key2>=<value2>,...): "
+        "join_timeout (600), last_call_timeout (30), close_timeout (30), keep_alive_interval "
+        "(5), keep_alive_max_attempt (3), is_host.",
+    )
+    add(
+        "--local-addr",
+        "--local_addr",
+        type=str,
+        default=None,
+        help="Address of the local node. If specified, will use the given address for "
+        "connection; else looks up the local node address instead (the fully qualified "
+        "hostname).",
     )
     add(
         "--max-restarts",
@@ -201,7 +247,30 @@ def get_args_parser() -> argparse.ArgumentParser:
         "followed by all the arguments for the training script.",
     )
     add("training_script_args", nargs=argparse.REMAINDER)
+    _defaults_from_environment(parser)
     return parser
+
+
+def _defaults_from_environment(parser: argparse.ArgumentParser) -> None:
+    """torchrun's ``env`` action: ``PET_<FLAG>`` sets a flag's default, e.g. ``PET_NNODES``
+    for ``--nnodes`` and ``PET_RDZV_ID`` for ``--rdzv-id``. A default given as text is
+    parsed by the flag's type like a value on the command line (a bad one is an argparse
+    error naming the flag); switches take torchrun's ``0``/``1``."""
+    for action in parser._actions:
+        for option in action.option_strings:
+            if not option.startswith("--"):
+                continue
+            value = os.environ.get("PET_" + option[2:].replace("-", "_").upper())
+            if value is None:
+                continue
+            if isinstance(action, argparse._StoreTrueAction):
+                try:
+                    action.default = bool(int(value))
+                except ValueError:
+                    parser.error(f"PET variable for {option}: expected 0 or 1, got {value!r}")
+            else:
+                action.default = value
+            break
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -214,17 +283,32 @@ def config_from_args(args: argparse.Namespace) -> tuple[WorkerSpec, LogsSpecs]:
 
     Raises ``ValueError`` for inconsistent flags, ``NotADirectoryError`` for a file as log dir.
     """
-    nnodes: int = args.nnodes
+    min_nodes, max_nodes = args.nnodes
     nproc = _resolve_nproc_per_node(args.nproc_per_node)
     if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
         # as torchrun: N busy workers each with all cores' worth of OpenMP threads thrash
         logger.warning("setting OMP_NUM_THREADS=1 for each worker; tune it for your job")
         os.environ["OMP_NUM_THREADS"] = "1"
+    rendezvous: StaticRendezvous | DynamicRendezvousHandler
     if args.standalone:
-        if nnodes != 1:
+        if max_nodes != 1:
             raise ValueError("--standalone runs one node; drop --nnodes or --standalone")
         rendezvous = StaticRendezvous(run_id=uuid.uuid4().hex)
+    elif args.rdzv_backend == "c10d":
+        if not args.rdzv_endpoint:
+            raise ValueError("--rdzv-backend c10d needs --rdzv-endpoint HOST[:PORT]")
+        settings, is_host = settings_from_conf(
+            args.run_id, min_nodes, max_nodes, parse_rdzv_conf(args.rdzv_conf)
+        )
+        rendezvous = DynamicRendezvousHandler(
+            settings, args.rdzv_endpoint, local_addr=args.local_addr, is_host=is_host
+        )
     else:
+        if min_nodes != max_nodes:
+            raise ValueError(
+                f"--nnodes {min_nodes}:{max_nodes}: a range of nodes needs --rdzv-backend c10d"
+            )
+        nnodes = max_nodes
         if args.node_rank >= nnodes:
             raise ValueError(
                 f"--node-rank must be less than --nnodes ({nnodes}), got {args.node_rank}"
@@ -297,6 +381,10 @@ def main(argv: list[str] | None = None) -> None:
         result: RunResult = _run_on_fastest_loop(agent.run)
     except SignalException as exc:
         sys.exit(128 + exc.sigval)
+    except RendezvousGracefulExitError as exc:
+        # torch's agent: a closed rendezvous means the job is over, not that this node failed
+        print(f"aiockpt-run: {exc}; exiting", file=sys.stderr)
+        return
     except (FileNotFoundError, RendezvousError) as exc:
         print(f"aiockpt-run: {exc}", file=sys.stderr)
         sys.exit(1)
@@ -351,18 +439,18 @@ def _std(text: str) -> Std | dict[int, Std]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _nnodes(text: str) -> int:
-    """An argparse type: ``N`` or ``N:N`` with N >= 1 (the rendezvous is static)."""
+def _nnodes(text: str) -> tuple[int, int]:
+    """An argparse type: ``N`` or ``MIN:MAX`` with 1 <= MIN <= MAX; ``(min, max)``."""
     low, _, high = text.partition(":")
     try:
-        nnodes, max_nodes = int(low), int(high or low)
+        min_nodes, max_nodes = int(low), int(high or low)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or N:N, got {text!r}") from None
-    if nnodes != max_nodes:
-        raise argparse.ArgumentTypeError(f"{text}: only a fixed number of nodes is supported")
-    if nnodes < 1:
+        raise argparse.ArgumentTypeError(f"expected N or MIN:MAX, got {text!r}") from None
+    if min_nodes < 1:
         raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
-    return nnodes
+    if max_nodes < min_nodes:
+        raise argparse.ArgumentTypeError(f"MAX must be >= MIN, got {text!r}")
+    return min_nodes, max_nodes
 
 
 def _nproc_per_node(text: str) -> str:

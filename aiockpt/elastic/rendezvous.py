@@ -78,6 +78,8 @@ class RendezvousInfo:
     world_size: int
     master_addr: str
     master_port: int
+    #: the dynamic rendezvous' round (``None``: static, one store for every attempt)
+    round: int | None = None
 
 
 class StaticRendezvous:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from aiockpt.elastic.failures import ProcessFailure
 
 if TYPE_CHECKING:
+    from aiockpt.elastic.dynamic import DynamicRendezvousHandler
     from aiockpt.elastic.rendezvous import StaticRendezvous
 
 __all__ = ["DEFAULT_ROLE", "RunResult", "Worker", "WorkerGroup", "WorkerSpec", "WorkerState"]
@@ -30,8 +31,9 @@ class WorkerSpec:
     ``entrypoint`` is a binary (a path, or a name looked up on ``PATH``) or an importable
     module-level function; ``args`` are its arguments, where the string ``"${local_rank}"``
     is replaced by each worker's local rank. ``rdzv_handler`` says how nodes meet (``None``:
-    a single node on a free port). ``monitor_interval`` is kept for torchelastic compatibility
-    and unused: the agent awaits worker exits instead of polling. Raises ``ValueError`` for a
+    a single node on a free port; a ``DynamicRendezvousHandler``: nodes come and go).
+    ``monitor_interval`` is kept for torchelastic compatibility and unused: the agent awaits
+    worker exits instead of polling. Raises ``ValueError`` for a
     non-positive ``local_world_size``, a negative ``max_restarts`` or a missing entrypoint.
     """
 
@@ -41,7 +43,7 @@ class WorkerSpec:
     args: tuple[Any, ...] = ()
     max_restarts: int = 3
     monitor_interval: float = 0.1
-    rdzv_handler: StaticRendezvous | None = None
+    rdzv_handler: StaticRendezvous | DynamicRendezvousHandler | None = None
 
     def __post_init__(self) -> None:
         if self.local_world_size <= 0:

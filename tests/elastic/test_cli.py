@@ -127,7 +127,9 @@ def test_torchrun_command_line_with_start_method_runs() -> None:
     [
         ("--nnodes", "0"),
         ("--nnodes", "two"),
-        ("--nnodes", "1:2"),
+        ("--nnodes", "2:1"),
+        ("--nnodes", "1:x"),
+        ("--rdzv-backend", "etcd"),
         ("--nproc-per-node", "0"),
         ("--nproc-per-node", "-2"),
         ("--nproc-per-node", "many"),
@@ -172,7 +174,7 @@ def test_valid_numeric_flags() -> None:
          "--shutdown-timeout=0", "--exit-barrier-timeout=0.5", "--monitor-interval=5",
          "--nproc-per-node=cpu", "train.py"]
     )  # fmt: skip
-    assert (args.nnodes, args.node_rank, args.master_port) == (2, 1, 0)
+    assert (args.nnodes, args.node_rank, args.master_port) == ((2, 2), 1, 0)
     assert (args.shutdown_timeout, args.exit_barrier_timeout) == (0.0, 0.5)
 
 

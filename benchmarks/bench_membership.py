@@ -1,0 +1,231 @@
+"""Elastic membership, aiockpt-run against torchrun (``--rdzv-backend c10d``), interleaved.
+
+    python -m benchmarks.bench_membership [--repeats 5]
+
+Two "nodes" on one host, agents on 127.0.0.2 and 127.0.0.3, ``--nnodes 1:2``, the same
+``--rdzv-conf`` for both launchers (last_call_timeout=1, keep-alive at torch's defaults: a
+silent node is dead after 15 s; ``is_host`` set, as torch would otherwise take every 127.*
+endpoint for its own). Each trial:
+
+1. join: node A runs alone; node B is started; time until every worker of the group of 2
+   has joined its gloo group (both workers stamp ``time.monotonic()`` after an all-reduce).
+2. loss: node B is killed (SIGKILL to its agent and its workers at once, as a lost machine);
+   time until node A's new group of 1 runs. Both launchers see it first through A's worker
+   failing on the dead peer (a restart), then wait out B's keep-alive (15 s) before a new
+   round, so this is dominated by that expiry.
+
+The workers import torch (about a second each, the same for both launchers); the figures
+are the launchers' time on top of that. This file is also the worker:
+``python bench_membership.py worker <dir>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+LAUNCHERS = {
+    "aiockpt-run": [sys.executable, "-m", "aiockpt.run"],
+    "torchrun": [sys.executable, "-m", "torch.distributed.run"],
+}
+#: torch's c10d handler takes whole seconds only; keep-alive at torch's defaults (5 s x 3):
+#: with keep_alive_interval=1, keep_alive_max_attempt=2 torchrun's running node was found
+#: dead by the joining one (its stored heartbeat stayed at the rendezvous time), and the
+#: joiner formed a group of its own
+CONF = "join_timeout=60,last_call_timeout=1,keep_alive_interval=5,keep_alive_max_attempt=3"
+WAIT_S = float(os.environ.get("BENCH_WAIT_S", "120"))
+
+
+def worker(directory: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    flag = torch.zeros(1)
+    dist.all_reduce(flag)
+    name = f"ws{os.environ['WORLD_SIZE']}_r{os.environ['RANK']}_{os.getpid()}"
+    with open(os.path.join(directory, name + ".tmp"), "w") as f:
+        f.write(repr(time.monotonic()))
+    os.rename(os.path.join(directory, name + ".tmp"), os.path.join(directory, name))
+    finish = os.path.join(directory, "finish")
+    try:
+        while True:
+            flag = torch.tensor([1.0 if os.path.exists(finish) else 0.0])
+            dist.all_reduce(flag)
+            if flag.item() > 0:
+                break
+            time.sleep(0.05)
+    except RuntimeError:
+        os._exit(1)  # a peer is gone; the group's clean-up at exit could block on it
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_node(agent: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the agent and every process under it at once: a machine that is gone."""
+    pids = [agent.pid, *_descendants(agent.pid)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    agent.wait(WAIT_S)
+
+
+def _group_running(work: Path, size: int, after: float) -> float | None:
+    """When the last worker of a group of ``size`` started after ``after`` ran, if it did."""
+    stamps = [
+        float(path.read_text())
+        for path in work.glob(f"ws{size}_r*")
+        if not path.name.endswith(".tmp")
+    ]
+    fresh = [t for t in stamps if t > after]
+    return max(fresh) if len(fresh) >= size else None
+
+
+def _wait_group(work: Path, size: int, after: float) -> float:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        done = _group_running(work, size, after)
+        if done is not None:
+            return done
+        time.sleep(0.01)
+    raise TimeoutError(f"no group of {size} within {WAIT_S}s in {work}")
+
+
+def trial(launcher: str, root: Path, verbose: bool = False) -> tuple[float, float]:
+    """One join and one loss; returns both times in seconds."""
+    work = Path(tempfile.mkdtemp(dir=root))
+    endpoint = f"127.0.0.2:{_free_port()}"
+    agents: list[subprocess.Popen[bytes]] = []
+
+    def start(n: int) -> subprocess.Popen[bytes]:
+        out = (work / f"agent{n}.out").open("ab")
+        agent = subprocess.Popen(
+            [
+                *LAUNCHERS[launcher],
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={endpoint}",
+                "--nnodes=1:2",
+                "--nproc-per-node=1",
+                f"--rdzv-id={work.name}",
+                f"--rdzv-conf={CONF},is_host={int(n == 2)}",
+                f"--local-addr=127.0.0.{n}",
+                "--max-restarts=3",
+                "--monitor-interval=0.1",
+                __file__,
+                "worker",
+                str(work),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        out.close()
+        agents.append(agent)
+        return agent
+
+    try:
+        return _measure(work, start)
+    except TimeoutError:
+        for out in sorted(work.glob("agent*.out")) if verbose else []:
+            print(f"--- {launcher} {out.name}\n{out.read_text()[-2000:]}", file=sys.stderr)
+        raise
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                _kill_node(agent)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _measure(work: Path, start: Callable[[int], subprocess.Popen[bytes]]) -> tuple[float, float]:
+    first = start(2)
+    _wait_group(work, 1, 0.0)
+    joined = time.monotonic()
+    second = start(3)
+    join_s = _wait_group(work, 2, joined) - joined
+    lost = time.monotonic()
+    _kill_node(second)
+    loss_s = _wait_group(work, 1, lost) - lost
+    (work / "finish").touch()
+    first.wait(WAIT_S)
+    return join_s, loss_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--verbose", action="store_true", help="print the agents' output of a hung trial"
+    )
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="bench-membership-"))
+    times: dict[str, dict[str, list[float]]] = {
+        name: {"join": [], "loss": []} for name in LAUNCHERS
+    }
+    hung: dict[str, int] = dict.fromkeys(LAUNCHERS, 0)
+    try:
+        for i in range(args.repeats):
+            for name in LAUNCHERS:  # interleaved: load drifts affect both alike
+                try:
+                    join_s, loss_s = trial(name, root, verbose=args.verbose)
+                except TimeoutError as exc:
+                    hung[name] += 1
+                    print(f"trial {i} {name:11s} did not finish: {exc}", flush=True)
+                    continue
+                times[name]["join"].append(join_s)
+                times[name]["loss"].append(loss_s)
+                print(f"trial {i} {name:11s} join {join_s:6.3f}s  loss {loss_s:6.3f}s", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"\nmedians over the trials that finished, of {args.repeats} (seconds)")
+    print(f"{'':12s} {'join -> group of 2 running':>28s} {'SIGKILL -> group of 1 running':>31s}")
+    for name, measured in times.items():
+        if not measured["join"]:
+            print(f"{name:12s} {'-':>28s} {'-':>31s}  ({hung[name]} trial(s) hung)")
+            continue
+        join = statistics.median(measured["join"])
+        loss = statistics.median(measured["loss"])
+        note = f"  ({hung[name]} trial(s) hung)" if hung[name] else ""
+        print(f"{name:12s} {join:28.3f} {loss:31.3f}{note}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "worker":
+        worker(sys.argv[2])
+    else:
+        main()
