@@ -21,6 +21,9 @@ tree at the boundary where they happen; callers catch ``AiockptError`` for anyth
     │   ├── CoordinationTimeout       a rank never arrived (also a builtin TimeoutError)
     │   └── RankFailed                another rank's part of the save failed (its traceback)
     ├── RendezvousError               elastic agents could not meet over their store
+    │   ├── RendezvousTimeoutError    fewer than the minimum nodes met within join_timeout
+    │   └── RendezvousGracefulExitError  the rendezvous ended, not by this node's failure
+    │       └── RendezvousClosedError    closed: the job is over (the agent exits 0)
     └── SignalException               the elastic agent got a termination signal and stopped
                                       its workers (``sigval`` names the signal)
 
@@ -40,7 +43,10 @@ __all__ = [
     "ProtocolError",
     "ProtocolVersionMismatch",
     "RankFailed",
+    "RendezvousClosedError",
     "RendezvousError",
+    "RendezvousGracefulExitError",
+    "RendezvousTimeoutError",
     "RootLocked",
     "SignalException",
     "WorkerClosed",
@@ -168,6 +174,19 @@ class RankFailed(RemoteErrorMixin, CoordinationError):
 
 class RendezvousError(AiockptError):
     """Elastic agents could not meet: the store was unreachable or a node never arrived."""
+
+
+class RendezvousGracefulExitError(RendezvousError):
+    """The rendezvous ended in a way that is not a failure of this node (torch's
+    ``RendezvousGracefulExitError``): the agent exits 0."""
+
+
+class RendezvousClosedError(RendezvousGracefulExitError):
+    """The rendezvous is closed: the job is over, there is nothing left to join."""
+
+
+class RendezvousTimeoutError(RendezvousError):
+    """Not enough nodes met within ``join_timeout``."""
 
 
 class SignalException(AiockptError):

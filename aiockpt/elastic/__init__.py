@@ -27,18 +27,18 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from aiockpt.elastic.agent import LocalElasticAgent
-    from aiockpt.elastic.dynamic import (
-        DynamicRendezvousHandler,
-        RendezvousClosedError,
-        RendezvousGracefulExitError,
-        RendezvousSettings,
-        RendezvousTimeoutError,
-    )
+    from aiockpt.elastic.dynamic import DynamicRendezvousHandler, RendezvousSettings
     from aiockpt.elastic.failures import ProcessFailure, format_failures, record
     from aiockpt.elastic.logs import LogsSpecs, Std
     from aiockpt.elastic.rendezvous import StaticRendezvous
     from aiockpt.elastic.spec import RunResult, Worker, WorkerGroup, WorkerSpec, WorkerState
-    from aiockpt.errors import RendezvousError, SignalException
+    from aiockpt.errors import (
+        RendezvousClosedError,
+        RendezvousError,
+        RendezvousGracefulExitError,
+        RendezvousTimeoutError,
+        SignalException,
+    )
 
 __all__ = [
     "DynamicRendezvousHandler",
@@ -66,10 +66,10 @@ __all__ = [
 # and so imports this package; it needs ``record``, not asyncio and the agent (~60 ms).
 _HOME = {
     "DynamicRendezvousHandler": "aiockpt.elastic.dynamic",
-    "RendezvousClosedError": "aiockpt.elastic.dynamic",
-    "RendezvousGracefulExitError": "aiockpt.elastic.dynamic",
+    "RendezvousClosedError": "aiockpt.errors",
+    "RendezvousGracefulExitError": "aiockpt.errors",
     "RendezvousSettings": "aiockpt.elastic.dynamic",
-    "RendezvousTimeoutError": "aiockpt.elastic.dynamic",
+    "RendezvousTimeoutError": "aiockpt.errors",
     "LocalElasticAgent": "aiockpt.elastic.agent",
     "LogsSpecs": "aiockpt.elastic.logs",
     "ProcessFailure": "aiockpt.elastic.failures",

@@ -24,17 +24,12 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from aiockpt.elastic.agent import LocalElasticAgent
-from aiockpt.elastic.dynamic import (
-    DynamicRendezvousHandler,
-    RendezvousGracefulExitError,
-    parse_rdzv_conf,
-    settings_from_conf,
-)
+from aiockpt.elastic.dynamic import DynamicRendezvousHandler, parse_rdzv_conf, settings_from_conf
 from aiockpt.elastic.failures import format_failures
 from aiockpt.elastic.logs import LogsSpecs, Std
 from aiockpt.elastic.rendezvous import StaticRendezvous
 from aiockpt.elastic.spec import DEFAULT_ROLE, RunResult, WorkerSpec
-from aiockpt.errors import RendezvousError, SignalException
+from aiockpt.errors import RendezvousError, RendezvousGracefulExitError, SignalException
 
 __all__ = ["get_args_parser", "main", "parse_args"]
 

@@ -37,7 +37,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from aiockpt.elastic.rendezvous import RendezvousInfo, run_blocking
-from aiockpt.errors import RendezvousError
+from aiockpt.errors import RendezvousClosedError, RendezvousError, RendezvousTimeoutError
 
 if TYPE_CHECKING:
     from torch._C._distributed_c10d import Store, TCPStore
@@ -45,10 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_RDZV_PORT",
     "DynamicRendezvousHandler",
-    "RendezvousClosedError",
-    "RendezvousGracefulExitError",
     "RendezvousSettings",
-    "RendezvousTimeoutError",
     "parse_rdzv_conf",
 ]
 
@@ -59,19 +56,6 @@ DEFAULT_RDZV_PORT = 29400  # torch's c10d backend default
 _STORE_OP_TIMEOUT_S = 60.0
 #: how long one store wait for a state change blocks (the callers bound their own waits)
 _CHANGE_WAIT_S = 3600.0
-
-
-class RendezvousGracefulExitError(RendezvousError):
-    """The rendezvous ended in a way that is not a failure of this node (torch's
-    ``RendezvousGracefulExitError``): the agent exits 0."""
-
-
-class RendezvousClosedError(RendezvousGracefulExitError):
-    """The rendezvous is closed: the job is over, there is nothing left to join."""
-
-
-class RendezvousTimeoutError(RendezvousError):
-    """Not enough nodes met within ``join_timeout``."""
 
 
 @dataclass(frozen=True)

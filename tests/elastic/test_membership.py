@@ -22,13 +22,11 @@ from pathlib import Path
 import pytest
 
 from aiockpt.elastic.cli import config_from_args, parse_args
-from aiockpt.elastic.dynamic import (
-    DynamicRendezvousHandler,
+from aiockpt.elastic.dynamic import DynamicRendezvousHandler, RendezvousSettings, parse_rdzv_conf
+from aiockpt.errors import (
     RendezvousClosedError,
     RendezvousGracefulExitError,
-    RendezvousSettings,
     RendezvousTimeoutError,
-    parse_rdzv_conf,
 )
 
 SCRIPT = str(Path(__file__).with_name("membership_worker.py"))
