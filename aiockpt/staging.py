@@ -20,6 +20,7 @@ import asyncio
 import ctypes
 import dataclasses
 import errno
+import gc
 import itertools
 import logging
 import mmap
@@ -166,18 +167,27 @@ class PlanCache:
         same. Raises what ``plan_staging`` raises."""
         values: list[Any] = []
         structure: list[Any] = []
-        walked = _walk(state_dict, values, structure, 0)
-        last = self._last
-        if (
-            walked
-            and last is not None
-            and allow_pickle == self._allow_pickle
-            and structure == self._structure
-            and _fingerprint(values) == self._fingerprint
-        ):
-            reused = self._reuse(last, values, allow_pickle)
-            if reused is not None:
-                return reused
+        # The walk allocates a few objects per leaf, which would set off the garbage
+        # collector's full passes over the trainer's heap (most of the time a repeated plan
+        # took with 20,000 tensors); it has nothing to collect here.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            walked = _walk(state_dict, values, structure, 0)
+            last = self._last
+            if (
+                walked
+                and last is not None
+                and allow_pickle == self._allow_pickle
+                and structure == self._structure
+                and _fingerprint(values) == self._fingerprint
+            ):
+                reused = self._reuse(last, values, allow_pickle)
+                if reused is not None:
+                    return reused
+        finally:
+            if collecting:
+                gc.enable()
         plan = plan_staging(state_dict, allow_pickle=allow_pickle)
         if walked:
             self._remember(plan, values, structure, allow_pickle)
@@ -269,25 +279,34 @@ def _walk(value: Any, values: list[Any], structure: list[Any], depth: int) -> bo
         keys = tuple(value)
         # 1 == True == 1.0: the key types too, so that an equal-looking key is the same key.
         structure.append((keys, tuple(map(type, keys))))
-        return all(_walk(child, values, structure, depth + 1) for child in value.values())
-    if isinstance(value, list):
+        children: Any = value.values()
+    elif isinstance(value, list):
         structure.append(len(value))
-        return all(_walk(child, values, structure, depth + 1) for child in value)
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        children = value
+    elif isinstance(value, tuple) and not hasattr(value, "_fields"):
         structure.append(-1 - len(value))
-        return all(_walk(child, values, structure, depth + 1) for child in value)
-    values.append(value)
+        children = value
+    else:
+        values.append(value)
+        return True
+    for child in children:  # noqa: SIM110 - all(<generator>) costs a frame per container
+        if not _walk(child, values, structure, depth + 1):
+            return False
     return True
 
 
 def _fingerprint(values: list[Any]) -> list[Any]:
-    """What must not change for a plan to be reused, leaf by leaf (non-tensors: the type)."""
-    return [
-        (type(v), v.dtype, v.shape, v.device, v.layout, *_sharding(v))
-        if isinstance(v, torch.Tensor)
-        else type(v)
+    """What must not change for a plan to be reused, leaf by leaf (non-tensors: the type),
+    then the placements and meshes of the DTensors among them."""
+    prints: list[Any] = [
+        (type(v), v.dtype, v.shape, v.device, v.layout) if isinstance(v, torch.Tensor) else type(v)
         for v in values
     ]
+    dtensor_module = sys.modules.get("torch.distributed.tensor")
+    if dtensor_module is not None:
+        dtensor = dtensor_module.DTensor
+        prints += [_sharding(v) for v in values if isinstance(v, dtensor)]
+    return prints
 
 
 def _sharding(value: torch.Tensor) -> tuple[Any, ...]:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
+import pytest
+import safetensors.torch
 import torch
+import torch.distributed.checkpoint as dcp
 
+import aiockpt
 from aiockpt.protocol import PlainValue, TensorInArena
 from aiockpt.staging import PlanCache, SharedArena
+from tests.test_save import assert_same, every_kind_of_state, zeros_like_tree
 
 
 def state() -> dict[str, Any]:
@@ -106,3 +113,72 @@ def test_tensors_that_start_sharing_memory_are_not_reused_as_separate_copies() -
     sd = state()
     sd["opt"][0]["exp_avg"] = sd["model"]["w"]
     assert cache.plan(sd).plan_id != first.plan_id
+
+
+def bump(state: dict[str, Any], step: int) -> None:
+    """Change every value in place (the structure stays): what a training step does."""
+    for key, tensor in state["model"].items():
+        if tensor.dtype.is_floating_point and tensor.numel() and key != "tied_b":
+            tensor.copy_(torch.randn(tensor.shape).to(tensor.dtype))
+    state["optimizer"]["state"][0]["exp_avg"].add_(1)
+    state["optimizer"]["param_groups"][0]["betas"] = (0.9, 0.999 - step / 1000)
+    state["step"] = step
+
+
+async def load_both(path: Path, like: dict[str, Any]) -> tuple[Any, Any]:
+    def load() -> tuple[Any, Any]:
+        target = zeros_like_tree(like)
+        dcp.load(target, checkpoint_id=str(path), no_dist=True)
+        return target, aiockpt.load(path)
+
+    return await asyncio.to_thread(load)
+
+
+def contiguous(state: dict[str, Any]) -> dict[str, Any]:
+    return {**state, "model": {k: v.contiguous() for k, v in state["model"].items()}}
+
+
+async def test_repeated_dcp_saves_reuse_plans_and_load_exactly(tmp_path: Path) -> None:
+    """Saves 2 and 3 reuse the caller's plan and the worker's DCP plan, file layout and
+    .metadata; a save with a changed shape plans anew. torch's loader and ours read each."""
+    state = every_kind_of_state()
+    async with aiockpt.Checkpointer(tmp_path) as ckpt:
+        for step in range(3):
+            bump(state, step)
+            await ckpt.save(state, step=step)
+            by_torch, by_us = await load_both(tmp_path / f"step_{step:010d}", state)
+            assert_same(by_torch, contiguous(state))
+            assert_same(by_us, state)
+        state["model"]["f32"] = torch.randn(7, 5)
+        state["optimizer"]["state"][0]["exp_avg"] = torch.randn(2)
+        await ckpt.save(state, step=3)
+        by_torch, by_us = await load_both(tmp_path / "step_0000000003", state)
+        assert_same(by_torch, contiguous(state))
+        assert_same(by_us, state)
+
+
+@pytest.mark.parametrize("count", [3000])
+async def test_repeated_saves_of_many_small_tensors_in_both_formats(
+    tmp_path: Path, count: int
+) -> None:
+    """Thousands of tensors go out in gathered writes; each save still reads back exactly."""
+    state: dict[str, Any] = {f"t{i}": torch.randn(i % 7 + 1) for i in range(count)}
+    state["step"] = 0
+    async with aiockpt.Checkpointer(tmp_path) as ckpt:
+        for step, fmt in enumerate(["dcp", "dcp", "safetensors", "safetensors"]):
+            for i in range(0, count, 97):
+                state[f"t{i}"].add_(step)
+            state["step"] = step
+            path = tmp_path / f"s{step}"
+            await ckpt.save_to(state, path, format=fmt)
+            loaded = await asyncio.to_thread(aiockpt.load, path)
+            assert_same(loaded, state)
+            if fmt == "safetensors":
+                tensors = await asyncio.to_thread(
+                    safetensors.torch.load_file, str(path / "model.safetensors")
+                )
+                assert torch.equal(tensors["t97"], state["t97"])
+            else:
+                target = {k: torch.zeros_like(v) for k, v in state.items() if k != "step"}
+                await asyncio.to_thread(dcp.load, target, checkpoint_id=str(path), no_dist=True)
+                assert torch.equal(target["t97"], state["t97"])
