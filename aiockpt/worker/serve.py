@@ -384,6 +384,19 @@ class Worker:
     def _write_blocking(self, request_id: int, payload: WritePayload) -> Any:
         if request_id in self._cancelled:
             raise WriteCancelled("cancelled before it started")
+        # A write makes a few short-lived objects per tensor (views, buffers, manifest
+        # leaves): tens of thousands of them set off the collector's full passes over the
+        # heap, ~0.15 s of a 20,000-tensor save. None of them is cyclic garbage; collection
+        # resumes when the write is done.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self._materialize_and_write(request_id, payload)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _materialize_and_write(self, request_id: int, payload: WritePayload) -> Any:
         state_dict = materialize(payload.state_dict, self._arenas, self._layouts)
         if payload.commit is None:
             return self.writer.write(state_dict=state_dict, path=payload.path, **payload.kwargs)
