@@ -75,7 +75,7 @@ from aiockpt.protocol import CommitOptions, GroupInfo, RankInfo, WritePayload
 from aiockpt.refs import check_encodable
 from aiockpt.root_lock import RootLock
 from aiockpt.saver import SaveHandle, SaveResult
-from aiockpt.staging import SharedArena, StagingPlan, copy_into_arena, plan_staging
+from aiockpt.staging import PlanCache, SharedArena, StagingPlan, copy_into_arena
 from aiockpt.writers import resolve_writer
 
 __all__ = ["Checkpointer"]
@@ -160,6 +160,8 @@ class Checkpointer:
         self._process: CheckpointProcess | None = None
         #: arenas mapped by the current worker and not in use by a save
         self._free_arenas: list[SharedArena] = []
+        #: the last save's plan, reused while saves keep its structure
+        self._plans = PlanCache()
         self._slots: asyncio.Semaphore | None = None
         self._saves: set[asyncio.Task[SaveResult]] = set()
         #: threads posting, for the other ranks, failures of saves on this rank
@@ -244,7 +246,8 @@ class Checkpointer:
         if like is not None:
             process = self._process
             assert process is not None
-            arena = await self._take_arena(process, plan_staging(like, allow_pickle=True).nbytes)
+            plan = self._plans.plan(like, allow_pickle=True)
+            arena = await self._take_arena(process, plan.nbytes)
             self._give_back(process, arena)
 
     async def _ensure_started(self) -> None:
@@ -454,7 +457,7 @@ class Checkpointer:
             fmt = self.format if format is None else format
             self._check_format(fmt)
             check_encodable(dict(metadata or {}), "metadata")
-            plan = plan_staging(
+            plan = self._plans.plan(
                 state_dict,
                 allow_pickle=self.allow_pickle if allow_pickle is None else allow_pickle,
             )

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import errno
+import gc
+import itertools
 import logging
 import mmap
 import os
@@ -31,12 +34,13 @@ import torch
 
 from aiockpt.protocol import ArenaRef, Leaf, ShardSpec, StateDictPayload, TensorInArena
 from aiockpt.tensors import dtype_name, is_tensor, plain_leaf
-from aiockpt.tree import KeyPath, Node, flatten, format_key_path
+from aiockpt.tree import MAX_DEPTH, KeyPath, Node, flatten, format_key_path
 
 logger = logging.getLogger("aiockpt.staging")
 
 __all__ = [
     "ARENA_NAME",
+    "PlanCache",
     "SharedArena",
     "StagingPlan",
     "copy_into_arena",
@@ -48,25 +52,37 @@ __all__ = [
 ARENA_NAME = "aiockpt-arena"
 #: tensor offsets are aligned so that every dtype's view of the arena is aligned
 ALIGNMENT = 64
+#: plan layouts an arena keeps views for (saves alternating between a few structures)
+_VIEWS_KEPT = 4
 
 
 def _aligned(n: int) -> int:
     return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
 
 
+_plan_ids = itertools.count(1)
+
+
 @dataclass
 class StagingPlan:
-    """Where each tensor of one state dict goes in an arena, and what frames say about it."""
+    """Where each tensor of one state dict goes in an arena, and what frames say about it.
+
+    ``plan_id`` names the arena layout: a save of the same structure reuses the plan (see
+    ``PlanCache``) with this save's tensors in ``sources``, and arenas keep their views for it.
+    """
 
     skeleton: Node
     leaves: list[Leaf]
-    #: (source tensor, offset in the arena); a tensor met twice (tied weights) is copied once
-    copies: list[tuple[torch.Tensor, int]]
+    #: the tensors to copy, each once (a tensor met twice, tied weights, is copied once)...
+    sources: list[torch.Tensor]
+    #: ...and where each goes in the arena
+    offsets: list[int]
     #: arena bytes needed
     nbytes: int
     has_cuda: bool = field(default=False)
     #: whether some tensor is a rank's piece of a sharded one (a DTensor)
     shards: bool = field(default=False)
+    plan_id: int = field(default_factory=lambda: next(_plan_ids))
 
     def payload(self, arena: SharedArena | None) -> StateDictPayload:
         return StateDictPayload(self.skeleton, self.leaves, arena.ref if arena else None)
@@ -85,7 +101,8 @@ def plan_staging(state_dict: Any, *, allow_pickle: bool = False) -> StagingPlan:
     """
     skeleton, flat = flatten(state_dict, is_tensor)
     leaves: list[Leaf] = []
-    copies: list[tuple[torch.Tensor, int]] = []
+    sources: list[torch.Tensor] = []
+    offsets: list[int] = []
     seen: dict[tuple[Any, ...], TensorInArena] = {}
     offset = 0
     has_cuda = shards = False
@@ -111,11 +128,192 @@ def plan_staging(state_dict: Any, *, allow_pickle: bool = False) -> StagingPlan:
                 dtype_name(tensor.dtype), list(tensor.shape), offset, nbytes, shard
             )
             seen[identity] = leaf
-            copies.append((tensor, offset))
+            if nbytes:  # nothing to copy for an empty tensor
+                sources.append(tensor)
+                offsets.append(offset)
             offset = _aligned(offset + nbytes)
             has_cuda = has_cuda or tensor.is_cuda
         leaves.append(leaf)
-    return StagingPlan(skeleton, leaves, copies, offset, has_cuda, shards)
+    return StagingPlan(skeleton, leaves, sources, offsets, offset, has_cuda, shards)
+
+
+class PlanCache:
+    """Reuses the last plan while saves keep the same structure, as DCP caches its plans.
+
+    A repeated save costs one walk over the state dict plus a fingerprint per tensor (type,
+    dtype, shape, device, layout; placements for DTensors) compared with the last one in C
+    (list equality); no key paths, no leaf descriptions, no arena layout. Anything that
+    differs (a key, a container, a dtype, a shape, a device, tensors that start or stop
+    sharing memory) makes a new plan with ``plan_staging``, which also does every check.
+    """
+
+    def __init__(self) -> None:
+        self._last: StagingPlan | None = None
+        self._structure: list[Any] = []
+        self._fingerprint: list[Any] = []
+        self._pointers: list[int] = []
+        self._tied = False
+        self._local = False
+        #: indices of the non-empty tensor leaves
+        self._used: list[int] = []
+        #: indices of the leaves that are not tensors
+        self._plain_leaves: list[int] = []
+        #: index of the leaf each copy of the plan reads
+        self._copied: list[int] = []
+        self._allow_pickle = False
+
+    def plan(self, state_dict: Any, *, allow_pickle: bool = False) -> StagingPlan:
+        """``plan_staging(state_dict)``, reusing the last plan when the structure is the
+        same. Raises what ``plan_staging`` raises."""
+        values: list[Any] = []
+        structure: list[Any] = []
+        # The walk allocates a few objects per leaf, which would set off the garbage
+        # collector's full passes over the trainer's heap (most of the time a repeated plan
+        # took with 20,000 tensors); it has nothing to collect here.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            walked = _walk(state_dict, values, structure, 0)
+            last = self._last
+            if (
+                walked
+                and last is not None
+                and allow_pickle == self._allow_pickle
+                and structure == self._structure
+                and _fingerprint(values) == self._fingerprint
+            ):
+                reused = self._reuse(last, values, allow_pickle)
+                if reused is not None:
+                    return reused
+        finally:
+            if collecting:
+                gc.enable()
+        plan = plan_staging(state_dict, allow_pickle=allow_pickle)
+        if walked:
+            self._remember(plan, values, structure, allow_pickle)
+        else:
+            self._last = None
+        return plan
+
+    def _remember(
+        self, plan: StagingPlan, values: list[Any], structure: list[Any], allow_pickle: bool
+    ) -> None:
+        # Not the tensors themselves: the cache must not keep the caller's memory alive.
+        self._last = dataclasses.replace(plan, sources=[])
+        self._structure, self._allow_pickle = structure, allow_pickle
+        self._fingerprint = _fingerprint(values)
+        self._plain_leaves = []
+        first_use: dict[int, int] = {}
+        self._used = []
+        for index, leaf in enumerate(plan.leaves):
+            if not isinstance(leaf, TensorInArena):
+                self._plain_leaves.append(index)
+            elif leaf.nbytes:
+                self._used.append(index)
+                first_use.setdefault(leaf.offset, index)
+        # Copies in plan order, each from the first leaf that uses its region.
+        self._copied = [first_use[offset] for offset in plan.offsets]
+        self._tied = len(self._used) != len(plan.offsets)
+        self._local = any(_sharding(v) for v in values if isinstance(v, torch.Tensor))
+        self._pointers = self._identities(values, self._sources(values))
+
+    def _sources(self, values: list[Any]) -> list[torch.Tensor]:
+        sources = [values[i] for i in self._copied]
+        if self._local:  # DTensors are staged as their local pieces
+            sources = [_local_piece(t, ())[0] for t in sources]
+        return sources
+
+    def _identities(self, values: list[Any], sources: list[torch.Tensor]) -> list[Any]:
+        """Where the copied tensors' memory is; with tied tensors, where every tensor's is
+        (so that a tie that came apart is noticed)."""
+        if not self._tied:
+            return [t.data_ptr() for t in sources]
+        used = [values[i] for i in self._used]
+        if self._local:
+            used = [_local_piece(t, ())[0] for t in used]
+        return [(t.data_ptr(), t.stride()) for t in used]
+
+    def _reuse(
+        self, last: StagingPlan, values: list[Any], allow_pickle: bool
+    ) -> StagingPlan | None:
+        """``last`` with this save's tensors and plain values; None when it does not fit
+        after all (tensors that start sharing memory, a value that cannot be encoded)."""
+        sources = self._sources(values)
+        pointers = self._identities(values, sources)
+        # A plan copies tied tensors once: reuse it only while the same tensors are tied, and
+        # an untied plan only while no two tensors start sharing memory.
+        if pointers != self._pointers and (self._tied or len(set(pointers)) != len(pointers)):
+            return None
+        leaves = last.leaves
+        if self._plain_leaves:
+            # Plain values (the step, a learning rate) change from save to save.
+            leaves = list(leaves)
+            try:
+                for index in self._plain_leaves:
+                    leaves[index] = plain_leaf((), values[index], allow_pickle=allow_pickle)
+            except TypeError:
+                return None  # plan_staging raises it again, naming the key
+        self._pointers = pointers
+        return StagingPlan(
+            last.skeleton,
+            leaves,
+            sources,
+            last.offsets,
+            last.nbytes,
+            last.has_cuda,
+            last.shards,
+            last.plan_id,
+        )
+
+
+def _walk(value: Any, values: list[Any], structure: list[Any], depth: int) -> bool:
+    """Collect the leaves of ``value`` as ``flatten`` orders them, and a description of its
+    containers (kinds, key tuples with their types, lengths) that compares with ``==``.
+    False when the tree is too deep to walk here (``flatten`` then says why)."""
+    if isinstance(value, torch.Tensor):
+        values.append(value)
+        return True
+    if depth >= MAX_DEPTH:
+        return False
+    if isinstance(value, dict):
+        keys = tuple(value)
+        # 1 == True == 1.0: the key types too, so that an equal-looking key is the same key.
+        structure.append((keys, tuple(map(type, keys))))
+        children: Any = value.values()
+    elif isinstance(value, list):
+        structure.append(len(value))
+        children = value
+    elif isinstance(value, tuple) and not hasattr(value, "_fields"):
+        structure.append(-1 - len(value))
+        children = value
+    else:
+        values.append(value)
+        return True
+    for child in children:  # noqa: SIM110 - all(<generator>) costs a frame per container
+        if not _walk(child, values, structure, depth + 1):
+            return False
+    return True
+
+
+def _fingerprint(values: list[Any]) -> list[Any]:
+    """What must not change for a plan to be reused, leaf by leaf (non-tensors: the type),
+    then the placements and meshes of the DTensors among them."""
+    prints: list[Any] = [
+        (type(v), v.dtype, v.shape, v.device, v.layout) if isinstance(v, torch.Tensor) else type(v)
+        for v in values
+    ]
+    dtensor_module = sys.modules.get("torch.distributed.tensor")
+    if dtensor_module is not None:
+        dtensor = dtensor_module.DTensor
+        prints += [_sharding(v) for v in values if isinstance(v, dtensor)]
+    return prints
+
+
+def _sharding(value: torch.Tensor) -> tuple[Any, ...]:
+    dtensor_module = sys.modules.get("torch.distributed.tensor")
+    if dtensor_module is None or not isinstance(value, dtensor_module.DTensor):
+        return ()
+    return (tuple(value.placements), value.device_mesh)
 
 
 def _local_piece(value: torch.Tensor, path: KeyPath) -> tuple[torch.Tensor, ShardSpec | None]:
@@ -209,6 +407,8 @@ class SharedArena:
         self.path = f"/proc/{os.getpid()}/fd/{fd}"
         self.bytes: torch.Tensor | None = torch.frombuffer(self._mmap, dtype=torch.uint8)
         self._pinned = False
+        #: plan id -> the arena regions of its copies (views: dropped before unmapping)
+        self._views: dict[int, list[torch.Tensor]] = {}
 
     @property
     def ref(self) -> ArenaRef:
@@ -217,6 +417,7 @@ class SharedArena:
     def close(self) -> None:
         """Unmap and close the descriptor (the worker's mapping, if any, keeps its memory
         until it releases it); the arena is unusable afterwards. Idempotent."""
+        self._views.clear()
         if self.bytes is not None:
             if self._pinned:
                 torch.cuda.cudart().cudaHostUnregister(self.bytes.data_ptr())  # type: ignore[no-untyped-call]
@@ -243,12 +444,29 @@ class SharedArena:
             return torch.empty(source.shape, dtype=source.dtype)
         return region.view(source.dtype).view(source.shape)
 
+    def _destinations(self, plan: StagingPlan) -> list[torch.Tensor]:
+        """The regions ``plan``'s sources go to, made once per plan layout: a repeated save
+        slices nothing."""
+        views = self._views.get(plan.plan_id)
+        if views is None:
+            if len(self._views) >= _VIEWS_KEPT:
+                self._views.clear()
+            views = self._views[plan.plan_id] = [
+                self.destination(source, offset)
+                for source, offset in zip(plan.sources, plan.offsets, strict=True)
+            ]
+        return views
+
     def copy_in(self, plan: StagingPlan) -> None:
-        """Copy every CPU tensor of ``plan`` in (blocking; torch releases the GIL while it
-        copies, so run it in a thread and the event loop keeps going)."""
-        for source, offset in plan.copies:
-            if not source.is_cuda:
-                self.destination(source, offset).copy_(source)
+        """Copy every CPU tensor of ``plan`` in, in one batched copy (blocking; torch
+        releases the GIL while it copies, so run it in a thread and the event loop keeps
+        going)."""
+        destinations, sources = self._destinations(plan), plan.sources
+        if plan.has_cuda:
+            pairs = [(d, s) for d, s in zip(destinations, sources, strict=True) if not s.is_cuda]
+            destinations, sources = [d for d, _ in pairs], [s for _, s in pairs]
+        with torch.no_grad():  # sources may be parameters: no autograd record of the copy
+            torch._foreach_copy_(destinations, sources)
 
     def copy_in_from_cuda(self, plan: StagingPlan) -> Any:
         """Start non-blocking device-to-host copies of ``plan``'s CUDA tensors on a side
@@ -265,10 +483,10 @@ class SharedArena:
         stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         # Copy the values the trainer's queued kernels produce, not what is there now.
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for source, offset in plan.copies:
+        with torch.cuda.stream(stream), torch.no_grad():
+            for destination, source in zip(self._destinations(plan), plan.sources, strict=True):
                 if source.is_cuda:
-                    self.destination(source, offset).copy_(source, non_blocking=True)
+                    destination.copy_(source, non_blocking=True)
                     source.record_stream(stream)
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record(stream)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import os
 import pickle
 from collections import deque
@@ -30,12 +31,14 @@ import xxhash
 from aiockpt.manifest import Leaf, ObjectLeaf, check_relative_name, plain_leaf
 from aiockpt.protocol import ShardSpec
 from aiockpt.tensors import dtype_from_name, dtype_name, is_tensor
-from aiockpt.tree import KeyPath, Node, flatten
+from aiockpt.tree import KeyPath, Node, flatten, iter_key_paths, unflatten
 
 __all__ = [
     "FileRecord",
     "FileSink",
     "GroupWriter",
+    "StagedLayout",
+    "StagedStateDict",
     "Writer",
     "WriterPart",
     "dtype_from_name",
@@ -44,6 +47,7 @@ __all__ = [
     "is_tensor",
     "open_new_file",
     "split_leaves",
+    "staged_layout",
     "tensor_bytes",
     "tensor_for_write",
     "write_objects",
@@ -112,12 +116,58 @@ class GroupWriter(Writer, Protocol):
     def finish(self, path: str, parts: Sequence[WriterPart]) -> list[FileRecord]: ...
 
 
+class StagedLayout:
+    """What every save of one structure shares in the worker: the skeleton, the key paths
+    (made once, on first use) and a ``version`` that writers key their cached plans by.
+
+    The worker makes a new layout whenever a request's structure (skeleton, tensor
+    descriptions, kinds of the other leaves) differs from the last one's, so a writer that
+    sees the same ``version`` again may reuse whatever it derived from the structure alone.
+    """
+
+    def __init__(self, skeleton: Node) -> None:
+        self.version = next(_layout_versions)
+        self.skeleton = skeleton
+        #: leaf index -> (offset, size) in the arena, for tensors whose bytes lie there
+        self.regions: dict[int, tuple[int, int]] = {}
+        self._key_paths: list[KeyPath] | None = None
+
+    @property
+    def key_paths(self) -> list[KeyPath]:
+        if self._key_paths is None:
+            self._key_paths = [path for _, path in iter_key_paths(self.skeleton)]
+        return self._key_paths
+
+
+_layout_versions = itertools.count(1)
+
+
+class StagedStateDict(dict[Any, Any]):
+    """The state dict of a request, as the worker hands it to writers: a plain dict that
+    also holds its leaves flat (``flatten_state_dict`` needs no walk) and its ``layout``."""
+
+    def __init__(self, layout: StagedLayout, values: list[Any], arena: memoryview) -> None:
+        super().__init__(unflatten(layout.skeleton, values))
+        self.layout = layout
+        self.leaf_values = values
+        #: the mapping the tensors view (``layout.regions`` says where)
+        self.arena = arena
+
+
+def staged_layout(state_dict: Any) -> StagedLayout | None:
+    """The layout of a state dict the worker built, None for any other."""
+    return state_dict.layout if type(state_dict) is StagedStateDict else None
+
+
 def flatten_state_dict(state_dict: Any) -> tuple[Node, list[tuple[KeyPath, Any]]]:
     """The skeleton and the ``(key path, leaf)`` pairs of a state dict; tensors are leaves.
 
     Writers and commit both call this, so leaf indices agree between ``FileRecord.leaves``
     and the manifest. Raises ``TypeError`` for dict keys that are neither str nor int.
     """
+    if type(state_dict) is StagedStateDict:
+        layout = state_dict.layout
+        return layout.skeleton, list(zip(layout.key_paths, state_dict.leaf_values, strict=True))
     return flatten(state_dict, is_tensor)
 
 
@@ -173,10 +223,10 @@ def open_new_file(directory: str, name: str) -> int:
 #: bytes hashed and written per step: large enough for few system calls, small enough that a
 #: chunk is still in cache when written right after being hashed
 CHUNK_BYTES = 4 << 20
-# Writes smaller than this are gathered (zip headers, pickles) into one system call.
-_SMALL_WRITE = 64 << 10
 # How many chunks may wait for the write thread: bounds how far hashing runs ahead.
 _WRITE_DEPTH = 2
+# os.writev takes at most this many buffers (Linux's IOV_MAX).
+_IOV_MAX = 1024
 # Start writeback of every this many bytes written, so that the final fsync finds little
 # left to flush (on a disk, durable saves then take about as long as the writes alone).
 _WRITEBACK_BYTES = 8 << 20
@@ -212,7 +262,9 @@ class FileSink:
         self._fd = open_new_file(directory, name)
         self._hash = xxhash.xxh3_64()
         self._chunk = chunk_bytes
-        self._small = bytearray()
+        #: buffers appended but not yet submitted, and their total size
+        self._batch: list[memoryview] = []
+        self._batched = 0
         self._pending: deque[Future[None]] = deque()
         self._pool: ThreadPoolExecutor | None = None
         self._keep: list[torch.Tensor] = []
@@ -228,24 +280,44 @@ class FileSink:
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Append ``data``; return the offset in the file where it starts."""
-        view = memoryview(data).cast("B")
         start = self.offset
-        self.offset += view.nbytes
-        if view.nbytes < _SMALL_WRITE:
-            self._hash.update(view)
-            self._small += view
-            if len(self._small) >= _SMALL_WRITE:
-                self._flush_small()
-            return start
-        for begin in range(0, view.nbytes, self._chunk):
-            chunk = view[begin : begin + self._chunk]
-            self._hash.update(chunk)
-            if self._small:  # headers go out in the same system call as the data after them
-                self._submit([memoryview(bytes(self._small)), chunk])
-                self._small.clear()
-            else:
-                self._submit([chunk])
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        if type(data) is bytearray:
+            view = memoryview(bytes(data))  # a caller may reuse its bytearray
+        self.write_many([view])
         return start
+
+    def write_many(self, parts: Sequence[bytes | memoryview], keep: Sequence[Any] = ()) -> None:
+        """Append every buffer of ``parts`` (bytes, or byte views such as ``tensor_bytes``)
+        in order, as few ``writev`` calls as their sizes allow: many small tensors cost one
+        system call per ``chunk_bytes``, not one each. ``keep`` holds what the views point
+        into until ``close``."""
+        self._keep.extend(keep)
+        batch, batched = self._batch, self._batched
+        for part in parts:
+            view = part if type(part) is memoryview else memoryview(part)
+            size = view.nbytes
+            self.offset += size
+            if size > self._chunk:
+                for begin in range(0, size, self._chunk):
+                    piece = view[begin : begin + self._chunk]
+                    self._hash.update(piece)
+                    batch.append(piece)
+                    batched += piece.nbytes
+                    if batched >= self._chunk:
+                        self._flush_batch()
+                        batch, batched = self._batch, 0
+                continue
+            self._hash.update(view)
+            batch.append(view)
+            batched += size
+            if batched >= self._chunk or len(batch) >= _IOV_MAX:
+                self._batched = batched
+                self._flush_batch()
+                batch, batched = self._batch, 0
+        self._batched = batched
 
     def write_tensor(self, tensor: torch.Tensor) -> int:
         """Append a contiguous CPU tensor's bytes straight from its memory; return the offset.
@@ -264,7 +336,7 @@ class FileSink:
     def close(self) -> FileRecord:
         """Finish all writes, fsync and close; the record of the file as written."""
         try:
-            self._flush_small()
+            self._flush_batch()
             while self._pending:
                 self._pending.popleft().result()
             with self._naming_the_file():
@@ -273,10 +345,10 @@ class FileSink:
             self._shutdown()
         return FileRecord(self.name, self.offset, self._hash.hexdigest())
 
-    def _flush_small(self) -> None:
-        if self._small:
-            self._submit([memoryview(bytes(self._small))])
-            self._small.clear()
+    def _flush_batch(self) -> None:
+        if self._batch:
+            batch, self._batch, self._batched = self._batch, [], 0
+            self._submit(batch)
 
     def _submit(self, parts: list[memoryview]) -> None:
         if self._pool is None:

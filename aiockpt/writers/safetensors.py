@@ -34,6 +34,7 @@ from aiockpt.writers.base import (
     dtype_name,
     flatten_state_dict,
     split_leaves,
+    tensor_bytes,
     tensor_for_write,
     write_objects,
 )
@@ -110,8 +111,10 @@ class SafetensorsWriter:
             sink.write(struct.pack("<Q", len(header)))
             sink.write(header)
             data_start = sink.offset
+            data = [t for _, _, t in entries]
+            # One gathered write: thousands of small tensors cost a few system calls.
+            sink.write_many([tensor_bytes(t) for t in data], keep=data)
             for (index, _, t), offset in zip(entries, offsets, strict=True):
-                sink.write_tensor(t)
                 leaves[index] = TensorLeaf(
                     tensor_file, data_start + offset, dtype_name(t.dtype), list(t.shape)
                 )

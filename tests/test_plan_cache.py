@@ -1,0 +1,184 @@
+"""Plan reuse: a save of the same structure reuses the last plan, any change makes a new one."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+import torch.distributed.checkpoint as dcp
+
+import aiockpt
+from aiockpt.protocol import PlainValue, TensorInArena
+from aiockpt.staging import PlanCache, SharedArena
+from tests.test_save import assert_same, every_kind_of_state, zeros_like_tree
+
+
+def state() -> dict[str, Any]:
+    return {
+        "model": {"w": torch.arange(12.0).reshape(3, 4), "b": torch.ones(4)},
+        "opt": {0: {"exp_avg": torch.zeros(3, 4)}, "betas": (0.9, 0.99)},
+        "step": 1,
+    }
+
+
+def staged_bytes(cache: PlanCache, state_dict: Any) -> list[torch.Tensor]:
+    """Copy through the cache's plan into an arena; the tensors the arena then holds."""
+    plan = cache.plan(state_dict)
+    arena = SharedArena(plan.nbytes)
+    try:
+        arena.copy_in(plan)
+        assert arena.bytes is not None
+        return [
+            arena.bytes[leaf.offset : leaf.offset + leaf.nbytes].clone()
+            for leaf in plan.leaves
+            if isinstance(leaf, TensorInArena)
+        ]
+    finally:
+        arena.close()
+
+
+def test_same_structure_reuses_the_plan_with_the_new_tensors_and_values() -> None:
+    cache = PlanCache()
+    first = cache.plan(state())
+    again = state()
+    again["model"]["w"] = torch.full((3, 4), 7.0)
+    again["step"] = 2
+    second = cache.plan(again)
+    assert second.plan_id == first.plan_id
+    assert second.sources[0] is again["model"]["w"]
+    assert PlainValue(2) in second.leaves and PlainValue(1) not in second.leaves
+    staged = staged_bytes(cache, again)
+    assert torch.equal(staged[0].view(torch.float32).reshape(3, 4), again["model"]["w"])
+
+
+def changed(what: str) -> dict[str, Any]:
+    sd = state()
+    if what == "shape":
+        sd["model"]["w"] = torch.zeros(4, 3)
+    elif what == "dtype":
+        sd["model"]["w"] = sd["model"]["w"].double()
+    elif what == "key":
+        sd["model"]["weight"] = sd["model"].pop("w")
+    elif what == "key type":
+        sd["opt"]["0"] = sd["opt"].pop(0)
+    elif what == "container":
+        sd["opt"]["betas"] = [0.9, 0.99]
+    elif what == "leaf kind":
+        sd["step"] = torch.tensor(1)
+    elif what == "non-contiguous is fine, transposed shape is not":
+        sd["model"]["w"] = torch.zeros(4, 3).t()
+    elif what == "tied":
+        sd["opt"][0]["exp_avg"] = sd["model"]["w"]
+    return sd
+
+
+def test_any_structural_change_makes_a_new_plan() -> None:
+    for what in ("shape", "dtype", "key", "key type", "container", "leaf kind", "tied"):
+        cache = PlanCache()
+        first = cache.plan(state())
+        plan = cache.plan(changed(what))
+        assert plan.plan_id != first.plan_id, what
+        # ...and the new plan is itself reused by the next save of that structure.
+        assert cache.plan(changed(what)).plan_id == plan.plan_id or what == "tied", what
+
+
+def test_same_shape_through_a_non_contiguous_view_is_reused_and_copied_right() -> None:
+    cache = PlanCache()
+    first = cache.plan(state())
+    sd = changed("non-contiguous is fine, transposed shape is not")
+    assert cache.plan(sd).plan_id == first.plan_id
+    staged = staged_bytes(cache, sd)
+    assert torch.equal(staged[0].view(torch.float32).reshape(3, 4), sd["model"]["w"])
+
+
+def test_a_tie_that_comes_apart_is_not_reused() -> None:
+    cache = PlanCache()
+    tied = changed("tied")
+    plan = cache.plan(tied)
+    assert len(plan.sources) == 2  # w and exp_avg share one copy; b has its own
+    untied = state()
+    again = cache.plan(untied)
+    assert again.plan_id != plan.plan_id
+    staged = staged_bytes(cache, untied)
+    assert torch.equal(staged[2].view(torch.float32).reshape(3, 4), torch.zeros(3, 4))
+
+
+def test_tensors_that_start_sharing_memory_are_not_reused_as_separate_copies() -> None:
+    cache = PlanCache()
+    first = cache.plan(state())
+    sd = state()
+    sd["opt"][0]["exp_avg"] = sd["model"]["w"]
+    assert cache.plan(sd).plan_id != first.plan_id
+
+
+def bump(state: dict[str, Any], step: int) -> None:
+    """Change every value in place (the structure stays): what a training step does."""
+    for key, tensor in state["model"].items():
+        if tensor.dtype.is_floating_point and tensor.numel() and key != "tied_b":
+            tensor.copy_(torch.randn(tensor.shape).to(tensor.dtype))
+    state["optimizer"]["state"][0]["exp_avg"].add_(1)
+    state["optimizer"]["param_groups"][0]["betas"] = (0.9, 0.999 - step / 1000)
+    state["step"] = step
+
+
+async def load_both(path: Path, like: dict[str, Any]) -> tuple[Any, Any]:
+    def load() -> tuple[Any, Any]:
+        target = zeros_like_tree(like)
+        dcp.load(target, checkpoint_id=str(path), no_dist=True)
+        return target, aiockpt.load(path)
+
+    return await asyncio.to_thread(load)
+
+
+def contiguous(state: dict[str, Any]) -> dict[str, Any]:
+    return {**state, "model": {k: v.contiguous() for k, v in state["model"].items()}}
+
+
+async def test_repeated_dcp_saves_reuse_plans_and_load_exactly(tmp_path: Path) -> None:
+    """Saves 2 and 3 reuse the caller's plan and the worker's DCP plan, file layout and
+    .metadata; a save with a changed shape plans anew. torch's loader and ours read each."""
+    state = every_kind_of_state()
+    async with aiockpt.Checkpointer(tmp_path) as ckpt:
+        for step in range(3):
+            bump(state, step)
+            await ckpt.save(state, step=step)
+            by_torch, by_us = await load_both(tmp_path / f"step_{step:010d}", state)
+            assert_same(by_torch, contiguous(state))
+            assert_same(by_us, state)
+        state["model"]["f32"] = torch.randn(7, 5)
+        state["optimizer"]["state"][0]["exp_avg"] = torch.randn(2)
+        await ckpt.save(state, step=3)
+        by_torch, by_us = await load_both(tmp_path / "step_0000000003", state)
+        assert_same(by_torch, contiguous(state))
+        assert_same(by_us, state)
+
+
+@pytest.mark.parametrize("count", [3000])
+async def test_repeated_saves_of_many_small_tensors_in_both_formats(
+    tmp_path: Path, count: int
+) -> None:
+    """Thousands of tensors go out in gathered writes; each save still reads back exactly."""
+    state: dict[str, Any] = {f"t{i}": torch.randn(i % 7 + 1) for i in range(count)}
+    state["step"] = 0
+    async with aiockpt.Checkpointer(tmp_path) as ckpt:
+        for step, fmt in enumerate(["dcp", "dcp", "safetensors", "safetensors"]):
+            for i in range(0, count, 97):
+                state[f"t{i}"].add_(step)
+            state["step"] = step
+            path = tmp_path / f"s{step}"
+            await ckpt.save_to(state, path, format=fmt)
+            loaded = await asyncio.to_thread(aiockpt.load, path)
+            assert_same(loaded, state)
+            if fmt == "safetensors":
+                tensors = await asyncio.to_thread(
+                    safetensors.torch.load_file, str(path / "model.safetensors")
+                )
+                assert torch.equal(tensors["t97"], state["t97"])
+            else:
+                target = {k: torch.zeros_like(v) for k, v in state.items() if k != "step"}
+                await asyncio.to_thread(dcp.load, target, checkpoint_id=str(path), no_dist=True)
+                assert torch.equal(target["t97"], state["t97"])
