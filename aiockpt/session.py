@@ -27,8 +27,11 @@ Worker side, ``WorkerSession``::
     AWAITING_INIT --INIT--> SERVING --TERMINATE--> TERMINATING
 
 - The first request must be INIT (a request of another protocol version is a
-  ``ProtocolVersionMismatch`` even when it no longer decodes); a second INIT, or any request
-  after TERMINATE, is a ``ProtocolError``.
+  ``ProtocolVersionMismatch`` even when it no longer decodes); any request after TERMINATE is
+  a ``ProtocolError``.
+- A well-formed request the worker cannot serve (a second INIT; a CANCEL, MAP_ARENA or
+  RELEASE_ARENA without its payload) is ``Route.REFUSED``: answered with a failure naming
+  why, and the worker serves on.
 - Each request is routed: PING, CANCEL, MAP_ARENA and RELEASE_ARENA are answered at once,
   even while a write runs (``Route.IMMEDIATE``); WRITE_CHECKPOINT and TERMINATE wait their turn
   behind earlier writes (``Route.QUEUED``).
@@ -44,9 +47,12 @@ from __future__ import annotations
 
 import enum
 import threading
+from typing import NamedTuple
 
 from aiockpt.errors import ProtocolError
 from aiockpt.protocol import (
+    ArenaPayload,
+    CancelPayload,
     InitPayload,
     MessageCodec,
     RequestType,
@@ -58,6 +64,7 @@ __all__ = [
     "HANDSHAKE_ID",
     "ParentSession",
     "ParentState",
+    "Received",
     "Route",
     "WorkerSession",
     "WorkerState",
@@ -77,6 +84,12 @@ _IMMEDIATE = frozenset(
         RequestType.RELEASE_ARENA,
     }
 )
+#: the payload a request must carry to be served
+_PAYLOAD_OF: dict[RequestType, type] = {
+    RequestType.CANCEL: CancelPayload,
+    RequestType.MAP_ARENA: ArenaPayload,
+    RequestType.RELEASE_ARENA: ArenaPayload,
+}
 
 
 class ParentState(enum.Enum):
@@ -101,6 +114,17 @@ class Route(enum.Enum):
     IMMEDIATE = "immediate"
     #: serve after the writes received before it, in arrival order
     QUEUED = "queued"
+    #: answer with a failure (``Received.refusal`` says why) and serve on
+    REFUSED = "refused"
+
+
+class Received(NamedTuple):
+    """A request the worker received, and how to serve it."""
+
+    route: Route
+    request: WorkerRequest
+    #: why a ``Route.REFUSED`` request is refused
+    refusal: str | None = None
 
 
 class ParentSession:
@@ -186,14 +210,16 @@ class WorkerSession:
         self.state = WorkerState.AWAITING_INIT
         self._unanswered: set[int] = set()
 
-    def receive(self, body: bytes) -> tuple[Route, WorkerRequest]:
+    def receive(self, body: bytes) -> Received:
         """Decode one request frame body, check it, and say how to serve it. Raises
         ``ProtocolError`` (``ProtocolVersionMismatch`` for a trainer of another version)
-        when the trainer broke the rules; answer it with ``HANDSHAKE_ID`` if it came first."""
+        when the trainer broke the rules so that the channel cannot go on; answer it with
+        ``HANDSHAKE_ID`` if it came first."""
         if self.state is WorkerState.AWAITING_INIT:
             self._codec.check_handshake_request(body)
         request = self._codec.decode_request(body)
         kind = request.request_type
+        refusal = None
         if self.state is WorkerState.AWAITING_INIT:
             if kind is not RequestType.INIT or not isinstance(request.payload, InitPayload):
                 raise ProtocolError(f"expected an init request first, got {kind.value}")
@@ -201,16 +227,18 @@ class WorkerSession:
             route = Route.HANDSHAKE
         elif self.state is WorkerState.TERMINATING:
             raise ProtocolError(f"{kind.value} request after TERMINATE")
+        elif request.request_id in self._unanswered:
+            raise ProtocolError(f"request id {request.request_id} is in use")
         elif kind is RequestType.INIT:
-            raise ProtocolError("a second init request")
+            route, refusal = Route.REFUSED, "unexpected init request: the handshake is done"
+        elif not isinstance(request.payload, _PAYLOAD_OF.get(kind, object)):
+            route, refusal = Route.REFUSED, f"{kind.value} request without its payload"
         else:
-            if request.request_id in self._unanswered:
-                raise ProtocolError(f"request id {request.request_id} is in use")
             route = Route.IMMEDIATE if kind in _IMMEDIATE else Route.QUEUED
             if kind is RequestType.TERMINATE_PROCESS:
                 self.state = WorkerState.TERMINATING
         self._unanswered.add(request.request_id)
-        return route, request
+        return Received(route, request, refusal)
 
     def respond(self, response: WorkerResponse) -> WorkerResponse:
         """Check that ``response`` answers a request received and not answered yet; return

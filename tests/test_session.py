@@ -27,6 +27,7 @@ from aiockpt.session import (
     HANDSHAKE_ID,
     ParentSession,
     ParentState,
+    Received,
     Route,
     WorkerSession,
     WorkerState,
@@ -55,7 +56,7 @@ class Pair:
         self._to_worker = FrameDecoder()
         self._to_parent = FrameDecoder()
 
-    def send(self, request: WorkerRequest) -> list[tuple[Route, WorkerRequest]]:
+    def send(self, request: WorkerRequest) -> list[Received]:
         return [self.worker.receive(body) for body in self._to_worker.feed(codec.encode(request))]
 
     def answer(self, response: WorkerResponse) -> list[WorkerResponse | None]:
@@ -63,7 +64,7 @@ class Pair:
         return [self.parent.receive(body) for body in self._to_parent.feed(frame)]
 
     def ready(self) -> None:
-        [(route, init)] = self.send(self.parent.handshake(INIT))
+        [(route, init, _)] = self.send(self.parent.handshake(INIT))
         assert route is Route.HANDSHAKE and init.request_id == HANDSHAKE_ID
         ready = ReadyPayload(PROTOCOL_VERSION, 1234)
         [response] = self.answer(
@@ -79,7 +80,7 @@ def test_handshake_first_then_unique_increasing_ids_each_answered_once() -> None
     pair.ready()
     requests = [pair.parent.request(RequestType.PING) for _ in range(3)]
     assert [r.request_id for r in requests] == [1, 2, 3]
-    routes = [pair.send(r)[0][0] for r in requests]
+    routes = [pair.send(r)[0].route for r in requests]
     assert routes == [Route.IMMEDIATE] * 3
     assert pair.parent.outstanding == {1, 2, 3}
     for request in reversed(requests):  # answered in any order
@@ -158,8 +159,11 @@ def test_worker_routes_and_refuses_out_of_order_requests() -> None:
     with pytest.raises(ProtocolError, match="use handshake"):
         pair.parent.request(RequestType.INIT)
     second_init = codec.encode(WorkerRequest(9, RequestType.INIT, INIT))[4:]
-    with pytest.raises(ProtocolError, match="second init"):
-        pair.worker.receive(second_init)
+    route, _, refusal = pair.worker.receive(second_init)
+    assert route is Route.REFUSED and "handshake is done" in str(refusal)
+    no_payload = codec.encode(WorkerRequest(10, RequestType.CANCEL))[4:]
+    route, _, refusal = pair.worker.receive(no_payload)
+    assert route is Route.REFUSED and "without its payload" in str(refusal)
     kinds = {
         RequestType.PING: Route.IMMEDIATE,
         RequestType.CANCEL: Route.IMMEDIATE,
@@ -168,7 +172,7 @@ def test_worker_routes_and_refuses_out_of_order_requests() -> None:
     }
     for kind, route in kinds.items():
         payload = CancelPayload(1) if kind is RequestType.CANCEL else None
-        [(routed, _)] = pair.send(pair.parent.request(kind, payload))
+        [(routed, _, _)] = pair.send(pair.parent.request(kind, payload))
         assert routed is route
     assert pair.parent.state is ParentState.TERMINATING
     assert pair.worker.state is WorkerState.TERMINATING
@@ -190,7 +194,7 @@ def test_split_and_coalesced_bytes_give_the_same_exchange(cuts: list[int]) -> No
     points = sorted({min(c, len(stream)) for c in cuts})
     pieces = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
     received = [worker.receive(body) for piece in pieces for body in decoder.feed(piece)]
-    assert [(route, r.request_type) for route, r in received] == [
+    assert [(route, r.request_type) for route, r, _ in received] == [
         (Route.HANDSHAKE, RequestType.INIT),
         (Route.IMMEDIATE, RequestType.PING),
         (Route.QUEUED, RequestType.TERMINATE_PROCESS),

@@ -9,7 +9,6 @@ import mmap
 import os
 import socket
 import sys
-import threading
 import time
 import traceback
 from typing import Any
@@ -41,6 +40,7 @@ from aiockpt.protocol import (
     WriteResultPayload,
 )
 from aiockpt.refs import resolve_ref
+from aiockpt.session import HANDSHAKE_ID, Route, WorkerSession, WriteCancelled, WriteGate
 from aiockpt.staging import map_populated
 from aiockpt.tensors import dtype_from_name, tensor_from_leaf, value_from_leaf
 from aiockpt.tree import DictNode, unflatten
@@ -51,14 +51,6 @@ from aiockpt.writers.base import StagedLayout, StagedStateDict
 __all__ = ["serve"]
 
 logger = logging.getLogger("aiockpt.worker")
-
-#: the handshake is the first exchange; its request id is fixed so a failure can answer it
-#: even when the request itself did not decode
-HANDSHAKE_ID = 0
-
-
-class WriteCancelled(Exception):
-    """A CANCEL request arrived before the write's commit began."""
 
 
 def failure(request_id: int, request_type: RequestType, exc: BaseException) -> WorkerResponse:
@@ -243,7 +235,7 @@ class Layouts:
 
 
 class Worker:
-    def __init__(self, channel: Channel, init: InitPayload) -> None:
+    def __init__(self, channel: Channel, session: WorkerSession, init: InitPayload) -> None:
         self._channel = channel
         self._init = init
         self._arenas = ArenaMaps()
@@ -252,12 +244,9 @@ class Worker:
         self._writing = False
         self.writer: Any = None
         self._format_writers: dict[str, Any] = {}
-        # A CANCEL races the write thread: whichever takes the lock first decides whether the
-        # commit happens (the write then succeeds) or not (it answers as cancelled).
-        self._commit_lock = threading.Lock()
-        self._outstanding: set[int] = set()
-        self._cancelled: set[int] = set()
-        self._committing: set[int] = set()
+        self._session = session
+        #: which writes a CANCEL may still stop (see aiockpt.session)
+        self._gate = WriteGate()
         self.group: WorkerGroup | None = None
         #: generation to re-form the workers' process group under, once a write is answered
         self._regroup: int | None = None
@@ -300,40 +289,40 @@ class Worker:
         return 0
 
     async def _dispatch(self, frames: Any, queue: asyncio.Queue[WorkerRequest]) -> None:
-        """Answer the requests that must not wait behind a write; queue the others."""
-        codec = self._channel.codec
+        """Answer the requests that must not wait behind a write; queue the others (the
+        session says which is which)."""
         async for body in frames:
-            request = codec.decode_request(body)
+            route, request, refusal = self._session.receive(body)
             kind, payload = request.request_type, request.payload
-            if kind is RequestType.PING:
-                pass
-            elif kind is RequestType.CANCEL and isinstance(payload, CancelPayload):
-                with self._commit_lock:
-                    target = payload.request_id
-                    if target in self._outstanding and target not in self._committing:
-                        self._cancelled.add(target)
+            if route is Route.REFUSED:
+                problem = ProtocolError(str(refusal))
+                await self._answer(failure(request.request_id, kind, problem))
+                continue
+            if route is Route.QUEUED:
+                if kind is RequestType.WRITE_CHECKPOINT:
+                    self._gate.admit(request.request_id)
+                queue.put_nowait(request)
+                continue
+            if kind is RequestType.CANCEL and isinstance(payload, CancelPayload):
+                self._gate.cancel(payload.request_id)
             elif kind is RequestType.MAP_ARENA and isinstance(payload, ArenaPayload):
                 try:
                     await asyncio.to_thread(self._arenas.view, payload.arena)
                 except (OSError, ValueError) as exc:  # ValueError: a size the file has not
-                    await self._channel.send(failure(request.request_id, kind, exc))
+                    await self._answer(failure(request.request_id, kind, exc))
                     continue
             elif kind is RequestType.RELEASE_ARENA and isinstance(payload, ArenaPayload):
                 self._arenas.release(payload.arena.path)
-            else:
-                if kind is RequestType.WRITE_CHECKPOINT:
-                    self._outstanding.add(request.request_id)
-                queue.put_nowait(request)
-                continue
-            await self._channel.send(WorkerResponse(request.request_id, kind, True))
+            await self._answer(WorkerResponse(request.request_id, kind, True))
+
+    async def _answer(self, response: WorkerResponse) -> None:
+        await self._channel.send(self._session.respond(response))
 
     async def _handle_in_order(self, queue: asyncio.Queue[WorkerRequest]) -> None:
         while True:
             request = await queue.get()
             if request.request_type is RequestType.TERMINATE_PROCESS:
-                await self._channel.send(
-                    WorkerResponse(request.request_id, request.request_type, True)
-                )
+                await self._answer(WorkerResponse(request.request_id, request.request_type, True))
                 return
             if request.request_type is RequestType.WRITE_CHECKPOINT and isinstance(
                 request.payload, WritePayload
@@ -345,7 +334,7 @@ class Worker:
                     request.request_type,
                     ProtocolError(f"unexpected {request.request_type.value} request"),
                 )
-            await self._channel.send(response)
+            await self._answer(response)
             if self._regroup is not None and self.group is not None:
                 generation, self._regroup = self._regroup, None
                 try:
@@ -364,10 +353,7 @@ class Worker:
             return failure(request_id, RequestType.WRITE_CHECKPOINT, exc)
         finally:
             self._writing = False
-            with self._commit_lock:
-                self._outstanding.discard(request_id)
-                self._cancelled.discard(request_id)
-                self._committing.discard(request_id)
+            self._gate.finish(request_id)
             self._after_write()
             self._arenas.close_lingering()
         try:
@@ -382,8 +368,7 @@ class Worker:
         )
 
     def _write_blocking(self, request_id: int, payload: WritePayload) -> Any:
-        if request_id in self._cancelled:
-            raise WriteCancelled("cancelled before it started")
+        self._gate.check(request_id)
         # A write makes a few short-lived objects per tensor (views, buffers, manifest
         # leaves): tens of thousands of them set off the collector's full passes over the
         # heap, ~0.15 s of a 20,000-tensor save. None of them is cyclic garbage; collection
@@ -407,19 +392,11 @@ class Worker:
                 shards_of(payload.state_dict),
                 payload.path,
                 payload.commit,
-                begin_commit=lambda: self._begin_commit(request_id),
+                begin_commit=lambda: self._gate.begin_commit(request_id),
             )
             self._regroup = outcome.regroup
             return outcome.result
         return self._write_and_commit(request_id, state_dict, payload.path, payload.commit)
-
-    def _begin_commit(self, request_id: int) -> None:
-        """The point of no return of a write: raises WriteCancelled if a CANCEL came first,
-        and makes later CANCELs no-ops."""
-        with self._commit_lock:
-            if request_id in self._cancelled:
-                raise WriteCancelled("cancelled before its commit")
-            self._committing.add(request_id)
 
     def _write_and_commit(
         self, request_id: int, state_dict: Any, path: str, options: CommitOptions
@@ -434,7 +411,7 @@ class Worker:
             manifest = commit.build_manifest(
                 options.format, state_dict, records, metadata=options.metadata
             )
-            self._begin_commit(request_id)
+            self._gate.begin_commit(request_id)
             manifest_size = commit.finalize(pending, manifest)
         except BaseException:
             commit.abort(pending)
@@ -466,6 +443,7 @@ class Worker:
 async def serve(fd: int, *, max_frame_size: int) -> int:
     """Serve the parent on the inherited socket ``fd``; return the process exit code."""
     channel = await Channel.open(socket.socket(fileno=fd), max_frame_size=max_frame_size)
+    session = WorkerSession(channel.codec)
     frames = channel.frames()
     try:
         try:
@@ -473,33 +451,31 @@ async def serve(fd: int, *, max_frame_size: int) -> int:
         except StopAsyncIteration:
             return 0  # the parent went away before the handshake
         try:
-            channel.codec.check_handshake_request(first)
-            request = channel.codec.decode_request(first)
-            if not isinstance(request.payload, InitPayload):
-                raise ProtocolError(f"expected an init request, got {request.request_type.value}")
-        except ProtocolError as exc:
+            _, request, _ = session.receive(first)
+        except ProtocolError as exc:  # the session has not taken it: answer the fixed id
             await channel.send(failure(HANDSHAKE_ID, RequestType.INIT, exc))
             return 2
-        worker = Worker(channel, request.payload)
+        assert isinstance(request.payload, InitPayload)  # the session checked
+        worker = Worker(channel, session, request.payload)
         try:
             worker.initialize()
         except BaseException as exc:
-            await channel.send(failure(request.request_id, RequestType.INIT, exc))
+            await channel.send(session.respond(failure(request.request_id, RequestType.INIT, exc)))
             return 1
         ready = ReadyPayload(protocol_version=PROTOCOL_VERSION, pid=os.getpid())
         await channel.send(
-            WorkerResponse(request.request_id, RequestType.INIT, True, payload=ready)
+            session.respond(
+                WorkerResponse(request.request_id, RequestType.INIT, True, payload=ready)
+            )
         )
         try:
             return await worker.run(frames)
         finally:
             await asyncio.to_thread(worker.close)
-    except (ConnectionError, ProtocolError, ExceptionGroup) as exc:
-        broken = exc.exceptions[0] if isinstance(exc, ExceptionGroup) else exc
-        if not isinstance(broken, (ConnectionError, ProtocolError)):
-            raise
+    except* (ConnectionError, ProtocolError) as broken:
         # A broken channel cannot carry an error report; the parent sees our exit instead.
-        logger.error("channel to the parent broke: %s", broken)
-        return 2
+        for cause in broken.exceptions:
+            logger.error("channel to the parent broke: %s", cause)
     finally:
         await channel.aclose()
+    return 2
