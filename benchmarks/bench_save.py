@@ -70,6 +70,7 @@ from benchmarks._common import (
     noop_subprocess_init,
     parse_size,
     percentile,
+    raw_write,
     release_memory,
 )
 
@@ -166,24 +167,12 @@ class Memcpy(Method):
         self.destination = {}
 
 
-def raw_write(state_dict: StateDict, path: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        for tensor in state_dict.values():
-            view = memoryview(tensor.numpy()).cast("B")
-            while view:
-                view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class RawWrite(Method):
     key, name = "raw", "raw write+fsync"
 
     async def run(self, state_dict: StateDict, target: str) -> Sample:
         started = time.perf_counter()
-        raw_write(state_dict, target)
+        raw_write(state_dict.values(), target)
         elapsed = time.perf_counter() - started
         return Sample(elapsed, elapsed)
 

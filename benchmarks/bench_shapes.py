@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks._common import GiB, KiB, MiB, format_size, median
+from benchmarks._common import GiB, KiB, MiB, format_size, median, raw_write
 
 DIR_PREFIX = "bench-shapes-"  # never "aiockpt*": the test suite's leak checker owns those
 
@@ -92,18 +92,6 @@ def tensors_of(tree: Any) -> list[torch.Tensor]:
     if isinstance(tree, (list, tuple)):
         return [t for value in tree for t in tensors_of(value)]
     return []
-
-
-def raw_write(tensors: Sequence[torch.Tensor], path: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        for tensor in tensors:
-            view = memoryview(tensor.numpy()).cast("B")
-            while view:
-                view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def torch_save(state_dict: Any, path: str) -> None:
