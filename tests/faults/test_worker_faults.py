@@ -411,7 +411,7 @@ async def main():
     while ckpt._process is None or ckpt._process.pid is None:  # spawned by now, or soon
         await asyncio.sleep(0.001)
     print(json.dumps({"worker": ckpt._process.pid, "done": handle.done()}), flush=True)
-    await asyncio.sleep(60)  # killed before this ends
+    await asyncio.Future()  # until the test kills this process, which it always does
 
 asyncio.run(main())
 """
