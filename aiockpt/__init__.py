@@ -6,24 +6,34 @@ Saving::
     await handle.staged        # tensors copied out: safe to keep training
     result = await handle      # committed and durable
 
-Layout of the package, from the wire up::
+Layout of the package; the folder says which process runs the code::
 
-    protocol      sans-IO frames and messages (no asyncio, no torch)
-    session       sans-IO rules of the channel: handshake, request ids, routing, cancel gate
-    channel       asyncio streams <-> messages
-    worker/       the checkpoint worker process (python -m aiockpt.worker)
-    process       CheckpointProcess: the parent's side of one worker
-    staging       shared-memory arenas and the copy into them
-    writers/      dcp and safetensors writers; custom writers by import reference
-    commit        temporary directory, manifest, fsync, rename; retention helpers
-    loading       verify and load checkpoints without unpickling
-    saver         SaveHandle, SaveResult, async_save
-    group         the checkpoint workers' own group: store, session, process group
-    coordination  one multi-rank save's rounds over the store (blocking; worker side)
-    manager       Checkpointer: root, latest, retention, backpressure
-    root_lock     one writer per checkpoint root (an flock the kernel releases)
-    sync          SyncCheckpointer for synchronous loops
-    elastic/      the worker agent and aiockpt-run (torchrun's counterpart)
+    __init__.py, errors.py   the public surface: what users import, and every error in one tree
+    _wire/       both processes; sans-IO except channel
+        protocol.py        frames and messages (no asyncio, no torch)
+        session.py         the channel's rules: handshake, request ids, routing, the cancel gate
+        channel.py         asyncio streams <-> messages
+        tensors.py         tensors and plain values <-> leaf descriptions
+        refs.py            functions and classes named by "module:attr" across the boundary
+        coordination.py    one multi-rank save's rounds over the group's store (blocking)
+    _format/     what is on disk; no asyncio, no processes
+        tree.py            state dicts as a skeleton plus a flat list of leaves
+        manifest.py        the file whose presence makes a directory a checkpoint
+        commit.py          temporary directory, manifest, fsync, rename; listing and retention
+        loading.py         verify and load without unpickling, resharding
+        root_lock.py       one writer per root (an flock the kernel releases)
+    writers/     the writer API (base.py), dcp and safetensors writers
+    _trainer/    runs in the training process
+        checkpointer.py    Checkpointer: root, latest, retention, backpressure
+        handles.py         SaveHandle, SaveResult, async_save, default checkpointers
+        sync.py            SyncCheckpointer for synchronous loops
+        staging.py         shared-memory arenas, plans, the copy into them
+        checkpoint_process.py  CheckpointProcess: the parent's side of one worker
+        group_formation.py the workers' group, formed over the trainers' store
+    _worker/     runs in the checkpoint worker (python -m aiockpt._worker)
+        serve.py           handshake, dispatch, writes in arrival order
+        rank_group.py      the workers' store and gloo group; a multi-rank commit
+    elastic/     the worker agent and aiockpt-run (torchrun's counterpart)
 
 Everything but the errors is imported on first use: worker processes started by the elastic
 agent import this package and should not pay for torch unless they use it.
@@ -57,12 +67,12 @@ from aiockpt.errors import (
 )
 
 if TYPE_CHECKING:
-    from aiockpt.loading import load, verify
-    from aiockpt.manager import Checkpointer
-    from aiockpt.process import CheckpointProcess, CheckpointProcessConfig
-    from aiockpt.protocol import GcOptions, RankInfo
-    from aiockpt.saver import SaveHandle, SaveResult, async_save, default_checkpointer
-    from aiockpt.sync import SyncCheckpointer, SyncSaveHandle
+    from aiockpt._format.loading import load, verify
+    from aiockpt._trainer.checkpoint_process import CheckpointProcess, CheckpointProcessConfig
+    from aiockpt._trainer.checkpointer import Checkpointer
+    from aiockpt._trainer.handles import SaveHandle, SaveResult, async_save, default_checkpointer
+    from aiockpt._trainer.sync import SyncCheckpointer, SyncSaveHandle
+    from aiockpt._wire.protocol import GcOptions, RankInfo
 
 __version__ = "0.1.0"
 
@@ -103,19 +113,19 @@ __all__ = [
 ]
 
 _HOME = {
-    "CheckpointProcess": "aiockpt.process",
-    "CheckpointProcessConfig": "aiockpt.process",
-    "Checkpointer": "aiockpt.manager",
-    "GcOptions": "aiockpt.protocol",
-    "RankInfo": "aiockpt.protocol",
-    "SaveHandle": "aiockpt.saver",
-    "SaveResult": "aiockpt.saver",
-    "SyncCheckpointer": "aiockpt.sync",
-    "SyncSaveHandle": "aiockpt.sync",
-    "async_save": "aiockpt.saver",
-    "default_checkpointer": "aiockpt.saver",
-    "load": "aiockpt.loading",
-    "verify": "aiockpt.loading",
+    "CheckpointProcess": "aiockpt._trainer.checkpoint_process",
+    "CheckpointProcessConfig": "aiockpt._trainer.checkpoint_process",
+    "Checkpointer": "aiockpt._trainer.checkpointer",
+    "GcOptions": "aiockpt._wire.protocol",
+    "RankInfo": "aiockpt._wire.protocol",
+    "SaveHandle": "aiockpt._trainer.handles",
+    "SaveResult": "aiockpt._trainer.handles",
+    "SyncCheckpointer": "aiockpt._trainer.sync",
+    "SyncSaveHandle": "aiockpt._trainer.sync",
+    "async_save": "aiockpt._trainer.handles",
+    "default_checkpointer": "aiockpt._trainer.handles",
+    "load": "aiockpt._format.loading",
+    "verify": "aiockpt._format.loading",
 }
 
 

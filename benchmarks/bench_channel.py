@@ -25,7 +25,7 @@ from typing import Any
 import uvloop
 from torch.multiprocessing.spawn import ProcessExitedException
 
-from aiockpt.process import CheckpointProcess
+from aiockpt._trainer.checkpoint_process import CheckpointProcess
 
 
 @dataclass

@@ -312,7 +312,7 @@ class Breakdown:
 
 def worker_pid(checkpointer: Any) -> int | None:
     """The aiockpt worker's pid: a public accessor if there is one, else the child process
-    whose command line names ``aiockpt.worker``."""
+    whose command line names ``aiockpt._worker``."""
     for attribute in ("worker_pid", "pid"):
         value = getattr(checkpointer, attribute, None)
         if isinstance(value, int):
@@ -321,7 +321,7 @@ def worker_pid(checkpointer: Any) -> int | None:
         value = getattr(getattr(checkpointer, attribute, None), "pid", None)
         if isinstance(value, int):
             return value
-    found = children_with("aiockpt.worker")
+    found = children_with("aiockpt._worker")
     return found[0] if len(found) == 1 else None
 
 
@@ -597,7 +597,7 @@ async def bench_stall(state_dict: StateDict, directory: str, saves: int) -> Stal
         result.module_steady_max = median(gaps[1:])
         # stop its worker and free its arena now rather than at loop shutdown
         with contextlib.suppress(ImportError):
-            from aiockpt.saver import default_checkpointer
+            from aiockpt._trainer.handles import default_checkpointer
 
             await default_checkpointer().close()
 

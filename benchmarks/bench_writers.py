@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 
-from aiockpt.commit import write_checkpoint
+from aiockpt._format.commit import write_checkpoint
 from aiockpt.writers.base import _SYNC_FILE_RANGE_WRITE, _sync_file_range, tensor_bytes
 from aiockpt.writers.dcp import DcpWriter
 from aiockpt.writers.safetensors import SafetensorsWriter

@@ -14,8 +14,8 @@ import pytest
 import torch
 import xxhash
 
-import aiockpt.commit as commit
-from aiockpt.commit import (
+import aiockpt._format.commit as commit
+from aiockpt._format.commit import (
     TEMP_PREFIX,
     TRASH_PREFIX,
     abort,
@@ -30,8 +30,8 @@ from aiockpt.commit import (
     write_checkpoint,
     write_files,
 )
-from aiockpt.loading import load, read_manifest, verify
-from aiockpt.manifest import (
+from aiockpt._format.loading import load, read_manifest, verify
+from aiockpt._format.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     OpaqueLeaf,

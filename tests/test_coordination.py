@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import pytest
 import torch.distributed as dist
 
-from aiockpt.coordination import SaveRound, connect_store, keys_owned_by
+from aiockpt._wire.coordination import SaveRound, connect_store, keys_owned_by
+from aiockpt._wire.protocol import GcOptions, GroupInfo
 from aiockpt.errors import CoordinationTimeout, RankFailed, qualified_name
-from aiockpt.protocol import GcOptions, GroupInfo
 
 
 @pytest.fixture

@@ -33,12 +33,12 @@ import torch
 import xxhash
 
 import aiockpt
-import aiockpt.manager
+import aiockpt._trainer.checkpointer
 from aiockpt import CheckpointWriteError, CorruptCheckpoint, SyncCheckpointer, commit, loading
-from aiockpt.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, TensorLeaf
-from aiockpt.protocol import RankInfo
-from aiockpt.staging import SharedArena
-from aiockpt.tree import MAX_DEPTH, format_key_path
+from aiockpt._format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, TensorLeaf
+from aiockpt._format.tree import MAX_DEPTH, format_key_path
+from aiockpt._trainer.staging import SharedArena
+from aiockpt._wire.protocol import RankInfo
 from aiockpt.writers import create_writer
 from aiockpt.writers.base import FileRecord, FileSink, dtype_name, flatten_state_dict
 from tests.faults import PAUSING_DCP, arena_names, open_fds, tree_snapshot
@@ -569,7 +569,9 @@ class RecordingArena(SharedArena):
 def test_arenas_and_checkpoints_are_owner_only(
     checkpointer: SyncCheckpointer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(aiockpt.process, "SharedArena", RecordingArena)  # a bigger arena
+    monkeypatch.setattr(
+        aiockpt._trainer.checkpoint_process, "SharedArena", RecordingArena
+    )  # a bigger arena
     RecordingArena.modes = []
     big = {"w": torch.zeros(16 << 20)}  # 64 MiB: larger than any arena of this module so far
     target = tmp_path / "ck"

@@ -22,8 +22,8 @@ from aiockpt import (
     SyncCheckpointer,
     WorkerClosed,
 )
-from aiockpt.saver import _default_checkpointers
-from aiockpt.staging import ARENA_NAME
+from aiockpt._trainer.handles import _default_checkpointers
+from aiockpt._trainer.staging import ARENA_NAME
 from tests.faults.test_disk_faults import (
     permission_bits_enforced,
     remount,

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from aiockpt import Checkpointer, commit
-from aiockpt.commit import write_checkpoint
+from aiockpt._format.commit import write_checkpoint
+from aiockpt._format.loading import load, verify
+from aiockpt._format.manifest import MANIFEST_NAME, TensorLeaf, decode_manifest, encode_manifest
+from aiockpt._format.tree import MAX_DEPTH
+from aiockpt._wire.protocol import RankInfo, ShardSpec
 from aiockpt.errors import CorruptCheckpoint
-from aiockpt.loading import load, verify
-from aiockpt.manifest import MANIFEST_NAME, TensorLeaf, decode_manifest, encode_manifest
-from aiockpt.protocol import RankInfo, ShardSpec
-from aiockpt.tree import MAX_DEPTH
 from aiockpt.writers import create_writer
 from aiockpt.writers.dcp import DcpWriter
 from tests.writer_fixtures import assert_same, full_state_dict, like, random_tensor

@@ -12,8 +12,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import aiockpt
-from aiockpt.protocol import PlainValue, TensorInArena
-from aiockpt.staging import PlanCache, SharedArena
+from aiockpt._trainer.staging import PlanCache, SharedArena
+from aiockpt._wire.protocol import PlainValue, TensorInArena
 from tests.test_save import assert_same, every_kind_of_state, zeros_like_tree
 
 

@@ -25,9 +25,14 @@ from aiockpt import (
     WorkerStartError,
     WorkerStartTimeout,
 )
-from aiockpt.channel import Channel
-from aiockpt.process import CheckpointProcess, CheckpointProcessConfig, describe_exit
-from aiockpt.protocol import (
+from aiockpt._trainer.checkpoint_process import (
+    CheckpointProcess,
+    CheckpointProcessConfig,
+    describe_exit,
+)
+from aiockpt._trainer.staging import plan_staging
+from aiockpt._wire.channel import Channel
+from aiockpt._wire.protocol import (
     PROTOCOL_VERSION,
     GcOptions,
     InitPayload,
@@ -36,8 +41,7 @@ from aiockpt.protocol import (
     WorkerRequest,
     WritePayload,
 )
-from aiockpt.staging import plan_staging
-from aiockpt.tensors import as_bytes
+from aiockpt._wire.tensors import as_bytes
 from tests import workers
 from tests.workers import RawWriter, read_raw
 
@@ -229,7 +233,7 @@ def test_no_worker_survives_the_loop_ending_without_close(runner: str) -> None:
     script = run_script(
         f"""
         import uvloop
-        from aiockpt.process import CheckpointProcess
+        from aiockpt._trainer.checkpoint_process import CheckpointProcess
         async def main():
             proc = CheckpointProcess(checkpoint_writer_init_fn="tests.workers:RawWriter")
             await proc.start()
@@ -252,7 +256,7 @@ def test_no_worker_survives_the_loop_ending_without_close(runner: str) -> None:
 def test_worker_exits_when_its_parent_is_killed() -> None:
     script = run_script(
         """
-        from aiockpt.process import CheckpointProcess
+        from aiockpt._trainer.checkpoint_process import CheckpointProcess
         async def main():
             proc = CheckpointProcess(checkpoint_writer_init_fn="tests.workers:RawWriter")
             await proc.start()
@@ -380,7 +384,7 @@ async def spawn_bare_worker(*args: str) -> tuple[asyncio.subprocess.Process, Cha
         worker = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "aiockpt.worker",
+            "aiockpt._worker",
             "--fd",
             str(child_end.fileno()),
             *args,

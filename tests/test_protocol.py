@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import aiockpt.protocol
-import aiockpt.session
-from aiockpt.errors import ProtocolError, ProtocolVersionMismatch
-from aiockpt.protocol import (
+import aiockpt._wire.protocol
+import aiockpt._wire.session
+from aiockpt._format.tree import DictNode, LeafNode, ListNode, TupleNode
+from aiockpt._wire.protocol import (
     PROTOCOL_VERSION,
     ArenaRef,
     BigIntValue,
@@ -39,8 +39,8 @@ from aiockpt.protocol import (
     WriteResultPayload,
     encode_frame,
 )
-from aiockpt.tensors import plain_leaf, value_from_leaf
-from aiockpt.tree import DictNode, LeafNode, ListNode, TupleNode
+from aiockpt._wire.tensors import plain_leaf, value_from_leaf
+from aiockpt.errors import ProtocolError, ProtocolVersionMismatch
 
 codec = MessageCodec()
 
@@ -98,7 +98,7 @@ def decode_like(message: WorkerRequest | WorkerResponse, body: bytes) -> object:
 @pytest.mark.parametrize(
     ("module", "allowed"),
     # the session's cancel gate is shared by the worker's loop and its write thread
-    [(aiockpt.protocol, set()), (aiockpt.session, {"threading"})],
+    [(aiockpt._wire.protocol, set()), (aiockpt._wire.session, {"threading"})],
     ids=["protocol", "session"],
 )
 def test_protocol_modules_are_sans_io(module: ModuleType, allowed: set[str]) -> None:

@@ -28,10 +28,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import aiockpt.protocol as protocol
-from aiockpt.errors import AiockptError, ProtocolError, WorkerCrashed
-from aiockpt.process import CheckpointProcess
-from aiockpt.protocol import (
+import aiockpt._wire.protocol as protocol
+from aiockpt._format.tree import DictNode, LeafNode
+from aiockpt._trainer.checkpoint_process import CheckpointProcess
+from aiockpt._wire.protocol import (
     PROTOCOL_VERSION,
     ArenaPayload,
     ArenaRef,
@@ -53,7 +53,7 @@ from aiockpt.protocol import (
     WriteResultPayload,
     encode_frame,
 )
-from aiockpt.tree import DictNode, LeafNode
+from aiockpt.errors import AiockptError, ProtocolError, WorkerCrashed
 
 REPO = Path(__file__).resolve().parents[1]
 codec = MessageCodec()
@@ -453,14 +453,14 @@ PARENT_BOUND_S = 5.0
 
 
 class BareWorker:
-    """``python -m aiockpt.worker`` over a socketpair, with no CheckpointProcess in front:
+    """``python -m aiockpt._worker`` over a socketpair, with no CheckpointProcess in front:
     the test writes whatever bytes it likes and reads frames back (blocking, with timeouts)."""
 
     def __init__(self) -> None:
         parent_end, child_end = socket.socketpair()
         with child_end:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "aiockpt.worker", "--fd", str(child_end.fileno())],
+                [sys.executable, "-m", "aiockpt._worker", "--fd", str(child_end.fileno())],
                 pass_fds=(child_end.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,

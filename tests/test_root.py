@@ -19,8 +19,8 @@ import torch
 
 import aiockpt
 from aiockpt import Checkpointer, RootLocked
-from aiockpt.commit import TEMP_PREFIX
-from aiockpt.root_lock import LOCK_NAME
+from aiockpt._format.commit import TEMP_PREFIX
+from aiockpt._format.root_lock import LOCK_NAME
 from tests.leaks import descendants
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,9 +26,9 @@ from aiockpt import (
     SyncCheckpointer,
     WorkerCrashed,
 )
-from aiockpt.commit import TEMP_PREFIX
-from aiockpt.root_lock import LOCK_NAME
-from aiockpt.staging import SharedArena
+from aiockpt._format.commit import TEMP_PREFIX
+from aiockpt._format.root_lock import LOCK_NAME
+from aiockpt._trainer.staging import SharedArena
 from tests.leaks import descendants
 
 SLOW = "tests.workers:SlowDcpWriter"
@@ -328,7 +328,7 @@ def test_arenas_are_owner_only() -> None:
 def test_default_checkpointer_across_loops_and_runners(tmp_path: Path) -> None:
     async def save(name: str) -> int | None:
         await aiockpt.async_save({"w": torch.ones(2)}, tmp_path / name)
-        from aiockpt.saver import default_checkpointer
+        from aiockpt._trainer.handles import default_checkpointer
 
         return default_checkpointer().worker_pid
 

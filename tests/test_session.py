@@ -10,8 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aiockpt.errors import ProtocolError, ProtocolVersionMismatch
-from aiockpt.protocol import (
+from aiockpt._wire.protocol import (
     PROTOCOL_VERSION,
     CancelPayload,
     FrameDecoder,
@@ -23,17 +22,18 @@ from aiockpt.protocol import (
     WorkerRequest,
     WorkerResponse,
 )
-from aiockpt.session import (
+from aiockpt._wire.session import (
     HANDSHAKE_ID,
     ParentSession,
-    ParentState,
+    ParentSessionState,
     Received,
     Route,
     WorkerSession,
-    WorkerState,
+    WorkerSessionState,
     WriteCancelled,
     WriteGate,
 )
+from aiockpt.errors import ProtocolError, ProtocolVersionMismatch
 
 codec = MessageCodec()
 INIT = InitPayload(
@@ -70,7 +70,7 @@ class Pair:
         [response] = self.answer(
             WorkerResponse(init.request_id, init.request_type, True, payload=ready)
         )
-        assert response is not None and self.parent.state is ParentState.READY
+        assert response is not None and self.parent.state is ParentSessionState.READY
 
 
 def test_handshake_first_then_unique_increasing_ids_each_answered_once() -> None:
@@ -118,7 +118,7 @@ def test_a_failed_handshake_allows_nothing_else() -> None:
     pair.send(pair.parent.handshake(INIT))
     [response] = pair.answer(WorkerResponse(HANDSHAKE_ID, RequestType.INIT, False, "E", "no"))
     assert response is not None and not response.success
-    assert pair.parent.state is ParentState.FAILED
+    assert pair.parent.state is ParentSessionState.FAILED
     with pytest.raises(ProtocolError, match="failed"):
         pair.parent.request(RequestType.PING)
     with pytest.raises(ProtocolError, match="already"):
@@ -174,8 +174,8 @@ def test_worker_routes_and_refuses_out_of_order_requests() -> None:
         payload = CancelPayload(1) if kind is RequestType.CANCEL else None
         [(routed, _, _)] = pair.send(pair.parent.request(kind, payload))
         assert routed is route
-    assert pair.parent.state is ParentState.TERMINATING
-    assert pair.worker.state is WorkerState.TERMINATING
+    assert pair.parent.state is ParentSessionState.TERMINATING
+    assert pair.worker.state is WorkerSessionState.TERMINATING
     with pytest.raises(ProtocolError, match="terminating"):
         pair.parent.request(RequestType.PING)
     late = codec.encode(WorkerRequest(99, RequestType.PING))[4:]
@@ -188,7 +188,7 @@ def test_split_and_coalesced_bytes_give_the_same_exchange(cuts: list[int]) -> No
     """Three requests in one byte string, cut anywhere: the worker sees the same three."""
     parent, worker, decoder = ParentSession(), WorkerSession(), FrameDecoder()
     stream = codec.encode(parent.handshake(INIT))
-    parent.state = ParentState.READY  # (the answer to INIT is another test's business)
+    parent.state = ParentSessionState.READY  # (the answer to INIT is another test's business)
     stream += codec.encode(parent.request(RequestType.PING))
     stream += codec.encode(parent.request(RequestType.TERMINATE_PROCESS))
     points = sorted({min(c, len(stream)) for c in cuts})

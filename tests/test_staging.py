@@ -13,8 +13,8 @@ import torch.distributed.checkpoint as dcp
 
 import aiockpt
 from aiockpt import Checkpointer
-from aiockpt.process import CheckpointProcessConfig
-from aiockpt.protocol import GcOptions
+from aiockpt._trainer.checkpoint_process import CheckpointProcessConfig
+from aiockpt._wire.protocol import GcOptions
 from tests.faults import arena_names, mapped_arenas
 
 MIB = 1 << 20

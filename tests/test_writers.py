@@ -19,10 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from aiockpt.commit import remove_checkpoint, write_checkpoint
-from aiockpt.loading import load
-from aiockpt.manifest import TensorLeaf
-from aiockpt.protocol import RankInfo
+from aiockpt._format.commit import remove_checkpoint, write_checkpoint
+from aiockpt._format.loading import load
+from aiockpt._format.manifest import TensorLeaf
+from aiockpt._wire.protocol import RankInfo
 from aiockpt.writers import BUILTIN_WRITERS, create_writer, resolve_writer
 from aiockpt.writers.base import FileSink, tensor_bytes
 from aiockpt.writers.dcp import DcpWriter, torch_save_framing

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from aiockpt.protocol import RankInfo
-from aiockpt.tree import flatten, format_key_path
+from aiockpt._format.tree import flatten, format_key_path
+from aiockpt._wire.protocol import RankInfo
 
 
 def init_writes_marker(path: str, text: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from aiockpt.protocol import RankInfo
+from aiockpt._wire.protocol import RankInfo
 from aiockpt.writers.base import FileRecord, Writer
 
 __all__ = ["BUILTIN_WRITERS", "FileRecord", "Writer", "create_writer", "resolve_writer"]

@@ -28,10 +28,10 @@ import msgspec
 import torch
 import xxhash
 
-from aiockpt.manifest import Leaf, ObjectLeaf, check_relative_name, plain_leaf
-from aiockpt.protocol import ShardSpec
-from aiockpt.tensors import dtype_from_name, dtype_name, is_tensor
-from aiockpt.tree import KeyPath, Node, flatten, iter_key_paths, unflatten
+from aiockpt._format.manifest import Leaf, ObjectLeaf, check_relative_name, plain_leaf
+from aiockpt._format.tree import KeyPath, Node, flatten, iter_key_paths, unflatten
+from aiockpt._wire.protocol import ShardSpec
+from aiockpt._wire.tensors import dtype_from_name, dtype_name, is_tensor
 
 __all__ = [
     "FileRecord",

@@ -24,7 +24,7 @@ are additionally written raw after the DCP items so that the index covers every 
 
 Several ranks write into one directory: each its own ``__<rank>_0.distcp``, rank 0 the one
 ``.metadata``, after planning across ranks through the worker's coordination (see
-``GroupWriter`` in ``aiockpt.writers.base`` and ``aiockpt.coordination``).
+``GroupWriter`` in ``aiockpt.writers.base`` and ``aiockpt._wire.coordination``).
 """
 
 from __future__ import annotations
@@ -57,9 +57,9 @@ from torch.distributed.checkpoint.planner import (
     WriteItemType,
 )
 
-from aiockpt.manifest import Leaf, TensorLeaf
-from aiockpt.protocol import RankInfo, ShardSpec
-from aiockpt.tree import format_key_path
+from aiockpt._format.manifest import Leaf, TensorLeaf
+from aiockpt._format.tree import format_key_path
+from aiockpt._wire.protocol import RankInfo, ShardSpec
 from aiockpt.writers.base import (
     FileRecord,
     FileSink,

@@ -25,9 +25,9 @@ from typing import Any
 import msgspec
 import torch
 
-from aiockpt.manifest import Leaf, TensorLeaf
-from aiockpt.protocol import RankInfo
-from aiockpt.tree import format_key_path
+from aiockpt._format.manifest import Leaf, TensorLeaf
+from aiockpt._format.tree import format_key_path
+from aiockpt._wire.protocol import RankInfo
 from aiockpt.writers.base import (
     FileRecord,
     FileSink,

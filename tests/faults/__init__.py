@@ -15,8 +15,8 @@ from typing import Any
 import msgspec
 import torch
 
-from aiockpt.manifest import TensorLeaf
-from aiockpt.protocol import RankInfo
+from aiockpt._format.manifest import TensorLeaf
+from aiockpt._wire.protocol import RankInfo
 from aiockpt.writers.base import FileRecord, FileSink, dtype_name, flatten_state_dict
 from aiockpt.writers.dcp import DcpWriter
 from tests.leaks import ARENA_MEMFD

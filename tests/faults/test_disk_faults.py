@@ -136,7 +136,7 @@ async def disk_full(ckpt: Checkpointer, tmp_path: Path) -> None:
 FILE_SIZE_LIMIT_SCRIPT = """
 import json, os, resource, signal, sys
 import torch
-from aiockpt import commit, loading
+from aiockpt._format import commit, loading
 from aiockpt.writers import create_writer
 
 root = sys.argv[1]

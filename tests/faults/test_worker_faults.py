@@ -32,10 +32,10 @@ import torch
 
 import aiockpt
 from aiockpt import Checkpointer, WorkerCrashed, commit, loading
-from aiockpt.manifest import MANIFEST_NAME
-from aiockpt.process import CheckpointProcess
-from aiockpt.root_lock import LOCK_NAME
-from aiockpt.saver import SaveHandle
+from aiockpt._format.manifest import MANIFEST_NAME
+from aiockpt._format.root_lock import LOCK_NAME
+from aiockpt._trainer.checkpoint_process import CheckpointProcess
+from aiockpt._trainer.handles import SaveHandle
 from tests.faults import (
     PAUSING_DCP,
     TRICKLING,

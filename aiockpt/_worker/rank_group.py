@@ -1,5 +1,5 @@
 """A worker's side of a multi-rank Checkpointer: the group's store, the workers' own gloo
-process group, and the coordinated commit of one save (see ``aiockpt.coordination``).
+process group, and the coordinated commit of one save (see ``aiockpt._wire.coordination``).
 
 The process group is formed at start-up, so that the first save does not pay for it. It is
 never used by the built-in writers' coordination (the store is: a collective cannot time out
@@ -20,13 +20,13 @@ import msgspec
 import torch.distributed as dist
 from torch._C._distributed_c10d import PrefixStore
 
-from aiockpt import commit
-from aiockpt.coordination import SaveRound, connect_store
+from aiockpt._format import commit
+from aiockpt._wire.coordination import SaveRound, connect_store
+from aiockpt._wire.protocol import CommitOptions, GroupInfo, ShardSpec
 from aiockpt.errors import CoordinationError
-from aiockpt.protocol import CommitOptions, GroupInfo, ShardSpec
 from aiockpt.writers.base import GroupWriter, Writer, WriterPart
 
-__all__ = ["WorkerGroup"]
+__all__ = ["RankGroup"]
 
 
 class Outcome(msgspec.Struct, frozen=True):
@@ -37,7 +37,7 @@ class Outcome(msgspec.Struct, frozen=True):
     regroup: int | None = None
 
 
-class WorkerGroup:
+class RankGroup:
     """This worker's membership in its Checkpointer's group.
 
     Raises ``torch.distributed.DistStoreError`` at construction when the store cannot be

@@ -40,8 +40,8 @@ import msgspec
 import torch.distributed as dist
 from torch._C._distributed_c10d import PrefixStore, Store, TCPStore
 
+from aiockpt._wire.protocol import GroupInfo
 from aiockpt.errors import CoordinationError, CoordinationTimeout, RankFailed, qualified_name
-from aiockpt.protocol import GroupInfo
 
 __all__ = [
     "Failure",

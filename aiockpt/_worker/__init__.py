@@ -1,4 +1,4 @@
-"""The checkpoint worker process: ``python -m aiockpt.worker --fd N``.
+"""The checkpoint worker process: ``python -m aiockpt._worker --fd N``.
 
 It serves one parent over one socketpair: a handshake that runs the init functions, then PINGs
 answered at once and WRITE_CHECKPOINT / TERMINATE_PROCESS requests handled in arrival order,

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from aiockpt.protocol import (
+from aiockpt._format.tree import KeyPath, flatten, format_key_path
+from aiockpt._wire.protocol import (
     BigIntValue,
     Leaf,
     PickledObject,
@@ -17,7 +18,6 @@ from aiockpt.protocol import (
     TensorInArena,
     TensorInline,
 )
-from aiockpt.tree import KeyPath, flatten, format_key_path
 
 __all__ = [
     "as_bytes",

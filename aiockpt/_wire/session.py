@@ -2,11 +2,11 @@
 
 Theory of operation
 -------------------
-``aiockpt.protocol`` says what a frame and a message are; this module says which message may
-come when. Each side holds one session; its IO glue (``aiockpt.process`` in the trainer,
-``aiockpt.worker.serve`` in the worker) hands it every frame body it reads, sends only the
-messages the session made or allowed, and so cannot break these rules by accident. The tests
-pair two sessions in memory, as h11's do, with no process in between.
+``aiockpt._wire.protocol`` says what a frame and a message are; this module says which message
+may come when. Each side holds one session; its IO glue (``aiockpt._trainer.checkpoint_process``
+in the trainer, ``aiockpt._worker.serve`` in the worker) hands it every frame body it reads,
+sends only the messages the session made or allowed, and so cannot break these rules by
+accident. The tests pair two sessions in memory, as h11's do, with no process in between.
 
 Trainer side, ``ParentSession``::
 
@@ -49,8 +49,7 @@ import enum
 import threading
 from typing import NamedTuple
 
-from aiockpt.errors import ProtocolError
-from aiockpt.protocol import (
+from aiockpt._wire.protocol import (
     ArenaPayload,
     CancelPayload,
     InitPayload,
@@ -59,15 +58,16 @@ from aiockpt.protocol import (
     WorkerRequest,
     WorkerResponse,
 )
+from aiockpt.errors import ProtocolError
 
 __all__ = [
     "HANDSHAKE_ID",
     "ParentSession",
-    "ParentState",
+    "ParentSessionState",
     "Received",
     "Route",
     "WorkerSession",
-    "WorkerState",
+    "WorkerSessionState",
     "WriteCancelled",
     "WriteGate",
 ]
@@ -92,14 +92,14 @@ _PAYLOAD_OF: dict[RequestType, type] = {
 }
 
 
-class ParentState(enum.Enum):
+class ParentSessionState(enum.Enum):
     HANDSHAKING = "handshaking"
     READY = "ready"
     FAILED = "failed"
     TERMINATING = "terminating"
 
 
-class WorkerState(enum.Enum):
+class WorkerSessionState(enum.Enum):
     AWAITING_INIT = "awaiting init"
     SERVING = "serving"
     TERMINATING = "terminating"
@@ -132,7 +132,7 @@ class ParentSession:
 
     def __init__(self, codec: MessageCodec | None = None) -> None:
         self._codec = codec if codec is not None else MessageCodec()
-        self.state = ParentState.HANDSHAKING
+        self.state = ParentSessionState.HANDSHAKING
         self._next_id = HANDSHAKE_ID + 1
         self._handshake_sent = False
         self._handshake_answered = False
@@ -154,13 +154,13 @@ class ParentSession:
         succeeded, after it failed, after TERMINATE, or for a second INIT."""
         if kind is RequestType.INIT:
             raise ProtocolError("INIT is the handshake; use handshake()")
-        if self.state is not ParentState.READY:
+        if self.state is not ParentSessionState.READY:
             raise ProtocolError(f"cannot send {kind.value} while the session is {self.state.value}")
         request_id = self._next_id
         self._next_id += 1
         self._outstanding[request_id] = kind
         if kind is RequestType.TERMINATE_PROCESS:
-            self.state = ParentState.TERMINATING
+            self.state = ParentSessionState.TERMINATING
         return WorkerRequest(request_id, kind, payload)  # type: ignore[arg-type]
 
     def abandon(self, request_id: int) -> None:
@@ -185,7 +185,7 @@ class ParentSession:
             if kind is not RequestType.INIT:
                 raise ProtocolError(f"the first response answers {kind.value}, not INIT")
             self._handshake_answered = True
-            self.state = ParentState.READY if response.success else ParentState.FAILED
+            self.state = ParentSessionState.READY if response.success else ParentSessionState.FAILED
         elif response.request_type is not kind:
             raise ProtocolError(
                 f"response to request {response.request_id} ({kind.value}) says it answers "
@@ -207,7 +207,7 @@ class WorkerSession:
 
     def __init__(self, codec: MessageCodec | None = None) -> None:
         self._codec = codec if codec is not None else MessageCodec()
-        self.state = WorkerState.AWAITING_INIT
+        self.state = WorkerSessionState.AWAITING_INIT
         self._unanswered: set[int] = set()
 
     def receive(self, body: bytes) -> Received:
@@ -215,17 +215,17 @@ class WorkerSession:
         ``ProtocolError`` (``ProtocolVersionMismatch`` for a trainer of another version)
         when the trainer broke the rules so that the channel cannot go on; answer it with
         ``HANDSHAKE_ID`` if it came first."""
-        if self.state is WorkerState.AWAITING_INIT:
+        if self.state is WorkerSessionState.AWAITING_INIT:
             self._codec.check_handshake_request(body)
         request = self._codec.decode_request(body)
         kind = request.request_type
         refusal = None
-        if self.state is WorkerState.AWAITING_INIT:
+        if self.state is WorkerSessionState.AWAITING_INIT:
             if kind is not RequestType.INIT or not isinstance(request.payload, InitPayload):
                 raise ProtocolError(f"expected an init request first, got {kind.value}")
-            self.state = WorkerState.SERVING
+            self.state = WorkerSessionState.SERVING
             route = Route.HANDSHAKE
-        elif self.state is WorkerState.TERMINATING:
+        elif self.state is WorkerSessionState.TERMINATING:
             raise ProtocolError(f"{kind.value} request after TERMINATE")
         elif request.request_id in self._unanswered:
             raise ProtocolError(f"request id {request.request_id} is in use")
@@ -236,7 +236,7 @@ class WorkerSession:
         else:
             route = Route.IMMEDIATE if kind in _IMMEDIATE else Route.QUEUED
             if kind is RequestType.TERMINATE_PROCESS:
-                self.state = WorkerState.TERMINATING
+                self.state = WorkerSessionState.TERMINATING
         self._unanswered.add(request.request_id)
         return Received(route, request, refusal)
 

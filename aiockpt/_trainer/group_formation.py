@@ -20,7 +20,7 @@ is safe to use that way. Where they meet:
   ``MASTER_ADDR:MASTER_PORT`` under the prefix ``AsyncCheckpointProcess/``, as torch does.
 
 Either way the keys live under a random session id, so two Checkpointers never meet. The
-workers use the store to coordinate each save (``aiockpt.coordination``) and to form their
+workers use the store to coordinate each save (``aiockpt._wire.coordination``) and to form their
 gloo process group; the trainers use it to report a save that failed on their side.
 
 The key rank 0 posts is named by the Checkpointer (its root), by how many Checkpointers of
@@ -40,9 +40,9 @@ import msgspec
 import torch.distributed as dist
 from torch._C._distributed_c10d import Store, TCPStore
 
-from aiockpt.coordination import connect_store
+from aiockpt._wire.coordination import connect_store
+from aiockpt._wire.protocol import GroupInfo
 from aiockpt.errors import CoordinationTimeout
-from aiockpt.protocol import GroupInfo
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",

@@ -32,11 +32,11 @@ from typing import Any
 
 import torch
 
-from aiockpt.protocol import ArenaRef, Leaf, ShardSpec, StateDictPayload, TensorInArena
-from aiockpt.tensors import dtype_name, is_tensor, plain_leaf
-from aiockpt.tree import MAX_DEPTH, KeyPath, Node, flatten, format_key_path
+from aiockpt._format.tree import MAX_DEPTH, KeyPath, Node, flatten, format_key_path
+from aiockpt._wire.protocol import ArenaRef, Leaf, ShardSpec, StateDictPayload, TensorInArena
+from aiockpt._wire.tensors import dtype_name, is_tensor, plain_leaf
 
-logger = logging.getLogger("aiockpt.staging")
+logger = logging.getLogger("aiockpt._trainer.staging")
 
 __all__ = [
     "ARENA_NAME",

@@ -1,7 +1,7 @@
 """``CheckpointProcess``: the parent's side of one persistent checkpoint worker.
 
 The asyncio counterpart of torch's ``_experimental/checkpoint_process.py``: the worker is a
-``python -m aiockpt.worker`` subprocess, the channel is an asyncio stream over a socketpair, and
+``python -m aiockpt._worker`` subprocess, the channel is an asyncio stream over a socketpair, and
 three kinds of task run on the caller's loop, all owned by this object and ended by ``close``:
 
 - the *reader* decodes response frames and resolves the matching request futures;
@@ -32,21 +32,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiockpt
-from aiockpt.channel import Channel
-from aiockpt.errors import (
-    CheckpointWriteError,
-    CoordinationTimeout,
-    ProtocolError,
-    ProtocolVersionMismatch,
-    RankFailed,
-    WorkerClosed,
-    WorkerCrashed,
-    WorkerError,
-    WorkerStartError,
-    WorkerStartTimeout,
-    qualified_name,
+from aiockpt._trainer.staging import (
+    SharedArena,
+    StagingPlan,
+    copy_into_arena,
+    plan_staging,
+    take_fitting_arena,
 )
-from aiockpt.protocol import (
+from aiockpt._wire.channel import Channel
+from aiockpt._wire.protocol import (
     CANCELLED_ERROR_TYPE,
     DEFAULT_MAX_FRAME_SIZE,
     PROTOCOL_VERSION,
@@ -63,19 +57,25 @@ from aiockpt.protocol import (
     WritePayload,
     WriteResultPayload,
 )
-from aiockpt.refs import check_encodable, import_ref
-from aiockpt.session import ParentSession, ParentState
-from aiockpt.staging import (
-    SharedArena,
-    StagingPlan,
-    copy_into_arena,
-    plan_staging,
-    take_fitting_arena,
+from aiockpt._wire.refs import check_encodable, import_ref
+from aiockpt._wire.session import ParentSession, ParentSessionState
+from aiockpt.errors import (
+    CheckpointWriteError,
+    CoordinationTimeout,
+    ProtocolError,
+    ProtocolVersionMismatch,
+    RankFailed,
+    WorkerClosed,
+    WorkerCrashed,
+    WorkerError,
+    WorkerStartError,
+    WorkerStartTimeout,
+    qualified_name,
 )
 
 __all__ = ["CheckpointProcess", "CheckpointProcessConfig", "WriteResult", "describe_exit"]
 
-logger = logging.getLogger("aiockpt.process")
+logger = logging.getLogger("aiockpt._trainer.checkpoint_process")
 
 #: what a successful write returns: the seconds the writer took, and what it returned
 WriteResult = WriteResultPayload
@@ -246,7 +246,7 @@ class CheckpointProcess:
                 self._process = await asyncio.create_subprocess_exec(
                     sys.executable,
                     "-m",
-                    "aiockpt.worker",
+                    "aiockpt._worker",
                     "--fd",
                     str(child_end.fileno()),
                     "--max-frame-size",
@@ -338,7 +338,7 @@ class CheckpointProcess:
     async def _stop_gracefully(self, process: asyncio.subprocess.Process) -> None:
         """Ask the worker to exit once its queued writes are done, and wait for it. The
         answer to TERMINATE is not awaited: the reader may already be gone at loop shutdown."""
-        if self._session.state is ParentState.READY and self._channel is not None:
+        if self._session.state is ParentSessionState.READY and self._channel is not None:
             self._exit_requested = True
             request = self._session.request(RequestType.TERMINATE_PROCESS)
             self._session.abandon(request.request_id)
@@ -632,7 +632,7 @@ class CheckpointProcess:
     ) -> tuple[int, asyncio.Future[WorkerResponse]]:
         """Send a request; return its id and the future its response resolves. The caller
         calls ``_forget`` on the id once done with it. Raises ``ProtocolError`` for a request
-        the session does not allow now (see ``aiockpt.session``)."""
+        the session does not allow now (see ``aiockpt._wire.session``)."""
         if self._crashed is not None:
             raise self._crashed
         if self._closing and self._process is not None and self._process.returncode is not None:

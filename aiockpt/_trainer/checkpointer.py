@@ -21,11 +21,11 @@ checkpoints, and ``latest()`` only ever reports directories that have a manifest
 Several ranks
 -------------
 When ``torch.distributed`` is initialised with several ranks, a Checkpointer is one rank of a
-group (``aiockpt.group``), formed at ``start`` or lazily at the first save through the
-trainers' *store* (never a collective on their process group, so a lazy start in the
-background cannot interleave with the training loop's own collectives). Every rank creates
-its Checkpointer with the same root and calls ``save`` in the same order, and each save is
-one checkpoint that every rank's worker writes a part of.
+group (``aiockpt._trainer.group_formation``), formed at ``start`` or lazily at the first
+save through the trainers' *store* (never a collective on their process group, so a lazy
+start in the background cannot interleave with the training loop's own collectives). Every
+rank creates its Checkpointer with the same root and calls ``save`` in the same order, and
+each save is one checkpoint that every rank's worker writes a part of.
 
 The ranks' workers meet about a save under its *round id*: the checkpoint's path (relative to
 the root) and how many saves to that path this Checkpointer made before. A rank that skips a
@@ -60,27 +60,27 @@ from typing import Any
 
 import msgspec
 
-from aiockpt import commit, loading
-from aiockpt.coordination import SaveRound
-from aiockpt.errors import WorkerClosed, WorkerCrashed, WorkerError
-from aiockpt.group import (
+from aiockpt._format import commit, loading
+from aiockpt._format.root_lock import RootLock
+from aiockpt._trainer.checkpoint_process import CheckpointProcess, CheckpointProcessConfig
+from aiockpt._trainer.group_formation import (
     DEFAULT_TIMEOUT_S,
     TrainerGroup,
     form_group,
     reserve_group_key,
     world_of,
 )
-from aiockpt.process import CheckpointProcess, CheckpointProcessConfig
-from aiockpt.protocol import CommitOptions, GroupInfo, RankInfo, WritePayload
-from aiockpt.refs import check_encodable
-from aiockpt.root_lock import RootLock
-from aiockpt.saver import SaveHandle, SaveResult
-from aiockpt.staging import PlanCache, SharedArena, StagingPlan, copy_into_arena
+from aiockpt._trainer.handles import SaveHandle, SaveResult
+from aiockpt._trainer.staging import PlanCache, SharedArena, StagingPlan, copy_into_arena
+from aiockpt._wire.coordination import SaveRound
+from aiockpt._wire.protocol import CommitOptions, GroupInfo, RankInfo, WritePayload
+from aiockpt._wire.refs import check_encodable
+from aiockpt.errors import WorkerClosed, WorkerCrashed, WorkerError
 from aiockpt.writers import resolve_writer
 
 __all__ = ["Checkpointer"]
 
-logger = logging.getLogger("aiockpt.manager")
+logger = logging.getLogger("aiockpt._trainer.checkpointer")
 
 #: ``Checkpointer.save`` names checkpoints ``step_<step>`` zero-padded, so that they sort
 STEP_NAME = "step_{step:010d}"
@@ -109,7 +109,7 @@ class Checkpointer:
         no_dist: save from this rank alone even in a multi-rank job (torch's ``no_dist``).
         use_prefix_store: have the workers meet in the trainers' store at
             ``MASTER_ADDR:MASTER_PORT`` (None: ``DCP_USE_PREFIX_STORE=1``); see
-            ``aiockpt.group``.
+            ``aiockpt._trainer.group_formation``.
         coordination_timeout_secs: how long a rank waits for another at any step of a
             multi-rank save before failing it with ``CoordinationTimeout``.
         rank_info, config: passed to the ``CheckpointProcess`` (``rank_info`` comes from the
@@ -118,7 +118,7 @@ class Checkpointer:
             running trainer): ``latest`` and ``load_latest`` work, no worker starts, no lock
             is taken, nothing is deleted, and saving raises ``io.UnsupportedOperation``.
 
-    A root has one writer: ``start`` takes an exclusive lock on it (``aiockpt.root_lock``;
+    A root has one writer: ``start`` takes an exclusive lock on it (``aiockpt._format.root_lock``;
     in a group, rank 0 does) that the kernel releases when the process dies, and a second
     writer's ``start`` raises ``RootLocked`` naming the holder.
 
@@ -234,7 +234,8 @@ class Checkpointer:
         (``PermissionError``, read-only file system, ...) naming ``root`` when a checkpoint
         cannot be created under it, what ``CheckpointProcess.start``
         raises, ``TypeError`` as ``save`` does for a ``like`` that cannot be checkpointed,
-        ``WorkerClosed`` after ``close``, and what ``aiockpt.group.form_group`` raises
+        ``WorkerClosed`` after ``close``, and what
+        ``aiockpt._trainer.group_formation.form_group`` raises
         (``ValueError`` for a prefix store without ``MASTER_ADDR``/``MASTER_PORT``,
         ``CoordinationTimeout`` when rank 0 never forms the group).
         """
@@ -269,7 +270,7 @@ class Checkpointer:
                 group = self._group.info if self._group is not None else None
                 if group is not None and self._workers_spawned:
                     # The other ranks' workers are in a process group without this rank's:
-                    # the group is re-formed after the next save (see aiockpt.worker.group).
+                    # the group is re-formed after the next save (see aiockpt._worker.rank_group).
                     group = msgspec.structs.replace(group, pg_generation=None)
                 self._process = CheckpointProcess(self.rank_info, self.config, group=group)
                 self._workers_spawned += 1
@@ -281,7 +282,7 @@ class Checkpointer:
         return not self.no_dist and world_of(self.process_group) is not None
 
     async def _ensure_group(self) -> None:
-        """Form the workers' group once, over the trainers' store (see ``aiockpt.group``)."""
+        """Form the workers' group once, over the trainers' store (see ``group_formation``)."""
         if not self._group_checked:
             await asyncio.to_thread(self._form_group_once)
 

@@ -16,10 +16,11 @@ from typing import Any
 import msgspec
 import torch
 
-from aiockpt import commit
-from aiockpt.channel import Channel
-from aiockpt.errors import CoordinationError, ProtocolError, RankFailed, qualified_name
-from aiockpt.protocol import (
+from aiockpt._format import commit
+from aiockpt._format.tree import DictNode, unflatten
+from aiockpt._trainer.staging import map_populated
+from aiockpt._wire.channel import Channel
+from aiockpt._wire.protocol import (
     CANCELLED_ERROR_TYPE,
     PROTOCOL_VERSION,
     ArenaPayload,
@@ -39,18 +40,17 @@ from aiockpt.protocol import (
     WritePayload,
     WriteResultPayload,
 )
-from aiockpt.refs import resolve_ref
-from aiockpt.session import HANDSHAKE_ID, Route, WorkerSession, WriteCancelled, WriteGate
-from aiockpt.staging import map_populated
-from aiockpt.tensors import dtype_from_name, tensor_from_leaf, value_from_leaf
-from aiockpt.tree import DictNode, unflatten
-from aiockpt.worker.group import WorkerGroup
+from aiockpt._wire.refs import resolve_ref
+from aiockpt._wire.session import HANDSHAKE_ID, Route, WorkerSession, WriteCancelled, WriteGate
+from aiockpt._wire.tensors import dtype_from_name, tensor_from_leaf, value_from_leaf
+from aiockpt._worker.rank_group import RankGroup
+from aiockpt.errors import CoordinationError, ProtocolError, RankFailed, qualified_name
 from aiockpt.writers import create_writer
 from aiockpt.writers.base import StagedLayout, StagedStateDict
 
 __all__ = ["serve"]
 
-logger = logging.getLogger("aiockpt.worker")
+logger = logging.getLogger("aiockpt._worker")
 
 
 def failure(request_id: int, request_type: RequestType, exc: BaseException) -> WorkerResponse:
@@ -234,7 +234,7 @@ class Layouts:
             self._end = max(self._end, leaf.offset + leaf.nbytes)
 
 
-class Worker:
+class ServingWorker:
     def __init__(self, channel: Channel, session: WorkerSession, init: InitPayload) -> None:
         self._channel = channel
         self._init = init
@@ -245,9 +245,9 @@ class Worker:
         self.writer: Any = None
         self._format_writers: dict[str, Any] = {}
         self._session = session
-        #: which writes a CANCEL may still stop (see aiockpt.session)
+        #: which writes a CANCEL may still stop (see aiockpt._wire.session)
         self._gate = WriteGate()
-        self.group: WorkerGroup | None = None
+        self.group: RankGroup | None = None
         #: generation to re-form the workers' process group under, once a write is answered
         self._regroup: int | None = None
 
@@ -264,7 +264,7 @@ class Worker:
         writer_args.setdefault("rank_info", init.rank_info)
         self.writer = resolve_ref(init.checkpoint_writer_init_fn)(**writer_args)
         if init.group is not None:
-            self.group = WorkerGroup(init.group)
+            self.group = RankGroup(init.group)
 
     def close(self) -> None:
         if self.group is not None:
@@ -456,7 +456,7 @@ async def serve(fd: int, *, max_frame_size: int) -> int:
             await channel.send(failure(HANDSHAKE_ID, RequestType.INIT, exc))
             return 2
         assert isinstance(request.payload, InitPayload)  # the session checked
-        worker = Worker(channel, session, request.payload)
+        worker = ServingWorker(channel, session, request.payload)
         try:
             worker.initialize()
         except BaseException as exc:

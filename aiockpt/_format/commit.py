@@ -45,7 +45,7 @@ from typing import Any
 import msgspec
 import xxhash
 
-from aiockpt.manifest import (
+from aiockpt._format.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     FileEntry,
@@ -57,7 +57,7 @@ from aiockpt.manifest import (
     encode_manifest,
     plain_leaf,
 )
-from aiockpt.tree import Node
+from aiockpt._format.tree import Node
 from aiockpt.writers.base import FileRecord, FileSink, Writer, WriterPart, flatten_state_dict
 
 __all__ = [

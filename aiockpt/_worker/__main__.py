@@ -9,12 +9,12 @@ import os
 import signal
 import sys
 
-from aiockpt.protocol import DEFAULT_MAX_FRAME_SIZE
-from aiockpt.worker.serve import serve
+from aiockpt._wire.protocol import DEFAULT_MAX_FRAME_SIZE
+from aiockpt._worker.serve import serve
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m aiockpt.worker")
+    parser = argparse.ArgumentParser(prog="python -m aiockpt._worker")
     parser.add_argument("--fd", type=int, required=True, help="inherited socketpair end")
     parser.add_argument("--max-frame-size", type=int, default=DEFAULT_MAX_FRAME_SIZE)
     args = parser.parse_args(argv)

@@ -3,7 +3,7 @@
 A checkpoint directory holds the files a writer produced (DCP data files and ``.metadata``, or
 safetensors files) plus ``aiockpt-manifest.json``, written last, which names every file with its
 size and xxh3_64 checksum, and describes the state dict: its ``skeleton`` (the tree with int
-keys and tuples intact, see ``aiockpt.tree``) and one entry per leaf, in skeleton order:
+keys and tuples intact, see ``aiockpt._format.tree``) and one entry per leaf, in skeleton order:
 
 * ``tensor``: raw little-endian bytes of a contiguous tensor at ``offset`` in ``file``;
 * ``value`` / ``float`` / ``bigint`` / ``bytes``: plain values stored in the manifest itself
@@ -32,7 +32,7 @@ anything, so a flipped bit anywhere (an offset, a shape, ``step``, a key) is an 
 than different data. The suffix is fixed-length, so that the body that was hashed is exactly
 the file minus it, with no canonical re-encoding; the file stays plain JSON. (Against someone
 who can write the directory the checksum proves nothing: they can write a matching one. What
-keeps a reader inside the checkpoint is ``check_relative_name`` and how ``aiockpt.loading``
+keeps a reader inside the checkpoint is ``check_relative_name`` and how ``aiockpt._format.loading``
 opens files.) Format version 1 had no checksum, so it is not read any more.
 
 Everything here is plain msgspec: no torch import, no I/O.
@@ -47,7 +47,7 @@ from typing import Any, TypeAlias
 
 import msgspec
 
-from aiockpt.tree import Node
+from aiockpt._format.tree import Node
 
 __all__ = [
     "FORMAT_VERSION",

@@ -1,6 +1,6 @@
 """Frames and messages between a trainer and its checkpoint worker. Sans-IO: no sockets, no
-asyncio, no torch; the parent (``aiockpt.process``) and the worker (``aiockpt.worker``) wrap it
-in streams.
+asyncio, no torch; the parent (``aiockpt._trainer.checkpoint_process``) and the worker
+(``aiockpt._worker``) wrap it in streams.
 
 Theory of operation
 -------------------
@@ -18,8 +18,8 @@ probe that reads only the version, so it is reported as such even when the rest 
 no longer decodes.
 
 Tensor bytes do not belong in frames: a WRITE_CHECKPOINT request describes the state dict as a
-skeleton plus leaves (``aiockpt.tree``), and tensor leaves point into a shared-memory arena by
-offset (``TensorInArena``); a request whose tensors are all empty names no arena. The
+skeleton plus leaves (``aiockpt._format.tree``), and tensor leaves point into a shared-memory
+arena by offset (``TensorInArena``); a request whose tensors are all empty names no arena. The
 worker still accepts ``TensorInline`` (bytes in the frame), which this version never sends:
 ``CheckpointProcess.write`` stages through an arena too.
 """
@@ -33,8 +33,8 @@ from typing import Any, TypeAlias
 
 import msgspec
 
+from aiockpt._format.tree import Node
 from aiockpt.errors import ProtocolError, ProtocolVersionMismatch
-from aiockpt.tree import Node
 
 __all__ = [
     "CANCELLED_ERROR_TYPE",
@@ -225,7 +225,7 @@ class InitPayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="
 
 
 class CommitOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Write through ``aiockpt.commit``: temporary sibling, manifest, fsync, rename."""
+    """Write through ``aiockpt._format.commit``: temporary sibling, manifest, fsync, rename."""
 
     #: a built-in format name ("dcp", "safetensors") or a writer's import reference
     format: str

@@ -14,7 +14,7 @@ manifest's before any value is handed out.
 Everything on disk is hostile until checked, whoever wrote it (the disk is shared), and
 whether or not ``verify`` is set:
 
-* the manifest must match its own checksum (``aiockpt.manifest``) and then be consistent:
+* the manifest must match its own checksum (``aiockpt._format.manifest``) and then be consistent:
   its format version, file names inside the directory, ranks, a skeleton no deeper than
   ``tree.MAX_DEPTH`` that names every leaf once, numbers that parse, and every tensor within
   the listed size of its file;
@@ -42,8 +42,7 @@ from typing import Any
 import torch
 import xxhash
 
-from aiockpt.errors import CorruptCheckpoint
-from aiockpt.manifest import (
+from aiockpt._format.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
@@ -61,7 +60,7 @@ from aiockpt.manifest import (
     decode_manifest,
     plain_value,
 )
-from aiockpt.tree import (
+from aiockpt._format.tree import (
     MAX_DEPTH,
     DictNode,
     KeyPath,
@@ -72,6 +71,7 @@ from aiockpt.tree import (
     iter_key_paths,
     unflatten,
 )
+from aiockpt.errors import CorruptCheckpoint
 from aiockpt.writers.base import dtype_from_name, is_tensor, tensor_bytes
 
 __all__ = ["load", "read_manifest", "verify"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from aiockpt.manager import Checkpointer
+    from aiockpt._trainer.checkpointer import Checkpointer
 
 __all__ = ["SaveHandle", "SaveResult", "async_save"]
 
@@ -130,7 +130,7 @@ def default_checkpointer(*, no_dist: bool = False) -> Checkpointer:
     ``asyncio.run`` once per checkpoint. Raises ``RuntimeError`` outside a running event
     loop.
     """
-    from aiockpt.manager import Checkpointer
+    from aiockpt._trainer.checkpointer import Checkpointer
 
     try:
         loop = asyncio.get_running_loop()

@@ -15,8 +15,8 @@ import threading
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
-from aiockpt.manager import Checkpointer
-from aiockpt.saver import SaveHandle, SaveResult
+from aiockpt._trainer.checkpointer import Checkpointer
+from aiockpt._trainer.handles import SaveHandle, SaveResult
 
 __all__ = ["SyncCheckpointer", "SyncSaveHandle"]
 

@@ -1,4 +1,4 @@
-"""asyncio streams <-> protocol messages: the thin IO glue over ``aiockpt.protocol``."""
+"""asyncio streams <-> protocol messages: the thin IO glue over ``aiockpt._wire.protocol``."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator
 
-from aiockpt.errors import ProtocolError
-from aiockpt.protocol import (
+from aiockpt._wire.protocol import (
     DEFAULT_MAX_FRAME_SIZE,
     FrameDecoder,
     MessageCodec,
     WorkerRequest,
     WorkerResponse,
 )
+from aiockpt.errors import ProtocolError
 
 __all__ = ["Channel"]
 
