@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from aiockpt import Checkpointer, commit
+from aiockpt import Checkpointer
+from aiockpt._format import commit
 from aiockpt._format.commit import write_checkpoint
 from aiockpt._format.loading import load, verify
 from aiockpt._format.manifest import MANIFEST_NAME, TensorLeaf, decode_manifest, encode_manifest
