@@ -50,6 +50,7 @@ from aiockpt.errors import (
     CoordinationError,
     CoordinationTimeout,
     CorruptCheckpoint,
+    ForeignCheckpoint,
     ProtocolError,
     ProtocolVersionMismatch,
     RankFailed,
@@ -67,6 +68,7 @@ from aiockpt.errors import (
 )
 
 if TYPE_CHECKING:
+    from aiockpt._format.listing import ListedCheckpoint, list_checkpoints
     from aiockpt._format.loading import load, verify
     from aiockpt._trainer.checkpoint_process import CheckpointProcess, CheckpointProcessConfig
     from aiockpt._trainer.checkpointer import Checkpointer
@@ -85,7 +87,9 @@ __all__ = [
     "CoordinationError",
     "CoordinationTimeout",
     "CorruptCheckpoint",
+    "ForeignCheckpoint",
     "GcOptions",
+    "ListedCheckpoint",
     "ProtocolError",
     "ProtocolVersionMismatch",
     "RankFailed",
@@ -108,6 +112,7 @@ __all__ = [
     "__version__",
     "async_save",
     "default_checkpointer",
+    "list_checkpoints",
     "load",
     "verify",
 ]
@@ -117,6 +122,7 @@ _HOME = {
     "CheckpointProcessConfig": "aiockpt._trainer.checkpoint_process",
     "Checkpointer": "aiockpt._trainer.checkpointer",
     "GcOptions": "aiockpt._wire.protocol",
+    "ListedCheckpoint": "aiockpt._format.listing",
     "RankInfo": "aiockpt._wire.protocol",
     "SaveHandle": "aiockpt._trainer.handles",
     "SaveResult": "aiockpt._trainer.handles",
@@ -124,6 +130,7 @@ _HOME = {
     "SyncSaveHandle": "aiockpt._trainer.sync",
     "async_save": "aiockpt._trainer.handles",
     "default_checkpointer": "aiockpt._trainer.handles",
+    "list_checkpoints": "aiockpt._format.listing",
     "load": "aiockpt._format.loading",
     "verify": "aiockpt._format.loading",
 }

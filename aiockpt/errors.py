@@ -15,6 +15,8 @@ tree at the boundary where they happen; callers catch ``AiockptError`` for anyth
     │   └── WorkerClosed              the CheckpointProcess was closed; no more requests
     ├── CheckpointWriteError          the worker's writer raised; carries the worker traceback
     ├── CorruptCheckpoint             a checkpoint failed verification (names the file)
+    ├── ForeignCheckpoint             torch's DCP wrote it (no aiockpt manifest): unverifiable,
+    │                                 loaded with torch's reader only given allow_pickle=True
     ├── RootLocked                    another process writes checkpoints under this root
     │                                 (names its pid and host)
     ├── CoordinationError             ranks disagree or fail to meet during a multi-rank save
@@ -40,6 +42,7 @@ __all__ = [
     "CoordinationError",
     "CoordinationTimeout",
     "CorruptCheckpoint",
+    "ForeignCheckpoint",
     "ProtocolError",
     "ProtocolVersionMismatch",
     "RankFailed",
@@ -126,6 +129,17 @@ class CheckpointWriteError(RemoteErrorMixin, AiockptError):
 
 class CorruptCheckpoint(AiockptError):
     """A checkpoint failed verification; ``path`` names the offending file or directory."""
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class ForeignCheckpoint(AiockptError):
+    """The checkpoint directory ``path`` has no aiockpt manifest but torch's ``.metadata``:
+    ``torch.distributed.checkpoint.save`` wrote it. Nothing can verify it, and reading it
+    means unpickling ``.metadata`` with torch's loader, so ``aiockpt.load`` raises this
+    unless given ``allow_pickle=True``; ``verify`` and ``read_manifest`` always do."""
 
     def __init__(self, message: str, *, path: str) -> None:
         super().__init__(message)

@@ -31,6 +31,7 @@ matching manifest); the rules about opening files are what keep a reader inside 
 from __future__ import annotations
 
 import errno
+import functools
 import math
 import os
 import pickle
@@ -60,6 +61,8 @@ from aiockpt._format.manifest import (
     decode_manifest,
     plain_value,
 )
+from aiockpt._format.stateful import load_through_stateful
+from aiockpt._format.torch_written import TORCH_METADATA_NAME, is_torch_written, load_torch_written
 from aiockpt._format.tree import (
     MAX_DEPTH,
     DictNode,
@@ -71,7 +74,7 @@ from aiockpt._format.tree import (
     iter_key_paths,
     unflatten,
 )
-from aiockpt.errors import CorruptCheckpoint
+from aiockpt.errors import CorruptCheckpoint, ForeignCheckpoint
 from aiockpt.writers.base import dtype_from_name, is_tensor, tensor_bytes
 
 __all__ = ["load", "read_manifest", "verify"]
@@ -82,8 +85,9 @@ _SCRATCH_BYTES = 8 << 20
 def read_manifest(path: str | os.PathLike[str]) -> Manifest:
     """The manifest of the checkpoint at ``path``, checked for internal consistency.
 
-    Raises FileNotFoundError if ``path`` is not a directory, CorruptCheckpoint (naming the
-    manifest) if it has no manifest, or one that is not a regular file (a symbolic link, a
+    Raises FileNotFoundError if ``path`` is not a directory, ForeignCheckpoint if torch's DCP
+    wrote it (``.metadata``, no manifest), CorruptCheckpoint (naming the manifest) if it has
+    no manifest otherwise, or one that is not a regular file (a symbolic link, a
     FIFO, a device), is larger than ``MAX_MANIFEST_BYTES``, does not match its own checksum,
     cannot be decoded, has another format version, or describes files outside the
     directory, leaves it does not have, or tensors beyond the end of their files.
@@ -123,6 +127,15 @@ class _Checkpoint:
             fd, size = self.open_file(MANIFEST_NAME)
         except CorruptCheckpoint as exc:
             if isinstance(exc.__cause__, FileNotFoundError):
+                if is_torch_written(self.root, MANIFEST_NAME):
+                    raise ForeignCheckpoint(
+                        f"{self.root!r} has no {MANIFEST_NAME} but torch's "
+                        f"{TORCH_METADATA_NAME}: torch.distributed.checkpoint.save wrote it, so "
+                        "nothing can verify it, and loading it unpickles its metadata with "
+                        "torch's reader: pass allow_pickle=True to aiockpt.load (only for a "
+                        "checkpoint you trust), or use aiockpt.dcp.load",
+                        path=self.root,
+                    ) from None
                 raise CorruptCheckpoint(
                     f"{self.root!r} has no {MANIFEST_NAME}: it was never committed",
                     path=manifest_path,
@@ -334,9 +347,16 @@ def load(
     receives the whole tensor, or, at the saved world size with ``rank``, that rank's piece.
     Only the byte ranges a rank needs are read (unless ``verify`` reads whole files anyway).
 
+    ``Stateful`` values (torch's protocol: ``state_dict()`` and ``load_state_dict()``) at
+    the top level of ``state_dict``, or ``state_dict`` itself, are loaded as
+    ``torch.distributed.checkpoint.load`` loads them: into their ``state_dict()``, which is
+    then passed to their ``load_state_dict()``.
+
     ``verify`` checks every file's size and xxh3_64 digest in the same pass that reads it.
     ``allow_pickle`` lets leaves that were saved as arbitrary objects be unpickled: only for
-    checkpoints you trust.
+    checkpoints you trust. A checkpoint torch's ``dcp.save`` wrote (``.metadata``, no aiockpt
+    manifest) is loaded only with ``allow_pickle``, by torch's own reader, unverified (a
+    warning is logged; see ``aiockpt._format.torch_written``).
 
     Raises CorruptCheckpoint naming the file for a missing or malformed manifest (see
     ``read_manifest``), a missing, truncated or altered file, one that is a link, lies behind
@@ -347,16 +367,28 @@ def load(
     whose shape fits neither the saved whole nor the piece asked for (naming the saved world
     size and shapes), for a checkpoint whose ranks saved keys rank 0 lacks when loading the
     whole without ``state_dict``, for a pickled leaf without ``allow_pickle``, for a leaf a
-    custom writer stored in its own format, or for a ``rank`` the checkpoint does not have.
+    custom writer stored in its own format, or for a ``rank`` the checkpoint does not have;
+    what a ``Stateful`` value's ``state_dict()`` or ``load_state_dict()`` raises; and, for a
+    checkpoint torch's DCP wrote, ForeignCheckpoint without ``allow_pickle`` (with it, what
+    torch's ``dcp.load`` raises).
     """
-    with _Checkpoint(path) as checkpoint:
-        return _load(
-            checkpoint,
+    try:
+        checkpoint = _Checkpoint(path)
+    except ForeignCheckpoint:
+        if not allow_pickle:
+            raise
+        return load_through_stateful(state_dict, functools.partial(load_torch_written, path))
+    with checkpoint:
+        return load_through_stateful(
             state_dict,
-            verify=verify,
-            allow_pickle=allow_pickle,
-            rank=rank,
-            world_size=world_size,
+            functools.partial(
+                _load,
+                checkpoint,
+                verify=verify,
+                allow_pickle=allow_pickle,
+                rank=rank,
+                world_size=world_size,
+            ),
         )
 
 

@@ -61,7 +61,9 @@ from typing import Any
 import msgspec
 
 from aiockpt._format import commit, loading
+from aiockpt._format.listing import ListedCheckpoint, list_checkpoints
 from aiockpt._format.root_lock import RootLock
+from aiockpt._format.stateful import StatefulLoad, stateful_to_state_dict
 from aiockpt._trainer.checkpoint_process import CheckpointProcess, CheckpointProcessConfig
 from aiockpt._trainer.group_formation import (
     DEFAULT_TIMEOUT_S,
@@ -247,7 +249,7 @@ class Checkpointer:
         if like is not None:
             process = self._process
             assert process is not None
-            plan = self._plans.plan(like, allow_pickle=True)
+            plan = self._plans.plan(stateful_to_state_dict(like), allow_pickle=True)
             arena = await self._take_arena(process, plan.nbytes)
             self._give_back(process, arena)
 
@@ -438,10 +440,16 @@ class Checkpointer:
     ) -> SaveHandle:
         """Start saving ``state_dict`` to ``path``; return its ``SaveHandle`` at once.
 
+        ``Stateful`` values (torch's protocol: ``state_dict()`` and ``load_state_dict()``, as
+        modules, optimizers and torchtitan-style app states have) at the top level of
+        ``state_dict``, or ``state_dict`` itself, are saved as what their ``state_dict()``
+        returns, called here, as ``torch.distributed.checkpoint.save`` does.
+
         Raises ``TypeError`` here, naming the key, for an entry that cannot be checkpointed
         (or for ``metadata`` that is not msgspec-encodable), ``ValueError`` for an unknown
         format, ``WorkerClosed`` after ``close``, ``io.UnsupportedOperation`` when opened
-        ``read_only``, ``RuntimeError`` outside a running loop. In a multi-rank job such an
+        ``read_only``, ``RuntimeError`` outside a running loop, and what a ``Stateful``
+        value's ``state_dict()`` raises. In a multi-rank job such an
         error still fails this save on the other ranks (with ``RankFailed`` naming this
         rank), and the next save works on every rank. Failures of the save itself are raised
         by awaiting the handle.
@@ -458,6 +466,9 @@ class Checkpointer:
             fmt = self.format if format is None else format
             self._check_format(fmt)
             check_encodable(dict(metadata or {}), "metadata")
+            # Here, in the caller, before staging: once ``staged`` resolves, the Stateful
+            # objects may change again, as with any other entry.
+            state_dict = stateful_to_state_dict(state_dict)
             plan = self._plans.plan(
                 state_dict,
                 allow_pickle=self.allow_pickle if allow_pickle is None else allow_pickle,
@@ -664,24 +675,47 @@ class Checkpointer:
 
     # --- finding and loading -------------------------------------------------------------------
 
+    async def checkpoints(self) -> list[ListedCheckpoint]:
+        """The checkpoints under ``root``, oldest name first (natural order): those aiockpt
+        committed and those ``torch.distributed.checkpoint.save`` wrote, which are marked
+        ``unverified`` (see ``aiockpt.list_checkpoints``). Raises ``ValueError`` when the
+        Checkpointer has no root."""
+        if self.root is None:
+            raise ValueError("Checkpointer.checkpoints needs a root")
+        return await asyncio.to_thread(list_checkpoints, self.root)
+
     async def latest(self) -> str | None:
-        """The newest committed checkpoint under ``root`` (natural name order), or None.
+        """The newest checkpoint under ``root`` (natural name order), or None.
 
         A directory without a manifest (a save in progress or one that crashed) is never
-        reported. Raises ``ValueError`` when the Checkpointer has no root.
+        reported, unless torch's ``dcp.save`` finished it (its ``.metadata``): such a
+        checkpoint is reported, with a warning logged that it is unverified (loading it
+        needs ``allow_pickle=True``). Raises ``ValueError`` when the Checkpointer has no root.
         """
         if self.root is None:
             raise ValueError("Checkpointer.latest needs a root")
-        committed = await asyncio.to_thread(commit.list_committed, self.root)
-        return committed[-1] if committed else None
+        listed = await asyncio.to_thread(list_checkpoints, self.root)
+        if not listed:
+            return None
+        if listed[-1].unverified:
+            logger.warning(
+                "the latest checkpoint under %s, %s, was written by torch.distributed.checkpoint "
+                "(no aiockpt manifest): unverified; load it with allow_pickle=True",
+                self.root,
+                listed[-1].name,
+            )
+        return listed[-1].path
 
     async def load_latest(
         self, state_dict: Any = None, *, verify: bool = True, allow_pickle: bool = False
     ) -> Any:
-        """Load the newest committed checkpoint (see ``aiockpt.load``), or return None if
-        there is none; in a group, this rank's part of it at the current world size (its own
-        part if the save had as many ranks, else resharded: DTensors get their slice, plain
-        tensors the whole). Raises what ``aiockpt.load`` raises."""
+        """Load the newest checkpoint (see ``aiockpt.load``), or return None if there is
+        none; in a group, this rank's part of it at the current world size (its own part if
+        the save had as many ranks, else resharded: DTensors get their slice, plain tensors
+        the whole). ``Stateful`` values of ``state_dict`` are loaded through their
+        ``state_dict()`` and ``load_state_dict()``, called in this thread (the files are
+        read in another). Raises what ``aiockpt.load`` raises (``ForeignCheckpoint`` for a
+        checkpoint torch's DCP wrote, without ``allow_pickle``)."""
         path = await self.latest()
         if path is None:
             return None
@@ -692,15 +726,17 @@ class Checkpointer:
             # rank loading before start() does not silently get rank 0's part.
             world = None if self.no_dist else world_of(self.process_group)
             rank, world_size = world if world is not None else (0, 1)
-        return await asyncio.to_thread(
+        stateful = StatefulLoad(state_dict)
+        loaded = await asyncio.to_thread(
             loading.load,
             path,
-            state_dict,
+            stateful.into,
             verify=verify,
             allow_pickle=allow_pickle,
             rank=rank,
             world_size=world_size,
         )
+        return stateful.finish(loaded)
 
 
 class _SendOrder:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from aiockpt._format.stateful import is_stateful
 from aiockpt._format.tree import KeyPath, flatten, format_key_path
 from aiockpt._wire.protocol import (
     BigIntValue,
@@ -114,6 +115,13 @@ def plain_leaf(path: KeyPath, value: Any, *, allow_pickle: bool) -> Leaf:
         return PlainValue(value)
     if allow_pickle:
         return PickledObject(_pickle_importable(path, value))
+    if is_stateful(value):
+        raise TypeError(
+            f"state dict entry {format_key_path(path)!r} is Stateful ({kind.__qualname__}) "
+            "below the top level: state_dict() is called, as torch's DCP calls it, only on the "
+            "state dict itself and on its top-level values; move it up or save its "
+            "state_dict()"
+        )
     raise TypeError(
         f"state dict entry {format_key_path(path)!r} is a {kind.__qualname__}; only "
         "tensors, int, float, str, bool, None, bytes (exactly: not subclasses) and "
