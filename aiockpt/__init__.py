@@ -9,6 +9,7 @@ Saving::
 Layout of the package; the folder says which process runs the code::
 
     __init__.py, errors.py   the public surface: what users import, and every error in one tree
+    dcp.py       torch.distributed.checkpoint's save, async_save, load: a drop-in
     _wire/       both processes; sans-IO except channel
         protocol.py        frames and messages (no asyncio, no torch)
         session.py         the channel's rules: handshake, request ids, routing, the cancel gate
@@ -21,6 +22,9 @@ Layout of the package; the folder says which process runs the code::
         manifest.py        the file whose presence makes a directory a checkpoint
         commit.py          temporary directory, manifest, fsync, rename; listing and retention
         loading.py         verify and load without unpickling, resharding
+    listing.py         the checkpoints under a root, torch-written ones marked unverified
+    torch_written.py   checkpoints torch's dcp.save wrote: found, loaded by torch's reader
+    stateful.py        Stateful values saved via state_dict(), loaded via load_state_dict()
         root_lock.py       one writer per root (an flock the kernel releases)
     writers/     the writer API (base.py), dcp and safetensors writers
     _trainer/    runs in the training process
