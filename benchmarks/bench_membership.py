@@ -44,6 +44,15 @@ LAUNCHERS = {
 #: joiner formed a group of its own
 CONF = "join_timeout=60,last_call_timeout=1,keep_alive_interval=5,keep_alive_max_attempt=3"
 WAIT_S = float(os.environ.get("BENCH_WAIT_S", "120"))
+#: torchrun's default (since torch 2.5, pytorch PR #128096) shares the c10d rendezvous store
+#: with the workers, and in torch 2.13 a node joining a running job then hangs: rank 0 kept
+#: the bootstrap store info of its first round (``DynamicRendezvousHandler.next_rendezvous``
+#: rebuilds it only when it is None or rank 0 has no server yet) and never publishes it under
+#: the new round's store prefix, while the joiner, rank 1, builds its own with a blocking
+#: ``store.get`` of that round's ``MASTER_ADDR`` key: both agents sit after "joined round 1"
+#: forever. Torch's opt-out (the setting pytorch issue #135712 recommends for restarts too)
+#: rebuilds it every round; the workers then meet in a store rank 0's worker hosts.
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def worker(directory: str) -> None:
@@ -135,6 +144,7 @@ def trial(launcher: str, root: Path, verbose: bool = False) -> tuple[float, floa
 
     def start(n: int) -> subprocess.Popen[bytes]:
         out = (work / f"agent{n}.out").open("ab")
+        env = {**os.environ, **TORCHRUN_ENV} if launcher == "torchrun" else None
         agent = subprocess.Popen(
             [
                 *LAUNCHERS[launcher],
@@ -154,6 +164,7 @@ def trial(launcher: str, root: Path, verbose: bool = False) -> tuple[float, floa
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=env,
         )
         out.close()
         agents.append(agent)
