@@ -354,7 +354,7 @@ def report(
 def flatness(changes: int, root: Path, nproc_per_node: int = 4) -> bool:
     """Node B joins and leaves ``changes`` times; prints node A's agent's fds and threads
     after each change, by group size, and returns whether they are flat: as many after the
-    last change as after the first, and fewer threads than workers on the node."""
+    last change as after the first, and as many threads with 2 nodes as with 1."""
     work = Path(tempfile.mkdtemp(dir=root))
     try:
         samples = churn(changes, work, nproc_per_node)
@@ -369,7 +369,9 @@ def flatness(changes: int, root: Path, nproc_per_node: int = 4) -> bool:
             f"{seen[-1][1]} (max {max(t for _, t in seen)})"
         )
     by_size = [[(f, t) for n, f, t in samples if n == nodes] for nodes in (1, 2)]
-    flat = all(seen[-1] == seen[0] and max(t for _, t in seen) < nproc_per_node for seen in by_size)
+    # flat per group size, and the same threads with twice the nodes and workers
+    threads = {t for seen in by_size for _, t in seen}
+    flat = all(seen[-1] == seen[0] for seen in by_size) and len(threads) == 1
     print("flat" if flat else "NOT FLAT", flush=True)
     return flat
 
