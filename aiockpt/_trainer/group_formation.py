@@ -99,8 +99,11 @@ def reserve_group_key(name: str) -> str:
     them, so the ranks' keys agree; retries of a failed formation keep their key."""
     count = _reserved.get(name, 0)
     _reserved[name] = count + 1
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return f"aiockpt/group/{restart}/{count}/{name}"
+    # Not the restart count: it is each agent's own (a node that joined later has spent
+    # fewer restarts), so the ranks of one group may disagree on it and would wait on
+    # different keys. A relaunched group meets in a store of its own anyway (torch creates a
+    # new one for every retry, aiockpt-run for every attempt and membership round).
+    return f"aiockpt/group/{count}/{name}"
 
 
 def form_group(

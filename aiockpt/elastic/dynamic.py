@@ -56,6 +56,8 @@ DEFAULT_RDZV_PORT = 29400  # torch's c10d backend default
 _STORE_OP_TIMEOUT_S = 60.0
 #: how long one store wait for a state change blocks (the callers bound their own waits)
 _CHANGE_WAIT_S = 3600.0
+#: how long after a node's heartbeat expires a waiting node looks at the state again
+_EXPIRY_MARGIN_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,13 @@ class DynamicRendezvousHandler:
         self._round_client: TCPStore | None = None
         self._round: _Round | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        #: the store wait for a change in progress: its key and task (see _wait_for_change)
+        self._change_wait: tuple[str, asyncio.Task[None]] | None = None
+        #: wall-clock time at which the stalest other node's heartbeat expires, as last read
+        #: (None: no other node). Waits for a state change end then at the latest, so that a
+        #: dead node is removed when it expires, not at this node's next beat (up to
+        #: keep_alive_interval later). Written by whichever thread read the state last.
+        self._next_expiry: float | None = None
 
     # -- torch's RendezvousHandler interface ------------------------------------------------
 
@@ -388,14 +397,19 @@ class DynamicRendezvousHandler:
         """Remove nodes whose heartbeat expired (torch's state sanitizer)."""
         nodes = [*state.participants, *state.wait_list]
         if not nodes:
+            self._next_expiry = None
             return False
         beats = store.multi_get([self._key(f"heartbeat/{node}") for node in nodes])
         now = time.time()
-        dead = {
-            node
+        expiries = {
+            node: float(beat) + self.settings.keep_alive_expiry
             for node, beat in zip(nodes, beats, strict=True)
-            if node != self.node and now - float(beat) > self.settings.keep_alive_expiry
+            if node != self.node
         }
+        dead = {node for node, expiry in expiries.items() if now > expiry}
+        self._next_expiry = min(
+            (expiry for node, expiry in expiries.items() if node not in dead), default=None
+        )
         if not dead:
             return False
         logger.warning("removing node(s) with expired heartbeats: %s", sorted(dead))
@@ -423,14 +437,28 @@ class DynamicRendezvousHandler:
         own (TCPStore serializes the calls of one client, so an abandoned wait would hold up
         every later call on a shared one) and ends at the next change of the state."""
         key = self._key(f"changed/{version + 1}")
+        if self._next_expiry is not None:
+            # just past it: a node counts as dead once its silence exceeds the expiry
+            until_expiry = max(self._next_expiry - time.time(), 0.0) + _EXPIRY_MARGIN_S
+            wait_s = until_expiry if wait_s is None else min(wait_s, until_expiry)
 
         def wait() -> None:
             client = self._client()
             with contextlib.suppress(RuntimeError):  # timed out or store gone: look again
                 client.wait([key], timedelta(seconds=_CHANGE_WAIT_S))
 
+        # A wait that timed out while the state stayed put is picked up again rather than
+        # started anew: waits bounded by a live node's expiry time out every beat, and each
+        # new one would leave a thread and a connection behind until the state changes.
+        pending = self._change_wait
+        if pending is None or pending[0] != key or pending[1].done():
+            task = asyncio.ensure_future(run_blocking(wait, "aiockpt-rdzv-wait"))
+            # a wait given up on (a newer version, or stop()) is not awaited again
+            task.add_done_callback(_retrieve)
+            # a wait for an older key ends by itself: the state moved past it, so it is set
+            pending = self._change_wait = (key, task)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(run_blocking(wait, "aiockpt-rdzv-wait"), wait_s)
+            await asyncio.wait_for(asyncio.shield(pending[1]), wait_s)
 
     # -- the operations -----------------------------------------------------------------------
 
@@ -542,11 +570,21 @@ class DynamicRendezvousHandler:
         self._sync(client)
 
     async def _stop_heartbeat(self) -> None:
+        pending, self._change_wait = self._change_wait, None
+        if pending is not None:
+            pending[1].cancel()  # its thread is abandoned, as run_blocking says
         task, self._heartbeat = self._heartbeat, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """Mark a store wait's outcome seen: its waiter may have moved on (it is logged by
+    whoever awaits it, if anyone)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def settings_from_conf(

@@ -389,3 +389,19 @@ async def test_handler_below_min_times_out_and_gives_its_place_back() -> None:
                 await h.stop()
         finally:
             await lonely.stop()
+
+
+def test_agent_fds_and_threads_stay_flat_over_membership_changes(tmp_path: Path) -> None:
+    # node B joins and leaves 3 times; node A's agent is looked at after each change, once the
+    # new group runs (benchmarks/bench_membership.py does 50)
+    from benchmarks.bench_membership import churn
+
+    workers = 6
+    samples = churn(6, tmp_path, nproc_per_node=workers)
+    assert [nodes for nodes, _, _ in samples] == [2, 1] * 3
+    for nodes in (1, 2):
+        seen = [(fds, threads) for n, fds, threads in samples if n == nodes]
+        assert seen[-1] == seen[0], (nodes, samples)  # nothing accumulates per change
+    threads = {threads for _, _, threads in samples}
+    # the same with 1 node (6 workers) as with 2 (12): no thread per node or per worker
+    assert len(threads) == 1 and threads.pop() < workers, samples
