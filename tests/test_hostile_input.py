@@ -34,7 +34,8 @@ import xxhash
 
 import aiockpt
 import aiockpt._trainer.checkpointer
-from aiockpt import CheckpointWriteError, CorruptCheckpoint, SyncCheckpointer, commit, loading
+from aiockpt import CheckpointWriteError, CorruptCheckpoint, SyncCheckpointer
+from aiockpt._format import commit, loading
 from aiockpt._format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, TensorLeaf
 from aiockpt._format.tree import MAX_DEPTH, format_key_path
 from aiockpt._trainer.staging import SharedArena

@@ -144,7 +144,9 @@ _layout_versions = itertools.count(1)
 
 class StagedStateDict(dict[Any, Any]):
     """The state dict of a request, as the worker hands it to writers: a plain dict that
-    also holds its leaves flat (``flatten_state_dict`` needs no walk) and its ``layout``."""
+    also holds its leaves flat and its ``layout``. ``flatten_state_dict`` of it walks
+    nothing, and pairs key paths with leaves once per save however many times it is called
+    (writer, commit)."""
 
     def __init__(self, layout: StagedLayout, values: list[Any], arena: memoryview) -> None:
         super().__init__(unflatten(layout.skeleton, values))
@@ -152,6 +154,13 @@ class StagedStateDict(dict[Any, Any]):
         self.leaf_values = values
         #: the mapping the tensors view (``layout.regions`` says where)
         self.arena = arena
+        self._flat: list[tuple[KeyPath, Any]] | None = None
+
+    def flat_leaves(self) -> list[tuple[KeyPath, Any]]:
+        """The ``(key path, leaf)`` pairs, made on first use (callers must not change it)."""
+        if self._flat is None:
+            self._flat = list(zip(self.layout.key_paths, self.leaf_values, strict=True))
+        return self._flat
 
 
 def staged_layout(state_dict: Any) -> StagedLayout | None:
@@ -163,11 +172,11 @@ def flatten_state_dict(state_dict: Any) -> tuple[Node, list[tuple[KeyPath, Any]]
     """The skeleton and the ``(key path, leaf)`` pairs of a state dict; tensors are leaves.
 
     Writers and commit both call this, so leaf indices agree between ``FileRecord.leaves``
-    and the manifest. Raises ``TypeError`` for dict keys that are neither str nor int.
+    and the manifest; for the worker's ``StagedStateDict`` they also share one list (do not
+    change it). Raises ``TypeError`` for dict keys that are neither str nor int.
     """
     if type(state_dict) is StagedStateDict:
-        layout = state_dict.layout
-        return layout.skeleton, list(zip(layout.key_paths, state_dict.leaf_values, strict=True))
+        return state_dict.layout.skeleton, state_dict.flat_leaves()
     return flatten(state_dict, is_tensor)
 
 

@@ -30,7 +30,8 @@ import pytest
 import torch
 
 import aiockpt
-from aiockpt import Checkpointer, CheckpointWriteError, commit, loading
+from aiockpt import Checkpointer, CheckpointWriteError
+from aiockpt._format import commit, loading
 from tests.faults import PAUSING_DCP, TRICKLING, TricklingWriter
 
 pytestmark = pytest.mark.faults

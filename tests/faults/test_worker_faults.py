@@ -31,7 +31,8 @@ import pytest
 import torch
 
 import aiockpt
-from aiockpt import Checkpointer, WorkerCrashed, commit, loading
+from aiockpt import Checkpointer, WorkerCrashed
+from aiockpt._format import commit, loading
 from aiockpt._format.manifest import MANIFEST_NAME
 from aiockpt._format.root_lock import LOCK_NAME
 from aiockpt._trainer.checkpoint_process import CheckpointProcess
