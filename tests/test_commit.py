@@ -373,3 +373,40 @@ def test_a_checkpoint_replaced_as_it_was_published_is_not_reported_durable(
         commit.check_published(str(path), ours)
     with pytest.raises(FileExistsError):  # or removed it
         commit.check_published(str(tmp_path / "nothing"), ours)
+
+
+# --- The hooks of write_checkpoint: cancel before commit, and the ranks of one save.
+
+
+def test_before_commit_runs_once_the_files_are_written_and_before_the_rename(
+    tmp_path: Path,
+) -> None:
+    seen: list[tuple[list[str], bool]] = []
+
+    def before_commit() -> None:
+        (temp,) = leftovers(tmp_path)
+        seen.append((sorted(os.listdir(tmp_path / temp)), os.path.lexists(tmp_path / "ckpt")))
+
+    write_checkpoint(
+        SafetensorsWriter(), state(), tmp_path / "ckpt", format="x", before_commit=before_commit
+    )
+    assert seen == [(["model.safetensors"], False)]
+    assert is_committed(tmp_path / "ckpt") and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_before_commit_raising_cancels_the_save(tmp_path: Path, overwrite: bool) -> None:
+    """The worker's cancel gate raises here: nothing is published, the old checkpoint stays."""
+    if overwrite:
+        save(tmp_path / "ckpt", 1.0)
+
+    def cancelled() -> None:
+        raise RuntimeError("cancelled before its commit")
+
+    with pytest.raises(RuntimeError, match="cancelled before its commit"):
+        save(tmp_path / "ckpt", 2.0, overwrite=overwrite, before_commit=cancelled)
+    assert leftovers(tmp_path) == []
+    if overwrite:
+        assert_same(load(tmp_path / "ckpt"), state(1.0))
+    else:
+        assert not os.path.lexists(tmp_path / "ckpt")

@@ -61,6 +61,7 @@ from aiockpt._format.manifest import (
     plain_leaf,
 )
 from aiockpt._format.tree import KeyPath, Node
+from aiockpt._runtime import libc_function
 from aiockpt._wire.protocol import ShardSpec
 from aiockpt.errors import CoordinationError
 from aiockpt.writers.base import (
@@ -615,18 +616,9 @@ _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 
 
-def _load_renameat2() -> Any:
-    try:
-        function = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):  # not Linux, or a libc without it
-        return None
-    function.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p)
-    function.argtypes += (ctypes.c_uint,)
-    function.restype = ctypes.c_int
-    return function
-
-
-_renameat2_function = _load_renameat2()
+_renameat2_function = libc_function(
+    "renameat2", (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+)
 
 
 def _renameat2(src: str, dst: str, flags: int) -> bool:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiockpt
+from aiockpt._runtime import finish_even_if_cancelled
 from aiockpt._trainer.staging import (
     SharedArena,
     StagingPlan,
@@ -305,7 +306,7 @@ class CheckpointProcess:
         if self._close_task is None:
             self._closing = True
             self._close_task = asyncio.get_running_loop().create_task(self._shut_down())
-        await asyncio.shield(self._close_task)
+        await finish_even_if_cancelled(self._close_task)
 
     async def _shut_down(self) -> None:
         loop = asyncio.get_running_loop()

@@ -62,6 +62,7 @@ import msgspec
 
 from aiockpt._format import commit, loading
 from aiockpt._format.root_lock import RootLock
+from aiockpt._runtime import finish_even_if_cancelled
 from aiockpt._trainer.checkpoint_process import CheckpointProcess, CheckpointProcessConfig
 from aiockpt._trainer.group_formation import (
     DEFAULT_TIMEOUT_S,
@@ -357,7 +358,7 @@ class Checkpointer:
         if self._close_task is None:
             self.closed = True
             self._close_task = asyncio.get_running_loop().create_task(self._shut_down())
-        await asyncio.shield(self._close_task)
+        await finish_even_if_cancelled(self._close_task)
 
     async def _shut_down(self) -> None:
         issued: set[asyncio.Future[Any]] = {*self._saves, *self._failure_reports}

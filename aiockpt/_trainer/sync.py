@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
+from aiockpt._runtime import new_event_loop
 from aiockpt._trainer.checkpointer import Checkpointer
 from aiockpt._trainer.handles import SaveHandle, SaveResult
 
@@ -80,13 +81,7 @@ class _LoopThread:
     """One event loop running in a daemon thread until ``stop``."""
 
     def __init__(self) -> None:
-        self.loop: asyncio.AbstractEventLoop
-        try:
-            import uvloop
-
-            self.loop = uvloop.new_event_loop()
-        except ImportError:  # pragma: no cover - uvloop is installed wherever it runs
-            self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()
         self._thread = threading.Thread(target=self._run, name="aiockpt-sync-loop", daemon=True)
         self._thread.start()
 

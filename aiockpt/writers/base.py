@@ -28,8 +28,9 @@ import msgspec
 import torch
 import xxhash
 
-from aiockpt._format.manifest import Leaf, ObjectLeaf, check_relative_name, plain_leaf
+from aiockpt._format.manifest import Leaf, ObjectLeaf, check_relative_name, is_plain
 from aiockpt._format.tree import KeyPath, Node, flatten, iter_key_paths, unflatten
+from aiockpt._runtime import libc_function
 from aiockpt._wire.protocol import ShardSpec
 from aiockpt._wire.tensors import dtype_from_name, dtype_name, is_tensor
 
@@ -241,17 +242,9 @@ _IOV_MAX = 1024
 _WRITEBACK_BYTES = 8 << 20
 
 
-def _load_sync_file_range() -> Any:
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (AttributeError, OSError):  # not Linux
-        return None
-    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    function.restype = ctypes.c_int
-    return function
-
-
-_sync_file_range = _load_sync_file_range()
+_sync_file_range = libc_function(
+    "sync_file_range", (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+)
 _SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -438,6 +431,6 @@ def split_leaves(
     for index, (path, value) in enumerate(leaves):
         if isinstance(value, torch.Tensor):
             tensors.append((index, path, value))
-        elif plain_leaf(value) is None:
+        elif not is_plain(value):
             objects.append((index, value))
     return tensors, objects
