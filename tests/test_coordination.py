@@ -18,7 +18,7 @@ from aiockpt._format.loading import load, verify
 from aiockpt._wire.coordination import SaveRound, connect_store, keys_owned_by
 from aiockpt._wire.protocol import CommitOptions, GcOptions, GroupInfo, RankInfo
 from aiockpt._worker.rank_group import Outcome, RankGroup
-from aiockpt.errors import CoordinationTimeout, RankFailed, qualified_name
+from aiockpt.errors import CoordinationError, CoordinationTimeout, RankFailed, qualified_name
 from aiockpt.writers.dcp import DcpWriter
 from tests.writer_fixtures import assert_same
 
@@ -204,3 +204,34 @@ def test_a_rank_cancelled_before_its_commit_fails_every_rank_and_leaves_nothing(
     assert isinstance(outcomes[0], RankFailed) and outcomes[0].rank == 1
     assert "cancelled before its commit" in str(outcomes[0])
     assert os.listdir(tmp_path) == []
+
+
+# --- torch's store errors come out as aiockpt's, with the cause chained.
+
+
+def own_store() -> dist.TCPStore:
+    return dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=10),
+    )  # fmt: skip
+
+
+def test_an_unreachable_store_is_a_coordination_error() -> None:
+    server = own_store()
+    port = server.port
+    del server  # nothing listens there any more
+    info = GroupInfo("127.0.0.1", port, "", "s", 1, 2, 0, timeout_s=0.2)
+    with pytest.raises(CoordinationError, match=f"connecting to 127.0.0.1:{port}") as caught:
+        connect_store(info)
+    assert isinstance(caught.value.__cause__, dist.DistError)
+
+
+def test_a_store_that_goes_away_mid_save_is_a_coordination_error() -> None:
+    server = own_store()
+    info = GroupInfo("127.0.0.1", server.port, "", "s", 0, 2, 0, timeout_s=0.2)
+    round_ = SaveRound(connect_store(info), "r", rank=0, world_size=2, timeout_s=0.2)
+    round_.post("prepared", "/tmp/x")
+    del server  # the store's server stops
+    with pytest.raises(CoordinationError, match="save 'r', step 'assign'") as caught:
+        round_.post("assign", [[0], [0]])
+    assert isinstance(caught.value.__cause__, RuntimeError)  # torch's DistError is one

@@ -289,8 +289,12 @@ async def test_writer_failure_fails_the_save_and_the_next_one_succeeds(tmp_path:
         failing = ckpt.save_to(
             {"w": torch.ones(2)}, tmp_path / "x", format="tests.workers:FailingWriter"
         )
-        with pytest.raises(CheckpointWriteError, match="No space left"):
+        with pytest.raises(CheckpointWriteError, match="No space left") as caught:
             await failing
+        # The error says which save, which worker and what its writer raised, as attributes.
+        assert caught.value.path == str(tmp_path / "x")
+        assert caught.value.pid == ckpt.worker_pid is not None
+        assert caught.value.error_type == "OSError"
         await ckpt.save({"w": torch.ones(2)}, step=1)
     assert sorted(os.listdir(tmp_path)) == ["step_0000000001"]
 
@@ -306,8 +310,10 @@ async def test_worker_killed_mid_write_fails_the_save_and_the_next_respawns(
         await gate.started()  # held inside the write, until killed
         os.kill(first_pid, signal.SIGKILL)
         gate.remove()
-        with pytest.raises(WorkerCrashed, match="SIGKILL"):
+        with pytest.raises(WorkerCrashed, match="SIGKILL") as caught:
             await handle
+        assert caught.value.pid == first_pid
+        assert caught.value.returncode == -signal.SIGKILL
         assert not (tmp_path / "step_0000000001").exists()
         await ckpt.save({"w": torch.ones(4)}, step=2)
         assert ckpt.worker_pid not in (None, first_pid)

@@ -615,7 +615,9 @@ class Checkpointer:
             if isinstance(exc, WorkerCrashed):
                 logger.error("save to %s failed: %s; the next save starts a new worker", path, exc)
             if isinstance(exc, WorkerClosed):
-                raise WorkerClosed(f"save to {path} did not finish: {exc}") from exc
+                raise WorkerClosed(
+                    f"save to {path} did not finish: {exc}", pid=exc.pid, path=str(path)
+                ) from exc
             raise
         result = msgspec.convert(written.result, commit.CommitResult)
         if self.keep_last is not None and step is not None and self._leader:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import PrefixStore
 
 from aiockpt._format import commit
-from aiockpt._wire.coordination import SaveRound, connect_store
+from aiockpt._wire.coordination import SaveRound, connect_store, translate_store_errors
 from aiockpt._wire.protocol import CommitOptions, GroupInfo, ShardSpec
 from aiockpt.writers.base import GroupWriter, Writer
 
@@ -38,8 +38,8 @@ class Outcome(msgspec.Struct, frozen=True):
 class RankGroup:
     """This worker's membership in its Checkpointer's group.
 
-    Raises ``torch.distributed.DistStoreError`` at construction when the store cannot be
-    reached, and what ``init_process_group`` raises when the process group cannot form.
+    Raises ``CoordinationError`` at construction when the store cannot be reached or the
+    process group cannot form.
     """
 
     def __init__(self, info: GroupInfo) -> None:
@@ -52,13 +52,14 @@ class RankGroup:
     def form_process_group(self, generation: int) -> None:
         """(Re-)join the workers' gloo group, under a store prefix of its own generation."""
         self.close()
-        dist.init_process_group(
-            "gloo",
-            store=PrefixStore(f"pg/{generation}", self.store),
-            rank=self.info.rank,
-            world_size=self.info.world_size,
-            timeout=datetime.timedelta(seconds=self.info.timeout_s),
-        )
+        with translate_store_errors(f"forming the workers' process group {generation}"):
+            dist.init_process_group(
+                "gloo",
+                store=PrefixStore(f"pg/{generation}", self.store),
+                rank=self.info.rank,
+                world_size=self.info.world_size,
+                timeout=datetime.timedelta(seconds=self.info.timeout_s),
+            )
         self.pg_generation = generation
 
     def close(self) -> None:
