@@ -9,6 +9,7 @@ Saving::
 Layout of the package; the folder says which process runs the code::
 
     __init__.py, errors.py   the public surface: what users import, and every error in one tree
+    _runtime.py  every process: finish under cancel, the event loop, libc (stdlib only)
     _wire/       both processes; sans-IO except channel
         protocol.py        frames and messages (no asyncio, no torch)
         session.py         the channel's rules: handshake, request ids, routing, the cancel gate
