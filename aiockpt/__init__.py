@@ -10,6 +10,7 @@ Layout of the package; the folder says which process runs the code::
 
     __init__.py, errors.py   the public surface: what users import, and every error in one tree
     dcp.py       torch.distributed.checkpoint's save, async_save, load: a drop-in
+    _runtime.py  every process: finish under cancel, the event loop, libc (stdlib only)
     _wire/       both processes; sans-IO except channel
         protocol.py        frames and messages (no asyncio, no torch)
         session.py         the channel's rules: handshake, request ids, routing, the cancel gate

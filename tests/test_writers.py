@@ -234,6 +234,10 @@ def test_writers_are_resolved_by_format_name() -> None:
     assert isinstance(custom, NoneReturningWriter) and custom.options == {"level": 3}
     with pytest.raises(ValueError, match="unknown checkpoint format"):
         resolve_writer("pickle")
+    with pytest.raises(ImportError, match="has no attribute 'NoSuchWriter'"):
+        resolve_writer("tests.writer_fixtures:NoSuchWriter")
+    with pytest.raises(ImportError):
+        resolve_writer("tests.no_such_module:Writer")
     with pytest.raises(TypeError, match="unknown options"):
         create_writer("dcp", thread_count=4)
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiockpt
+from aiockpt._runtime import finish_even_if_cancelled
 from aiockpt._trainer.staging import (
     SharedArena,
     StagingPlan,
@@ -272,10 +273,13 @@ class CheckpointProcess:
             await self._kill()
             raise WorkerStartTimeout(
                 f"checkpoint worker (pid {self.pid}) did not finish its start-up within "
-                f"{timeout} s (subprocess_init_timeout_secs); it was killed"
+                f"{timeout} s (subprocess_init_timeout_secs); it was killed",
+                pid=self.pid,
             ) from None
         except WorkerCrashed as exc:
-            raise WorkerStartError(f"checkpoint worker failed to start: {exc}") from exc
+            raise WorkerStartError(
+                f"checkpoint worker failed to start: {exc}", pid=self.pid
+            ) from exc
         except BaseException:
             await self._kill()
             raise
@@ -286,7 +290,7 @@ class CheckpointProcess:
             if response.error_type == "aiockpt.errors.ProtocolVersionMismatch":
                 raise ProtocolVersionMismatch(response.error_msg or message)
             raise WorkerStartError(
-                message, error_type=response.error_type, traceback=response.traceback
+                message, error_type=response.error_type, traceback=response.traceback, pid=self.pid
             )
         self._ready = True
         logger.debug(
@@ -305,7 +309,7 @@ class CheckpointProcess:
         if self._close_task is None:
             self._closing = True
             self._close_task = asyncio.get_running_loop().create_task(self._shut_down())
-        await asyncio.shield(self._close_task)
+        await finish_even_if_cancelled(self._close_task)
 
     async def _shut_down(self) -> None:
         loop = asyncio.get_running_loop()
@@ -322,7 +326,9 @@ class CheckpointProcess:
         process = self._process
         if process is not None and process.returncode is None:
             await self._escalate(process)
-        self._fail_pending(WorkerClosed("the checkpoint process was closed before this finished"))
+        self._fail_pending(
+            WorkerClosed("the checkpoint process was closed before this finished", pid=self.pid)
+        )
         for task in self._unsent:
             task.cancel()  # still waiting for their state dict: nothing to finish
         await asyncio.gather(*self._writes, return_exceptions=True)
@@ -332,7 +338,7 @@ class CheckpointProcess:
                 await asyncio.gather(owned, return_exceptions=True)
         if self._channel is not None:
             await self._channel.aclose()
-        self._fail_pending(WorkerClosed("the checkpoint process was closed"))
+        self._fail_pending(WorkerClosed("the checkpoint process was closed", pid=self.pid))
         self._close_free_arenas()
 
     async def _stop_gracefully(self, process: asyncio.subprocess.Process) -> None:
@@ -515,12 +521,16 @@ class CheckpointProcess:
             finally:
                 self._forget(request_id)
         except WorkerClosed as exc:
-            raise WorkerClosed(f"writing {payload.path} did not finish: {exc}") from None
-        self._raise_for_failure(response, f"writing {payload.path}")
+            raise WorkerClosed(
+                f"writing {payload.path} did not finish: {exc}", pid=exc.pid, path=payload.path
+            ) from None
+        self._raise_for_failure(response, f"writing {payload.path}", payload.path)
         assert isinstance(response.payload, WriteResultPayload)
         return response.payload
 
-    def _raise_for_failure(self, response: WorkerResponse, what: str) -> None:
+    def _raise_for_failure(
+        self, response: WorkerResponse, what: str, path: str | None = None
+    ) -> None:
         if response.success:
             return
         if response.failed_rank is not None:  # a multi-rank save, failed by (or at) that rank
@@ -536,6 +546,8 @@ class CheckpointProcess:
         raise CheckpointWriteError(
             f"{what} failed in the checkpoint worker (pid {self.pid}): "
             f"{response.error_type}: {response.error_msg}",
+            path=path,
+            pid=self.pid,
             error_type=response.error_type,
             traceback=response.traceback,
         )
@@ -577,7 +589,7 @@ class CheckpointProcess:
         ``WorkerCrashed`` saying so, and so does every later request."""
         message = f"checkpoint worker (pid {self.pid}) {what}; it was killed"
         logger.error("%s", message)
-        crashed = WorkerCrashed(message, returncode=-signal.SIGKILL)
+        crashed = WorkerCrashed(message, returncode=-signal.SIGKILL, pid=self.pid)
         if self._crashed is None and not self._closing:
             self._crashed = crashed
         self._fail_pending(crashed)
@@ -622,7 +634,8 @@ class CheckpointProcess:
             what = f"did not answer a {request_type.value} request within {timeout} s"
             await self._kill_hung(what)
             assert self._crashed is not None or self._closing
-            raise self._crashed or WorkerClosed("the checkpoint process was closed") from None
+            closed = WorkerClosed("the checkpoint process was closed", pid=self.pid)
+            raise self._crashed or closed from None
         finally:
             if request_id is not None:
                 self._forget(request_id)
@@ -638,7 +651,7 @@ class CheckpointProcess:
         if self._closing and self._process is not None and self._process.returncode is not None:
             # Gone after close() failed what was pending: nobody would fail this one. (A
             # worker that exited on its own is failed by the monitor, as a crash.)
-            raise WorkerClosed("the checkpoint process was closed")
+            raise WorkerClosed("the checkpoint process was closed", pid=self.pid)
         assert self._channel is not None
         if request_type is RequestType.INIT:
             request = self._session.handshake(payload)
@@ -662,7 +675,7 @@ class CheckpointProcess:
 
     def _check_usable(self) -> None:
         if self._closing:
-            raise WorkerClosed("the checkpoint process was closed")
+            raise WorkerClosed("the checkpoint process was closed", pid=self.pid)
         if self._crashed is not None:
             raise self._crashed
 
@@ -726,13 +739,15 @@ class CheckpointProcess:
             # here): the exit that follows is not a crash.
             self._closing = True
             exited = describe_exit(returncode)
-            self._fail_pending(WorkerClosed(f"the checkpoint process was closed (worker {exited})"))
+            closed = f"the checkpoint process was closed (worker {exited})"
+            self._fail_pending(WorkerClosed(closed, pid=process.pid))
             self._close_free_arenas()
             return
         if self._crashed is None:  # else: killed as hung, which says more than the signal
             self._crashed = WorkerCrashed(
                 f"checkpoint worker (pid {process.pid}) {describe_exit(returncode)}",
                 returncode=returncode,
+                pid=process.pid,
             )
         if self._pending:
             logger.error("%s with %d request(s) pending", self._crashed, len(self._pending))

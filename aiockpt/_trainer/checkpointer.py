@@ -64,6 +64,7 @@ from aiockpt._format import commit, loading
 from aiockpt._format.listing import ListedCheckpoint, list_checkpoints
 from aiockpt._format.root_lock import RootLock
 from aiockpt._format.stateful import StatefulLoad, stateful_to_state_dict
+from aiockpt._runtime import finish_even_if_cancelled
 from aiockpt._trainer.checkpoint_process import CheckpointProcess, CheckpointProcessConfig
 from aiockpt._trainer.group_formation import (
     DEFAULT_TIMEOUT_S,
@@ -359,7 +360,7 @@ class Checkpointer:
         if self._close_task is None:
             self.closed = True
             self._close_task = asyncio.get_running_loop().create_task(self._shut_down())
-        await asyncio.shield(self._close_task)
+        await finish_even_if_cancelled(self._close_task)
 
     async def _shut_down(self) -> None:
         issued: set[asyncio.Future[Any]] = {*self._saves, *self._failure_reports}
@@ -625,7 +626,9 @@ class Checkpointer:
             if isinstance(exc, WorkerCrashed):
                 logger.error("save to %s failed: %s; the next save starts a new worker", path, exc)
             if isinstance(exc, WorkerClosed):
-                raise WorkerClosed(f"save to {path} did not finish: {exc}") from exc
+                raise WorkerClosed(
+                    f"save to {path} did not finish: {exc}", pid=exc.pid, path=str(path)
+                ) from exc
             raise
         result = msgspec.convert(written.result, commit.CommitResult)
         if self.keep_last is not None and step is not None and self._leader:

@@ -40,7 +40,7 @@ import msgspec
 import torch.distributed as dist
 from torch._C._distributed_c10d import Store, TCPStore
 
-from aiockpt._wire.coordination import connect_store
+from aiockpt._wire.coordination import connect_store, translate_store_errors
 from aiockpt._wire.protocol import GroupInfo
 from aiockpt.errors import CoordinationTimeout
 
@@ -120,9 +120,9 @@ def form_group(
     ``use_prefix_store`` None reads ``DCP_USE_PREFIX_STORE``. Raises ValueError on every rank
     when rank 0 cannot choose (prefix store without ``MASTER_ADDR`` or ``MASTER_PORT``),
     ``CoordinationTimeout`` when rank 0 does not post its choice within ``timeout_s``,
-    ``torch.distributed.DistStoreError`` when the chosen store cannot be reached within
-    ``timeout_s``, and RuntimeError when ``torch.distributed`` is not initialised with
-    several ranks.
+    ``CoordinationError`` when the trainers' store fails or the chosen store cannot be
+    reached within ``timeout_s``, and RuntimeError when ``torch.distributed`` is not
+    initialised with several ranks.
     """
     world = world_of(process_group)
     if world is None:
@@ -138,7 +138,8 @@ def form_group(
             choice, server = _choose(use_prefix_store, timeout_s)
         except ValueError as exc:
             choice = _Choice(error=str(exc))
-        trainers_store.set(key, msgspec.msgpack.encode(choice))  # type: ignore[arg-type]
+        with translate_store_errors(f"posting where the checkpoint workers meet ({key!r})"):
+            trainers_store.set(key, msgspec.msgpack.encode(choice))  # type: ignore[arg-type]
     else:
         try:
             trainers_store.wait([key], timeout)
@@ -149,7 +150,9 @@ def form_group(
                 f"and save or start it? ({exc})",
                 rank=0,
             ) from None
-        choice = msgspec.msgpack.decode(trainers_store.get(key), type=_Choice)
+        with translate_store_errors(f"reading where the checkpoint workers meet ({key!r})"):
+            posted = trainers_store.get(key)
+        choice = msgspec.msgpack.decode(posted, type=_Choice)
     if choice.error is not None:
         raise ValueError(f"{choice.error} (reported by rank 0)")
     info = GroupInfo(

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from aiockpt._format.listing import ListedCheckpoint
 from aiockpt._format.stateful import CallerState, StatefulLoad
+from aiockpt._runtime import new_event_loop
 from aiockpt._trainer.checkpointer import Checkpointer
 from aiockpt._trainer.handles import SaveHandle, SaveResult
 
@@ -82,13 +83,7 @@ class _LoopThread:
     """One event loop running in a daemon thread until ``stop``."""
 
     def __init__(self) -> None:
-        self.loop: asyncio.AbstractEventLoop
-        try:
-            import uvloop
-
-            self.loop = uvloop.new_event_loop()
-        except ImportError:  # pragma: no cover - uvloop is installed wherever it runs
-            self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()
         self._thread = threading.Thread(target=self._run, name="aiockpt-sync-loop", daemon=True)
         self._thread.start()
 

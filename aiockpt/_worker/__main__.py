@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import signal
 import sys
 
+from aiockpt._runtime import run_on_fastest_loop
 from aiockpt._wire.protocol import DEFAULT_MAX_FRAME_SIZE
 from aiockpt._worker.serve import serve
 
@@ -22,12 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     # not the terminal, decides when its checkpoint worker stops (a save may be committing).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="[aiockpt worker %(process)d] %(message)s")
-    coro = serve(args.fd, max_frame_size=args.max_frame_size)
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is installed wherever the platform has it
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+    return run_on_fastest_loop(serve(args.fd, max_frame_size=args.max_frame_size))
 
 
 if __name__ == "__main__":

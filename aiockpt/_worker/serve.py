@@ -26,7 +26,6 @@ from aiockpt._wire.protocol import (
     ArenaPayload,
     ArenaRef,
     CancelPayload,
-    CommitOptions,
     InitPayload,
     Leaf,
     ReadyPayload,
@@ -396,32 +395,14 @@ class ServingWorker:
             )
             self._regroup = outcome.regroup
             return outcome.result
-        return self._write_and_commit(request_id, state_dict, payload.path, payload.commit)
-
-    def _write_and_commit(
-        self, request_id: int, state_dict: Any, path: str, options: CommitOptions
-    ) -> commit.CommitResult:
-        """Write into a temporary sibling of ``path`` and commit it, unless cancelled first."""
-        writer = self._writer_for(options.format)
-        started = time.perf_counter()
-        pending = commit.prepare(path, overwrite=options.overwrite)
-        try:
-            records = commit.write_files(writer, state_dict, pending.temp_path)
-            written = time.perf_counter()
-            manifest = commit.build_manifest(
-                options.format, state_dict, records, metadata=options.metadata
-            )
-            self._gate.begin_commit(request_id)
-            manifest_size = commit.finalize(pending, manifest)
-        except BaseException:
-            commit.abort(pending)
-            raise
-        return commit.CommitResult(
-            path=pending.path,
-            nbytes=sum(f.size for f in manifest.files) + manifest_size,
-            files=manifest.files,
-            write_seconds=written - started,
-            commit_seconds=time.perf_counter() - written,
+        return commit.write_checkpoint(
+            self._writer_for(payload.commit.format),
+            state_dict,
+            payload.path,
+            format=payload.commit.format,
+            overwrite=payload.commit.overwrite,
+            metadata=payload.commit.metadata,
+            before_commit=lambda: self._gate.begin_commit(request_id),
         )
 
     def _writer_for(self, format: str) -> Any:
