@@ -82,6 +82,8 @@ __all__ = ["Checkpointer"]
 
 logger = logging.getLogger("aiockpt._trainer.checkpointer")
 
+#: formats whose writers store DTensors (as pieces for dcp, as whole tensors for safetensors)
+_SHARDING_FORMATS = ("dcp", "safetensors")
 #: ``Checkpointer.save`` names checkpoints ``step_<step>`` zero-padded, so that they sort
 STEP_NAME = "step_{step:010d}"
 #: the names retention considers: ``save``'s, and no others
@@ -94,8 +96,11 @@ class Checkpointer:
     Args:
         root: directory of the checkpoints ``save`` writes; ``latest`` and ``keep_last`` look
             here. May be None when only ``save_to`` (explicit paths) is used.
-        format: "dcp" (loadable by ``torch.distributed.checkpoint.load``), "safetensors", or
-            a custom writer's import reference ``"package.module:Writer"``.
+        format: "dcp" (loadable by ``torch.distributed.checkpoint.load``), "safetensors"
+            (Hugging Face's layout: ``from_pretrained`` loads it), or a custom writer's import
+            reference ``"package.module:Writer"``.
+        writer_options: keywords for the format's writer, such as
+            ``{"max_shard_size": "2GB"}`` for safetensors (default "5GB", as Hugging Face).
         keep_last: keep only the newest K checkpoints that ``save`` named by step
             (``step_<n>`` under ``root``, ordered by step); older ones are deleted only after
             a newer one is durable. Checkpoints of other names (``save_to(root / "best")``)
@@ -130,6 +135,7 @@ class Checkpointer:
         root: str | os.PathLike[str] | None = None,
         *,
         format: str = "dcp",
+        writer_options: Mapping[str, Any] | None = None,
         keep_last: int | None = None,
         max_in_flight: int = 1,
         allow_pickle: bool = False,
@@ -147,6 +153,8 @@ class Checkpointer:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         self._checked_formats: set[str] = set()
         self._check_format(format)
+        self.writer_options = dict(writer_options or {})
+        self._check_writer_options(format, self.writer_options)
         self.root = os.path.abspath(os.fspath(root)) if root is not None else None
         self.read_only = read_only
         #: this process's writer lock on ``root`` (rank 0's, in a group), from ``start``
@@ -431,6 +439,7 @@ class Checkpointer:
         path: str | os.PathLike[str],
         *,
         format: str | None = None,
+        writer_options: Mapping[str, Any] | None = None,
         overwrite: bool = False,
         metadata: Mapping[str, Any] | None = None,
         allow_pickle: bool | None = None,
@@ -440,11 +449,12 @@ class Checkpointer:
 
         Raises ``TypeError`` here, naming the key, for an entry that cannot be checkpointed
         (or for ``metadata`` that is not msgspec-encodable), ``ValueError`` for an unknown
-        format, ``WorkerClosed`` after ``close``, ``io.UnsupportedOperation`` when opened
-        ``read_only``, ``RuntimeError`` outside a running loop. In a multi-rank job such an
-        error still fails this save on the other ranks (with ``RankFailed`` naming this
-        rank), and the next save works on every rank. Failures of the save itself are raised
-        by awaiting the handle.
+        format, ``TypeError`` or ``ValueError`` for ``writer_options`` its writer refuses
+        (default: the Checkpointer's; with ``format`` given, none), ``WorkerClosed`` after
+        ``close``, ``io.UnsupportedOperation`` when opened ``read_only``, ``RuntimeError``
+        outside a running loop. In a multi-rank job such an error still fails this save on
+        the other ranks (with ``RankFailed`` naming this rank), and the next save works on
+        every rank. Failures of the save itself are raised by awaiting the handle.
         """
         if self.read_only:
             raise io.UnsupportedOperation(f"the Checkpointer of {self.root} is read_only")
@@ -457,12 +467,17 @@ class Checkpointer:
         try:
             fmt = self.format if format is None else format
             self._check_format(fmt)
+            if writer_options is None:
+                writer_options = self.writer_options if format is None else {}
+            options_of_writer = dict(writer_options)
+            if writer_options is not self.writer_options:
+                self._check_writer_options(fmt, options_of_writer)
             check_encodable(dict(metadata or {}), "metadata")
             plan = self._plans.plan(
                 state_dict,
                 allow_pickle=self.allow_pickle if allow_pickle is None else allow_pickle,
             )
-            if plan.shards and fmt != "dcp":
+            if plan.shards and fmt not in _SHARDING_FORMATS:
                 raise TypeError(
                     f"format={fmt!r} cannot store sharded tensors (DTensor); use "
                     "format='dcp' or save full tensors (DTensor.full_tensor())"
@@ -476,6 +491,7 @@ class Checkpointer:
             dict(metadata) if metadata else None,
             round_id=round_id,
             forget_round=self._recent_rounds[0] if len(self._recent_rounds) == 3 else None,
+            writer_options=options_of_writer or None,
         )
         staged: asyncio.Future[None] = loop.create_future()
         previous_sent, sent = self._previous_sent, loop.create_future()
@@ -650,6 +666,16 @@ class Checkpointer:
         for _, old in by_step[: max(0, len(by_step) - self.keep_last)]:
             with contextlib.suppress(FileNotFoundError):
                 commit.remove_checkpoint(old)
+
+    def _check_writer_options(self, format: str, options: dict[str, Any]) -> None:
+        """Construct the writer once with ``options`` (only when there are some), so that a
+        bad option is an error at the call, not a failed save in the worker. Raises what the
+        writer's constructor raises (TypeError, ValueError), and TypeError for options that
+        cannot cross to the worker."""
+        if not options:
+            return
+        check_encodable(options, "writer_options")
+        resolve_writer(format)(rank_info=RankInfo(), **options)
 
     def _check_format(self, format: str) -> None:
         """Resolve a format's writer once, here, so that a typo is a ValueError at the call

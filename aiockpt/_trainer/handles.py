@@ -173,6 +173,7 @@ def async_save(
     path: str | os.PathLike[str],
     *,
     format: str = "dcp",
+    writer_options: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     metadata: Mapping[str, Any] | None = None,
     allow_pickle: bool = False,
@@ -189,15 +190,20 @@ def async_save(
     and together they write one checkpoint. ``no_dist=True`` saves from this rank alone
     (say, rank 0 publishing weights).
 
+    ``writer_options`` go to the format's writer (``{"max_shard_size": "2GB"}`` for
+    safetensors).
+
     Raises ``TypeError`` here, naming the key, for an entry that cannot be checkpointed
     (objects other than tensors and plain values need ``allow_pickle=True``), ``ValueError``
-    for an unknown ``format``, ``RuntimeError`` outside a running event loop. Everything else
+    for an unknown ``format``, ``TypeError`` or ``ValueError`` for ``writer_options`` its
+    writer refuses, ``RuntimeError`` outside a running event loop. Everything else
     is raised by awaiting the handle (see ``SaveHandle``).
     """
     return default_checkpointer(no_dist=no_dist).save_to(
         state_dict,
         path,
         format=format,
+        writer_options=writer_options or {},
         overwrite=overwrite,
         metadata=metadata,
         allow_pickle=allow_pickle,

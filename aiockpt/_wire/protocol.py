@@ -239,6 +239,8 @@ class CommitOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: a finished round whose keys rank 0's worker deletes (two saves back: no rank can
     #: still be reading them without having timed out)
     forget_round: str | None = None
+    #: keywords for the format's writer (``max_shard_size`` for safetensors)
+    writer_options: dict[str, Any] | None = None
 
 
 class WritePayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="write"):

@@ -243,7 +243,8 @@ class ServingWorker:
         self._writes_done = 0
         self._writing = False
         self.writer: Any = None
-        self._format_writers: dict[str, Any] = {}
+        #: (format, writer options as JSON) -> writer
+        self._format_writers: dict[tuple[str, bytes], Any] = {}
         self._session = session
         #: which writes a CANCEL may still stop (see aiockpt._wire.session)
         self._gate = WriteGate()
@@ -387,7 +388,7 @@ class ServingWorker:
             return self.writer.write(state_dict=state_dict, path=payload.path, **payload.kwargs)
         if self.group is not None:
             outcome = self.group.write_and_commit(
-                self._writer_for(payload.commit.format),
+                self._writer_for(payload.commit),
                 state_dict,
                 shards_of(payload.state_dict),
                 payload.path,
@@ -402,7 +403,7 @@ class ServingWorker:
         self, request_id: int, state_dict: Any, path: str, options: CommitOptions
     ) -> commit.CommitResult:
         """Write into a temporary sibling of ``path`` and commit it, unless cancelled first."""
-        writer = self._writer_for(options.format)
+        writer = self._writer_for(options)
         started = time.perf_counter()
         pending = commit.prepare(path, overwrite=options.overwrite)
         try:
@@ -424,11 +425,16 @@ class ServingWorker:
             commit_seconds=time.perf_counter() - written,
         )
 
-    def _writer_for(self, format: str) -> Any:
-        writer = self._format_writers.get(format)
+    def _writer_for(self, options: CommitOptions) -> Any:
+        """The writer of a save's format and writer options, made once and kept (writers
+        cache their plans between saves of one structure)."""
+        key = (options.format, msgspec.json.encode(options.writer_options or {}))
+        writer = self._format_writers.get(key)
         if writer is None:
-            writer = create_writer(format, self._init.rank_info)
-            self._format_writers[format] = writer
+            writer = create_writer(
+                options.format, self._init.rank_info, **(options.writer_options or {})
+            )
+            self._format_writers[key] = writer
         return writer
 
     def _after_write(self) -> None:
