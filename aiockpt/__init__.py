@@ -70,7 +70,13 @@ if TYPE_CHECKING:
     from aiockpt._format.loading import load, verify
     from aiockpt._trainer.checkpoint_process import CheckpointProcess, CheckpointProcessConfig
     from aiockpt._trainer.checkpointer import Checkpointer
-    from aiockpt._trainer.handles import SaveHandle, SaveResult, async_save, default_checkpointer
+    from aiockpt._trainer.handles import (
+        SaveHandle,
+        SaveProgress,
+        SaveResult,
+        async_save,
+        default_checkpointer,
+    )
     from aiockpt._trainer.sync import SyncCheckpointer, SyncSaveHandle
     from aiockpt._wire.protocol import GcOptions, RankInfo
 
@@ -96,6 +102,7 @@ __all__ = [
     "RendezvousTimeoutError",
     "RootLocked",
     "SaveHandle",
+    "SaveProgress",
     "SaveResult",
     "SignalException",
     "SyncCheckpointer",
@@ -119,6 +126,7 @@ _HOME = {
     "GcOptions": "aiockpt._wire.protocol",
     "RankInfo": "aiockpt._wire.protocol",
     "SaveHandle": "aiockpt._trainer.handles",
+    "SaveProgress": "aiockpt._trainer.handles",
     "SaveResult": "aiockpt._trainer.handles",
     "SyncCheckpointer": "aiockpt._trainer.sync",
     "SyncSaveHandle": "aiockpt._trainer.sync",

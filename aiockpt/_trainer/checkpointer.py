@@ -70,7 +70,13 @@ from aiockpt._trainer.group_formation import (
     reserve_group_key,
     world_of,
 )
-from aiockpt._trainer.handles import SaveHandle, SaveResult
+from aiockpt._trainer.handles import (
+    ProgressFeed,
+    SaveHandle,
+    SaveResult,
+    final_phase,
+    running_loop,
+)
 from aiockpt._trainer.staging import PlanCache, SharedArena, StagingPlan, copy_into_arena
 from aiockpt._wire.coordination import SaveRound
 from aiockpt._wire.protocol import CommitOptions, GroupInfo, RankInfo, WritePayload
@@ -247,6 +253,7 @@ class Checkpointer:
         (``ValueError`` for a prefix store without ``MASTER_ADDR``/``MASTER_PORT``,
         ``CoordinationTimeout`` when rank 0 never forms the group).
         """
+        running_loop("Checkpointer.start")
         if self.closed:
             raise WorkerClosed("the Checkpointer was closed")
         if self.read_only:
@@ -362,9 +369,10 @@ class Checkpointer:
         logged, not raised. In a multi-rank group, close on every rank (rank 0 holds the
         store the others' workers meet in).
         """
+        loop = running_loop("Checkpointer.close")
         if self._close_task is None:
             self.closed = True
-            self._close_task = asyncio.get_running_loop().create_task(self._shut_down())
+            self._close_task = loop.create_task(self._shut_down())
         await asyncio.shield(self._close_task)
 
     async def _shut_down(self) -> None:
@@ -456,11 +464,11 @@ class Checkpointer:
         the other ranks (with ``RankFailed`` naming this rank), and the next save works on
         every rank. Failures of the save itself are raised by awaiting the handle.
         """
+        loop = running_loop("Checkpointer.save")
         if self.read_only:
             raise io.UnsupportedOperation(f"the Checkpointer of {self.root} is read_only")
         if self.closed:
             raise WorkerClosed("the Checkpointer was closed")
-        loop = asyncio.get_running_loop()
         target = os.path.abspath(os.fspath(path))
         # The round is taken before anything can fail, so that every rank agrees on it.
         round_id = self._next_round(target)
@@ -496,13 +504,15 @@ class Checkpointer:
         staged: asyncio.Future[None] = loop.create_future()
         previous_sent, sent = self._previous_sent, loop.create_future()
         self._previous_sent = sent
+        feed = ProgressFeed(target, plan.nbytes)
         task = loop.create_task(
-            self._save(plan, target, options, staged, step, _SendOrder(previous_sent, sent))
+            self._save(plan, target, options, staged, step, _SendOrder(previous_sent, sent), feed)
         )
         self._saves.add(task)
         task.add_done_callback(self._saves.discard)
         task.add_done_callback(functools.partial(self._save_done, round_id, staged, sent))
-        return SaveHandle(target, task, staged, step)
+        task.add_done_callback(lambda done: feed.close(final_phase(done)))
+        return SaveHandle(target, task, staged, step, feed)
 
     def _save_done(
         self,
@@ -579,6 +589,7 @@ class Checkpointer:
         staged: asyncio.Future[None],
         step: int | None,
         order: _SendOrder,
+        feed: ProgressFeed,
     ) -> SaveResult:
         started = time.perf_counter()
         try:
@@ -601,6 +612,7 @@ class Checkpointer:
                     await _copy_in(arena, plan)
                     staging_seconds = time.perf_counter() - started
                     _resolve(staged)
+                    feed.update(phase="writing", bytes_staged=plan.nbytes)
                     if starting is not None:
                         await starting
                         process = self._process
@@ -611,10 +623,19 @@ class Checkpointer:
                             await _map(process, unmapped)
                             arena = unmapped
                     assert process is not None
-                    payload = WritePayload(path, plan.payload(arena), commit=options)
+                    payload = WritePayload(
+                        path,
+                        plan.payload(arena),
+                        commit=options,
+                        progress_bytes=max(plan.nbytes // 32, _MIN_PROGRESS_BYTES),
+                    )
                     if self._group is not None:
                         await order.turn()
-                    written = await process.write_payload(payload, on_sent=order.done)
+                    written = await process.write_payload(
+                        payload,
+                        on_sent=order.done,
+                        on_progress=lambda count: feed.update(bytes_written=count),
+                    )
                 finally:
                     if starting is not None and not starting.done():
                         # The start belongs to the Checkpointer, not to this save: let it
@@ -635,7 +656,7 @@ class Checkpointer:
         result = msgspec.convert(written.result, commit.CommitResult)
         if self.keep_last is not None and step is not None and self._leader:
             await asyncio.to_thread(self._apply_retention)
-        return SaveResult(
+        saved = SaveResult(
             path=result.path,
             nbytes=result.nbytes,
             staging_seconds=staging_seconds,
@@ -643,6 +664,8 @@ class Checkpointer:
             total_seconds=time.perf_counter() - started,
             step=step,
         )
+        _log_committed(saved, leader=self._leader)
+        return saved
 
     async def _take_arena(self, process: CheckpointProcess, nbytes: int) -> SharedArena | None:
         """A free arena of at least ``nbytes`` mapped by ``process``'s worker, or None when
@@ -696,6 +719,7 @@ class Checkpointer:
         A directory without a manifest (a save in progress or one that crashed) is never
         reported. Raises ``ValueError`` when the Checkpointer has no root.
         """
+        running_loop("Checkpointer.latest")
         if self.root is None:
             raise ValueError("Checkpointer.latest needs a root")
         committed = await asyncio.to_thread(commit.list_committed, self.root)
@@ -727,6 +751,25 @@ class Checkpointer:
             rank=rank,
             world_size=world_size,
         )
+
+
+#: the fewest bytes between two progress reports of a save's worker
+_MIN_PROGRESS_BYTES = 1 << 20
+
+
+def _log_committed(result: SaveResult, *, leader: bool) -> None:
+    """One line per committed save: INFO on the rank that commits (every rank's line would
+    say the same), DEBUG on the others."""
+    logger.log(
+        logging.INFO if leader else logging.DEBUG,
+        "committed %s: %d bytes, staging %.3f s, write %.3f s (%.2f GB/s), total %.3f s",
+        result.path,
+        result.nbytes,
+        result.staging_seconds,
+        result.write_seconds,
+        result.nbytes / result.write_seconds / 1e9 if result.write_seconds > 0 else 0.0,
+        result.total_seconds,
+    )
 
 
 class _SendOrder:

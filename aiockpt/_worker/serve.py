@@ -43,10 +43,11 @@ from aiockpt._wire.protocol import (
 from aiockpt._wire.refs import resolve_ref
 from aiockpt._wire.session import HANDSHAKE_ID, Route, WorkerSession, WriteCancelled, WriteGate
 from aiockpt._wire.tensors import dtype_from_name, tensor_from_leaf, value_from_leaf
+from aiockpt._worker.progress import ProgressReports
 from aiockpt._worker.rank_group import RankGroup
 from aiockpt.errors import CoordinationError, ProtocolError, RankFailed, qualified_name
 from aiockpt.writers import create_writer
-from aiockpt.writers.base import StagedLayout, StagedStateDict
+from aiockpt.writers.base import StagedLayout, StagedStateDict, observe_bytes_written
 
 __all__ = ["serve"]
 
@@ -345,18 +346,27 @@ class ServingWorker:
 
     async def _write(self, request_id: int, payload: WritePayload) -> WorkerResponse:
         self._writing = True
+        reports = None
+        if payload.progress_bytes is not None:
+            reports = ProgressReports(
+                lambda count: self._channel.send(self._session.progress(request_id, count)),
+                payload.progress_bytes,
+            )
         try:
             started = time.perf_counter()
-            result = await asyncio.to_thread(self._write_blocking, request_id, payload)
+            result = await asyncio.to_thread(self._write_blocking, request_id, payload, reports)
             seconds = time.perf_counter() - started
         except Exception as exc:
             logger.warning("write to %s failed: %s: %s", payload.path, type(exc).__name__, exc)
             return failure(request_id, RequestType.WRITE_CHECKPOINT, exc)
         finally:
+            if reports is not None:
+                await reports.finish()  # the last report goes before the answer
             self._writing = False
             self._gate.finish(request_id)
             self._after_write()
             self._arenas.close_lingering()
+        logger.debug("wrote %s in %.3f s", payload.path, seconds)
         try:
             msgspec.msgpack.encode(result)
         except (TypeError, msgspec.EncodeError, RecursionError):
@@ -368,7 +378,9 @@ class ServingWorker:
             payload=WriteResultPayload(write_seconds=seconds, result=result),
         )
 
-    def _write_blocking(self, request_id: int, payload: WritePayload) -> Any:
+    def _write_blocking(
+        self, request_id: int, payload: WritePayload, reports: ProgressReports | None = None
+    ) -> Any:
         self._gate.check(request_id)
         # A write makes a few short-lived objects per tensor (views, buffers, manifest
         # leaves): tens of thousands of them set off the collector's full passes over the
@@ -377,7 +389,10 @@ class ServingWorker:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            return self._materialize_and_write(request_id, payload)
+            if reports is None:
+                return self._materialize_and_write(request_id, payload)
+            with observe_bytes_written(reports.add):
+                return self._materialize_and_write(request_id, payload)
         finally:
             if collecting:
                 gc.enable()

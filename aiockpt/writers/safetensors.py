@@ -54,6 +54,7 @@ from aiockpt.writers.base import (
     dtype_from_name,
     dtype_name,
     flatten_state_dict,
+    report_bytes_written,
     split_leaves,
     tensor_bytes,
     tensor_for_write,
@@ -614,6 +615,7 @@ def _write_shared(directory: str, share: SharedFile, tensor: Any) -> None:
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     while view.nbytes:
         count = os.pwrite(fd, view, offset)
+        report_bytes_written(count)
         view = view[count:]
         offset += count
 
