@@ -5,29 +5,25 @@ from several ranks; checked with safetensors' and huggingface_hub's own code and
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import os
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import load_file
 
 import aiockpt
 from aiockpt._format.commit import write_checkpoint
-from aiockpt._wire.protocol import CommitOptions, GroupInfo, RankInfo, ShardSpec
-from aiockpt._worker.rank_group import RankGroup
+from aiockpt._wire.protocol import ShardSpec
 from aiockpt.writers.safetensors import (
     INDEX_NAME,
     SafetensorsWriter,
     parse_shard_size,
 )
+from tests.group_saves import group_save
 
 # --- max_shard_size -----------------------------------------------------------------------------
 
@@ -119,56 +115,6 @@ def test_a_tensor_larger_than_the_shard_size_gets_a_file_of_its_own(tmp_path: Pa
 # --- several ranks, through the real coordination over a TCPStore --------------------------------
 
 
-@pytest.fixture
-def store() -> Iterator[dist.TCPStore]:
-    server = dist.TCPStore(
-        "127.0.0.1", 0, is_master=True, wait_for_workers=False,
-        timeout=datetime.timedelta(seconds=30),
-    )  # fmt: skip
-    yield server
-
-
-def group_save(
-    store: dist.TCPStore,
-    path: Path,
-    states: list[dict[str, Any]],
-    shards: list[dict[int, ShardSpec]],
-    **options: Any,
-) -> list[Any]:
-    """Save ``states`` (rank r's is ``states[r]``) as one checkpoint, each rank in a thread
-    of its own with its own RankGroup, as the ranks' workers do; return each rank's outcome."""
-    world = len(states)
-    outcomes: list[Any] = [None] * world
-
-    def rank_main(rank: int) -> None:
-        info = GroupInfo(
-            "127.0.0.1", store.port, "", f"session-{path.name}", rank, world, rank,
-            timeout_s=20, pg_generation=None,
-        )  # fmt: skip
-        group = RankGroup(info)
-        writer = SafetensorsWriter(RankInfo(rank, world), **options)
-        try:
-            outcomes[rank] = group.write_and_commit(
-                writer,
-                states[rank],
-                shards[rank],
-                str(path),
-                CommitOptions("safetensors", round_id=f"{path.name}#0"),
-                begin_commit=lambda: None,
-            )
-        except BaseException as exc:
-            outcomes[rank] = exc
-        finally:
-            group.close()
-
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    return outcomes
-
-
 ROWS, COLS = 6, 4
 
 
@@ -204,11 +150,11 @@ def pieces(world: int) -> tuple[list[dict[str, Any]], list[dict[int, ShardSpec]]
 
 @pytest.mark.parametrize("max_shard_size", [10**9, 100], ids=["one-file", "sharded"])
 def test_two_ranks_write_every_tensor_once_as_whole_tensors(
-    store: dist.TCPStore, tmp_path: Path, max_shard_size: int
+    tmp_path: Path, max_shard_size: int
 ) -> None:
     path = tmp_path / "ckpt"
     states, shards = pieces(2)
-    outcomes = group_save(store, path, states, shards, max_shard_size=max_shard_size)
+    outcomes = group_save(path, states, shards, max_shard_size=max_shard_size)
     assert not [o for o in outcomes if isinstance(o, BaseException)], outcomes
 
     expected = {
@@ -258,7 +204,7 @@ def test_two_ranks_write_every_tensor_once_as_whole_tensors(
     assert torch.equal(target["cols"], whole(100))
 
 
-def test_three_ranks_with_uneven_pieces(store: dist.TCPStore, tmp_path: Path) -> None:
+def test_three_ranks_with_uneven_pieces(tmp_path: Path) -> None:
     path = tmp_path / "ckpt"
     # 7 rows over 3 ranks: 3, 3, 1 (as DTensor's Shard(0) splits them).
     full = torch.arange(7 * 5, dtype=torch.float16).reshape(7, 5)
@@ -269,19 +215,17 @@ def test_three_ranks_with_uneven_pieces(store: dist.TCPStore, tmp_path: Path) ->
         states.append({"emb": full[start : start + size].clone(), "bias": torch.ones(5)})
         shards.append({0: ShardSpec([7, 5], [start, 0])})
         start += size
-    outcomes = group_save(store, path, states, shards, max_shard_size="50")
+    outcomes = group_save(path, states, shards, max_shard_size="50")
     assert not [o for o in outcomes if isinstance(o, BaseException)], outcomes
     emb_file = json.loads((path / INDEX_NAME).read_text())["weight_map"]["emb"]
     assert torch.equal(load_file(path / emb_file)["emb"], full)
     assert torch.equal(aiockpt.load(path)["emb"], full)
 
 
-def test_ranks_disagreeing_about_a_tensor_fail_the_save_on_every_rank(
-    store: dist.TCPStore, tmp_path: Path
-) -> None:
+def test_ranks_disagreeing_about_a_tensor_fail_the_save_on_every_rank(tmp_path: Path) -> None:
     path = tmp_path / "ckpt"
     states = [{"w": torch.ones(4)}, {"w": torch.ones(5)}]
-    outcomes = group_save(store, path, states, [{}, {}])
+    outcomes = group_save(path, states, [{}, {}])
     assert all(isinstance(o, BaseException) for o in outcomes), outcomes
     assert "'w'" in str(outcomes[0]) and "a name must stand for one tensor" in str(outcomes[0])
     assert not path.exists()
