@@ -22,7 +22,8 @@ Layout of the package; the folder says which process runs the code::
         commit.py          temporary directory, manifest, fsync, rename; listing and retention
         loading.py         verify and load without unpickling, resharding
         root_lock.py       one writer per root (an flock the kernel releases)
-    writers/     the writer API (base.py), dcp and safetensors writers
+    command_line.py  the ``aiockpt`` command: ls, verify, inspect, convert
+    writers/     the writer API (base.py), dcp and safetensors (Hugging Face layout) writers
     _trainer/    runs in the training process
         checkpointer.py    Checkpointer: root, latest, retention, backpressure
         handles.py         SaveHandle, SaveResult, async_save, default checkpointers
@@ -32,6 +33,7 @@ Layout of the package; the folder says which process runs the code::
         group_formation.py the workers' group, formed over the trainers' store
     _worker/     runs in the checkpoint worker (python -m aiockpt._worker)
         serve.py           handshake, dispatch, writes in arrival order
+        progress.py        progress reports of the write in progress
         rank_group.py      the workers' store and gloo group; a multi-rank commit
     elastic/     the worker agent and aiockpt-run (torchrun's counterpart)
 
