@@ -491,7 +491,8 @@ class SafetensorsWriter:
         for index, leaf in written.located.items():
             by_file.setdefault(leaf.file, {})[index] = leaf
         records = [
-            msgspec.structs.replace(r, leaves=by_file.get(r.name, {})) for r in written.records
+            msgspec.structs.replace(r, leaves={**r.leaves, **by_file.get(r.name, {})})
+            for r in written.records
         ]
         return records + _write_index(path, layout)
 
