@@ -292,3 +292,28 @@ async def test_bad_writer_options_are_refused_at_the_call(tmp_path: Path) -> Non
             ckpt.save_to({"w": torch.ones(1)}, tmp_path / "y", writer_options={"shard": 1})
     with pytest.raises(ValueError, match="max_shard_size"):
         aiockpt.Checkpointer(tmp_path, format="safetensors", writer_options={"max_shard_size": 0})
+
+
+def test_saves_of_one_staged_layout_reuse_the_plan_and_write_the_new_values(
+    tmp_path: Path,
+) -> None:
+    from aiockpt.writers.base import StagedLayout, StagedStateDict, flatten_state_dict
+
+    writer = SafetensorsWriter(max_shard_size=100)
+    skeleton, flat = flatten_state_dict({"a": torch.zeros(20), "b": torch.zeros(20)})
+    layout = StagedLayout(skeleton)
+    for value in (1.0, 2.0):
+        values = [torch.full((20,), value) for _ in flat]
+        path = tmp_path / f"save-{value}"
+        path.mkdir()
+        writer.write(StagedStateDict(layout, values, memoryview(b"")), str(path))
+        assert writer._cached is not None and writer._cached[0] == layout.version
+        for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+            assert all(
+                torch.equal(t, torch.full((20,), value)) for t in load_file(path / name).values()
+            )
+    # Another structure is planned anew.
+    other = StagedLayout(flatten_state_dict({"c": torch.zeros(3)})[0])
+    (tmp_path / "other").mkdir()
+    writer.write(StagedStateDict(other, [torch.ones(3)], memoryview(b"")), str(tmp_path / "other"))
+    assert list(load_file(tmp_path / "other" / "model.safetensors")) == ["c"]

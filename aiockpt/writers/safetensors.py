@@ -56,6 +56,7 @@ from aiockpt.writers.base import (
     flatten_state_dict,
     report_bytes_written,
     split_leaves,
+    staged_layout,
     tensor_bytes,
     tensor_for_write,
     write_objects,
@@ -218,6 +219,9 @@ class _Piece:
     #: (rank, plan position) of every rank holding this piece
     holders: list[tuple[int, int]] = field(default_factory=list)
 
+    def nbytes(self, whole: _Whole) -> int:
+        return math.prod(self.shape) * whole.dtype.itemsize
+
 
 @dataclass
 class _Whole:
@@ -226,10 +230,10 @@ class _Whole:
     shape: list[int]
     sharded: bool
     pieces: dict[tuple[int, ...], _Piece] = field(default_factory=dict)
+    nbytes: int = 0
 
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+    def __post_init__(self) -> None:
+        self.nbytes = math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass
@@ -392,26 +396,31 @@ def lay_out(plans: Sequence[SafetensorsPlan], max_shard_size: int) -> _Layout:
         shard = sorted(shard, key=lambda w: -w.dtype.itemsize)
         header, starts = _header(shard)
         owner = min(range(world), key=lambda r: load[r])
-        runs: list[list[list[int]]] = [[] for _ in range(world)]
+        # (data offset, whole, piece, writing rank, its plan position) of every piece
+        placed: list[tuple[int, _Whole, _Piece, int, int]] = []
         alone = True
         for whole, start in zip(shard, starts, strict=True):
             weight_map[whole.name] = name
             data = len(header) + start
             located = _locate(whole, name, data)
             for piece in whole.pieces.values():
-                ranks = [rank for rank, _ in piece.holders]
-                writer = owner if owner in ranks else min(ranks, key=lambda r: load[r])
-                position = next(p for r, p in piece.holders if r == writer)
-                load[writer] += math.prod(piece.shape) * whole.dtype.itemsize
+                holders = piece.holders
+                writer = owner
+                if not any(rank == owner for rank, _ in holders):
+                    writer = min((rank for rank, _ in holders), key=lambda r: load[r])
+                position = next(p for r, p in holders if r == writer)
+                load[writer] += whole.nbytes if not whole.sharded else piece.nbytes(whole)
                 alone = alone and writer == owner and not whole.sharded
-                for source, target, length in _byte_runs(piece, whole.shape, whole.dtype.itemsize):
-                    runs[writer].append([position, source, data + target, length])
-                for rank, position in piece.holders:
+                placed.append((data, whole, piece, writer, position))
+                for rank, position in holders:
                     leaves[rank][position] = located(piece)
-        if alone:
-            tensors = [next(p for r, p in _only(w).holders if r == owner) for w in shard]
-            owned[owner].append(OwnedFile(name, header, tensors))
+        if alone:  # written front to back by its owner: no runs needed
+            owned[owner].append(OwnedFile(name, header, [entry[4] for entry in placed]))
             continue
+        runs: list[list[list[int]]] = [[] for _ in range(world)]
+        for data, whole, piece, writer, position in placed:
+            for source, target, length in _byte_runs(piece, whole.shape, whole.dtype.itemsize):
+                runs[writer].append([position, source, data + target, length])
         size = len(header) + sum(whole.nbytes for whole in shard)
         for rank in range(world):
             if rank == owner or runs[rank]:
@@ -420,11 +429,6 @@ def lay_out(plans: Sequence[SafetensorsPlan], max_shard_size: int) -> _Layout:
     assignments = [SafetensorsAssignment(owned[r], shared[r], leaves[r]) for r in range(world)]
     total_size = sum(whole.nbytes for shard in shards for whole in shard)
     return _Layout(assignments, names, weight_map, total_size)
-
-
-def _only(whole: _Whole) -> _Piece:
-    (piece,) = whole.pieces.values()
-    return piece
 
 
 def _locate(whole: _Whole, file: str, data: int) -> Any:
@@ -476,6 +480,12 @@ class SafetensorsWriter:
         self.max_shard_size = parse_shard_size(max_shard_size)
         #: rank 0, between ``assign`` and ``finish``: the layout the index describes
         self._layout: _Layout | None = None
+        #: the tensor names ``plan`` made, for this save's writes (made once: thousands of
+        #: key paths joined twice cost as much as writing small tensors)
+        self._names: list[str] = []
+        #: (layout version, layout, names) of the worker's last single-rank save: a save of
+        #: the same structure reuses them, as the DCP writer reuses its plan
+        self._cached: tuple[int, _Layout, list[str]] | None = None
 
     def write(self, state_dict: Any, path: str, **kwargs: Any) -> Sequence[FileRecord]:
         """Write ``state_dict``, alone, into the directory ``path``: the files and, when
@@ -484,7 +494,14 @@ class SafetensorsWriter:
         Raises ValueError for two tensors with the same name, TypeError for tensors that are
         not strided (sparse, quantized), OSError from the file system.
         """
-        layout = lay_out([self.plan(state_dict, {})], self.max_shard_size)
+        staged = staged_layout(state_dict)
+        cached = self._cached
+        if staged is not None and cached is not None and cached[0] == staged.version:
+            layout, self._names = cached[1], cached[2]
+        else:
+            layout = lay_out([self.plan(state_dict, {})], self.max_shard_size)
+            if staged is not None:
+                self._cached = (staged.version, layout, self._names)
         (assignment,) = layout.assignments
         written = self._write_assignment(state_dict, path, assignment)
         by_file: dict[str, dict[int, Leaf]] = {}
@@ -520,6 +537,7 @@ class SafetensorsWriter:
                     None if spec is None else list(spec.offsets),
                 )
             )
+        self._names = [tensor.name for tensor in planned]
         return SafetensorsPlan(planned)
 
     def assign(self, plans: Sequence[Any]) -> list[SafetensorsAssignment]:
@@ -556,10 +574,12 @@ class SafetensorsWriter:
         _, flat = flatten_state_dict(state_dict)
         tensors, objects = split_leaves(flat)
         indices = [index for index, _, _ in tensors]
+        names = self._names
+        if len(names) != len(tensors):  # not planned by this writer (plan() first, always)
+            names = [format_key_path(key_path) for _, key_path, _ in tensors]
 
         def tensor(position: int) -> torch.Tensor:
-            _, key_path, value = tensors[position]
-            return tensor_for_write(value, format_key_path(key_path))
+            return tensor_for_write(tensors[position][2], names[position])
 
         records: list[FileRecord] = []
         for owned in assignment.owned:
