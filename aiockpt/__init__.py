@@ -27,7 +27,8 @@ Layout of the package; the folder says which process runs the code::
     torch_written.py   checkpoints torch's dcp.save wrote: found, loaded by torch's reader
     stateful.py        Stateful values saved via state_dict(), loaded via load_state_dict()
         root_lock.py       one writer per root (an flock the kernel releases)
-    writers/     the writer API (base.py), dcp and safetensors writers
+    command_line.py  the ``aiockpt`` command: ls, verify, inspect, convert
+    writers/     the writer API (base.py), dcp and safetensors (Hugging Face layout) writers
     _trainer/    runs in the training process
         checkpointer.py    Checkpointer: root, latest, retention, backpressure
         handles.py         SaveHandle, SaveResult, async_save, default checkpointers
@@ -37,6 +38,7 @@ Layout of the package; the folder says which process runs the code::
         group_formation.py the workers' group, formed over the trainers' store
     _worker/     runs in the checkpoint worker (python -m aiockpt._worker)
         serve.py           handshake, dispatch, writes in arrival order
+        progress.py        progress reports of the write in progress
         rank_group.py      the workers' store and gloo group; a multi-rank commit
     elastic/     the worker agent and aiockpt-run (torchrun's counterpart)
 
@@ -77,7 +79,13 @@ if TYPE_CHECKING:
     from aiockpt._format.loading import load, verify
     from aiockpt._trainer.checkpoint_process import CheckpointProcess, CheckpointProcessConfig
     from aiockpt._trainer.checkpointer import Checkpointer
-    from aiockpt._trainer.handles import SaveHandle, SaveResult, async_save, default_checkpointer
+    from aiockpt._trainer.handles import (
+        SaveHandle,
+        SaveProgress,
+        SaveResult,
+        async_save,
+        default_checkpointer,
+    )
     from aiockpt._trainer.sync import SyncCheckpointer, SyncSaveHandle
     from aiockpt._wire.protocol import GcOptions, RankInfo
 
@@ -105,6 +113,7 @@ __all__ = [
     "RendezvousTimeoutError",
     "RootLocked",
     "SaveHandle",
+    "SaveProgress",
     "SaveResult",
     "SignalException",
     "SyncCheckpointer",
@@ -130,6 +139,7 @@ _HOME = {
     "ListedCheckpoint": "aiockpt._format.listing",
     "RankInfo": "aiockpt._wire.protocol",
     "SaveHandle": "aiockpt._trainer.handles",
+    "SaveProgress": "aiockpt._trainer.handles",
     "SaveResult": "aiockpt._trainer.handles",
     "SyncCheckpointer": "aiockpt._trainer.sync",
     "SyncSaveHandle": "aiockpt._trainer.sync",

@@ -207,3 +207,28 @@ class WriteGateFiles:
             yield gate
         finally:
             gate.remove()
+
+
+class HalfGatedWriter:
+    """Writes each tensor of a dict into a file of its own, and, given a ``"gate"`` entry (a
+    path), stops after the first file: it creates ``<gate>.half`` and writes the rest only
+    once ``<gate>.go`` appears (at most a minute later), so a test sees a save halfway."""
+
+    def __init__(self, rank_info: Any = None, **options: Any) -> None:
+        pass
+
+    def write(self, state_dict: Any, path: str, **kwargs: Any) -> list[FileRecord]:
+        from aiockpt.writers.base import FileSink
+
+        gate = state_dict.get("gate")
+        records = []
+        tensors = [(k, v) for k, v in state_dict.items() if isinstance(v, torch.Tensor)]
+        for number, (name, tensor) in enumerate(tensors):
+            if number == 1 and gate is not None:
+                with open(f"{gate}.half", "w"):
+                    pass
+                wait_for(f"{gate}.go")
+            with FileSink(path, f"{name}.bin") as sink:
+                sink.write_tensor(tensor)
+                records.append(sink.close())
+        return records

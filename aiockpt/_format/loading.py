@@ -278,8 +278,13 @@ def _check_skeleton(skeleton: Node, leaf_count: int) -> None:
         raise ValueError("skeleton and leaves disagree")
 
 
-def verify(path: str | os.PathLike[str]) -> Manifest:
+def verify(
+    path: str | os.PathLike[str], *, progress: Callable[[int], object] | None = None
+) -> Manifest:
     """Check every file of the checkpoint at ``path`` against its manifest; return it.
+
+    ``progress`` is called with each count of bytes read and hashed (the files' sizes add up
+    to ``sum(f.size for f in manifest.files)``), as ``aiockpt verify`` draws its bar.
 
     Raises CorruptCheckpoint naming the first file that is missing, not a regular file, has
     another size (truncated) or another xxh3_64 digest (a flipped byte), or the manifest if
@@ -290,7 +295,7 @@ def verify(path: str | os.PathLike[str]) -> Manifest:
         entries = checkpoint.manifest.files
         _check_sizes(checkpoint, entries)
         for entry in entries:
-            _read_file(checkpoint, entry, [], verify=True)
+            _read_file(checkpoint, entry, [], verify=True, progress=progress)
         return checkpoint.manifest
 
 
@@ -834,7 +839,12 @@ def _place(value: Any, destination: torch.Tensor | None) -> Any:
 
 
 def _read_file(
-    checkpoint: _Checkpoint, entry: FileEntry, regions: list[_Region], *, verify: bool
+    checkpoint: _Checkpoint,
+    entry: FileEntry,
+    regions: list[_Region],
+    *,
+    verify: bool,
+    progress: Callable[[int], object] | None = None,
 ) -> None:
     """Read ``regions`` of one file into their views; with ``verify``, read and hash the
     whole file and compare with ``entry``. Raises CorruptCheckpoint naming the file."""
@@ -851,7 +861,7 @@ def _read_file(
                     f"entry at {region.offset}..{end} runs past the end", path=full
                 )
             if digest is not None and region.offset > position:
-                _hash_range(fd, position, region.offset, digest, full)
+                _hash_range(fd, position, region.offset, digest, full, progress)
             _read_exactly(fd, region.view, region.offset, full)
             # Regions may overlap (two pieces of one saved piece, read for different targets):
             # the digest takes each byte once, in file order.
@@ -859,7 +869,7 @@ def _read_file(
                 digest.update(region.view[max(0, position - region.offset) :])
             position = max(position, end)
         if digest is not None:
-            _hash_range(fd, position, size, digest, full)
+            _hash_range(fd, position, size, digest, full, progress)
             if digest.hexdigest() != entry.xxh3_64:
                 raise CorruptCheckpoint(
                     f"{entry.name} does not match its xxh3_64 checksum (altered or corrupt)",
@@ -869,11 +879,20 @@ def _read_file(
         os.close(fd)
 
 
-def _hash_range(fd: int, start: int, end: int, digest: Any, full: str) -> None:
+def _hash_range(
+    fd: int,
+    start: int,
+    end: int,
+    digest: Any,
+    full: str,
+    progress: Callable[[int], object] | None = None,
+) -> None:
     for view in _chunks(end - start):
         _read_exactly(fd, view, start, full)
         digest.update(view)
         start += view.nbytes
+        if progress is not None:
+            progress(view.nbytes)
 
 
 def _chunks(nbytes: int) -> Iterator[memoryview]:

@@ -51,6 +51,7 @@ from aiockpt._wire.protocol import (
     GcOptions,
     GroupInfo,
     InitPayload,
+    ProgressPayload,
     RankInfo,
     RequestType,
     StateDictPayload,
@@ -171,6 +172,8 @@ class CheckpointProcess:
         self._process: asyncio.subprocess.Process | None = None
         self._channel: Channel | None = None
         self._pending: dict[int, asyncio.Future[WorkerResponse]] = {}
+        #: request id -> called with each progress report of that write
+        self._progress_callbacks: dict[int, Callable[[int], object]] = {}
         #: the channel's rules (handshake first, ids, answers); one per spawned worker
         self._session = ParentSession()
         self._start_lock: asyncio.Lock | None = None
@@ -252,6 +255,10 @@ class CheckpointProcess:
                     str(child_end.fileno()),
                     "--max-frame-size",
                     str(self.config.max_frame_size),
+                    # The worker logs as much as this process's "aiockpt" logger lets through
+                    # (at its start: a later change here is not followed there).
+                    "--log-level",
+                    str(logging.getLogger("aiockpt").getEffectiveLevel()),
                     pass_fds=(child_end.fileno(),),
                     stdin=asyncio.subprocess.DEVNULL,
                     env=env,
@@ -499,19 +506,27 @@ class CheckpointProcess:
                 arena.close()
 
     async def write_payload(
-        self, payload: WritePayload, *, on_sent: Callable[[], object] | None = None
+        self,
+        payload: WritePayload,
+        *,
+        on_sent: Callable[[], object] | None = None,
+        on_progress: Callable[[int], object] | None = None,
     ) -> WriteResult:
         """Send one write request as is and await its result (what ``write`` and saves use).
 
         ``on_sent`` is called once the request is on its way (the worker serves writes in the
-        order they are sent). Cancelling the awaiting task asks the worker to abandon the
-        write: it is abandoned (temporary files removed, ``CancelledError`` raised) unless its
-        commit had already begun, in which case the write completes and its result is
-        returned. Raises what ``write``'s awaitable raises.
+        order they are sent); ``on_progress`` with the bytes the worker has written so far,
+        at each of its progress reports (a payload with ``progress_bytes`` asks for them).
+        Cancelling the awaiting task asks the worker to abandon the write: it is abandoned
+        (temporary files removed, ``CancelledError`` raised) unless its commit had already
+        begun, in which case the write completes and its result is returned. Raises what
+        ``write``'s awaitable raises.
         """
         await self._ensure_started()
         try:
             request_id, future = await self._send_request(RequestType.WRITE_CHECKPOINT, payload)
+            if on_progress is not None:
+                self._progress_callbacks[request_id] = on_progress
             if on_sent is not None:
                 on_sent()
             try:
@@ -671,6 +686,7 @@ class CheckpointProcess:
     def _forget(self, request_id: int) -> None:
         """Stop waiting for ``request_id``: a late answer is dropped."""
         self._pending.pop(request_id, None)
+        self._progress_callbacks.pop(request_id, None)
         self._session.abandon(request_id)
 
     def _check_usable(self) -> None:
@@ -694,6 +710,9 @@ class CheckpointProcess:
                 response = self._session.receive(body)
                 if response is None:
                     continue  # nobody waits for it any more
+                if isinstance(response.payload, ProgressPayload):
+                    self._report_progress(response.request_id, response.payload)
+                    continue
                 future = self._pending.pop(response.request_id, None)
                 if future is not None and not future.done():
                     future.set_result(response)
@@ -712,6 +731,15 @@ class CheckpointProcess:
         except ProtocolError as exc:
             self._broken(exc)
             await self._kill()
+
+    def _report_progress(self, request_id: int, report: ProgressPayload) -> None:
+        callback = self._progress_callbacks.get(request_id)
+        if callback is None:
+            return
+        try:
+            callback(report.bytes_written)
+        except Exception:  # a progress consumer must not break the channel
+            logger.exception("progress callback of request %d failed", request_id)
 
     def _broken(self, exc: ProtocolError) -> None:
         logger.error("checkpoint worker (pid %s) broke the channel: %s", self.pid, exc)

@@ -73,7 +73,13 @@ from aiockpt._trainer.group_formation import (
     reserve_group_key,
     world_of,
 )
-from aiockpt._trainer.handles import SaveHandle, SaveResult
+from aiockpt._trainer.handles import (
+    ProgressFeed,
+    SaveHandle,
+    SaveResult,
+    final_phase,
+    running_loop,
+)
 from aiockpt._trainer.staging import PlanCache, SharedArena, StagingPlan, copy_into_arena
 from aiockpt._wire.coordination import SaveRound
 from aiockpt._wire.protocol import CommitOptions, GroupInfo, RankInfo, WritePayload
@@ -85,6 +91,8 @@ __all__ = ["Checkpointer"]
 
 logger = logging.getLogger("aiockpt._trainer.checkpointer")
 
+#: formats whose writers store DTensors (as pieces for dcp, as whole tensors for safetensors)
+_SHARDING_FORMATS = ("dcp", "safetensors")
 #: ``Checkpointer.save`` names checkpoints ``step_<step>`` zero-padded, so that they sort
 STEP_NAME = "step_{step:010d}"
 #: the names retention considers: ``save``'s, and no others
@@ -97,8 +105,11 @@ class Checkpointer:
     Args:
         root: directory of the checkpoints ``save`` writes; ``latest`` and ``keep_last`` look
             here. May be None when only ``save_to`` (explicit paths) is used.
-        format: "dcp" (loadable by ``torch.distributed.checkpoint.load``), "safetensors", or
-            a custom writer's import reference ``"package.module:Writer"``.
+        format: "dcp" (loadable by ``torch.distributed.checkpoint.load``), "safetensors"
+            (Hugging Face's layout: ``from_pretrained`` loads it), or a custom writer's import
+            reference ``"package.module:Writer"``.
+        writer_options: keywords for the format's writer, such as
+            ``{"max_shard_size": "2GB"}`` for safetensors (default "5GB", as Hugging Face).
         keep_last: keep only the newest K checkpoints that ``save`` named by step
             (``step_<n>`` under ``root``, ordered by step); older ones are deleted only after
             a newer one is durable. Checkpoints of other names (``save_to(root / "best")``)
@@ -133,6 +144,7 @@ class Checkpointer:
         root: str | os.PathLike[str] | None = None,
         *,
         format: str = "dcp",
+        writer_options: Mapping[str, Any] | None = None,
         keep_last: int | None = None,
         max_in_flight: int = 1,
         allow_pickle: bool = False,
@@ -150,6 +162,8 @@ class Checkpointer:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         self._checked_formats: set[str] = set()
         self._check_format(format)
+        self.writer_options = dict(writer_options or {})
+        self._check_writer_options(format, self.writer_options)
         self.root = os.path.abspath(os.fspath(root)) if root is not None else None
         self.read_only = read_only
         #: this process's writer lock on ``root`` (rank 0's, in a group), from ``start``
@@ -242,6 +256,7 @@ class Checkpointer:
         (``ValueError`` for a prefix store without ``MASTER_ADDR``/``MASTER_PORT``,
         ``CoordinationTimeout`` when rank 0 never forms the group).
         """
+        running_loop("Checkpointer.start")
         if self.closed:
             raise WorkerClosed("the Checkpointer was closed")
         if self.read_only:
@@ -357,9 +372,10 @@ class Checkpointer:
         logged, not raised. In a multi-rank group, close on every rank (rank 0 holds the
         store the others' workers meet in).
         """
+        loop = running_loop("Checkpointer.close")
         if self._close_task is None:
             self.closed = True
-            self._close_task = asyncio.get_running_loop().create_task(self._shut_down())
+            self._close_task = loop.create_task(self._shut_down())
         await finish_even_if_cancelled(self._close_task)
 
     async def _shut_down(self) -> None:
@@ -434,6 +450,7 @@ class Checkpointer:
         path: str | os.PathLike[str],
         *,
         format: str | None = None,
+        writer_options: Mapping[str, Any] | None = None,
         overwrite: bool = False,
         metadata: Mapping[str, Any] | None = None,
         allow_pickle: bool | None = None,
@@ -448,24 +465,30 @@ class Checkpointer:
 
         Raises ``TypeError`` here, naming the key, for an entry that cannot be checkpointed
         (or for ``metadata`` that is not msgspec-encodable), ``ValueError`` for an unknown
-        format, ``WorkerClosed`` after ``close``, ``io.UnsupportedOperation`` when opened
-        ``read_only``, ``RuntimeError`` outside a running loop, and what a ``Stateful``
-        value's ``state_dict()`` raises. In a multi-rank job such an
-        error still fails this save on the other ranks (with ``RankFailed`` naming this
-        rank), and the next save works on every rank. Failures of the save itself are raised
-        by awaiting the handle.
+        format, ``TypeError`` or ``ValueError`` for ``writer_options`` its writer refuses
+        (default: the Checkpointer's; with ``format`` given, none), ``WorkerClosed`` after
+        ``close``, ``io.UnsupportedOperation`` when opened ``read_only``, ``RuntimeError``
+        outside a running loop, and what a ``Stateful`` value's ``state_dict()`` raises. In a
+        multi-rank job such an error still fails this save on the other ranks (with
+        ``RankFailed`` naming this rank), and the next save works on every rank. Failures of
+        the save itself are raised by awaiting the handle.
         """
+        loop = running_loop("Checkpointer.save")
         if self.read_only:
             raise io.UnsupportedOperation(f"the Checkpointer of {self.root} is read_only")
         if self.closed:
             raise WorkerClosed("the Checkpointer was closed")
-        loop = asyncio.get_running_loop()
         target = os.path.abspath(os.fspath(path))
         # The round is taken before anything can fail, so that every rank agrees on it.
         round_id = self._next_round(target)
         try:
             fmt = self.format if format is None else format
             self._check_format(fmt)
+            if writer_options is None:
+                writer_options = self.writer_options if format is None else {}
+            options_of_writer = dict(writer_options)
+            if writer_options is not self.writer_options:
+                self._check_writer_options(fmt, options_of_writer)
             check_encodable(dict(metadata or {}), "metadata")
             # Here, in the caller, before staging: once ``staged`` resolves, the Stateful
             # objects may change again, as with any other entry.
@@ -474,7 +497,7 @@ class Checkpointer:
                 state_dict,
                 allow_pickle=self.allow_pickle if allow_pickle is None else allow_pickle,
             )
-            if plan.shards and fmt != "dcp":
+            if plan.shards and fmt not in _SHARDING_FORMATS:
                 raise TypeError(
                     f"format={fmt!r} cannot store sharded tensors (DTensor); use "
                     "format='dcp' or save full tensors (DTensor.full_tensor())"
@@ -488,17 +511,20 @@ class Checkpointer:
             dict(metadata) if metadata else None,
             round_id=round_id,
             forget_round=self._recent_rounds[0] if len(self._recent_rounds) == 3 else None,
+            writer_options=options_of_writer or None,
         )
         staged: asyncio.Future[None] = loop.create_future()
         previous_sent, sent = self._previous_sent, loop.create_future()
         self._previous_sent = sent
+        feed = ProgressFeed(target, plan.nbytes)
         task = loop.create_task(
-            self._save(plan, target, options, staged, step, _SendOrder(previous_sent, sent))
+            self._save(plan, target, options, staged, step, _SendOrder(previous_sent, sent), feed)
         )
         self._saves.add(task)
         task.add_done_callback(self._saves.discard)
         task.add_done_callback(functools.partial(self._save_done, round_id, staged, sent))
-        return SaveHandle(target, task, staged, step)
+        task.add_done_callback(lambda done: feed.close(final_phase(done)))
+        return SaveHandle(target, task, staged, step, feed)
 
     def _save_done(
         self,
@@ -575,6 +601,7 @@ class Checkpointer:
         staged: asyncio.Future[None],
         step: int | None,
         order: _SendOrder,
+        feed: ProgressFeed,
     ) -> SaveResult:
         started = time.perf_counter()
         try:
@@ -597,6 +624,7 @@ class Checkpointer:
                     await _copy_in(arena, plan)
                     staging_seconds = time.perf_counter() - started
                     _resolve(staged)
+                    feed.update(phase="writing", bytes_staged=plan.nbytes)
                     if starting is not None:
                         await starting
                         process = self._process
@@ -607,10 +635,19 @@ class Checkpointer:
                             await _map(process, unmapped)
                             arena = unmapped
                     assert process is not None
-                    payload = WritePayload(path, plan.payload(arena), commit=options)
+                    payload = WritePayload(
+                        path,
+                        plan.payload(arena),
+                        commit=options,
+                        progress_bytes=max(plan.nbytes // 32, _MIN_PROGRESS_BYTES),
+                    )
                     if self._group is not None:
                         await order.turn()
-                    written = await process.write_payload(payload, on_sent=order.done)
+                    written = await process.write_payload(
+                        payload,
+                        on_sent=order.done,
+                        on_progress=lambda count: feed.update(bytes_written=count),
+                    )
                 finally:
                     if starting is not None and not starting.done():
                         # The start belongs to the Checkpointer, not to this save: let it
@@ -633,7 +670,7 @@ class Checkpointer:
         result = msgspec.convert(written.result, commit.CommitResult)
         if self.keep_last is not None and step is not None and self._leader:
             await asyncio.to_thread(self._apply_retention)
-        return SaveResult(
+        saved = SaveResult(
             path=result.path,
             nbytes=result.nbytes,
             staging_seconds=staging_seconds,
@@ -641,6 +678,8 @@ class Checkpointer:
             total_seconds=time.perf_counter() - started,
             step=step,
         )
+        _log_committed(saved, leader=self._leader)
+        return saved
 
     async def _take_arena(self, process: CheckpointProcess, nbytes: int) -> SharedArena | None:
         """A free arena of at least ``nbytes`` mapped by ``process``'s worker, or None when
@@ -664,6 +703,16 @@ class Checkpointer:
         for _, old in by_step[: max(0, len(by_step) - self.keep_last)]:
             with contextlib.suppress(FileNotFoundError):
                 commit.remove_checkpoint(old)
+
+    def _check_writer_options(self, format: str, options: dict[str, Any]) -> None:
+        """Construct the writer once with ``options`` (only when there are some), so that a
+        bad option is an error at the call, not a failed save in the worker. Raises what the
+        writer's constructor raises (TypeError, ValueError), and TypeError for options that
+        cannot cross to the worker."""
+        if not options:
+            return
+        check_encodable(options, "writer_options")
+        resolve_writer(format)(rank_info=RankInfo(), **options)
 
     def _check_format(self, format: str) -> None:
         """Resolve a format's writer once, here, so that a typo is a ValueError at the call
@@ -695,6 +744,7 @@ class Checkpointer:
         checkpoint is reported, with a warning logged that it is unverified (loading it
         needs ``allow_pickle=True``). Raises ``ValueError`` when the Checkpointer has no root.
         """
+        running_loop("Checkpointer.latest")
         if self.root is None:
             raise ValueError("Checkpointer.latest needs a root")
         listed = await asyncio.to_thread(list_checkpoints, self.root)
@@ -740,6 +790,25 @@ class Checkpointer:
             world_size=world_size,
         )
         return stateful.finish(loaded)
+
+
+#: the fewest bytes between two progress reports of a save's worker
+_MIN_PROGRESS_BYTES = 1 << 20
+
+
+def _log_committed(result: SaveResult, *, leader: bool) -> None:
+    """One line per committed save: INFO on the rank that commits (every rank's line would
+    say the same), DEBUG on the others."""
+    logger.log(
+        logging.INFO if leader else logging.DEBUG,
+        "committed %s: %d bytes, staging %.3f s, write %.3f s (%.2f GB/s), total %.3f s",
+        result.path,
+        result.nbytes,
+        result.staging_seconds,
+        result.write_seconds,
+        result.nbytes / result.write_seconds / 1e9 if result.write_seconds > 0 else 0.0,
+        result.total_seconds,
+    )
 
 
 class _SendOrder:

@@ -20,7 +20,7 @@ import itertools
 import os
 import pickle
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol, runtime_checkable
 
@@ -46,7 +46,9 @@ __all__ = [
     "dtype_name",
     "flatten_state_dict",
     "is_tensor",
+    "observe_bytes_written",
     "open_new_file",
+    "report_bytes_written",
     "split_leaves",
     "staged_layout",
     "tensor_bytes",
@@ -179,6 +181,34 @@ def flatten_state_dict(state_dict: Any) -> tuple[Node, list[tuple[KeyPath, Any]]
     if type(state_dict) is StagedStateDict:
         return state_dict.layout.skeleton, state_dict.flat_leaves()
     return flatten(state_dict, is_tensor)
+
+
+#: called with every count of bytes written to a checkpoint's files, from any thread
+_bytes_written_observer: Callable[[int], None] | None = None
+
+
+@contextlib.contextmanager
+def observe_bytes_written(observer: Callable[[int], None]) -> Iterator[None]:
+    """Call ``observer(n)`` for every ``n`` bytes written to checkpoint files while the block
+    runs (from the threads that write: it must be thread-safe and quick). Process-wide, one
+    at a time, as the worker writes one save at a time: this is how its progress reports
+    learn what writers write without each writer taking a parameter for it."""
+    global _bytes_written_observer
+    if _bytes_written_observer is not None:
+        raise RuntimeError("bytes written are observed already")
+    _bytes_written_observer = observer
+    try:
+        yield
+    finally:
+        _bytes_written_observer = None
+
+
+def report_bytes_written(count: int) -> None:
+    """Writers that write files other than through ``FileSink`` call this with what they
+    wrote (see ``observe_bytes_written``)."""
+    observer = _bytes_written_observer
+    if observer is not None:
+        observer(count)
 
 
 _memoryview_from_memory = ctypes.pythonapi.PyMemoryView_FromMemory
@@ -369,6 +399,7 @@ class FileSink:
             with self._naming_the_file():
                 count = os.writev(self._fd, parts)
             self._written += count
+            report_bytes_written(count)
             while parts and count >= parts[0].nbytes:
                 count -= parts.pop(0).nbytes
             if count:
