@@ -9,9 +9,6 @@ import asyncio
 import concurrent.futures
 import inspect
 import json
-import os
-import signal
-import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
@@ -27,6 +24,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, Def
 import aiockpt
 import aiockpt.dcp
 from examples import dcp_trainer
+from tests.multirank.launch import run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -165,32 +163,11 @@ def test_the_trainer_switched_by_one_import_trains_and_resumes_the_same(tmp_path
 def launch(launcher: list[str], checkpointing: str, root: Path, *extra: str) -> dict[int, float]:
     """The trainer on 2 local ranks (FSDP2, gloo); rank 0's report of the mean losses. The
     job is bounded: past the bound its process group is killed and the test fails."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     report = root.with_suffix(".json")
     command = [*launcher, "--standalone", "--nproc-per-node", "2"]
     command += [str(ROOT / "examples" / "dcp_trainer.py"), "--checkpointing", checkpointing]
     command += ["--root", str(root), "--steps", "4", "--report", str(report), *extra]
-    job = subprocess.Popen(
-        command,
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = job.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(job.pid, signal.SIGKILL)
-        output, _ = job.communicate()
-        raise AssertionError(f"the job hung:\n{output[-6000:]}") from None
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-            job.wait()
-    assert job.returncode == 0, output[-6000:]
+    run_job(command, timeout=240)
     return {int(k): v for k, v in json.loads(report.read_text())["losses"].items()}
 
 
