@@ -232,3 +232,28 @@ class HalfGatedWriter:
                 sink.write_tensor(tensor)
                 records.append(sink.close())
         return records
+
+
+class StagingWatchWriter:
+    """The DCP writer, writing while the trainer stages (``WRITES_WHILE_STAGING``), that
+    says so: given a ``"gate"`` entry (a path), it creates ``<gate>.writing`` when its first
+    wait for staged bytes returns, i.e. once it writes a region the trainer has staged."""
+
+    WRITES_WHILE_STAGING = True
+
+    def __init__(self, rank_info: Any, **options: Any) -> None:
+        from aiockpt.writers.dcp import DcpWriter
+
+        self._inner = DcpWriter(rank_info=rank_info, **options)
+
+    def write(self, state_dict: Any, path: str, **kwargs: Any) -> Any:
+        gate, wait = state_dict.get("gate"), getattr(state_dict, "wait_staged", None)
+        if gate is not None and wait is not None:
+
+            def wait_and_say(end: int | None) -> float:
+                staged = wait(end)
+                Path(f"{gate}.writing").touch()
+                return staged
+
+            state_dict.wait_staged = wait_and_say
+        return self._inner.write(state_dict=state_dict, path=path, **kwargs)

@@ -54,6 +54,7 @@ from aiockpt._wire.protocol import (
     ProgressPayload,
     RankInfo,
     RequestType,
+    StagedPayload,
     StateDictPayload,
     WorkerResponse,
     WritePayload,
@@ -510,12 +511,14 @@ class CheckpointProcess:
         payload: WritePayload,
         *,
         on_sent: Callable[[], object] | None = None,
+        on_request: Callable[[int], object] | None = None,
         on_progress: Callable[[int], object] | None = None,
     ) -> WriteResult:
         """Send one write request as is and await its result (what ``write`` and saves use).
 
         ``on_sent`` is called once the request is on its way (the worker serves writes in the
-        order they are sent); ``on_progress`` with the bytes the worker has written so far,
+        order they are sent), as is ``on_request`` with the request's id (for
+        ``report_staged``); ``on_progress`` with the bytes the worker has written so far,
         at each of its progress reports (a payload with ``progress_bytes`` asks for them).
         Cancelling the awaiting task asks the worker to abandon the write: it is abandoned
         (temporary files removed, ``CancelledError`` raised) unless its commit had already
@@ -529,6 +532,8 @@ class CheckpointProcess:
                 self._progress_callbacks[request_id] = on_progress
             if on_sent is not None:
                 on_sent()
+            if on_request is not None:
+                on_request(request_id)
             try:
                 response = await asyncio.shield(future)
             except asyncio.CancelledError:
@@ -542,6 +547,18 @@ class CheckpointProcess:
         self._raise_for_failure(response, f"writing {payload.path}", payload.path)
         assert isinstance(response.payload, WriteResultPayload)
         return response.payload
+
+    async def report_staged(self, write_id: int, nbytes: int, *, complete: bool) -> None:
+        """Tell the worker that the arena bytes of write ``write_id`` (sent with
+        ``WritePayload.staged_bytes``) below ``nbytes`` are staged; ``complete``: all are.
+        Nothing is sent once that write is answered (it failed early). Raises
+        ``WorkerCrashed`` for a worker that died, ``WorkerClosed`` after ``close``."""
+        if write_id not in self._session.outstanding:
+            return
+        request_id, _ = await self._send_request(
+            RequestType.STAGED, StagedPayload(write_id, nbytes, complete)
+        )
+        self._forget(request_id)  # nobody needs the acknowledgement
 
     def _raise_for_failure(
         self, response: WorkerResponse, what: str, path: str | None = None

@@ -65,7 +65,11 @@ from aiockpt._format.listing import ListedCheckpoint, list_checkpoints
 from aiockpt._format.root_lock import RootLock
 from aiockpt._format.stateful import StatefulLoad, stateful_to_state_dict
 from aiockpt._runtime import finish_even_if_cancelled
-from aiockpt._trainer.checkpoint_process import CheckpointProcess, CheckpointProcessConfig
+from aiockpt._trainer.checkpoint_process import (
+    CheckpointProcess,
+    CheckpointProcessConfig,
+    WriteResult,
+)
 from aiockpt._trainer.group_formation import (
     DEFAULT_TIMEOUT_S,
     TrainerGroup,
@@ -80,7 +84,13 @@ from aiockpt._trainer.handles import (
     final_phase,
     running_loop,
 )
-from aiockpt._trainer.staging import PlanCache, SharedArena, StagingPlan, copy_into_arena
+from aiockpt._trainer.staging import (
+    PlanCache,
+    SharedArena,
+    StagingPlan,
+    copy_into_arena,
+    copy_into_arena_in_chunks,
+)
 from aiockpt._wire.coordination import SaveRound
 from aiockpt._wire.protocol import CommitOptions, GroupInfo, RankInfo, WritePayload
 from aiockpt._wire.refs import check_encodable
@@ -621,33 +631,37 @@ class Checkpointer:
                     starting = asyncio.ensure_future(self._ensure_started())
                     arena = await _new_arena(plan.nbytes)
                 try:
-                    await _copy_in(arena, plan)
-                    staging_seconds = time.perf_counter() - started
-                    _resolve(staged)
-                    feed.update(phase="writing", bytes_staged=plan.nbytes)
-                    if starting is not None:
-                        await starting
-                        process = self._process
+                    live = starting is None and process is not None
+                    if live and arena is not None and plan.chunks is not None:
+                        # a live worker with the arena mapped: write while staging
                         assert process is not None
-                        if arena is not None:
-                            # _map closes it if that fails: never give it back unmapped.
-                            unmapped, arena = arena, None
-                            await _map(process, unmapped)
-                            arena = unmapped
-                    assert process is not None
-                    payload = WritePayload(
-                        path,
-                        plan.payload(arena),
-                        commit=options,
-                        progress_bytes=max(plan.nbytes // 32, _MIN_PROGRESS_BYTES),
-                    )
-                    if self._group is not None:
-                        await order.turn()
-                    written = await process.write_payload(
-                        payload,
-                        on_sent=order.done,
-                        on_progress=lambda count: feed.update(bytes_written=count),
-                    )
+                        staged_at, written = await self._stage_while_writing(
+                            process, arena, plan, path, options, staged, order, feed
+                        )
+                        staging_seconds = staged_at - started
+                    else:
+                        await _copy_in(arena, plan)
+                        staging_seconds = time.perf_counter() - started
+                        _resolve(staged)
+                        feed.update(phase="writing", bytes_staged=plan.nbytes)
+                        if starting is not None:
+                            await starting
+                            process = self._process
+                            assert process is not None
+                            if arena is not None:
+                                # _map closes it if that fails: never give it back unmapped.
+                                unmapped, arena = arena, None
+                                await _map(process, unmapped)
+                                arena = unmapped
+                        assert process is not None
+                        payload = _write_payload(path, plan, arena, options)
+                        if self._group is not None:
+                            await order.turn()
+                        written = await process.write_payload(
+                            payload,
+                            on_sent=order.done,
+                            on_progress=lambda count: feed.update(bytes_written=count),
+                        )
                 finally:
                     if starting is not None and not starting.done():
                         # The start belongs to the Checkpointer, not to this save: let it
@@ -667,6 +681,59 @@ class Checkpointer:
                     f"save to {path} did not finish: {exc}", pid=exc.pid, path=str(path)
                 ) from exc
             raise
+        return await self._saved(written, staging_seconds, started, step)
+
+    async def _stage_while_writing(
+        self,
+        process: CheckpointProcess,
+        arena: SharedArena,
+        plan: StagingPlan,
+        path: str,
+        options: CommitOptions,
+        staged: asyncio.Future[None],
+        order: _SendOrder,
+        feed: ProgressFeed,
+    ) -> tuple[float, WriteResult]:
+        """Send the write first, then stage chunk by chunk (``plan.chunks``), telling the
+        worker as each lands: it writes what is staged while the rest is copied, so the save
+        is durable about the write's time after it starts, not after staging plus writing.
+        Returns when staging ended (``perf_counter``) and the write's result. A failure or
+        cancellation while staging cancels the write (the worker gives up waiting)."""
+        if self._group is not None:
+            await order.turn()
+        sent: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        writing = asyncio.ensure_future(
+            process.write_payload(
+                _write_payload(path, plan, arena, options, staged_bytes=0),
+                on_sent=order.done,
+                on_request=sent.set_result,
+                on_progress=lambda count: feed.update(bytes_written=count),
+            )
+        )
+        try:
+            await asyncio.wait((sent, writing), return_when=asyncio.FIRST_COMPLETED)
+            if not sent.done():
+                return 0.0, await writing  # it failed before it was sent: raises why
+            write_id = sent.result()
+
+            async def report(nbytes: int, complete: bool) -> None:
+                feed.update(bytes_staged=nbytes)
+                await process.report_staged(write_id, nbytes, complete=complete)
+
+            await copy_into_arena_in_chunks(arena, plan, plan.chunks or [], report)
+        except BaseException:
+            writing.cancel()
+            await asyncio.gather(writing, return_exceptions=True)  # bounded by the process
+            raise
+        staged_at = time.perf_counter()
+        _resolve(staged)
+        feed.update(phase="writing", bytes_staged=plan.nbytes)
+        return staged_at, await writing
+
+    async def _saved(
+        self, written: WriteResult, staging_seconds: float, started: float, step: int | None
+    ) -> SaveResult:
+        """The result of a save whose write succeeded, after retention."""
         result = msgspec.convert(written.result, commit.CommitResult)
         if self.keep_last is not None and step is not None and self._leader:
             await asyncio.to_thread(self._apply_retention)
@@ -836,6 +903,23 @@ async def _new_arena(nbytes: int) -> SharedArena | None:
 async def _map(process: CheckpointProcess, arena: SharedArena) -> None:
     """Have ``process``'s worker map ``arena``; if that fails, ``arena`` is closed."""
     await process.map_new_arena(arena)
+
+
+def _write_payload(
+    path: str,
+    plan: StagingPlan,
+    arena: SharedArena | None,
+    options: CommitOptions,
+    *,
+    staged_bytes: int | None = None,
+) -> WritePayload:
+    return WritePayload(
+        path,
+        plan.payload(arena),
+        commit=options,
+        progress_bytes=max(plan.nbytes // 32, _MIN_PROGRESS_BYTES),
+        staged_bytes=staged_bytes,
+    )
 
 
 def _close(arena: SharedArena | None) -> None:

@@ -27,6 +27,7 @@ import mmap
 import os
 import sys
 import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,8 @@ class StagingPlan:
     #: whether some tensor is a rank's piece of a sharded one (a DTensor)
     shards: bool = field(default=False)
     plan_id: int = field(default_factory=lambda: next(_plan_ids))
+    #: how to stage while the write runs (see ``pipeline_chunks``); None: in one go
+    chunks: list[tuple[int, int, int]] | None = field(default=None)
 
     def payload(self, arena: SharedArena | None) -> StateDictPayload:
         return StateDictPayload(self.skeleton, self.leaves, arena.ref if arena else None)
@@ -135,7 +138,8 @@ def plan_staging(state_dict: Any, *, allow_pickle: bool = False) -> StagingPlan:
             offset = _aligned(offset + nbytes)
             has_cuda = has_cuda or tensor.is_cuda
         leaves.append(leaf)
-    return StagingPlan(skeleton, leaves, sources, offsets, offset, has_cuda, shards)
+    chunks = pipeline_chunks(sources, offsets, offset, has_cuda)
+    return StagingPlan(skeleton, leaves, sources, offsets, offset, has_cuda, shards, chunks=chunks)
 
 
 class PlanCache:
@@ -264,6 +268,7 @@ class PlanCache:
             last.has_cuda,
             last.shards,
             last.plan_id,
+            last.chunks,
         )
 
 
@@ -469,6 +474,13 @@ class SharedArena:
         with torch.no_grad():  # sources may be parameters: no autograd record of the copy
             torch._foreach_copy_(destinations, sources)
 
+    def copy_range(self, plan: StagingPlan, begin: int, end: int) -> None:
+        """Copy ``plan``'s CPU tensors ``begin`` to ``end`` (by index) in, in one batched copy
+        (blocking; run it in a thread)."""
+        destinations = self._destinations(plan)[begin:end]
+        with torch.no_grad():
+            torch._foreach_copy_(destinations, plan.sources[begin:end])
+
     def copy_in_from_cuda(self, plan: StagingPlan) -> Any:
         """Start non-blocking device-to-host copies of ``plan``'s CUDA tensors on a side
         stream; return the event that completes with them.
@@ -525,3 +537,49 @@ async def copy_into_arena(arena: SharedArena | None, plan: StagingPlan) -> None:
     if plan.has_cuda:
         event = arena.copy_in_from_cuda(plan)
         await asyncio.to_thread(event.synchronize)
+
+
+#: a save of at least two of these is staged in chunks of about this size, each reported to
+#: the worker when it lands, so that the worker writes what is staged while the rest is copied
+PIPELINE_CHUNK_BYTES = 32 << 20
+
+
+def pipeline_chunks(
+    sources: list[torch.Tensor], offsets: list[int], nbytes: int, has_cuda: bool
+) -> list[tuple[int, int, int]] | None:
+    """How to stage tensors ``sources`` (at ``offsets``, ``nbytes`` in all) while their
+    write runs: ``(first, end, staged)`` per chunk, the tensors ``first`` to ``end`` (by
+    index) copied together, after which the arena bytes below ``staged`` are all there. None
+    when staging in one go is better: less than two chunks of bytes, CUDA tensors (their
+    copies run on a side stream), or offsets that do not grow (no prefix of the arena would
+    be complete early). Once per plan layout: a reused plan keeps its chunks."""
+    if has_cuda or nbytes < 2 * PIPELINE_CHUNK_BYTES:
+        return None
+    chunks, first, size, end = [], 0, 0, 0
+    for index, (source, offset) in enumerate(zip(sources, offsets, strict=True)):
+        if offset < end:
+            return None
+        tensor_bytes = source.numel() * source.element_size()
+        end = offset + tensor_bytes
+        size += tensor_bytes
+        if size >= PIPELINE_CHUNK_BYTES:
+            chunks.append((first, index + 1, end))
+            first, size = index + 1, 0
+    if first < len(sources):
+        chunks.append((first, len(sources), end))
+    return chunks
+
+
+async def copy_into_arena_in_chunks(
+    arena: SharedArena,
+    plan: StagingPlan,
+    chunks: list[tuple[int, int, int]],
+    report: Callable[[int, bool], Awaitable[None]],
+) -> None:
+    """Copy ``plan``'s tensors into ``arena`` chunk by chunk (``pipeline_chunks``) without
+    blocking the loop, awaiting ``report(staged bytes, whether that was the last)`` after
+    each. A chunk being copied when the calling task is cancelled is finished first (the
+    arena must not be reused under a copying thread); the rest is not copied."""
+    for number, (first, end, staged) in enumerate(chunks):
+        await finish_even_if_cancelled(asyncio.to_thread(arena.copy_range, plan, first, end))
+        await report(staged, number == len(chunks) - 1)

@@ -62,6 +62,7 @@ __all__ = [
     "ReadyPayload",
     "RequestType",
     "ShardSpec",
+    "StagedPayload",
     "StateDictPayload",
     "TensorInArena",
     "TensorInline",
@@ -73,8 +74,9 @@ __all__ = [
     "encode_frame",
 ]
 
-#: 2: int leaves beyond 64 bits travel as ``BigIntValue``; 3: progress reports of writes
-PROTOCOL_VERSION = 3
+#: 2: int leaves beyond 64 bits travel as ``BigIntValue``; 3: progress reports of writes;
+#: 4: writes sent while staging (``WritePayload.staged_bytes``, STAGED requests)
+PROTOCOL_VERSION = 4
 #: frames carry metadata only (tensor bytes go through shared memory), so 64 MiB is generous
 DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
 
@@ -93,6 +95,8 @@ class RequestType(enum.Enum):
     RELEASE_ARENA = "release_arena"
     #: abandon a write unless its commit has begun; the write then answers as cancelled
     CANCEL = "cancel"
+    #: more of a write's arena bytes are staged (a write sent while staging, see WritePayload)
+    STAGED = "staged"
 
 
 #: ``WorkerResponse.error_type`` of a write abandoned because of a CANCEL request
@@ -257,6 +261,19 @@ class WritePayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=
     #: report progress (``ProgressPayload``) each time the worker has written this many more
     #: bytes, and once when the files are written; None: no reports
     progress_bytes: int | None = None
+    #: None: the arena holds every tensor byte already. A number: the write was sent while
+    #: the trainer still copies into the arena, in offset order; this many bytes from its
+    #: start are there, and STAGED requests (``StagedPayload``) say when more are
+    staged_bytes: int | None = None
+
+
+class StagedPayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="staged"):
+    """The arena bytes of write ``request_id`` below offset ``nbytes`` are staged; with
+    ``complete``, all of them are."""
+
+    request_id: int
+    nbytes: int
+    complete: bool = False
 
 
 class CancelPayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="cancel"):
@@ -270,7 +287,7 @@ class ArenaPayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=
 class WorkerRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     request_id: int
     request_type: RequestType
-    payload: InitPayload | WritePayload | CancelPayload | ArenaPayload | None = None
+    payload: InitPayload | WritePayload | CancelPayload | ArenaPayload | StagedPayload | None = None
 
 
 # --- responses ---------------------------------------------------------------------------------

@@ -24,6 +24,9 @@ Trainer side, ``ParentSession``::
 - A progress report (a response whose payload is ``ProgressPayload``) does not answer: it is
   allowed only for a WRITE_CHECKPOINT that asked for reports and is not answered yet, and its
   byte counts never go down.
+- A STAGED request names a write sent while staging (``WritePayload.staged_bytes``) and not
+  yet answered; its byte counts never go down, and none follows the one that says
+  ``complete``.
 
 Worker side, ``WorkerSession``::
 
@@ -35,21 +38,24 @@ Worker side, ``WorkerSession``::
 - A well-formed request the worker cannot serve (a second INIT; a CANCEL, MAP_ARENA or
   RELEASE_ARENA without its payload) is ``Route.REFUSED``: answered with a failure naming
   why, and the worker serves on.
-- Each request is routed: PING, CANCEL, MAP_ARENA and RELEASE_ARENA are answered at once,
-  even while a write runs (``Route.IMMEDIATE``); WRITE_CHECKPOINT and TERMINATE wait their turn
-  behind earlier writes (``Route.QUEUED``).
+- Each request is routed: PING, CANCEL, MAP_ARENA, RELEASE_ARENA and STAGED are answered at
+  once, even while a write runs (``Route.IMMEDIATE``); WRITE_CHECKPOINT and TERMINATE wait
+  their turn behind earlier writes (``Route.QUEUED``).
 - ``respond`` accepts an answer only to a request received and not yet answered;
   ``progress`` makes a report only for a write that asked for them and is not answered yet.
 
 Cancel before commit, ``WriteGate``: a CANCEL (on the worker's loop) races the write thread.
 Whichever takes the gate's lock first decides: a write whose commit began completes and
 answers with success; a write cancelled before that raises ``WriteCancelled`` at its next
-check and answers as cancelled.
+check and answers as cancelled. The gate also tells a write sent while staging how far the
+staging is (``wait_staged``): its writer writes each region once it is staged, and a CANCEL
+wakes it.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 import threading
 from typing import NamedTuple
 
@@ -60,6 +66,7 @@ from aiockpt._wire.protocol import (
     MessageCodec,
     ProgressPayload,
     RequestType,
+    StagedPayload,
     WorkerRequest,
     WorkerResponse,
     WritePayload,
@@ -88,6 +95,7 @@ _IMMEDIATE = frozenset(
         RequestType.CANCEL,
         RequestType.MAP_ARENA,
         RequestType.RELEASE_ARENA,
+        RequestType.STAGED,
     }
 )
 #: the payload a request must carry to be served
@@ -95,6 +103,7 @@ _PAYLOAD_OF: dict[RequestType, type] = {
     RequestType.CANCEL: CancelPayload,
     RequestType.MAP_ARENA: ArenaPayload,
     RequestType.RELEASE_ARENA: ArenaPayload,
+    RequestType.STAGED: StagedPayload,
 }
 
 
@@ -148,6 +157,8 @@ class ParentSession:
         self._abandoned: set[int] = set()
         #: writes that asked for progress reports -> the last count reported
         self._reported: dict[int, int] = {}
+        #: writes sent while staging -> the bytes said to be staged so far
+        self._staging: dict[int, int] = {}
 
     def handshake(self, init: InitPayload) -> WorkerRequest:
         """The INIT request. Raises ``ProtocolError`` if it was made before."""
@@ -164,14 +175,35 @@ class ParentSession:
             raise ProtocolError("INIT is the handshake; use handshake()")
         if self.state is not ParentSessionState.READY:
             raise ProtocolError(f"cannot send {kind.value} while the session is {self.state.value}")
+        if isinstance(payload, StagedPayload):
+            self._check_staged(payload)
         request_id = self._next_id
         self._next_id += 1
         self._outstanding[request_id] = kind
         if _wants_progress(kind, payload):
             self._reported[request_id] = 0
+        if isinstance(payload, WritePayload) and payload.staged_bytes is not None:
+            self._staging[request_id] = payload.staged_bytes
         if kind is RequestType.TERMINATE_PROCESS:
             self.state = ParentSessionState.TERMINATING
         return WorkerRequest(request_id, kind, payload)  # type: ignore[arg-type]
+
+    def _check_staged(self, report: StagedPayload) -> None:
+        last = self._staging.get(report.request_id)
+        if last is None or report.request_id not in self._outstanding:
+            raise ProtocolError(
+                f"STAGED for request {report.request_id}, which is no write sent while staging "
+                "and awaiting its answer (or its staging was complete)"
+            )
+        if report.nbytes < last:
+            raise ProtocolError(
+                f"staging of request {report.request_id} cannot go back from {last} to "
+                f"{report.nbytes} bytes"
+            )
+        if report.complete:
+            del self._staging[report.request_id]
+        else:
+            self._staging[report.request_id] = report.nbytes
 
     def abandon(self, request_id: int) -> None:
         """Stop waiting for ``request_id``'s answer: it is dropped when it comes."""
@@ -188,6 +220,7 @@ class ParentSession:
         if isinstance(response.payload, ProgressPayload):
             return self._progress(response, response.payload)
         self._reported.pop(response.request_id, None)
+        self._staging.pop(response.request_id, None)
         kind = self._outstanding.pop(response.request_id, None)
         if kind is None:
             raise ProtocolError(
@@ -321,45 +354,81 @@ class WriteCancelled(Exception):
 
 
 class WriteGate:
-    """Which writes a CANCEL may still stop. Thread-safe: the worker's loop cancels, its
-    write thread commits."""
+    """Which writes a CANCEL may still stop, and how far the staging of a write sent while
+    staging is. Thread-safe: the worker's loop cancels and hears of staging, its write
+    thread waits and commits."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
         self._outstanding: set[int] = set()
         self._cancelled: set[int] = set()
         self._committing: set[int] = set()
+        #: writes sent while staging -> arena bytes staged so far (inf: all of them)
+        self._staged: dict[int, float] = {}
 
-    def admit(self, request_id: int) -> None:
-        """A write was received (and queued)."""
-        with self._lock:
+    def admit(self, request_id: int, staged_bytes: int | None = None) -> None:
+        """A write was received (and queued); ``staged_bytes`` as its ``WritePayload`` says."""
+        with self._changed:
             self._outstanding.add(request_id)
+            if staged_bytes is not None:
+                self._staged[request_id] = staged_bytes
+
+    def staged(self, report: StagedPayload) -> None:
+        """More of a write's bytes are staged (a STAGED request). One for a write answered
+        already (it failed early) changes nothing."""
+        with self._changed:
+            if report.request_id in self._staged:
+                self._staged[report.request_id] = math.inf if report.complete else report.nbytes
+                self._changed.notify_all()
+
+    def wait_staged(self, request_id: int, end: int | None, timeout_s: float) -> float:
+        """Until the arena bytes of ``request_id`` below ``end`` (None: all) are staged;
+        return how many are by then (``math.inf``: all), so that the write goes on up to
+        there without waiting again. Raises ``WriteCancelled`` if a CANCEL comes first,
+        ``TimeoutError`` when staging makes no such progress within ``timeout_s``."""
+        needed = math.inf if end is None else end
+
+        def ready() -> bool:
+            staged = self._staged.get(request_id, math.inf)
+            return staged >= needed or request_id in self._cancelled
+
+        with self._changed:
+            if not self._changed.wait_for(ready, timeout_s):
+                raise TimeoutError(
+                    f"the trainer staged {self._staged.get(request_id)} bytes of write "
+                    f"{request_id}, and no more than that within {timeout_s} s"
+                )
+            if request_id in self._cancelled:
+                raise WriteCancelled("cancelled while staging")
+            return self._staged.get(request_id, math.inf)
 
     def cancel(self, request_id: int) -> bool:
         """Ask to abandon a write; True if it will be (its commit had not begun)."""
-        with self._lock:
+        with self._changed:
             if request_id in self._outstanding and request_id not in self._committing:
                 self._cancelled.add(request_id)
+                self._changed.notify_all()  # a write waiting for its staging gives up
                 return True
             return False
 
     def check(self, request_id: int) -> None:
         """Raise ``WriteCancelled`` if the write was cancelled (call it before starting)."""
-        with self._lock:
+        with self._changed:
             if request_id in self._cancelled:
                 raise WriteCancelled("cancelled before it started")
 
     def begin_commit(self, request_id: int) -> None:
         """The write's point of no return: raises ``WriteCancelled`` if a CANCEL came first,
         and makes later CANCELs no-ops."""
-        with self._lock:
+        with self._changed:
             if request_id in self._cancelled:
                 raise WriteCancelled("cancelled before its commit")
             self._committing.add(request_id)
 
     def finish(self, request_id: int) -> None:
         """The write was answered: forget it."""
-        with self._lock:
+        with self._changed:
             self._outstanding.discard(request_id)
             self._cancelled.discard(request_id)
             self._committing.discard(request_id)
+            self._staged.pop(request_id, None)

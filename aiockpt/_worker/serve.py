@@ -32,6 +32,7 @@ from aiockpt._wire.protocol import (
     ReadyPayload,
     RequestType,
     ShardSpec,
+    StagedPayload,
     StateDictPayload,
     TensorInArena,
     TensorInline,
@@ -50,6 +51,9 @@ from aiockpt.writers import create_writer
 from aiockpt.writers.base import StagedLayout, StagedStateDict, observe_bytes_written
 
 __all__ = ["serve"]
+
+#: the longest a write sent while staging waits for the trainer's next staged bytes
+_STAGING_STALL_S = 600.0
 
 logger = logging.getLogger("aiockpt._worker")
 
@@ -301,12 +305,14 @@ class ServingWorker:
                 await self._answer(failure(request.request_id, kind, problem))
                 continue
             if route is Route.QUEUED:
-                if kind is RequestType.WRITE_CHECKPOINT:
-                    self._gate.admit(request.request_id)
+                if kind is RequestType.WRITE_CHECKPOINT and isinstance(payload, WritePayload):
+                    self._gate.admit(request.request_id, payload.staged_bytes)
                 queue.put_nowait(request)
                 continue
             if kind is RequestType.CANCEL and isinstance(payload, CancelPayload):
                 self._gate.cancel(payload.request_id)
+            elif kind is RequestType.STAGED and isinstance(payload, StagedPayload):
+                self._gate.staged(payload)
             elif kind is RequestType.MAP_ARENA and isinstance(payload, ArenaPayload):
                 try:
                     await asyncio.to_thread(self._arenas.view, payload.arena)
@@ -399,6 +405,17 @@ class ServingWorker:
 
     def _materialize_and_write(self, request_id: int, payload: WritePayload) -> Any:
         state_dict = materialize(payload.state_dict, self._arenas, self._layouts)
+        if payload.staged_bytes is None:
+            return self._write_materialized(request_id, payload, state_dict)
+        self._follow_staging(request_id, payload, state_dict)
+        result = self._write_materialized(request_id, payload, state_dict)
+        # Answered only once staging is over (a rank may have written all its regions
+        # before the trainer staged the ones other ranks write): the trainer reports
+        # staging to a write that is still waiting for its answer.
+        self._gate.wait_staged(request_id, None, _STAGING_STALL_S)
+        return result
+
+    def _write_materialized(self, request_id: int, payload: WritePayload, state_dict: Any) -> Any:
         if payload.commit is None:
             return self.writer.write(state_dict=state_dict, path=payload.path, **payload.kwargs)
         if self.group is not None:
@@ -421,6 +438,22 @@ class ServingWorker:
             metadata=payload.commit.metadata,
             before_commit=lambda: self._gate.begin_commit(request_id),
         )
+
+    def _follow_staging(self, request_id: int, payload: WritePayload, state_dict: Any) -> None:
+        """A write sent while the trainer still stages: a writer that writes each region once
+        it is staged (``WRITES_WHILE_STAGING``) is told how to wait for it; for any other,
+        wait here until every byte is staged."""
+
+        def wait_staged(end: int | None) -> float:
+            return self._gate.wait_staged(request_id, end, _STAGING_STALL_S)
+
+        writer = self.writer if payload.commit is None else self._writer_for(payload.commit)
+        if isinstance(state_dict, StagedStateDict) and getattr(
+            writer, "WRITES_WHILE_STAGING", False
+        ):
+            state_dict.wait_staged = wait_staged
+        else:
+            wait_staged(None)
 
     def _writer_for(self, options: CommitOptions) -> Any:
         """The writer of a save's format and writer options, made once and kept (writers

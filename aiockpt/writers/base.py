@@ -157,6 +157,12 @@ class StagedStateDict(dict[Any, Any]):
         self.leaf_values = values
         #: the mapping the tensors view (``layout.regions`` says where)
         self.arena = arena
+        #: for a write sent while the trainer still stages, and a writer that says it can
+        #: (``WRITES_WHILE_STAGING = True``): ``wait_staged(end)`` returns once the arena
+        #: bytes below ``end`` (None: all) are staged, with how many are (``math.inf``:
+        #: all). Such a writer calls it before it reads a region beyond what it was last
+        #: told; None when every byte is staged.
+        self.wait_staged: Callable[[int | None], float] | None = None
         self._flat: list[tuple[KeyPath, Any]] | None = None
 
     def flat_leaves(self) -> list[tuple[KeyPath, Any]]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import pickle
 import struct
 import uuid
@@ -126,6 +127,9 @@ class DcpWriter:
     written by one rank) and writes the one ``.metadata`` that describes every rank's items,
     so that ``dcp.load`` reshards the checkpoint into any world size.
     """
+
+    #: writes each arena region as soon as it is staged (``StagedStateDict.wait_staged``)
+    WRITES_WHILE_STAGING = True
 
     def __init__(self, rank_info: RankInfo | None = None, **options: Any) -> None:
         if options:
@@ -341,17 +345,8 @@ class _FileProgram:
         entries, the fixed ones first."""
         keep: list[torch.Tensor] = []
         parts: list[bytes | memoryview] = []
-        if type(state_dict) is StagedStateDict:
-            # The worker's tensors are regions of its arena: slice the mapping, no tensor.
-            arena, regions = state_dict.arena, state_dict.layout.regions
-            for segment in self.segments:
-                if type(segment) is int:
-                    offset, size = regions[segment]
-                    parts.append(arena[offset : offset + size])
-                else:
-                    assert isinstance(segment, bytes)
-                    parts.append(segment)
-        else:
+        staged = type(state_dict) is StagedStateDict
+        if not staged:
             for segment in self.segments:
                 if type(segment) is int:
                     key_path, value = flat[segment]
@@ -364,7 +359,14 @@ class _FileProgram:
         storage = list(self.storage)
         leaves = dict(self.leaves)
         with FileSink(path, self.data_file) as sink:
-            sink.write_many(parts, keep)
+            if staged:
+                assert isinstance(state_dict, StagedStateDict)
+                self._write_regions(state_dict, sink)
+            else:
+                sink.write_many(parts, keep)
+            wait = state_dict.wait_staged if staged else None
+            if wait is not None and (self.byte_items or self.raw or self.objects):
+                wait(None)  # objects may hold arena tensors anywhere
             for fqn, where, object_path in self.byte_items:
                 start = sink.align(_ALIGN)
                 data = io.BytesIO()
@@ -381,6 +383,28 @@ class _FileProgram:
         if object_record is not None:
             records.append(object_record)
         return WriterPart(records, self.exports, self.imports, storage)
+
+    def _write_regions(self, state_dict: StagedStateDict, sink: FileSink) -> None:
+        """The fixed part of a worker's state dict: its tensors are regions of the arena,
+        sliced from the mapping (no tensor made). For a write sent while the trainer still
+        stages, what is staged goes out while the rest is copied: the file's regions lie in
+        the arena in the same order, and the write waits only at a region not staged yet."""
+        arena, regions, wait = state_dict.arena, state_dict.layout.regions, state_dict.wait_staged
+        staged = 0.0 if wait is not None else math.inf
+        batch: list[bytes | memoryview] = []
+        for segment in self.segments:
+            if type(segment) is int:
+                offset, size = regions[segment]
+                if offset + size > staged:
+                    assert wait is not None
+                    sink.write_many(batch)
+                    batch = []
+                    staged = wait(offset + size)
+                batch.append(arena[offset : offset + size])
+            else:
+                assert isinstance(segment, bytes)
+                batch.append(segment)
+        sink.write_many(batch)
 
 
 def _own_path(state_dict: Any, path: Sequence[str | int]) -> tuple[str | int, ...]:

@@ -1,0 +1,177 @@
+"""A save sent to the worker before staging ends: the worker writes what is staged while the
+rest is copied (issue: pipelined save). Chunks are made small here so that a small state dict
+has several; the behaviour is the same at the default size."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import aiockpt
+from aiockpt import Checkpointer
+from aiockpt._trainer import staging
+from aiockpt._trainer.checkpoint_process import CheckpointProcess
+from aiockpt._wire.protocol import StagedPayload
+from aiockpt._wire.session import WriteCancelled, WriteGate
+from tests.writer_fixtures import wait_for
+
+WATCHING = "tests.writer_fixtures:StagingWatchWriter"
+CHUNK = 64 << 10
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(staging, "PIPELINE_CHUNK_BYTES", CHUNK)
+
+
+@pytest.fixture
+def gate(tmp_path: Path) -> Iterator[str]:
+    entry = str(tmp_path.parent / f"{tmp_path.name}-gate")
+    yield entry
+    Path(f"{entry}.writing").unlink(missing_ok=True)
+
+
+def state(value: float) -> dict[str, Any]:
+    return {f"w{i}": torch.full((64, 64), value + i) for i in range(32)}  # 16 KiB each
+
+
+class HeldStaging:
+    """Wraps ``CheckpointProcess.report_staged`` (the real one runs): after the first chunk
+    is reported, staging goes on only once ``release`` is set (or, with ``until_file``,
+    that file exists), so a test acts while a save is half staged."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, until_file: str | None = None) -> None:
+        self.reports: list[tuple[int, bool]] = []
+        self.release = asyncio.Event()
+        self.held = asyncio.Event()
+        real = CheckpointProcess.report_staged
+
+        async def report_staged(
+            process: CheckpointProcess, write_id: int, nbytes: int, *, complete: bool
+        ) -> None:
+            await real(process, write_id, nbytes, complete=complete)
+            self.reports.append((nbytes, complete))
+            if len(self.reports) == 1:
+                self.held.set()
+                if until_file is not None:
+                    await asyncio.to_thread(wait_for, until_file)
+                else:
+                    await asyncio.wait_for(self.release.wait(), 60)
+
+        monkeypatch.setattr(CheckpointProcess, "report_staged", report_staged)
+
+
+async def test_the_worker_writes_staged_regions_while_the_rest_is_copied(
+    tmp_path: Path, small_chunks: None, gate: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = HeldStaging(monkeypatch, until_file=f"{gate}.writing")
+    async with Checkpointer(tmp_path, format=WATCHING) as ckpt:  # starts the worker
+        saved = state(1.0)
+        handle = ckpt.save({**saved, "gate": gate}, step=1)
+        # Staging stops after its first chunk until the worker has written a staged region:
+        # without writing while staging this save would never finish.
+        await asyncio.wait_for(handle.staged, 60)
+        assert await asyncio.to_thread(os.path.exists, f"{gate}.writing")
+        for tensor in saved.values():
+            tensor.add_(100.0)  # the trainer's next step: not in the checkpoint
+        result = await asyncio.wait_for(handle, 60)
+    nbytes = sum(t.numel() * t.element_size() for t in saved.values())
+    assert len(held.reports) == nbytes // CHUNK
+    assert [complete for _, complete in held.reports] == [False] * (len(held.reports) - 1) + [True]
+    assert [n for n, _ in held.reports] == sorted(n for n, _ in held.reports)
+    loaded = aiockpt.load(result.path)
+    assert loaded.pop("gate") == gate
+    assert all(torch.equal(loaded[k], state(1.0)[k]) for k in saved)
+
+
+async def test_cancelling_a_save_half_staged_leaves_nothing_and_the_next_save_works(
+    tmp_path: Path, small_chunks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = HeldStaging(monkeypatch)
+    async with Checkpointer(tmp_path) as ckpt:  # starts the worker
+        handle = ckpt.save(state(1.0), step=1)
+        await asyncio.wait_for(held.held.wait(), 60)  # the worker waits for the rest
+        assert handle.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(handle, 60)
+        held.release.set()
+        # The worker gave up waiting for the staging; it serves the next save.
+        await ckpt.save(state(2.0), step=2)
+    assert sorted(os.listdir(tmp_path)) == ["step_0000000002"]
+    assert torch.equal(aiockpt.load(tmp_path / "step_0000000002")["w3"], state(2.0)["w3"])
+
+
+def test_plans_stage_in_one_go_below_two_chunks_or_with_offsets_that_do_not_grow() -> None:
+    tensors = [torch.zeros(CHUNK // 4) for _ in range(4)]  # a chunk each
+    big = staging.PIPELINE_CHUNK_BYTES
+    assert staging.pipeline_chunks(tensors, [0, big, 2 * big, 3 * big], 4 * big, False)
+    assert staging.pipeline_chunks(tensors[:1], [0], big, False) is None
+    assert staging.pipeline_chunks(tensors, [0, big, 2 * big, 3 * big], 4 * big, True) is None
+    backwards = [3 * big, 2 * big, big, 0]
+    assert staging.pipeline_chunks(tensors, backwards, 4 * big, False) is None
+
+
+# --- the worker's side, in memory: WriteGate.wait_staged -------------------------------------
+
+
+def waiting(gate: WriteGate, end: int | None) -> tuple[threading.Thread, list[BaseException]]:
+    """A write thread waiting for staged bytes below ``end``; what it raised, if anything."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            gate.wait_staged(7, end, timeout_s=60)
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, raised
+
+
+def test_a_write_waits_until_its_regions_are_staged() -> None:
+    gate = WriteGate()
+    gate.admit(7, staged_bytes=0)
+    thread, raised = waiting(gate, 100)
+    gate.staged(StagedPayload(7, 50))
+    thread.join(0.05)
+    assert thread.is_alive()  # 50 bytes are not enough
+    gate.staged(StagedPayload(7, 100))
+    thread.join(60)
+    assert not thread.is_alive() and raised == []
+    everything, raised = waiting(gate, None)
+    gate.staged(StagedPayload(7, 100, complete=True))
+    everything.join(60)
+    assert not everything.is_alive() and raised == []
+
+
+def test_a_cancel_wakes_a_write_waiting_for_staging() -> None:
+    gate = WriteGate()
+    gate.admit(7, staged_bytes=0)
+    thread, raised = waiting(gate, 100)
+    assert gate.cancel(7)
+    thread.join(60)
+    assert [type(exc) for exc in raised] == [WriteCancelled]
+
+
+def test_staging_that_stalls_past_the_bound_fails_the_write() -> None:
+    gate = WriteGate()
+    gate.admit(7, staged_bytes=10)
+    assert gate.wait_staged(7, 10, timeout_s=0) == 10  # staged already: no wait
+    with pytest.raises(TimeoutError, match="staged 10 bytes of write 7"):
+        gate.wait_staged(7, 11, timeout_s=0.01)
+
+
+def test_a_write_not_sent_while_staging_never_waits() -> None:
+    gate = WriteGate()
+    gate.admit(7)
+    assert gate.wait_staged(7, 1 << 40, timeout_s=0) == math.inf
+    gate.staged(StagedPayload(8, 5))  # a write answered already: nothing to do
