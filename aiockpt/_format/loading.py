@@ -24,6 +24,9 @@ whether or not ``verify`` is set:
   waiting on a FIFO), and must have the listed size before any buffer is allocated for it;
   the manifest is read only up to ``MAX_MANIFEST_BYTES``.
 
+With ``mmap=True`` nothing is read: each tensor is a view over a private, copy-on-write
+mapping of its file (``load`` says what that means for verification and lifetimes).
+
 A checksum proves nothing against someone who can write the directory (they can write a
 matching manifest); the rules about opening files are what keep a reader inside it.
 """
@@ -306,10 +309,11 @@ def load(
     path: str | os.PathLike[str],
     state_dict: Any = None,
     *,
-    verify: bool = True,
+    verify: bool | None = None,
     allow_pickle: bool = False,
     rank: int | None = None,
     world_size: int | None = None,
+    mmap: bool = False,
 ) -> Any:
     """Load the checkpoint at ``path`` (either format) as CPU tensors and plain values.
 
@@ -334,9 +338,27 @@ def load(
     receives the whole tensor, or, at the saved world size with ``rank``, that rank's piece.
     Only the byte ranges a rank needs are read (unless ``verify`` reads whole files anyway).
 
-    ``verify`` checks every file's size and xxh3_64 digest in the same pass that reads it.
-    ``allow_pickle`` lets leaves that were saved as arbitrary objects be unpickled: only for
-    checkpoints you trust.
+    ``verify`` (default: on, unless ``mmap``) checks every file's size and xxh3_64 digest in
+    the same pass that reads it. ``allow_pickle`` lets leaves that were saved as arbitrary
+    objects be unpickled: only for checkpoints you trust.
+
+    ``mmap=True`` reads no tensor bytes: every tensor comes back as a view over a private
+    mapping of its file (as ``torch.load(mmap=True)`` and safetensors' ``load_file`` do), so
+    the load costs the same for 1 KiB and 100 GiB and pages are read when first touched. The
+    views are copy-on-write: writing to one changes this process's copy of those pages, never
+    the file. Each file stays mapped while any tensor viewing it lives and is unmapped when the
+    last one is dropped (reference counting: no garbage collection needed unless the tensors
+    sit in a reference cycle); no descriptor stays open. Tied tensors come back as views of
+    the same bytes. The manifest and the file rules above are checked as always, but the
+    files' digests are not: hashing them would read every byte, and a check made before the
+    pages are touched would not cover what they read later anyway. Call ``verify(path)`` first
+    if the bytes must be checked; ``verify=True`` with ``mmap=True`` raises ValueError. A
+    file truncated by someone else while mapped makes touching its missing pages raise
+    SIGBUS, as with any mapping; aiockpt never truncates a committed checkpoint. Only a
+    tree comes back: ``state_dict`` must be None (to fill a module without copying, use
+    ``module.load_state_dict(load(path, mmap=True), assign=True)``), and a tensor saved as
+    pieces by several ranks cannot be one view, so it needs ``rank`` at the saved world size
+    (that rank's pieces).
 
     Raises CorruptCheckpoint naming the file for a missing or malformed manifest (see
     ``read_manifest``), a missing, truncated or altered file, one that is a link, lies behind
@@ -347,16 +369,31 @@ def load(
     whose shape fits neither the saved whole nor the piece asked for (naming the saved world
     size and shapes), for a checkpoint whose ranks saved keys rank 0 lacks when loading the
     whole without ``state_dict``, for a pickled leaf without ``allow_pickle``, for a leaf a
-    custom writer stored in its own format, or for a ``rank`` the checkpoint does not have.
+    custom writer stored in its own format, or for a ``rank`` the checkpoint does not have;
+    with ``mmap``, ValueError for ``verify=True``, a ``state_dict``, or a tensor saved as
+    pieces that this load would have to assemble.
     """
+    if mmap:
+        if verify:
+            raise ValueError(
+                "verify=True cannot hold with mmap=True: checking the digests reads every "
+                "byte, and pages read later are not covered by a check made before; call "
+                "aiockpt.verify(path) first if the files must be checked"
+            )
+        if state_dict is not None:
+            raise ValueError(
+                "mmap=True returns the saved tree and fills no state_dict (that would copy); "
+                "use module.load_state_dict(aiockpt.load(path, mmap=True), assign=True)"
+            )
     with _Checkpoint(path) as checkpoint:
         return _load(
             checkpoint,
             state_dict,
-            verify=verify,
+            verify=not mmap if verify is None else verify,
             allow_pickle=allow_pickle,
             rank=rank,
             world_size=world_size,
+            mmap=mmap,
         )
 
 
@@ -432,6 +469,7 @@ def _load(
     allow_pickle: bool,
     rank: int | None,
     world_size: int | None,
+    mmap: bool = False,
 ) -> Any:
     manifest = checkpoint.manifest
     source = _Source(checkpoint, rank, world_size)
@@ -446,6 +484,9 @@ def _load(
                     whole = tuple(leaf.global_shape)
                     boxes[index] = _Box(whole, (0,) * len(whole), whole)
         wanted = list(range(len(leaves)))
+        if mmap:
+            values = _map_leaves(checkpoint, leaves, boxes, source, allow_pickle)
+            return unflatten(source.state.skeleton, [values[i] for i in wanted])
         values = _read_leaves(
             checkpoint, manifest, leaves, wanted, {}, boxes, source, verify, allow_pickle
         )
@@ -584,20 +625,17 @@ class _Region:
     after: Callable[[], None] | None = None
 
 
-def _read_leaves(
-    checkpoint: _Checkpoint,
+def _stored_leaves(
     manifest: Manifest,
     leaves: list[Leaf],
     wanted: list[int],
-    destinations: dict[int, torch.Tensor],
     boxes: dict[int, _Box],
-    source: _Source,
-    verify: bool,
     allow_pickle: bool,
-) -> dict[int, Any]:
-    """Values of the ``wanted`` leaves; tensors go into ``destinations`` where given, and
-    the leaves in ``boxes`` are assembled from the saved pieces that overlap their box."""
-    values: dict[int, Any] = {}
+    values: dict[int, Any],
+) -> list[tuple[int, TensorLeaf | ObjectLeaf]]:
+    """The ``wanted`` leaves whose bytes lie in a file (each once, none of ``boxes``); plain
+    values go straight into ``values``. Raises ValueError for a leaf a custom writer stored
+    in its own way, or a pickled one without ``allow_pickle``."""
     stored: list[tuple[int, TensorLeaf | ObjectLeaf]] = []
     for index in dict.fromkeys(wanted):
         leaf = leaves[index]
@@ -615,6 +653,111 @@ def _read_leaves(
             )
         elif index not in boxes:
             stored.append((index, leaf))
+    return stored
+
+
+def _map_leaves(
+    checkpoint: _Checkpoint,
+    leaves: list[Leaf],
+    boxes: dict[int, _Box],
+    source: _Source,
+    allow_pickle: bool,
+) -> dict[int, Any]:
+    """Every leaf's value, tensors as views over private mappings of their files (see
+    ``load``'s ``mmap``); raises ValueError for a tensor to be assembled from pieces."""
+    if boxes:
+        key_paths = dict(iter_key_paths(source.state.skeleton))
+        first = format_key_path(key_paths[min(boxes)])
+        raise ValueError(
+            f"{first!r} in {checkpoint.root!r} was saved as pieces by {source.saved_world} ranks "
+            "and mmap=True cannot join pieces into one view; pass rank= (at the saved world "
+            "size) to map that rank's pieces, or load without mmap"
+        )
+    manifest = checkpoint.manifest
+    values: dict[int, Any] = {}
+    stored = _stored_leaves(manifest, leaves, list(range(len(leaves))), {}, allow_pickle, values)
+    needed = {leaf.file for _, leaf in stored}
+    files = {
+        entry.name: _map_file(checkpoint, entry) for entry in manifest.files if entry.name in needed
+    }
+    # Tied leaves (saved once at one place) come back as one tensor, as without mmap.
+    made: dict[tuple[str, int, str, tuple[int, ...]], torch.Tensor] = {}
+    byte_arrays: dict[str, Any] = {}
+
+    def file_bytes(name: str) -> Any:
+        """The whole mapped file as a numpy byte array (a buffer that keeps it mapped)."""
+        if name not in byte_arrays:
+            byte_arrays[name] = torch.empty(0, dtype=torch.uint8).set_(files[name]).numpy()
+        return byte_arrays[name]
+
+    for index, leaf in stored:
+        if isinstance(leaf, ObjectLeaf):
+            data = file_bytes(leaf.file)[leaf.offset : leaf.offset + leaf.nbytes]
+            values[index] = pickle.loads(memoryview(data))
+            continue
+        shape = tuple(leaf.shape)
+        key = (leaf.file, leaf.offset, leaf.dtype, shape)
+        tensor = made.get(key)
+        if tensor is None:
+            dtype = dtype_from_name(leaf.dtype)
+            offset, misaligned = divmod(leaf.offset, dtype.itemsize)
+            numel = math.prod(shape)
+            if numel == 0:
+                tensor = torch.empty(shape, dtype=dtype)
+            elif not misaligned:
+                # What torch.load does for each tensor of an archive: a view of the storage.
+                tensor = torch.empty(0, dtype=dtype).set_(
+                    files[leaf.file], offset, shape, _contiguous_strides(shape)
+                )
+            else:
+                # safetensors aligns data to 8 bytes, so a complex128 may start between two
+                # of its 16-byte elements: a view of the bytes from there, with its own base.
+                tensor = torch.frombuffer(
+                    file_bytes(leaf.file), dtype=dtype, count=numel, offset=leaf.offset
+                ).view(shape)
+            made[key] = tensor
+        values[index] = tensor
+    return values
+
+
+def _map_file(checkpoint: _Checkpoint, entry: FileEntry) -> torch.UntypedStorage:
+    """A private (copy-on-write) mapping of the file of ``entry``, opened by the checked
+    rules and found to have the listed size, as a storage that unmaps itself when its last
+    tensor goes. Raises CorruptCheckpoint naming the file."""
+    fd = _open_checked(checkpoint, entry)
+    try:
+        if entry.size == 0:  # nothing to map (mmap refuses a length of 0)
+            return torch.empty(0, dtype=torch.uint8).untyped_storage()
+        # torch maps the file by name and closes its own descriptor once mapped, so nothing
+        # stays open; /proc/self/fd/N names the very file this process opened and checked
+        # (the magic link leads to the open file, never to whatever the path names now).
+        try:
+            storage = torch.UntypedStorage.from_file(f"/proc/self/fd/{fd}", False, entry.size)
+        except RuntimeError as exc:  # shrunk since it was checked, say
+            raise CorruptCheckpoint(
+                f"cannot map {entry.name}: {exc}", path=os.path.join(checkpoint.root, entry.name)
+            ) from exc
+        assert isinstance(storage, torch.UntypedStorage)
+        return storage
+    finally:
+        os.close(fd)
+
+
+def _read_leaves(
+    checkpoint: _Checkpoint,
+    manifest: Manifest,
+    leaves: list[Leaf],
+    wanted: list[int],
+    destinations: dict[int, torch.Tensor],
+    boxes: dict[int, _Box],
+    source: _Source,
+    verify: bool,
+    allow_pickle: bool,
+) -> dict[int, Any]:
+    """Values of the ``wanted`` leaves; tensors go into ``destinations`` where given, and
+    the leaves in ``boxes`` are assembled from the saved pieces that overlap their box."""
+    values: dict[int, Any] = {}
+    stored = _stored_leaves(manifest, leaves, wanted, boxes, allow_pickle, values)
     assembled = []
     if boxes:
         key_paths = dict(iter_key_paths(source.state.skeleton))

@@ -676,12 +676,19 @@ class Checkpointer:
         return committed[-1] if committed else None
 
     async def load_latest(
-        self, state_dict: Any = None, *, verify: bool = True, allow_pickle: bool = False
+        self,
+        state_dict: Any = None,
+        *,
+        verify: bool | None = None,
+        allow_pickle: bool = False,
+        mmap: bool = False,
     ) -> Any:
-        """Load the newest committed checkpoint (see ``aiockpt.load``), or return None if
-        there is none; in a group, this rank's part of it at the current world size (its own
-        part if the save had as many ranks, else resharded: DTensors get their slice, plain
-        tensors the whole). Raises what ``aiockpt.load`` raises."""
+        """Load the newest committed checkpoint (see ``aiockpt.load``, ``mmap`` and
+        ``verify`` included), or return None if there is none; in a group, this rank's part
+        of it at the current world size (its own part if the save had as many ranks, else
+        resharded: DTensors get their slice, plain tensors the whole). Listing, reading and
+        mapping run in a thread, never on the event loop. Raises what ``aiockpt.load``
+        raises."""
         path = await self.latest()
         if path is None:
             return None
@@ -700,6 +707,7 @@ class Checkpointer:
             allow_pickle=allow_pickle,
             rank=rank,
             world_size=world_size,
+            mmap=mmap,
         )
 
 
