@@ -214,7 +214,7 @@ def _check_consistent(manifest: Manifest) -> None:
 def _check_leaf(leaf: Leaf, sizes: dict[str, int]) -> None:
     if isinstance(leaf, TensorLeaf):
         itemsize = dtype_from_name(leaf.dtype).itemsize
-        if any(size < 0 for size in leaf.shape):
+        if leaf.shape and min(leaf.shape) < 0:
             raise ValueError(f"negative size in tensor shape {leaf.shape}")
         if (leaf.global_shape is None) != (leaf.global_offset is None):
             raise ValueError("a tensor piece has a global shape or offset without the other")
@@ -617,12 +617,28 @@ def _fill(target: Any, key_path: KeyPath, saved: Callable[[KeyPath], Any]) -> An
 @dataclass
 class _Region:
     """Bytes of one file that go into one buffer: shared by leaves saved at the same place,
-    or, with ``after``, part of a saved piece that ``after`` copies into a bigger tensor."""
+    or, with ``after``, part of a saved piece that ``after`` copies into a bigger tensor.
+    The buffer is ``view``, or, for a tensor's bytes, ``tensor`` (its byte view is made only
+    if it is read directly: small ones are copied from a shared read in one batch)."""
 
     offset: int
-    view: memoryview
+    view: memoryview | None
     leaves: list[int] = field(default_factory=list)
     after: Callable[[], None] | None = None
+    tensor: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        if self.view is not None:
+            return self.view.nbytes
+        assert self.tensor is not None
+        return self.tensor.numel() * self.tensor.element_size()
+
+    def buffer(self) -> memoryview:
+        if self.view is None:
+            assert self.tensor is not None
+            self.view = tensor_bytes(self.tensor)
+        return self.view
 
 
 def _stored_leaves(
@@ -683,6 +699,9 @@ def _map_leaves(
     # Tied leaves (saved once at one place) come back as one tensor, as without mmap.
     made: dict[tuple[str, int, str, tuple[int, ...]], torch.Tensor] = {}
     byte_arrays: dict[str, Any] = {}
+    # One typed view of each file per dtype; each tensor is a strided view of it (one call).
+    bases: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+    strides: dict[tuple[int, ...], tuple[int, ...]] = {}
 
     def file_bytes(name: str) -> Any:
         """The whole mapped file as a numpy byte array (a buffer that keeps it mapped)."""
@@ -705,10 +724,17 @@ def _map_leaves(
             if numel == 0:
                 tensor = torch.empty(shape, dtype=dtype)
             elif not misaligned:
-                # What torch.load does for each tensor of an archive: a view of the storage.
-                tensor = torch.empty(0, dtype=dtype).set_(
-                    files[leaf.file], offset, shape, _contiguous_strides(shape)
-                )
+                base = bases.get((leaf.file, dtype))
+                if base is None:
+                    storage = files[leaf.file]
+                    whole = (storage.nbytes() // dtype.itemsize,)
+                    base = bases[leaf.file, dtype] = torch.empty(0, dtype=dtype).set_(
+                        storage, 0, whole, (1,)
+                    )
+                stride = strides.get(shape)
+                if stride is None:
+                    stride = strides[shape] = _contiguous_strides(shape)
+                tensor = base.as_strided(shape, stride, offset)
             else:
                 # safetensors aligns data to 8 bytes, so a complex128 may start between two
                 # of its 16-byte elements: a view of the bytes from there, with its own base.
@@ -901,29 +927,29 @@ def _plan_regions(
         if shared is not None and leaves[shared.leaves[0]] == leaf:
             shared.leaves.append(index)  # saved once for several leaves (tied weights)
             continue
-        buffer, view = _new_buffer(leaf, destinations.get(index), root)
-        if view.nbytes == 0:  # empty tensors have nothing to read (and may share offsets)
-            values[index] = buffer
+        region = _new_region(leaf, index, destinations.get(index), root)
+        if region.nbytes == 0:  # empty tensors have nothing to read (and may share offsets)
+            values[index] = region.tensor
             continue
         if shared is not None:
             raise CorruptCheckpoint(
                 f"two different leaves at offset {leaf.offset}", path=os.path.join(root, leaf.file)
             )
-        by_offset[leaf.offset] = _Region(leaf.offset, view, [index])
-        buffers[index] = buffer
+        by_offset[leaf.offset] = region
+        buffers[index] = region.tensor if region.view is None else region.view.obj
     return regions, buffers
 
 
-def _new_buffer(
-    leaf: TensorLeaf | ObjectLeaf, destination: torch.Tensor | None, root: str
-) -> tuple[Any, memoryview]:
+def _new_region(
+    leaf: TensorLeaf | ObjectLeaf, index: int, destination: torch.Tensor | None, root: str
+) -> _Region:
+    """Where the bytes of ``leaf`` go: ``destination``, a new tensor, or (a pickled leaf) a
+    new bytearray."""
     if isinstance(leaf, ObjectLeaf):
-        data = bytearray(leaf.nbytes)
-        return data, memoryview(data)
-    if destination is not None:
-        return destination, tensor_bytes(destination)
-    tensor = _empty(tuple(leaf.shape), dtype_from_name(leaf.dtype), root)
-    return tensor, tensor_bytes(tensor)
+        return _Region(leaf.offset, memoryview(bytearray(leaf.nbytes)), [index])
+    if destination is None:
+        destination = _empty(tuple(leaf.shape), dtype_from_name(leaf.dtype), root)
+    return _Region(leaf.offset, None, [index], tensor=destination)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, root: str) -> torch.Tensor:
@@ -944,31 +970,47 @@ def _place(value: Any, destination: torch.Tensor | None) -> Any:
     return value
 
 
+#: tensors up to this size are not read one by one: runs of them are read into a scratch
+#: buffer with one call and copied out in one batch (per-tensor Python would dominate)
+_SMALL_BYTES = 256 << 10
+
+
 def _read_file(
     checkpoint: _Checkpoint, entry: FileEntry, regions: list[_Region], *, verify: bool
 ) -> None:
-    """Read ``regions`` of one file into their views; with ``verify``, read and hash the
-    whole file and compare with ``entry``. Raises CorruptCheckpoint naming the file."""
+    """Read ``regions`` (in file order) of one file into their buffers; with ``verify``,
+    read and hash the whole file and compare with ``entry``. Raises CorruptCheckpoint
+    naming the file."""
     full = os.path.join(checkpoint.root, entry.name)
     fd = _open_checked(checkpoint, entry)
     try:
         size = entry.size
         digest = xxhash.xxh3_64() if verify else None
+        scratch: torch.Tensor | None = None
         position = 0
-        for region in regions:
-            end = region.offset + region.view.nbytes
+        i = 0
+        while i < len(regions):
+            region = regions[i]
+            end = region.offset + region.nbytes
             if end > size:
                 raise CorruptCheckpoint(
                     f"entry at {region.offset}..{end} runs past the end", path=full
                 )
+            if _batchable(region, position):
+                if scratch is None:
+                    scratch = torch.empty(min(size, _SCRATCH_BYTES), dtype=torch.uint8)
+                i, position = _read_run(fd, regions, i, position, scratch, digest, full, size)
+                continue
             if digest is not None and region.offset > position:
                 _hash_range(fd, position, region.offset, digest, full)
-            _read_exactly(fd, region.view, region.offset, full)
+            view = region.buffer()
+            _read_exactly(fd, view, region.offset, full)
             # Regions may overlap (two pieces of one saved piece, read for different targets):
             # the digest takes each byte once, in file order.
             if digest is not None and end > position:
-                digest.update(region.view[max(0, position - region.offset) :])
+                digest.update(view[max(0, position - region.offset) :])
             position = max(position, end)
+            i += 1
         if digest is not None:
             _hash_range(fd, position, size, digest, full)
             if digest.hexdigest() != entry.xxh3_64:
@@ -978,6 +1020,61 @@ def _read_file(
                 )
     finally:
         os.close(fd)
+
+
+def _batchable(region: _Region, position: int) -> bool:
+    """A small tensor region after everything read so far (overlapping ones, pieces of a
+    piece read for several targets, go one by one)."""
+    return (
+        region.tensor is not None
+        and region.after is None
+        and region.offset >= position
+        and region.nbytes <= _SMALL_BYTES
+    )
+
+
+def _read_run(
+    fd: int,
+    regions: list[_Region],
+    first: int,
+    position: int,
+    scratch: torch.Tensor,
+    digest: Any,
+    full: str,
+    size: int,
+) -> tuple[int, int]:
+    """Read the run of batchable regions from ``regions[first]`` on that fits ``scratch``
+    (with the bytes between them, and, when hashing, those since ``position``) with one
+    read, hash it with one update, and copy each region's bytes out in one batch; return the
+    index after the run and the new position."""
+    start = regions[first].offset
+    if digest is not None:
+        if start - position > scratch.numel() // 2:  # a long gap first: hash it on its own
+            _hash_range(fd, position, start, digest, full)
+        else:
+            start = position
+    limit = start + scratch.numel()
+    sources: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    end = position
+    i = first
+    while i < len(regions):
+        region = regions[i]
+        region_end = region.offset + region.nbytes
+        if not _batchable(region, end) or region_end > limit or region_end > size:
+            break
+        assert region.tensor is not None
+        targets.append(region.tensor.reshape(-1).view(torch.uint8))
+        sources.append(scratch[region.offset - start : region_end - start])
+        end = region_end
+        i += 1
+    assert i > first  # the caller checked the first region; it always fits
+    span = tensor_bytes(scratch)[: end - start]
+    _read_exactly(fd, span, start, full)
+    if digest is not None:
+        digest.update(span)
+    torch._foreach_copy_(targets, sources)
+    return i, end
 
 
 def _hash_range(fd: int, start: int, end: int, digest: Any, full: str) -> None:
