@@ -13,6 +13,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -326,3 +327,23 @@ def make_torch_checkpoint_writer(rank_info: Any) -> Any:
         rank_info=rank_info,
         commit_hook=_fsync_hook_class()(),
     )
+
+
+# --- torch's dcp process executor: quiet children -------------------------------------------
+
+
+def quiet_torch_children() -> None:
+    """dcp's process-executor child logs every request at INFO to the shared stderr; it
+    imports the benchmark's main module as ``__mp_main__`` before it starts, so a benchmark
+    that runs that executor calls this there."""
+    quiet_torch_warnings()
+    with contextlib.suppress(ImportError):
+        from torch.distributed.checkpoint import _async_process_executor as executor
+
+        executor._init_logger = lambda rank: None  # type: ignore[attr-defined]
+
+
+def quiet_torch_warnings() -> None:
+    # dcp.save(no_dist=True) warns that it "assumes the intent is to save in a single process"
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed is disabled")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
