@@ -347,3 +347,45 @@ def quiet_torch_warnings() -> None:
     # dcp.save(no_dist=True) warns that it "assumes the intent is to save in a single process"
     warnings.filterwarnings("ignore", message=r".*torch\.distributed is disabled")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+
+
+# --- plots ----------------------------------------------------------------------------------
+
+
+def plot_lines(
+    results: dict[int, dict[str, float]], path: str, title: str, xlabel: str, ylabel: str
+) -> None:
+    """One line per method of ``results`` (x -> method -> seconds), log scales, to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = sorted(results)
+    methods = list(dict.fromkeys(m for x in xs for m in results[x]))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for index, method in enumerate(methods):
+        points = [(x, results[x][method]) for x in xs if method in results[x]]
+        limit = method.startswith(("raw", "read"))
+        ax.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            "--" if limit else "-",
+            marker="o",
+            linewidth=3 if method.startswith("aiockpt") else 1.5,
+            color=f"C{index % 10}",
+            label=method,
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([f"{x:,}" for x in xs])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
