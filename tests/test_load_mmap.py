@@ -154,6 +154,15 @@ def test_mmap_refuses_what_cannot_hold(tmp_path: Path) -> None:
     assert torch.equal(load(path, mmap=True, verify=False)["w"], torch.ones(4))
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_mmap_unpickles_only_with_permission(tmp_path: Path, fmt: str) -> None:
+    state_dict = {"w": torch.ones(2), "obj": {1, 2, 3}, "frozen": frozenset({4})}
+    path = save(tmp_path, state_dict, fmt)
+    with pytest.raises(ValueError, match="allow_pickle=True"):
+        load(path, mmap=True)
+    assert_same(load(path, mmap=True, allow_pickle=True), state_dict)
+
+
 def test_mmap_of_a_sharded_checkpoint_maps_a_ranks_pieces(tmp_path: Path) -> None:
     path, whole = two_rank_checkpoint(tmp_path)
     with pytest.raises(ValueError, match=r"'cols' .* saved as pieces by 2 ranks"):

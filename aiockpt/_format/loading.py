@@ -692,7 +692,7 @@ def _map_leaves(
     manifest = checkpoint.manifest
     values: dict[int, Any] = {}
     stored = _stored_leaves(manifest, leaves, list(range(len(leaves))), {}, allow_pickle, values)
-    needed = {leaf.file for _, leaf in stored}
+    needed = {leaf.file for _, leaf in stored if isinstance(leaf, TensorLeaf)}
     files = {
         entry.name: _map_file(checkpoint, entry) for entry in manifest.files if entry.name in needed
     }
@@ -709,10 +709,14 @@ def _map_leaves(
             byte_arrays[name] = torch.empty(0, dtype=torch.uint8).set_(files[name]).numpy()
         return byte_arrays[name]
 
+    # Pickled leaves (allowed by now) are read and unpickled where every load does that.
+    pickled = [index for index, leaf in stored if isinstance(leaf, ObjectLeaf)]
+    if pickled:
+        values.update(
+            _read_leaves(checkpoint, manifest, leaves, pickled, {}, {}, source, False, allow_pickle)
+        )
     for index, leaf in stored:
         if isinstance(leaf, ObjectLeaf):
-            data = file_bytes(leaf.file)[leaf.offset : leaf.offset + leaf.nbytes]
-            values[index] = pickle.loads(memoryview(data))
             continue
         shape = tuple(leaf.shape)
         key = (leaf.file, leaf.offset, leaf.dtype, shape)
