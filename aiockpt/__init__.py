@@ -9,6 +9,8 @@ Saving::
 Layout of the package; the folder says which process runs the code::
 
     __init__.py, errors.py   the public surface: what users import, and every error in one tree
+    dcp.py       torch.distributed.checkpoint's save, async_save, load: a drop-in
+    _runtime.py  every process: finish under cancel, the event loop, libc (stdlib only)
     _wire/       both processes; sans-IO except channel
         protocol.py        frames and messages (no asyncio, no torch)
         session.py         the channel's rules: handshake, request ids, routing, the cancel gate
@@ -21,8 +23,12 @@ Layout of the package; the folder says which process runs the code::
         manifest.py        the file whose presence makes a directory a checkpoint
         commit.py          temporary directory, manifest, fsync, rename; listing and retention
         loading.py         verify and load without unpickling, resharding
+    listing.py         the checkpoints under a root, torch-written ones marked unverified
+    torch_written.py   checkpoints torch's dcp.save wrote: found, loaded by torch's reader
+    stateful.py        Stateful values saved via state_dict(), loaded via load_state_dict()
         root_lock.py       one writer per root (an flock the kernel releases)
-    writers/     the writer API (base.py), dcp and safetensors writers
+    command_line.py  the ``aiockpt`` command: ls, verify, inspect, convert
+    writers/     the writer API (base.py), dcp and safetensors (Hugging Face layout) writers
     _trainer/    runs in the training process
         checkpointer.py    Checkpointer: root, latest, retention, backpressure
         handles.py         SaveHandle, SaveResult, async_save, default checkpointers
@@ -32,6 +38,7 @@ Layout of the package; the folder says which process runs the code::
         group_formation.py the workers' group, formed over the trainers' store
     _worker/     runs in the checkpoint worker (python -m aiockpt._worker)
         serve.py           handshake, dispatch, writes in arrival order
+        progress.py        progress reports of the write in progress
         rank_group.py      the workers' store and gloo group; a multi-rank commit
     elastic/     the worker agent and aiockpt-run (torchrun's counterpart)
 
@@ -50,6 +57,7 @@ from aiockpt.errors import (
     CoordinationError,
     CoordinationTimeout,
     CorruptCheckpoint,
+    ForeignCheckpoint,
     ProtocolError,
     ProtocolVersionMismatch,
     RankFailed,
@@ -67,10 +75,17 @@ from aiockpt.errors import (
 )
 
 if TYPE_CHECKING:
+    from aiockpt._format.listing import ListedCheckpoint, list_checkpoints
     from aiockpt._format.loading import load, verify
     from aiockpt._trainer.checkpoint_process import CheckpointProcess, CheckpointProcessConfig
     from aiockpt._trainer.checkpointer import Checkpointer
-    from aiockpt._trainer.handles import SaveHandle, SaveResult, async_save, default_checkpointer
+    from aiockpt._trainer.handles import (
+        SaveHandle,
+        SaveProgress,
+        SaveResult,
+        async_save,
+        default_checkpointer,
+    )
     from aiockpt._trainer.sync import SyncCheckpointer, SyncSaveHandle
     from aiockpt._wire.protocol import GcOptions, RankInfo
 
@@ -85,7 +100,9 @@ __all__ = [
     "CoordinationError",
     "CoordinationTimeout",
     "CorruptCheckpoint",
+    "ForeignCheckpoint",
     "GcOptions",
+    "ListedCheckpoint",
     "ProtocolError",
     "ProtocolVersionMismatch",
     "RankFailed",
@@ -96,6 +113,7 @@ __all__ = [
     "RendezvousTimeoutError",
     "RootLocked",
     "SaveHandle",
+    "SaveProgress",
     "SaveResult",
     "SignalException",
     "SyncCheckpointer",
@@ -108,6 +126,7 @@ __all__ = [
     "__version__",
     "async_save",
     "default_checkpointer",
+    "list_checkpoints",
     "load",
     "verify",
 ]
@@ -117,13 +136,16 @@ _HOME = {
     "CheckpointProcessConfig": "aiockpt._trainer.checkpoint_process",
     "Checkpointer": "aiockpt._trainer.checkpointer",
     "GcOptions": "aiockpt._wire.protocol",
+    "ListedCheckpoint": "aiockpt._format.listing",
     "RankInfo": "aiockpt._wire.protocol",
     "SaveHandle": "aiockpt._trainer.handles",
+    "SaveProgress": "aiockpt._trainer.handles",
     "SaveResult": "aiockpt._trainer.handles",
     "SyncCheckpointer": "aiockpt._trainer.sync",
     "SyncSaveHandle": "aiockpt._trainer.sync",
     "async_save": "aiockpt._trainer.handles",
     "default_checkpointer": "aiockpt._trainer.handles",
+    "list_checkpoints": "aiockpt._format.listing",
     "load": "aiockpt._format.loading",
     "verify": "aiockpt._format.loading",
 }

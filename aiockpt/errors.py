@@ -1,25 +1,35 @@
 """Every error aiockpt raises on purpose, in one tree.
 
-Foreign errors (OSError from a socket, msgspec.DecodeError from a frame) are translated into this
-tree at the boundary where they happen; callers catch ``AiockptError`` for anything of ours::
+Foreign errors (OSError from a socket, msgspec.DecodeError from a frame, torch's store errors)
+are translated into this tree at the boundary where they happen; callers catch
+``AiockptError`` for anything of ours. Each error carries its context as attributes (as httpx's
+carry their ``request``), named after the tree entry::
 
     AiockptError
     ├── ProtocolError                 a frame or message broke the channel's rules
     │   └── ProtocolVersionMismatch   the two ends speak different protocol versions
-    ├── WorkerError                   the checkpoint worker process did not do its job
-    │   ├── WorkerStartError          spawning or the init functions failed (worker traceback)
+    ├── WorkerError                   the checkpoint worker process did not do its job (.pid)
+    │   ├── WorkerStartError          spawning or the init functions failed
+    │   │   │                         (.error_type, .traceback: the worker's)
     │   │   └── WorkerStartTimeout    no handshake within subprocess_init_timeout_secs
     │   │                             (also a builtin TimeoutError)
     │   ├── WorkerCrashed             the worker exited while requests were pending, or before
-    │   │                             a new request could be sent (names exit code or signal)
+    │   │                             a new request could be sent (.returncode: code or -signal)
     │   └── WorkerClosed              the CheckpointProcess was closed; no more requests
-    ├── CheckpointWriteError          the worker's writer raised; carries the worker traceback
-    ├── CorruptCheckpoint             a checkpoint failed verification (names the file)
+    │                                 (.path: the write that did not finish, if one)
+    ├── CheckpointWriteError          the worker's writer raised (.path, .pid, .error_type,
+    │                                 .traceback: the worker's)
+    ├── CorruptCheckpoint             a checkpoint failed verification (.path: the file)
+    ├── ForeignCheckpoint             torch's DCP wrote it (no aiockpt manifest; .path):
+    │                                 loaded with torch's reader only given allow_pickle=True
     ├── RootLocked                    another process writes checkpoints under this root
-    │                                 (names its pid and host)
-    ├── CoordinationError             ranks disagree or fail to meet during a multi-rank save
-    │   ├── CoordinationTimeout       a rank never arrived (also a builtin TimeoutError)
-    │   └── RankFailed                another rank's part of the save failed (its traceback)
+    │                                 (.path, and the holder's .pid and .host)
+    ├── CoordinationError             ranks disagree or fail to meet during a multi-rank save,
+    │   │                             or their store failed (.rank: the rank at fault, if known)
+    │   ├── CoordinationTimeout       a rank never arrived, or the store did not answer in
+    │   │                             time (also a builtin TimeoutError)
+    │   └── RankFailed                another rank's part of the save failed
+    │                                 (.rank, .error_type, .traceback: that rank's)
     ├── RendezvousError               elastic agents could not meet over their store
     │   ├── RendezvousTimeoutError    fewer than the minimum nodes met within join_timeout
     │   └── RendezvousGracefulExitError  the rendezvous ended, not by this node's failure
@@ -34,12 +44,15 @@ exists when ``overwrite=False``, ``ValueError`` for nonsense options.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "AiockptError",
     "CheckpointWriteError",
     "CoordinationError",
     "CoordinationTimeout",
     "CorruptCheckpoint",
+    "ForeignCheckpoint",
     "ProtocolError",
     "ProtocolVersionMismatch",
     "RankFailed",
@@ -78,16 +91,26 @@ class ProtocolVersionMismatch(ProtocolError):
 
 
 class WorkerError(AiockptError):
-    """The checkpoint worker process did not do its job."""
+    """The checkpoint worker process did not do its job; ``pid`` is the worker's process id
+    (None if it never started)."""
+
+    def __init__(self, message: str, *, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
 
 
 class RemoteErrorMixin(Exception):
     """Carries what a worker reported about an exception raised on its side."""
 
     def __init__(
-        self, message: str, *, error_type: str | None = None, traceback: str | None = None
+        self,
+        message: str,
+        *,
+        error_type: str | None = None,
+        traceback: str | None = None,
+        **context: Any,
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, **context)  # the context attributes of the other base
         #: qualified name of the exception type raised in the worker, e.g. ``"OSError"``
         self.error_type = error_type
         #: the worker's full traceback text
@@ -109,23 +132,56 @@ class WorkerStartTimeout(WorkerStartError, TimeoutError):
 
 
 class WorkerCrashed(WorkerError):
-    """The worker exited unexpectedly; ``returncode`` is its exit code (negative: signal)."""
+    """The worker ``pid`` exited unexpectedly; ``returncode`` is its exit code (negative:
+    the signal that killed it)."""
 
-    def __init__(self, message: str, *, returncode: int | None = None) -> None:
-        super().__init__(message)
+    def __init__(
+        self, message: str, *, returncode: int | None = None, pid: int | None = None
+    ) -> None:
+        super().__init__(message, pid=pid)
         self.returncode = returncode
 
 
 class WorkerClosed(WorkerError):
-    """The CheckpointProcess was closed; it accepts no more requests."""
+    """The CheckpointProcess was closed; it accepts no more requests. ``path`` names the
+    checkpoint whose write did not finish, when the error is a write's."""
+
+    def __init__(self, message: str, *, pid: int | None = None, path: str | None = None) -> None:
+        super().__init__(message, pid=pid)
+        self.path = path
 
 
 class CheckpointWriteError(RemoteErrorMixin, AiockptError):
-    """The worker's writer raised; ``error_type`` and ``traceback`` say what and where."""
+    """The writer of worker ``pid`` raised writing the checkpoint at ``path``;
+    ``error_type`` and ``traceback`` say what and where."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        pid: int | None = None,
+        error_type: str | None = None,
+        traceback: str | None = None,
+    ) -> None:
+        super().__init__(message, error_type=error_type, traceback=traceback)
+        self.path = path
+        self.pid = pid
 
 
 class CorruptCheckpoint(AiockptError):
     """A checkpoint failed verification; ``path`` names the offending file or directory."""
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class ForeignCheckpoint(AiockptError):
+    """The checkpoint directory ``path`` has no aiockpt manifest but torch's ``.metadata``:
+    ``torch.distributed.checkpoint.save`` wrote it. Nothing can verify it, and reading it
+    means unpickling ``.metadata`` with torch's loader, so ``aiockpt.load`` raises this
+    unless given ``allow_pickle=True``; ``verify`` and ``read_manifest`` always do."""
 
     def __init__(self, message: str, *, path: str) -> None:
         super().__init__(message)

@@ -44,6 +44,15 @@ LAUNCHERS = {
 #: joiner formed a group of its own
 CONF = "join_timeout=60,last_call_timeout=1,keep_alive_interval=5,keep_alive_max_attempt=3"
 WAIT_S = float(os.environ.get("BENCH_WAIT_S", "120"))
+#: torchrun's default (since torch 2.5, pytorch PR #128096) shares the c10d rendezvous store
+#: with the workers, and in torch 2.13 a node joining a running job then hangs: rank 0 kept
+#: the bootstrap store info of its first round (``DynamicRendezvousHandler.next_rendezvous``
+#: rebuilds it only when it is None or rank 0 has no server yet) and never publishes it under
+#: the new round's store prefix, while the joiner, rank 1, builds its own with a blocking
+#: ``store.get`` of that round's ``MASTER_ADDR`` key: both agents sit after "joined round 1"
+#: forever. Torch's opt-out (the setting pytorch issue #135712 recommends for restarts too)
+#: rebuilds it every round; the workers then meet in a store rank 0's worker hosts.
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def worker(directory: str) -> None:
@@ -135,6 +144,7 @@ def trial(launcher: str, root: Path, verbose: bool = False) -> tuple[float, floa
 
     def start(n: int) -> subprocess.Popen[bytes]:
         out = (work / f"agent{n}.out").open("ab")
+        env = {**os.environ, **TORCHRUN_ENV} if launcher == "torchrun" else None
         agent = subprocess.Popen(
             [
                 *LAUNCHERS[launcher],
@@ -154,6 +164,7 @@ def trial(launcher: str, root: Path, verbose: bool = False) -> tuple[float, floa
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=env,
         )
         out.close()
         agents.append(agent)
@@ -186,9 +197,99 @@ def _measure(work: Path, start: Callable[[int], subprocess.Popen[bytes]]) -> tup
     return join_s, loss_s
 
 
+#: the churn's settings: a node silent for 1 s is gone (0.2 s beats), a round with enough
+#: nodes closes 0.3 s after it could
+CHURN_CONF = (
+    "join_timeout=60,last_call_timeout=0.3,keep_alive_interval=0.2,keep_alive_max_attempt=5"
+)
+
+
+def idle_worker(directory: str) -> None:
+    """A churn worker: stamps its group's file (as ``worker`` does) and waits to be stopped.
+    No torch, so that a membership change costs the agent's work, not the workers' imports."""
+    name = f"ws{os.environ['WORLD_SIZE']}_r{os.environ['RANK']}_{os.getpid()}"
+    with open(os.path.join(directory, name + ".tmp"), "w") as f:
+        f.write(repr(time.monotonic()))
+    os.rename(os.path.join(directory, name + ".tmp"), os.path.join(directory, name))
+    time.sleep(WAIT_S * 5)  # until the agent stops the group (SIGTERM's default: exit)
+
+
+def agent_counts(pid: int) -> tuple[int, int]:
+    """``(open fds, threads)`` of process ``pid``: the fewest seen over a few looks 20 ms
+    apart, so that a short-lived heartbeat thread caught mid-call does not count."""
+    looks = []
+    for _ in range(5):
+        looks.append((len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))))
+        time.sleep(0.02)
+    return min(fds for fds, _ in looks), min(threads for _, threads in looks)
+
+
+def churn(changes: int, work: Path, nproc_per_node: int = 2) -> list[tuple[int, int, int]]:
+    """Node A (on 127.0.0.2) runs throughout; node B (127.0.0.3) joins and goes away (SIGTERM:
+    its agent stops its workers and leaves without closing the rendezvous, so A learns of it
+    by keep-alive expiry) until ``changes`` membership changes happened. After each one, once
+    the new group runs, samples A's agent. Returns ``(nodes, fds, threads)`` per change.
+    Raises ``TimeoutError`` if a group does not form within ``WAIT_S``."""
+    endpoint = f"127.0.0.2:{_free_port()}"
+
+    def start(n: int) -> subprocess.Popen[bytes]:
+        out = (work / f"churn-agent{n}.out").open("ab")
+        try:
+            return subprocess.Popen(
+                [
+                    *LAUNCHERS["aiockpt-run"],
+                    "--rdzv-backend=c10d",
+                    f"--rdzv-endpoint={endpoint}",
+                    "--nnodes=1:2",
+                    f"--nproc-per-node={nproc_per_node}",
+                    "--rdzv-id=churn",
+                    f"--rdzv-conf={CHURN_CONF}",
+                    f"--local-addr=127.0.0.{n}",
+                    "--shutdown-timeout=5",
+                    __file__,
+                    "idle",
+                    str(work),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            out.close()
+
+    samples: list[tuple[int, int, int]] = []
+    first = start(2)
+    joiner: subprocess.Popen[bytes] | None = None
+    try:
+        _wait_group(work, nproc_per_node, 0.0)
+        while len(samples) < changes:
+            after = time.monotonic()
+            if joiner is None:
+                joiner = start(3)
+                nodes = 2
+            else:
+                joiner.send_signal(signal.SIGTERM)
+                joiner.wait(WAIT_S)
+                joiner, nodes = None, 1
+            _wait_group(work, nodes * nproc_per_node, after)
+            samples.append((nodes, *agent_counts(first.pid)))
+    finally:
+        for agent in (first, joiner):
+            if agent is not None and agent.poll() is None:
+                agent.send_signal(signal.SIGTERM)
+                try:
+                    agent.wait(WAIT_S)
+                except subprocess.TimeoutExpired:
+                    _kill_node(agent)
+    return samples
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--changes", type=int, default=50, help="membership changes of the flatness check"
+    )
     parser.add_argument(
         "--verbose", action="store_true", help="print the agents' output of a hung trial"
     )
@@ -199,19 +300,36 @@ def main() -> None:
     }
     hung: dict[str, int] = dict.fromkeys(LAUNCHERS, 0)
     try:
-        for i in range(args.repeats):
-            for name in LAUNCHERS:  # interleaved: load drifts affect both alike
-                try:
-                    join_s, loss_s = trial(name, root, verbose=args.verbose)
-                except TimeoutError as exc:
-                    hung[name] += 1
-                    print(f"trial {i} {name:11s} did not finish: {exc}", flush=True)
-                    continue
-                times[name]["join"].append(join_s)
-                times[name]["loss"].append(loss_s)
-                print(f"trial {i} {name:11s} join {join_s:6.3f}s  loss {loss_s:6.3f}s", flush=True)
+        run_trials(args, root, times, hung)
+        report(args, times, hung)
+        if args.changes and not flatness(args.changes, root):
+            sys.exit(1)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def run_trials(
+    args: argparse.Namespace,
+    root: Path,
+    times: dict[str, dict[str, list[float]]],
+    hung: dict[str, int],
+) -> None:
+    for i in range(args.repeats):
+        for name in LAUNCHERS:  # interleaved: load drifts affect both alike
+            try:
+                join_s, loss_s = trial(name, root, verbose=args.verbose)
+            except TimeoutError as exc:
+                hung[name] += 1
+                print(f"trial {i} {name:11s} did not finish: {exc}", flush=True)
+                continue
+            times[name]["join"].append(join_s)
+            times[name]["loss"].append(loss_s)
+            print(f"trial {i} {name:11s} join {join_s:6.3f}s  loss {loss_s:6.3f}s", flush=True)
+
+
+def report(
+    args: argparse.Namespace, times: dict[str, dict[str, list[float]]], hung: dict[str, int]
+) -> None:
     print(f"\nmedians over the trials that finished, of {args.repeats} (seconds)")
     print(f"{'':12s} {'join -> group of 2 running':>28s} {'SIGKILL -> group of 1 running':>31s}")
     for name, measured in times.items():
@@ -222,10 +340,46 @@ def main() -> None:
         loss = statistics.median(measured["loss"])
         note = f"  ({hung[name]} trial(s) hung)" if hung[name] else ""
         print(f"{name:12s} {join:28.3f} {loss:31.3f}{note}")
+    ours, theirs = times["aiockpt-run"], times["torchrun"]
+    if ours["join"] and theirs["join"]:
+        print(
+            "ratio aiockpt-run / torchrun: join "
+            f"{statistics.median(ours['join']) / statistics.median(theirs['join']):.2f}x, loss "
+            f"{statistics.median(ours['loss']) / statistics.median(theirs['loss']):.2f}x"
+            " (target <= 0.5x each)",
+            flush=True,
+        )
+
+
+def flatness(changes: int, root: Path, nproc_per_node: int = 4) -> bool:
+    """Node B joins and leaves ``changes`` times; prints node A's agent's fds and threads
+    after each change, by group size, and returns whether they are flat: as many after the
+    last change as after the first, and as many threads with 2 nodes as with 1."""
+    work = Path(tempfile.mkdtemp(dir=root))
+    try:
+        samples = churn(changes, work, nproc_per_node)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\nnode A's agent over {changes} membership changes ({nproc_per_node} workers per node)")
+    for nodes in (1, 2):
+        seen = [(fds, threads) for n, fds, threads in samples if n == nodes]
+        print(
+            f"  {nodes} node(s), {nodes * nproc_per_node} workers: fds {seen[0][0]} -> "
+            f"{seen[-1][0]} (max {max(f for f, _ in seen)}), threads {seen[0][1]} -> "
+            f"{seen[-1][1]} (max {max(t for _, t in seen)})"
+        )
+    by_size = [[(f, t) for n, f, t in samples if n == nodes] for nodes in (1, 2)]
+    # flat per group size, and the same threads with twice the nodes and workers
+    threads = {t for seen in by_size for _, t in seen}
+    flat = all(seen[-1] == seen[0] for seen in by_size) and len(threads) == 1
+    print("flat" if flat else "NOT FLAT", flush=True)
+    return flat
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "worker":
         worker(sys.argv[2])
+    elif len(sys.argv) > 2 and sys.argv[1] == "idle":
+        idle_worker(sys.argv[2])
     else:
         main()

@@ -20,6 +20,7 @@ from aiockpt._format.commit import (
     TRASH_PREFIX,
     abort,
     build_manifest,
+    describe_leaves,
     finalize,
     is_committed,
     list_committed,
@@ -34,12 +35,13 @@ from aiockpt._format.loading import load, read_manifest, verify
 from aiockpt._format.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
+    Manifest,
     OpaqueLeaf,
     ValueLeaf,
     decode_manifest,
     encode_manifest,
 )
-from aiockpt.writers.base import FileRecord
+from aiockpt.writers.base import FileRecord, WriterPart, flatten_state_dict
 from aiockpt.writers.safetensors import SafetensorsWriter
 from tests.writer_fixtures import FailingWriter, NoneReturningWriter, assert_same
 
@@ -237,10 +239,21 @@ def test_unencodable_metadata_fails_before_writing(tmp_path: Path) -> None:
     assert writer.calls == [] and os.listdir(tmp_path) == []
 
 
+def one_rank_manifest(
+    pending: commit.PendingCheckpoint, state_dict: Any, records: list[FileRecord]
+) -> Manifest:
+    """What ``write_checkpoint`` makes of one rank's records, phase by phase."""
+    flat_state = flatten_state_dict(state_dict)
+    leaves = describe_leaves(flat_state, records)
+    part = commit.RankPart(pending.path, WriterPart(records), flat_state[0], leaves)
+    records = records + record_unreported_files(pending.temp_path, records)
+    return build_manifest("safetensors", [part], records)
+
+
 def test_phases_and_a_crash_before_finalize(tmp_path: Path) -> None:
     pending = prepare(tmp_path / "deep" / "er" / "ckpt")  # creates parents
     records = write_files(SafetensorsWriter(), state(), pending.temp_path)
-    manifest = build_manifest("safetensors", state(), records)
+    manifest = one_rank_manifest(pending, state(), records)
     # "Crash": the manifest is written in the temp directory but never renamed into place.
     (Path(pending.temp_path) / MANIFEST_NAME).write_bytes(encode_manifest(manifest))
     parent = tmp_path / "deep" / "er"
@@ -255,8 +268,8 @@ def test_ranks_sharing_a_directory_leave_unreported_files_to_the_finalizer(
     tmp_path: Path,
 ) -> None:
     pending = prepare(tmp_path / "ckpt")
-    ranked = write_files(SafetensorsWriter(), state(), pending.temp_path, hash_unreported=False)
-    silent = write_files(NoneReturningWriter(), state(), pending.temp_path, hash_unreported=False)
+    ranked = write_files(SafetensorsWriter(), state(), pending.temp_path)
+    silent = write_files(NoneReturningWriter(), state(), pending.temp_path)
     assert [r.name for r in ranked] == ["model.safetensors"] and silent == []
     rest = record_unreported_files(pending.temp_path, ranked)
     assert sorted(r.name for r in rest) == ["extra/notes.txt", "weights.bin"]
@@ -266,7 +279,7 @@ def test_ranks_sharing_a_directory_leave_unreported_files_to_the_finalizer(
 def test_finalize_then_abort_is_harmless(tmp_path: Path) -> None:
     pending = prepare(tmp_path / "ckpt")
     records = write_files(SafetensorsWriter(), state(), pending.temp_path)
-    finalize(pending, build_manifest("safetensors", state(), records))
+    finalize(pending, one_rank_manifest(pending, state(), records))
     abort(pending)  # nothing left to remove
     assert is_committed(tmp_path / "ckpt")
 
@@ -276,7 +289,7 @@ def test_something_appearing_at_the_path_meanwhile_wins(tmp_path: Path) -> None:
     records = write_files(SafetensorsWriter(), state(), pending.temp_path)
     (tmp_path / "ckpt").mkdir()
     with pytest.raises(FileExistsError):
-        finalize(pending, build_manifest("safetensors", state(), records))
+        finalize(pending, one_rank_manifest(pending, state(), records))
     abort(pending)
     assert os.listdir(tmp_path) == ["ckpt"]
 
@@ -360,3 +373,40 @@ def test_a_checkpoint_replaced_as_it_was_published_is_not_reported_durable(
         commit.check_published(str(path), ours)
     with pytest.raises(FileExistsError):  # or removed it
         commit.check_published(str(tmp_path / "nothing"), ours)
+
+
+# --- The hooks of write_checkpoint: cancel before commit, and the ranks of one save.
+
+
+def test_before_commit_runs_once_the_files_are_written_and_before_the_rename(
+    tmp_path: Path,
+) -> None:
+    seen: list[tuple[list[str], bool]] = []
+
+    def before_commit() -> None:
+        (temp,) = leftovers(tmp_path)
+        seen.append((sorted(os.listdir(tmp_path / temp)), os.path.lexists(tmp_path / "ckpt")))
+
+    write_checkpoint(
+        SafetensorsWriter(), state(), tmp_path / "ckpt", format="x", before_commit=before_commit
+    )
+    assert seen == [(["model.safetensors"], False)]
+    assert is_committed(tmp_path / "ckpt") and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_before_commit_raising_cancels_the_save(tmp_path: Path, overwrite: bool) -> None:
+    """The worker's cancel gate raises here: nothing is published, the old checkpoint stays."""
+    if overwrite:
+        save(tmp_path / "ckpt", 1.0)
+
+    def cancelled() -> None:
+        raise RuntimeError("cancelled before its commit")
+
+    with pytest.raises(RuntimeError, match="cancelled before its commit"):
+        save(tmp_path / "ckpt", 2.0, overwrite=overwrite, before_commit=cancelled)
+    assert leftovers(tmp_path) == []
+    if overwrite:
+        assert_same(load(tmp_path / "ckpt"), state(1.0))
+    else:
+        assert not os.path.lexists(tmp_path / "ckpt")

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import datetime
+import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
+import torch
 import torch.distributed as dist
 
+from aiockpt._format.loading import load, verify
 from aiockpt._wire.coordination import SaveRound, connect_store, keys_owned_by
-from aiockpt._wire.protocol import GcOptions, GroupInfo
-from aiockpt.errors import CoordinationTimeout, RankFailed, qualified_name
+from aiockpt._wire.protocol import CommitOptions, GcOptions, GroupInfo, RankInfo
+from aiockpt._worker.rank_group import Outcome, RankGroup
+from aiockpt.errors import CoordinationError, CoordinationTimeout, RankFailed, qualified_name
+from aiockpt.writers.dcp import DcpWriter
+from tests.writer_fixtures import assert_same
 
 
 @pytest.fixture
@@ -123,3 +132,106 @@ def test_torch_gc_environment_variables_map_to_gc_options() -> None:
 def test_exception_types_are_named_as_across_the_boundary() -> None:
     assert qualified_name(OSError) == "OSError"
     assert qualified_name(RankFailed) == "aiockpt.errors.RankFailed"
+
+
+# --- One multi-rank save through commit.write_checkpoint, each rank a thread with its own
+# RankGroup (its own store client), as the workers run it.
+
+
+def save_by_ranks(
+    info: GroupInfo,
+    path: str,
+    states: list[dict[str, Any]],
+    before_commit: list[Callable[[], None]],
+) -> list[Any]:
+    """Every rank's outcome (or the exception it raised), in rank order."""
+    outcomes: list[Any] = [None] * len(states)
+
+    def rank_main(rank: int) -> None:
+        group = RankGroup(msgspec.structs.replace(info, rank=rank, pg_generation=None))
+        writer = DcpWriter(RankInfo(global_rank=rank, global_world_size=len(states)))
+        options = CommitOptions("dcp", round_id="r1")
+        try:
+            outcomes[rank] = group.write_and_commit(
+                writer, states[rank], {}, path, options, begin_commit=before_commit[rank]
+            )
+        except Exception as exc:
+            outcomes[rank] = exc
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(len(states))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads)
+    return outcomes
+
+
+def nothing() -> None:
+    pass
+
+
+def test_a_multi_rank_save_commits_once_through_the_one_commit_function(
+    group: tuple[GroupInfo, dist.TCPStore], tmp_path: Path
+) -> None:
+    info = msgspec.structs.replace(group[0], timeout_s=10)
+    # "shared" is replicated (DCP writes it once); each rank's own tensor is its own.
+    states = [{f"rank{r}": torch.full((4,), float(r)), "shared": torch.ones(2)} for r in range(2)]
+    path = str(tmp_path / "ckpt")
+    outcomes = save_by_ranks(info, path, states, [nothing, nothing])
+    assert [type(o) for o in outcomes] == [Outcome, Outcome]
+    assert outcomes[0].result == outcomes[1].result and outcomes[0].result.path == path
+    # Neither worker had a process group: both are told to form one under the same generation.
+    assert outcomes[0].regroup is not None and outcomes[0].regroup == outcomes[1].regroup
+    manifest = verify(path)
+    assert manifest.world_size == 2
+    for rank in range(2):
+        assert_same(load(path, rank=rank), states[rank])
+    assert os.listdir(tmp_path) == ["ckpt"]
+
+
+def test_a_rank_cancelled_before_its_commit_fails_every_rank_and_leaves_nothing(
+    group: tuple[GroupInfo, dist.TCPStore], tmp_path: Path
+) -> None:
+    info = msgspec.structs.replace(group[0], timeout_s=10)
+    states = [{"w": torch.full((4,), float(r))} for r in range(2)]
+
+    def cancelled() -> None:
+        raise RuntimeError("cancelled before its commit")
+
+    outcomes = save_by_ranks(info, str(tmp_path / "ckpt"), states, [nothing, cancelled])
+    assert isinstance(outcomes[1], RuntimeError)
+    assert isinstance(outcomes[0], RankFailed) and outcomes[0].rank == 1
+    assert "cancelled before its commit" in str(outcomes[0])
+    assert os.listdir(tmp_path) == []
+
+
+# --- torch's store errors come out as aiockpt's, with the cause chained.
+
+
+def own_store() -> dist.TCPStore:
+    return dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=10),
+    )  # fmt: skip
+
+
+def test_an_unreachable_store_is_a_coordination_error() -> None:
+    server = own_store()
+    port = server.port
+    del server  # nothing listens there any more
+    info = GroupInfo("127.0.0.1", port, "", "s", 1, 2, 0, timeout_s=0.2)
+    with pytest.raises(CoordinationError, match=f"connecting to 127.0.0.1:{port}") as caught:
+        connect_store(info)
+    assert isinstance(caught.value.__cause__, dist.DistError)
+
+
+def test_a_store_that_goes_away_mid_save_is_a_coordination_error() -> None:
+    server = own_store()
+    info = GroupInfo("127.0.0.1", server.port, "", "s", 0, 2, 0, timeout_s=0.2)
+    round_ = SaveRound(connect_store(info), "r", rank=0, world_size=2, timeout_s=0.2)
+    round_.post("prepared", "/tmp/x")
+    del server  # the store's server stops
+    with pytest.raises(CoordinationError, match="save 'r', step 'assign'") as caught:
+        round_.post("assign", [[0], [0]])
+    assert isinstance(caught.value.__cause__, RuntimeError)  # torch's DistError is one

@@ -540,18 +540,25 @@ def test_every_torch_load_in_the_package_passes_weights_only_true() -> None:
 
 
 def test_checkpoint_reading_code_unpickles_only_where_allow_pickle_decides() -> None:
-    """The modules that read checkpoints from disk call pickle only in the one function that
-    first checks ``allow_pickle`` (its behaviour is what the tests above check)."""
-    allowed = {("loading.py", "_read_leaves")}
-    found = set()
-    for module in ("loading.py", "manifest.py", "commit.py"):
-        tree = ast.parse((PACKAGE / "_format" / module).read_text())
+    """The modules that read checkpoints from disk (all of ``_format``) unpickle only in the
+    functions ``load`` reaches after checking ``allow_pickle`` (its behaviour is what the tests
+    above check): aiockpt's leaf reader, and torch's DCP reader for a torch-written checkpoint,
+    which unpickles ``.metadata``. Each of those is called from nowhere else."""
+    allowed = {("loading.py", "_read_leaves"), ("torch_written.py", "load_torch_written")}
+    unpickling_calls = ("pickle.load", "torch.load", "dcp_load", "_load_state_dict")
+    found, callers = set(), set()
+    for source in sorted((PACKAGE / "_format").glob("*.py")):
+        tree = ast.parse(source.read_text())
         for call, function in _calls(tree):
             callee = ast.unparse(call.func)
-            unpickles = callee.startswith(("pickle.load", "torch.load")) or "Unpickler" in callee
-            if unpickles:
-                found.add((module, function))
+            if callee.startswith(unpickling_calls) or "Unpickler" in callee:
+                found.add((source.name, function))
+            readers = ("_read_leaves", "load_torch_written")
+            if any(isinstance(n, ast.Name) and n.id in readers for n in ast.walk(call)):
+                callers.add((source.name, function))
     assert found <= allowed, f"unpickling outside the allow_pickle check: {found - allowed}"
+    assert found, "the scan found no reader at all: it no longer looks at the loading code"
+    assert callers == {("loading.py", "load"), ("loading.py", "_load")}, callers
 
 
 # --- permissions and the channel ----------------------------------------------------------

@@ -22,6 +22,7 @@ from aiockpt._format.tree import MAX_DEPTH
 from aiockpt._wire.protocol import RankInfo, ShardSpec
 from aiockpt.errors import CorruptCheckpoint
 from aiockpt.writers import create_writer
+from aiockpt.writers.base import flatten_state_dict
 from aiockpt.writers.dcp import DcpWriter
 from tests.writer_fixtures import assert_same, full_state_dict, like, random_tensor
 
@@ -271,13 +272,12 @@ def save_ranks(path: Path, states: list[tuple[dict[str, Any], dict[int, ShardSpe
     ]
     records = [record for part in written for record in part.records]
     records += writers[0].finish(pending.temp_path, written)
-    parts = [
-        commit.RankPart(
-            str(path), part, *commit.describe_leaves(sd, part.records, elsewhere=part.imports)
-        )
-        for part, (sd, _) in zip(written, states, strict=True)
-    ]
-    commit.finalize(pending, commit.build_group_manifest("dcp", parts, records))
+    parts = []
+    for part, (sd, _) in zip(written, states, strict=True):
+        flat_state = flatten_state_dict(sd)
+        leaves = commit.describe_leaves(flat_state, part.records, elsewhere=part.imports)
+        parts.append(commit.RankPart(str(path), part, flat_state[0], leaves))
+    commit.finalize(pending, commit.build_manifest("dcp", parts, records))
     return path
 
 

@@ -7,6 +7,7 @@ import enum
 import struct
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import msgspec
 import numpy
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 
 import aiockpt._wire.protocol
 import aiockpt._wire.session
+from aiockpt._format.manifest import is_plain, plain_leaf
 from aiockpt._format.tree import DictNode, LeafNode, ListNode, TupleNode
 from aiockpt._wire.protocol import (
     PROTOCOL_VERSION,
@@ -39,7 +41,7 @@ from aiockpt._wire.protocol import (
     WriteResultPayload,
     encode_frame,
 )
-from aiockpt._wire.tensors import plain_leaf, value_from_leaf
+from aiockpt._wire.tensors import value_from_leaf, value_leaf
 from aiockpt.errors import ProtocolError, ProtocolVersionMismatch
 
 codec = MessageCodec()
@@ -243,7 +245,7 @@ INTS = [0, -1, 2**63 - 1, -(2**63), 2**64 - 1, 2**64, -(2**63) - 1, 2**200, -(2*
 def test_every_int_leaf_crosses_the_channel_exactly(value: int) -> None:
     """The trainer describes a leaf, the frame is encoded and decoded, the worker rebuilds
     it: the same int, of type int (ints beyond 64 bits failed in the encoder, keyless)."""
-    payload = StateDictPayload(LeafNode(0), [plain_leaf(("k",), value, allow_pickle=False)])
+    payload = StateDictPayload(LeafNode(0), [value_leaf(("k",), value, allow_pickle=False)])
     message = WorkerRequest(1, RequestType.WRITE_CHECKPOINT, WritePayload("/p", payload, {}))
     (body,) = FrameDecoder().feed(codec.encode(message))
     decoded = codec.decode_request(body)
@@ -269,10 +271,32 @@ UNENCODABLE = {
 @pytest.mark.parametrize("case", list(UNENCODABLE))
 def test_a_leaf_the_channel_cannot_carry_fails_in_the_caller_naming_its_key(case: str) -> None:
     with pytest.raises(TypeError, match=r"'opt\.state\.0'"):
-        plain_leaf(("opt", "state", 0), UNENCODABLE[case], allow_pickle=False)
+        value_leaf(("opt", "state", 0), UNENCODABLE[case], allow_pickle=False)
 
 
 def test_subclasses_of_plain_types_are_pickled_when_allowed_and_keep_their_type() -> None:
-    leaf = plain_leaf(("c",), Color.RED, allow_pickle=True)
+    leaf = value_leaf(("c",), Color.RED, allow_pickle=True)
     assert isinstance(leaf, PickledObject)
     assert type(value_from_leaf(leaf)) is Color
+
+
+class Label(str):
+    pass
+
+
+#: plain and not quite plain values: the channel and the manifest must draw the line alike
+PLAIN = [0, 2**70, 1.5, float("nan"), "s", True, None, b"b"]
+NOT_PLAIN = [Color.RED, numpy.float64(1.5), Label("s"), bytearray(b"b"), [1], object()]
+
+
+@pytest.mark.parametrize(
+    ("value", "plain"),
+    [(v, True) for v in PLAIN] + [(v, False) for v in NOT_PLAIN],
+    ids=lambda v: type(v).__name__,
+)
+def test_the_channel_and_the_manifest_agree_on_what_is_plain(value: Any, plain: bool) -> None:
+    assert is_plain(value) is plain
+    assert (plain_leaf(value) is not None) is plain
+    wire = value_leaf(("k",), value, allow_pickle=True)
+    assert isinstance(wire, (PlainValue, BigIntValue)) is plain
+    assert isinstance(wire, PickledObject) is not plain

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from aiockpt import Checkpointer, RootLocked
 from aiockpt._format.commit import TEMP_PREFIX
 from aiockpt._format.root_lock import LOCK_NAME
 from tests.leaks import descendants
+from tests.writer_fixtures import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 GATED = "tests.writer_fixtures:GatedDcpWriter"
@@ -44,14 +44,6 @@ def other_process(code: str, root: Path) -> subprocess.CompletedProcess[str]:
         timeout=120,
         check=False,
     )
-
-
-def wait_for(path: Path) -> None:
-    """Until the worker signals through ``path`` (bounded: a minute)."""
-    deadline = time.monotonic() + 60
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.002)
 
 
 async def test_second_writer_and_reader_in_other_processes_leave_a_save_in_flight_alone(

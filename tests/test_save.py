@@ -7,6 +7,7 @@ import os
 import signal
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,15 @@ from aiockpt._format.commit import TEMP_PREFIX
 from aiockpt._format.root_lock import LOCK_NAME
 from aiockpt._trainer.staging import SharedArena
 from tests.leaks import descendants
+from tests.writer_fixtures import WriteGateFiles, wait_for
 
 SLOW = "tests.workers:SlowDcpWriter"
+GATED = "tests.writer_fixtures:GatedDcpWriter"
+
+
+@pytest.fixture
+def gate(tmp_path: Path) -> Iterator[WriteGateFiles]:
+    yield from WriteGateFiles.around(tmp_path)
 
 
 def every_kind_of_state() -> dict[str, Any]:
@@ -183,15 +191,18 @@ async def test_cancelling_the_awaiting_task_cancels_the_save(tmp_path: Path) -> 
 
 
 async def test_backpressure_holds_staging_while_max_in_flight_saves_are_written(
-    tmp_path: Path,
+    tmp_path: Path, gate: WriteGateFiles
 ) -> None:
-    async with Checkpointer(tmp_path, format=SLOW, max_in_flight=1) as ckpt:
-        first = ckpt.save({"w": torch.ones(4)}, step=1)
+    async with Checkpointer(tmp_path, format=GATED, max_in_flight=1) as ckpt:
+        first = ckpt.save({"w": torch.ones(4), "gate": gate.entry}, step=1)
         await first.staged
+        await gate.started()  # the first save is being written, and held there
         second = ckpt.save({"w": torch.ones(4)}, step=2)
-        await asyncio.sleep(0.5)
-        assert not first.done()
-        assert not second._staged.done()  # waiting for the in-flight slot
+        # Given every chance to stage (any number of loop turns), it waits for the slot.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(second.staged, timeout=0.2)
+        assert not first.done() and not second.done()
+        await gate.open()
         await first
         await second.staged
         await second
@@ -278,8 +289,12 @@ async def test_writer_failure_fails_the_save_and_the_next_one_succeeds(tmp_path:
         failing = ckpt.save_to(
             {"w": torch.ones(2)}, tmp_path / "x", format="tests.workers:FailingWriter"
         )
-        with pytest.raises(CheckpointWriteError, match="No space left"):
+        with pytest.raises(CheckpointWriteError, match="No space left") as caught:
             await failing
+        # The error says which save, which worker and what its writer raised, as attributes.
+        assert caught.value.path == str(tmp_path / "x")
+        assert caught.value.pid == ckpt.worker_pid is not None
+        assert caught.value.error_type == "OSError"
         await ckpt.save({"w": torch.ones(2)}, step=1)
     assert sorted(os.listdir(tmp_path)) == ["step_0000000001"]
 
@@ -287,15 +302,18 @@ async def test_writer_failure_fails_the_save_and_the_next_one_succeeds(tmp_path:
 async def test_worker_killed_mid_write_fails_the_save_and_the_next_respawns(
     tmp_path: Path,
 ) -> None:
-    async with Checkpointer(tmp_path, format=SLOW) as ckpt:
+    gate = WriteGateFiles(tmp_path)
+    async with Checkpointer(tmp_path, format=GATED) as ckpt:
         first_pid = ckpt.worker_pid
         assert first_pid is not None
-        handle = ckpt.save({"w": torch.ones(4)}, step=1)
-        await handle.staged
-        await asyncio.sleep(0.3)
+        handle = ckpt.save({"w": torch.ones(4), "gate": gate.entry}, step=1)
+        await gate.started()  # held inside the write, until killed
         os.kill(first_pid, signal.SIGKILL)
-        with pytest.raises(WorkerCrashed, match="SIGKILL"):
+        gate.remove()
+        with pytest.raises(WorkerCrashed, match="SIGKILL") as caught:
             await handle
+        assert caught.value.pid == first_pid
+        assert caught.value.returncode == -signal.SIGKILL
         assert not (tmp_path / "step_0000000001").exists()
         await ckpt.save({"w": torch.ones(4)}, step=2)
         assert ckpt.worker_pid not in (None, first_pid)
@@ -400,7 +418,9 @@ async def test_cuda_tensors_stage_through_a_pinned_arena(tmp_path: Path) -> None
     assert torch.equal(loaded["w"], expected) and torch.equal(loaded["cpu"], torch.ones(3))
 
 
-def test_trainer_killed_mid_save_leaves_no_worker_and_no_shared_memory(tmp_path: Path) -> None:
+def test_trainer_killed_mid_save_leaves_no_worker_and_no_shared_memory(
+    tmp_path: Path, gate: WriteGateFiles
+) -> None:
     """SIGKILL the trainer while its save is being written: the worker exits (EOF), no arena
     name is left in /dev/shm, and the next Checkpointer.start() removes the temporary dir."""
     import subprocess
@@ -411,8 +431,8 @@ def test_trainer_killed_mid_save_leaves_no_worker_and_no_shared_memory(tmp_path:
     code = f"""
 import asyncio, torch, aiockpt
 async def main():
-    async with aiockpt.Checkpointer({str(tmp_path)!r}, format={SLOW!r}) as ckpt:
-        handle = ckpt.save({{"w": torch.randn(256, 256)}}, step=1)
+    async with aiockpt.Checkpointer({str(tmp_path)!r}, format={GATED!r}) as ckpt:
+        handle = ckpt.save({{"w": torch.randn(256, 256), "gate": {gate.entry!r}}}, step=1)
         await handle.staged
         print(ckpt.worker_pid, flush=True)
         await handle
@@ -427,7 +447,7 @@ asyncio.run(main())
     )
     assert trainer.stdout is not None
     worker_pid = int(trainer.stdout.readline())
-    time.sleep(0.3)  # inside the slow write
+    wait_for(f"{gate.entry}.started")  # held inside the write: never committed
     trainer.kill()
     trainer.wait()
     deadline = time.monotonic() + 10

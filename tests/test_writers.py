@@ -156,10 +156,12 @@ def test_safetensors_duplicate_names_raise(tmp_path: Path) -> None:
         SafetensorsWriter().write({"a.b": torch.ones(1), "a": {"b": torch.ones(1)}}, str(tmp_path))
 
 
-def test_safetensors_multi_rank_file_names(tmp_path: Path) -> None:
+def test_safetensors_write_alone_is_a_complete_hugging_face_layout(tmp_path: Path) -> None:
+    # Ranks of one save coordinate through the GroupWriter steps (tests/test_safetensors_layout);
+    # write() on its own writes the whole state dict it is given.
     writer = SafetensorsWriter(rank_info=RankInfo(global_rank=1, global_world_size=4))
     (record,) = writer.write({"w": torch.ones(1)}, str(tmp_path))
-    assert record.name == "model-00002-of-00004.safetensors"
+    assert record.name == "model.safetensors"
 
 
 # --- both -----------------------------------------------------------------------------------
@@ -234,6 +236,10 @@ def test_writers_are_resolved_by_format_name() -> None:
     assert isinstance(custom, NoneReturningWriter) and custom.options == {"level": 3}
     with pytest.raises(ValueError, match="unknown checkpoint format"):
         resolve_writer("pickle")
+    with pytest.raises(ImportError, match="has no attribute 'NoSuchWriter'"):
+        resolve_writer("tests.writer_fixtures:NoSuchWriter")
+    with pytest.raises(ImportError):
+        resolve_writer("tests.no_such_module:Writer")
     with pytest.raises(TypeError, match="unknown options"):
         create_writer("dcp", thread_count=4)
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -168,3 +170,65 @@ class GatedDcpWriter:
                     raise TimeoutError(f"{gate}.go never appeared")
                 time.sleep(0.002)
         return self._inner.write(state_dict=state_dict, path=path, **kwargs)
+
+
+def wait_for(path: str | os.PathLike[str]) -> None:
+    """Until a worker signals through the file ``path`` (bounded: a minute)."""
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.002)
+
+
+class WriteGateFiles:
+    """The gate files of one ``GatedDcpWriter`` save, next to (not in) a test's directory:
+    put ``entry`` in the state dict as ``"gate"``, await ``started()``, then ``open()``."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.entry = str(tmp_path.parent / f"{tmp_path.name}-gate")
+
+    async def started(self) -> None:
+        """Until the writer holds the save in its temporary directory."""
+        await asyncio.to_thread(wait_for, f"{self.entry}.started")
+
+    async def open(self) -> None:
+        """Let the held write go on."""
+        await asyncio.to_thread(Path(f"{self.entry}.go").touch)
+
+    def remove(self) -> None:
+        for suffix in (".started", ".go"):
+            Path(f"{self.entry}{suffix}").unlink(missing_ok=True)
+
+    @classmethod
+    def around(cls, tmp_path: Path) -> Iterator[WriteGateFiles]:
+        """A fixture body: the gate, and its files removed afterwards."""
+        gate = cls(tmp_path)
+        try:
+            yield gate
+        finally:
+            gate.remove()
+
+
+class HalfGatedWriter:
+    """Writes each tensor of a dict into a file of its own, and, given a ``"gate"`` entry (a
+    path), stops after the first file: it creates ``<gate>.half`` and writes the rest only
+    once ``<gate>.go`` appears (at most a minute later), so a test sees a save halfway."""
+
+    def __init__(self, rank_info: Any = None, **options: Any) -> None:
+        pass
+
+    def write(self, state_dict: Any, path: str, **kwargs: Any) -> list[FileRecord]:
+        from aiockpt.writers.base import FileSink
+
+        gate = state_dict.get("gate")
+        records = []
+        tensors = [(k, v) for k, v in state_dict.items() if isinstance(v, torch.Tensor)]
+        for number, (name, tensor) in enumerate(tensors):
+            if number == 1 and gate is not None:
+                with open(f"{gate}.half", "w"):
+                    pass
+                wait_for(f"{gate}.go")
+            with FileSink(path, f"{name}.bin") as sink:
+                sink.write_tensor(tensor)
+                records.append(sink.close())
+        return records

@@ -7,23 +7,26 @@ directory is renamed into place. So whoever sees a manifest at a checkpoint path
 complete, durable checkpoint; a crash at any point leaves either the old state or the new one,
 plus at worst a temporary directory that ``remove_stale_temps`` recognises by its name.
 
-A save goes through three phases so that a multi-rank save can run the middle one on every
-rank against one shared temporary directory and the last one on a single rank:
+Every save goes through ``write_checkpoint``, in three phases, so that a multi-rank save can
+run the middle one on every rank against one shared temporary directory and the last one on
+a single rank (a single-rank save is the same with one part and nobody to meet):
 
-1. ``prepare(path, overwrite=)``: refuse an existing ``path`` unless overwriting (before
-   anything is written), create ``<parent>/aiockpt-tmp-<name>-<random>`` (mode 0o700);
-2. ``write_files(writer, state_dict, temp_path)``: run the writer; hash and fsync whatever
-   files it did not report (``record_unreported_files``, which a multi-rank save runs once,
-   on the finalizing rank, after every rank has written);
-3. ``finalize(pending, manifest)``: write and fsync the manifest, fsync the directory, rename
-   it into place, fsync the parent. With ``overwrite=True`` an existing checkpoint is swapped
-   out atomically (``renameat2(RENAME_EXCHANGE)`` where the file system has it), so the path
+1. ``prepare(path, overwrite=)`` (rank 0): refuse an existing ``path`` unless overwriting
+   (before anything is written), create ``<parent>/aiockpt-tmp-<name>-<random>`` (0o700);
+2. every rank: run the writer there (``write_files``, or a ``GroupWriter``'s planned steps)
+   and describe its leaves (``describe_leaves``) as a ``RankPart``;
+3. rank 0, every part in: the writer's global files, the files no writer reported hashed
+   and fsynced (``record_unreported_files``), the manifest (``build_manifest``); the
+   caller's ``before_commit`` hook (the worker's cancel gate); then ``finalize(pending,
+   manifest)``: write and fsync the manifest, fsync the directory, rename it into place,
+   fsync the parent. With ``overwrite=True`` an existing checkpoint is swapped out
+   atomically (``renameat2(RENAME_EXCHANGE)`` where the file system has it), so the path
    never shows a directory without a manifest; elsewhere the old one is renamed aside first
    and the path is briefly absent, never torn.
 
-``abort(pending)`` removes the temporary directory; ``write_checkpoint`` runs all three and
-aborts on any exception. Removing a checkpoint renames it to ``aiockpt-del-<name>-<random>``
-first, so a crash halfway through deleting never leaves something that looks committed.
+On any exception ``abort(pending)`` removes the temporary directory. Removing a checkpoint
+renames it to ``aiockpt-del-<name>-<random>`` first, so a crash halfway through deleting never
+leaves something that looks committed.
 """
 
 from __future__ import annotations
@@ -37,10 +40,10 @@ import stat
 import tempfile
 import time
 import uuid
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeAlias
 
 import msgspec
 import xxhash
@@ -57,17 +60,28 @@ from aiockpt._format.manifest import (
     encode_manifest,
     plain_leaf,
 )
-from aiockpt._format.tree import Node
-from aiockpt.writers.base import FileRecord, FileSink, Writer, WriterPart, flatten_state_dict
+from aiockpt._format.tree import KeyPath, Node
+from aiockpt._runtime import libc_function
+from aiockpt._wire.protocol import ShardSpec
+from aiockpt.errors import CoordinationError
+from aiockpt.writers.base import (
+    FileRecord,
+    FileSink,
+    GroupWriter,
+    Writer,
+    WriterPart,
+    flatten_state_dict,
+)
 
 __all__ = [
     "TEMP_PREFIX",
     "TRASH_PREFIX",
+    "CommitPeers",
     "CommitResult",
+    "FlatState",
     "PendingCheckpoint",
     "RankPart",
     "abort",
-    "build_group_manifest",
     "build_manifest",
     "check_published",
     "describe_leaves",
@@ -111,6 +125,52 @@ class PendingCheckpoint:
     overwrite: bool
 
 
+#: ``(skeleton, [(key path, leaf), ...])``: a state dict flattened once per save, in the leaf
+#: order of ``FileRecord.leaves`` (``flatten_state_dict``)
+FlatState: TypeAlias = tuple[Node, list[tuple[KeyPath, Any]]]
+
+
+class CommitPeers(Protocol):
+    """The other ranks of a multi-rank save, as ``write_checkpoint`` meets them (the worker's
+    ``RankGroup``: rounds over the group's store). Rank 0 prepares the directory every rank
+    writes into and commits; the others write their part and hand it over. Each method
+    blocks up to the group's timeout and raises ``CoordinationTimeout`` when a rank did not
+    come, ``RankFailed`` when one failed."""
+
+    @property
+    def rank(self) -> int: ...
+
+    def share_temp_path(self, temp_path: str | None) -> str:
+        """Rank 0: tell the others ``temp_path``; the others (passing None): learn it."""
+        ...
+
+    def assign(self, writer: GroupWriter, plan: Any) -> Any:
+        """Every rank's ``plan`` to rank 0, which ``writer.assign``s them; this rank's
+        assignment."""
+        ...
+
+    def exchange_parts(self, part: RankPart) -> list[RankPart]:
+        """Rank 0: every rank's part in rank order, ``part`` first; the others: hand
+        ``part`` over and return ``[]``."""
+        ...
+
+    def publish(self, result: CommitResult) -> None:
+        """Rank 0, once committed: tell the others."""
+        ...
+
+    def receive(self) -> CommitResult:
+        """Ranks but 0: what rank 0 committed."""
+        ...
+
+    def fail(self, exc: BaseException) -> None:
+        """Tell the others this rank failed (never raises), so that none waits for it."""
+        ...
+
+
+def _no_hook() -> None:
+    pass
+
+
 def write_checkpoint(
     writer: Writer,
     state_dict: Any,
@@ -120,32 +180,81 @@ def write_checkpoint(
     overwrite: bool = False,
     metadata: Mapping[str, Any] | None = None,
     writer_kwargs: Mapping[str, Any] | None = None,
+    before_commit: Callable[[], None] = _no_hook,
+    peers: CommitPeers | None = None,
+    shards: Mapping[int, ShardSpec] | None = None,
 ) -> CommitResult:
-    """Write ``state_dict`` with ``writer`` and commit it at ``path``; all three phases.
+    """Write ``state_dict`` with ``writer`` and commit it at ``path``: every save, by one
+    rank or several, the tests' and the worker's, goes through here.
+
+    ``before_commit`` is called at this rank's point of no return (rank 0: before the
+    rename; the others: before handing their part over) and may raise to cancel the save
+    (the worker's ``WriteGate``). ``peers`` makes this one rank of a multi-rank save: every
+    rank writes into the temporary directory rank 0 made (a ``GroupWriter`` plans across
+    ranks first), and rank 0, every part in, writes the writer's global files and the one
+    manifest (``finalize_group``). ``shards`` (leaf index -> where that piece lies in the
+    whole) only matter with ``peers``.
 
     ``writer_kwargs`` are passed on to ``writer.write``. Raises FileExistsError if ``path``
     exists and not ``overwrite`` (nothing written), TypeError if ``metadata`` is not
-    JSON-encodable, and whatever the writer raises; on any exception the temporary directory
-    is removed and ``path`` is untouched.
+    JSON-encodable or a writer that cannot write shards gets some, what ``before_commit``,
+    ``peers`` and the writer raise; on any exception the temporary directory is removed
+    (by rank 0), ``path`` is untouched, and ``peers`` are told.
     """
     user_metadata = _check_metadata(metadata)
+    rank = 0 if peers is None else peers.rank
     started = time.perf_counter()
-    pending = prepare(path, overwrite=overwrite)
+    pending: PendingCheckpoint | None = None
     try:
-        records = write_files(writer, state_dict, pending.temp_path, writer_kwargs=writer_kwargs)
-        written = time.perf_counter()
-        manifest = build_manifest(format, state_dict, records, metadata=user_metadata)
+        temp_path: str | None = None
+        if rank == 0:
+            pending = prepare(path, overwrite=overwrite)
+            temp_path = pending.temp_path
+        if peers is not None:
+            temp_path = peers.share_temp_path(temp_path)
+        assert temp_path is not None
+        flat_state = flatten_state_dict(state_dict)
+        if peers is not None and isinstance(writer, GroupWriter):
+            assignment = peers.assign(writer, writer.plan(state_dict, shards or {}))
+            written = writer.write_part(state_dict, temp_path, assignment)
+        else:
+            if peers is not None and shards:
+                raise TypeError(
+                    f"{type(writer).__name__} cannot write sharded tensors (DTensor); "
+                    "use format='dcp'"
+                )
+            written = WriterPart(write_files(writer, state_dict, temp_path, writer_kwargs))
+        leaves = describe_leaves(flat_state, written.records, elsewhere=written.imports)
+        part = RankPart(os.path.abspath(os.fspath(path)), written, flat_state[0], leaves)
+        write_seconds = time.perf_counter() - started
+        if peers is not None and rank != 0:
+            before_commit()
+            peers.exchange_parts(part)
+            return peers.receive()
+        parts = [part] if peers is None else peers.exchange_parts(part)
+        commit_started = time.perf_counter()
+        assert pending is not None
+        manifest = _manifest_of_parts(
+            writer, pending, parts, format, user_metadata, grouped=peers is not None
+        )
+        before_commit()
         manifest_size = finalize(pending, manifest)
-    except BaseException:
-        abort(pending)
+        result = CommitResult(
+            path=pending.path,
+            nbytes=sum(f.size for f in manifest.files) + manifest_size,
+            files=manifest.files,
+            write_seconds=write_seconds,
+            commit_seconds=time.perf_counter() - commit_started,
+        )
+        if peers is not None:
+            peers.publish(result)
+        return result
+    except BaseException as exc:
+        if peers is not None:
+            peers.fail(exc)
+        if pending is not None:
+            abort(pending)
         raise
-    return CommitResult(
-        path=pending.path,
-        nbytes=sum(f.size for f in manifest.files) + manifest_size,
-        files=manifest.files,
-        write_seconds=written - started,
-        commit_seconds=time.perf_counter() - written,
-    )
 
 
 def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -183,17 +292,14 @@ def write_files(
     writer: Writer,
     state_dict: Any,
     temp_path: str,
-    *,
     writer_kwargs: Mapping[str, Any] | None = None,
-    hash_unreported: bool = True,
 ) -> list[FileRecord]:
-    """Phase 2: run ``writer`` in ``temp_path``; return the records of its files.
+    """Run ``writer`` in ``temp_path``; return the records of the files it reported.
 
     The writer is called with keywords (torch's experimental ``CheckpointWriter.write`` takes
     ``path`` first); a ``concurrent.futures.Future`` it returns is waited for; anything but
-    ``FileRecord``s in what it returns is ignored. With ``hash_unreported``, every other file
-    under ``temp_path`` is hashed and fsynced here (see ``record_unreported_files``); ranks
-    sharing one directory pass False and leave that to the finalizing rank.
+    ``FileRecord``s in what it returns is ignored. Files it did not report are left to
+    ``record_unreported_files``, which runs once all ranks sharing the directory have written.
 
     Raises what the writer raises, and ValueError if a record names a file outside the
     directory, a missing file or one of another size, or the manifest.
@@ -206,8 +312,6 @@ def write_files(
         records = [r for r in reported if isinstance(r, FileRecord)]
     for record in records:
         _check_reported(temp_path, record)
-    if hash_unreported:
-        records += record_unreported_files(temp_path, records)
     return records
 
 
@@ -245,45 +349,25 @@ def record_unreported_files(temp_path: str, known: Sequence[FileRecord]) -> list
 
 
 def describe_leaves(
-    state_dict: Any, records: Sequence[FileRecord], *, elsewhere: Collection[int] = ()
-) -> tuple[Node, list[Leaf | None]]:
-    """The skeleton of ``state_dict`` and a manifest entry per leaf, as written into
-    ``records``: leaves the writer located stay where it put them, plain values go into the
-    manifest, anything else a writer stored without saying where becomes ``OpaqueLeaf``;
-    leaves in ``elsewhere`` (another rank wrote them) are None, to be resolved by rank 0.
+    flat_state: FlatState, records: Sequence[FileRecord], *, elsewhere: Collection[int] = ()
+) -> list[Leaf | None]:
+    """A manifest entry per leaf of a flattened state dict, as written into ``records``:
+    leaves the writer located stay where it put them, plain values go into the manifest,
+    anything else a writer stored without saying where becomes ``OpaqueLeaf``; leaves in
+    ``elsewhere`` (another rank wrote them) are None, to be resolved by rank 0.
     """
-    skeleton, flat = flatten_state_dict(state_dict)
     located: dict[int, Leaf] = {}
     for record in records:
         located.update(record.leaves)
     leaves: list[Leaf | None] = []
-    for index, (_, value) in enumerate(flat):
+    for index, (_, value) in enumerate(flat_state[1]):
         leaf = located.get(index)
         if leaf is None and index not in elsewhere:
             leaf = plain_leaf(value)
             if leaf is None:
                 leaf = OpaqueLeaf(type(value).__qualname__)
         leaves.append(leaf)
-    return skeleton, leaves
-
-
-def build_manifest(
-    format: str,
-    state_dict: Any,
-    records: Sequence[FileRecord],
-    *,
-    metadata: Mapping[str, Any] | None = None,
-) -> Manifest:
-    """The manifest of ``state_dict`` as written into ``records`` by one rank."""
-    skeleton, leaves = describe_leaves(state_dict, records)
-    return Manifest(
-        format_version=FORMAT_VERSION,
-        format=format,
-        files=_entries(records),
-        skeleton=skeleton,
-        leaves=[leaf for leaf in leaves if leaf is not None],
-        metadata=dict(metadata or {}),
-    )
+    return leaves
 
 
 class RankPart(msgspec.Struct, frozen=True):
@@ -299,14 +383,15 @@ class RankPart(msgspec.Struct, frozen=True):
     pg_generation: int | None = None
 
 
-def build_group_manifest(
+def build_manifest(
     format: str,
     parts: Sequence[RankPart],
     records: Sequence[FileRecord],
     *,
     metadata: Mapping[str, Any] | None = None,
 ) -> Manifest:
-    """The manifest of a save by ``len(parts)`` ranks whose files are ``records``.
+    """The manifest of a save by ``len(parts)`` ranks (one, or several sharing one directory)
+    whose files are ``records``.
 
     Raises ValueError if a rank's leaf refers to a tensor no rank exported.
     """
@@ -334,6 +419,32 @@ def build_group_manifest(
         world_size=len(parts),
         ranks=states[1:],
     )
+
+
+def _manifest_of_parts(
+    writer: Writer,
+    pending: PendingCheckpoint,
+    parts: Sequence[RankPart],
+    format: str,
+    metadata: Mapping[str, Any],
+    *,
+    grouped: bool,
+) -> Manifest:
+    """Rank 0 (or the only rank), every part in: the writer's files that describe the whole
+    (a ``GroupWriter``'s ``finish``, multi-rank only), the unreported files hashed and
+    fsynced, the manifest. Raises CoordinationError if the ranks disagree on the path."""
+    for rank, part in enumerate(parts):
+        if part.path != pending.path:
+            raise CoordinationError(
+                f"ranks disagree on the checkpoint path: rank 0 saves to "
+                f"{pending.path!r}, rank {rank} to {part.path!r}",
+                rank=rank,
+            )
+    records = [record for part in parts for record in part.written.records]
+    if grouped and isinstance(writer, GroupWriter):
+        records += writer.finish(pending.temp_path, [part.written for part in parts])
+    records += record_unreported_files(pending.temp_path, records)
+    return build_manifest(format, parts, records, metadata=metadata)
 
 
 def _entries(records: Sequence[FileRecord]) -> list[FileEntry]:
@@ -505,18 +616,9 @@ _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 
 
-def _load_renameat2() -> Any:
-    try:
-        function = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):  # not Linux, or a libc without it
-        return None
-    function.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p)
-    function.argtypes += (ctypes.c_uint,)
-    function.restype = ctypes.c_int
-    return function
-
-
-_renameat2_function = _load_renameat2()
+_renameat2_function = libc_function(
+    "renameat2", (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+)
 
 
 def _renameat2(src: str, dst: str, flags: int) -> bool:

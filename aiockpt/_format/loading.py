@@ -34,6 +34,7 @@ matching manifest); the rules about opening files are what keep a reader inside 
 from __future__ import annotations
 
 import errno
+import functools
 import math
 import os
 import pickle
@@ -63,6 +64,8 @@ from aiockpt._format.manifest import (
     decode_manifest,
     plain_value,
 )
+from aiockpt._format.stateful import load_through_stateful
+from aiockpt._format.torch_written import TORCH_METADATA_NAME, is_torch_written, load_torch_written
 from aiockpt._format.tree import (
     MAX_DEPTH,
     DictNode,
@@ -74,7 +77,7 @@ from aiockpt._format.tree import (
     iter_key_paths,
     unflatten,
 )
-from aiockpt.errors import CorruptCheckpoint
+from aiockpt.errors import CorruptCheckpoint, ForeignCheckpoint
 from aiockpt.writers.base import dtype_from_name, is_tensor, tensor_bytes
 
 __all__ = ["load", "read_manifest", "verify"]
@@ -85,8 +88,9 @@ _SCRATCH_BYTES = 8 << 20
 def read_manifest(path: str | os.PathLike[str]) -> Manifest:
     """The manifest of the checkpoint at ``path``, checked for internal consistency.
 
-    Raises FileNotFoundError if ``path`` is not a directory, CorruptCheckpoint (naming the
-    manifest) if it has no manifest, or one that is not a regular file (a symbolic link, a
+    Raises FileNotFoundError if ``path`` is not a directory, ForeignCheckpoint if torch's DCP
+    wrote it (``.metadata``, no manifest), CorruptCheckpoint (naming the manifest) if it has
+    no manifest otherwise, or one that is not a regular file (a symbolic link, a
     FIFO, a device), is larger than ``MAX_MANIFEST_BYTES``, does not match its own checksum,
     cannot be decoded, has another format version, or describes files outside the
     directory, leaves it does not have, or tensors beyond the end of their files.
@@ -126,6 +130,15 @@ class _Checkpoint:
             fd, size = self.open_file(MANIFEST_NAME)
         except CorruptCheckpoint as exc:
             if isinstance(exc.__cause__, FileNotFoundError):
+                if is_torch_written(self.root, MANIFEST_NAME):
+                    raise ForeignCheckpoint(
+                        f"{self.root!r} has no {MANIFEST_NAME} but torch's "
+                        f"{TORCH_METADATA_NAME}: torch.distributed.checkpoint.save wrote it, so "
+                        "nothing can verify it, and loading it unpickles its metadata with "
+                        "torch's reader: pass allow_pickle=True to aiockpt.load (only for a "
+                        "checkpoint you trust), or use aiockpt.dcp.load",
+                        path=self.root,
+                    ) from None
                 raise CorruptCheckpoint(
                     f"{self.root!r} has no {MANIFEST_NAME}: it was never committed",
                     path=manifest_path,
@@ -268,8 +281,13 @@ def _check_skeleton(skeleton: Node, leaf_count: int) -> None:
         raise ValueError("skeleton and leaves disagree")
 
 
-def verify(path: str | os.PathLike[str]) -> Manifest:
+def verify(
+    path: str | os.PathLike[str], *, progress: Callable[[int], object] | None = None
+) -> Manifest:
     """Check every file of the checkpoint at ``path`` against its manifest; return it.
+
+    ``progress`` is called with each count of bytes read and hashed (the files' sizes add up
+    to ``sum(f.size for f in manifest.files)``), as ``aiockpt verify`` draws its bar.
 
     Raises CorruptCheckpoint naming the first file that is missing, not a regular file, has
     another size (truncated) or another xxh3_64 digest (a flipped byte), or the manifest if
@@ -280,7 +298,7 @@ def verify(path: str | os.PathLike[str]) -> Manifest:
         entries = checkpoint.manifest.files
         _check_sizes(checkpoint, entries)
         for entry in entries:
-            _read_file(checkpoint, entry, [], verify=True)
+            _read_file(checkpoint, entry, [], verify=True, progress=progress)
         return checkpoint.manifest
 
 
@@ -338,9 +356,16 @@ def load(
     receives the whole tensor, or, at the saved world size with ``rank``, that rank's piece.
     Only the byte ranges a rank needs are read (unless ``verify`` reads whole files anyway).
 
+    ``Stateful`` values (torch's protocol: ``state_dict()`` and ``load_state_dict()``) at
+    the top level of ``state_dict``, or ``state_dict`` itself, are loaded as
+    ``torch.distributed.checkpoint.load`` loads them: into their ``state_dict()``, which is
+    then passed to their ``load_state_dict()``.
+
     ``verify`` (default: on, unless ``mmap``) checks every file's size and xxh3_64 digest in
     the same pass that reads it. ``allow_pickle`` lets leaves that were saved as arbitrary
-    objects be unpickled: only for checkpoints you trust.
+    objects be unpickled: only for checkpoints you trust. A checkpoint torch's ``dcp.save``
+    wrote (``.metadata``, no aiockpt manifest) is loaded only with ``allow_pickle``, by
+    torch's own reader, unverified (a warning is logged; see ``aiockpt._format.torch_written``).
 
     ``mmap=True`` reads no tensor bytes: every tensor comes back as a view over a private
     mapping of its file (as ``torch.load(mmap=True)`` and safetensors' ``load_file`` do), so
@@ -370,8 +395,11 @@ def load(
     size and shapes), for a checkpoint whose ranks saved keys rank 0 lacks when loading the
     whole without ``state_dict``, for a pickled leaf without ``allow_pickle``, for a leaf a
     custom writer stored in its own format, or for a ``rank`` the checkpoint does not have;
-    with ``mmap``, ValueError for ``verify=True``, a ``state_dict``, or a tensor saved as
-    pieces that this load would have to assemble.
+    what a ``Stateful`` value's ``state_dict()`` or ``load_state_dict()`` raises; and, for a
+    checkpoint torch's DCP wrote, ForeignCheckpoint without ``allow_pickle`` (with it, what
+    torch's ``dcp.load`` raises). With ``mmap``: ValueError for ``verify=True``, a
+    ``state_dict``, a tensor saved as pieces that this load would have to assemble, or a
+    checkpoint torch's DCP wrote (it has no manifest to map by).
     """
     if mmap:
         if verify:
@@ -385,15 +413,29 @@ def load(
                 "mmap=True returns the saved tree and fills no state_dict (that would copy); "
                 "use module.load_state_dict(aiockpt.load(path, mmap=True), assign=True)"
             )
-    with _Checkpoint(path) as checkpoint:
-        return _load(
-            checkpoint,
+    try:
+        checkpoint = _Checkpoint(path)
+    except ForeignCheckpoint:
+        if not allow_pickle:
+            raise
+        if mmap:
+            raise ValueError(
+                f"{os.fspath(path)!r} was written by torch's dcp.save, without the manifest "
+                "mmap=True maps files by; load it without mmap"
+            ) from None
+        return load_through_stateful(state_dict, functools.partial(load_torch_written, path))
+    with checkpoint:
+        return load_through_stateful(
             state_dict,
-            verify=not mmap if verify is None else verify,
-            allow_pickle=allow_pickle,
-            rank=rank,
-            world_size=world_size,
-            mmap=mmap,
+            functools.partial(
+                _load,
+                checkpoint,
+                verify=not mmap if verify is None else verify,
+                allow_pickle=allow_pickle,
+                rank=rank,
+                world_size=world_size,
+                mmap=mmap,
+            ),
         )
 
 
@@ -486,6 +528,14 @@ def _load(
         wanted = list(range(len(leaves)))
         if mmap:
             values = _map_leaves(checkpoint, leaves, boxes, source, allow_pickle)
+            # Pickled leaves (allowed by now) are read and unpickled where every load does.
+            pickled = [i for i, leaf in enumerate(leaves) if isinstance(leaf, ObjectLeaf)]
+            if pickled:
+                values.update(
+                    _read_leaves(
+                        checkpoint, manifest, leaves, pickled, {}, {}, source, False, allow_pickle
+                    )
+                )
             return unflatten(source.state.skeleton, [values[i] for i in wanted])
         values = _read_leaves(
             checkpoint, manifest, leaves, wanted, {}, boxes, source, verify, allow_pickle
@@ -679,8 +729,9 @@ def _map_leaves(
     source: _Source,
     allow_pickle: bool,
 ) -> dict[int, Any]:
-    """Every leaf's value, tensors as views over private mappings of their files (see
-    ``load``'s ``mmap``); raises ValueError for a tensor to be assembled from pieces."""
+    """Every leaf's value but the pickled ones, tensors as views over private mappings of
+    their files (see ``load``'s ``mmap``); raises ValueError for a tensor to be assembled
+    from pieces, or a pickled leaf without ``allow_pickle``."""
     if boxes:
         key_paths = dict(iter_key_paths(source.state.skeleton))
         first = format_key_path(key_paths[min(boxes)])
@@ -709,12 +760,6 @@ def _map_leaves(
             byte_arrays[name] = torch.empty(0, dtype=torch.uint8).set_(files[name]).numpy()
         return byte_arrays[name]
 
-    # Pickled leaves (allowed by now) are read and unpickled where every load does that.
-    pickled = [index for index, leaf in stored if isinstance(leaf, ObjectLeaf)]
-    if pickled:
-        values.update(
-            _read_leaves(checkpoint, manifest, leaves, pickled, {}, {}, source, False, allow_pickle)
-        )
     for index, leaf in stored:
         if isinstance(leaf, ObjectLeaf):
             continue
@@ -980,7 +1025,12 @@ _SMALL_BYTES = 256 << 10
 
 
 def _read_file(
-    checkpoint: _Checkpoint, entry: FileEntry, regions: list[_Region], *, verify: bool
+    checkpoint: _Checkpoint,
+    entry: FileEntry,
+    regions: list[_Region],
+    *,
+    verify: bool,
+    progress: Callable[[int], object] | None = None,
 ) -> None:
     """Read ``regions`` (in file order) of one file into their buffers; with ``verify``,
     read and hash the whole file and compare with ``entry``. Raises CorruptCheckpoint
@@ -1003,10 +1053,12 @@ def _read_file(
             if _batchable(region, position):
                 if scratch is None:
                     scratch = torch.empty(min(size, _SCRATCH_BYTES), dtype=torch.uint8)
-                i, position = _read_run(fd, regions, i, position, scratch, digest, full, size)
+                i, position = _read_run(
+                    fd, regions, i, position, scratch, digest, full, size, progress
+                )
                 continue
             if digest is not None and region.offset > position:
-                _hash_range(fd, position, region.offset, digest, full)
+                _hash_range(fd, position, region.offset, digest, full, progress)
             view = region.buffer()
             _read_exactly(fd, view, region.offset, full)
             # Regions may overlap (two pieces of one saved piece, read for different targets):
@@ -1016,7 +1068,7 @@ def _read_file(
             position = max(position, end)
             i += 1
         if digest is not None:
-            _hash_range(fd, position, size, digest, full)
+            _hash_range(fd, position, size, digest, full, progress)
             if digest.hexdigest() != entry.xxh3_64:
                 raise CorruptCheckpoint(
                     f"{entry.name} does not match its xxh3_64 checksum (altered or corrupt)",
@@ -1046,6 +1098,7 @@ def _read_run(
     digest: Any,
     full: str,
     size: int,
+    progress: Callable[[int], object] | None,
 ) -> tuple[int, int]:
     """Read the run of batchable regions from ``regions[first]`` on that fits ``scratch``
     (with the bytes between them, and, when hashing, those since ``position``) with one
@@ -1054,7 +1107,7 @@ def _read_run(
     start = regions[first].offset
     if digest is not None:
         if start - position > scratch.numel() // 2:  # a long gap first: hash it on its own
-            _hash_range(fd, position, start, digest, full)
+            _hash_range(fd, position, start, digest, full, progress)
         else:
             start = position
     limit = start + scratch.numel()
@@ -1081,11 +1134,20 @@ def _read_run(
     return i, end
 
 
-def _hash_range(fd: int, start: int, end: int, digest: Any, full: str) -> None:
+def _hash_range(
+    fd: int,
+    start: int,
+    end: int,
+    digest: Any,
+    full: str,
+    progress: Callable[[int], object] | None = None,
+) -> None:
     for view in _chunks(end - start):
         _read_exactly(fd, view, start, full)
         digest.update(view)
         start += view.nbytes
+        if progress is not None:
+            progress(view.nbytes)
 
 
 def _chunks(nbytes: int) -> Iterator[memoryview]:

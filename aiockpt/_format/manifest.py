@@ -53,6 +53,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "MAX_MANIFEST_BYTES",
+    "PLAIN_TYPES",
     "BigIntLeaf",
     "BytesLeaf",
     "FileEntry",
@@ -67,6 +68,7 @@ __all__ = [
     "check_relative_name",
     "decode_manifest",
     "encode_manifest",
+    "is_plain",
     "plain_leaf",
     "plain_value",
 ]
@@ -186,12 +188,23 @@ class Manifest(msgspec.Struct, frozen=True):
         return RankState(self.skeleton, self.leaves) if rank == 0 else self.ranks[rank - 1]
 
 
-def plain_leaf(value: Any) -> Leaf | None:
-    """The manifest entry for a plain leaf value, or None if ``value`` is not plain.
+#: the types of plain values, which the manifest (and the channel) carry as themselves
+PLAIN_TYPES = frozenset({int, float, str, bool, bytes, type(None)})
 
-    Plain means exactly ``int``, ``float``, ``str``, ``bool``, ``None`` or ``bytes`` (not
-    subclasses: an ``IntEnum`` or ``numpy.float64`` would come back as a different type).
-    """
+
+def is_plain(value: Any) -> bool:
+    """Whether ``value`` is a plain value: exactly ``int``, ``float``, ``str``, ``bool``,
+    ``None`` or ``bytes``. Not a subclass: an ``IntEnum`` or ``numpy.float64`` stored as its
+    base type would come back as another type, so such values are pickled (where allowed)
+    like any other object. The one rule both the channel and the manifest follow."""
+    return type(value) in PLAIN_TYPES
+
+
+def plain_leaf(value: Any) -> Leaf | None:
+    """The manifest entry for a plain leaf value, or None if ``value`` is not plain
+    (``is_plain``)."""
+    if not is_plain(value):
+        return None
     kind = type(value)
     if kind is float:
         return FloatLeaf(repr(value))
@@ -199,9 +212,7 @@ def plain_leaf(value: Any) -> Leaf | None:
         return ValueLeaf(value) if _INT_MIN <= value <= _INT_MAX else BigIntLeaf(str(value))
     if kind is str or kind is bool or value is None:
         return ValueLeaf(value)
-    if kind is bytes:
-        return BytesLeaf(value)
-    return None
+    return BytesLeaf(value)  # the last of the plain types
 
 
 def plain_value(leaf: ValueLeaf | FloatLeaf | BigIntLeaf | BytesLeaf) -> Any:

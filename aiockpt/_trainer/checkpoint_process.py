@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiockpt
+from aiockpt._runtime import finish_even_if_cancelled
 from aiockpt._trainer.staging import (
     SharedArena,
     StagingPlan,
@@ -50,6 +51,7 @@ from aiockpt._wire.protocol import (
     GcOptions,
     GroupInfo,
     InitPayload,
+    ProgressPayload,
     RankInfo,
     RequestType,
     StateDictPayload,
@@ -170,6 +172,8 @@ class CheckpointProcess:
         self._process: asyncio.subprocess.Process | None = None
         self._channel: Channel | None = None
         self._pending: dict[int, asyncio.Future[WorkerResponse]] = {}
+        #: request id -> called with each progress report of that write
+        self._progress_callbacks: dict[int, Callable[[int], object]] = {}
         #: the channel's rules (handshake first, ids, answers); one per spawned worker
         self._session = ParentSession()
         self._start_lock: asyncio.Lock | None = None
@@ -251,6 +255,10 @@ class CheckpointProcess:
                     str(child_end.fileno()),
                     "--max-frame-size",
                     str(self.config.max_frame_size),
+                    # The worker logs as much as this process's "aiockpt" logger lets through
+                    # (at its start: a later change here is not followed there).
+                    "--log-level",
+                    str(logging.getLogger("aiockpt").getEffectiveLevel()),
                     pass_fds=(child_end.fileno(),),
                     stdin=asyncio.subprocess.DEVNULL,
                     env=env,
@@ -272,10 +280,13 @@ class CheckpointProcess:
             await self._kill()
             raise WorkerStartTimeout(
                 f"checkpoint worker (pid {self.pid}) did not finish its start-up within "
-                f"{timeout} s (subprocess_init_timeout_secs); it was killed"
+                f"{timeout} s (subprocess_init_timeout_secs); it was killed",
+                pid=self.pid,
             ) from None
         except WorkerCrashed as exc:
-            raise WorkerStartError(f"checkpoint worker failed to start: {exc}") from exc
+            raise WorkerStartError(
+                f"checkpoint worker failed to start: {exc}", pid=self.pid
+            ) from exc
         except BaseException:
             await self._kill()
             raise
@@ -286,7 +297,7 @@ class CheckpointProcess:
             if response.error_type == "aiockpt.errors.ProtocolVersionMismatch":
                 raise ProtocolVersionMismatch(response.error_msg or message)
             raise WorkerStartError(
-                message, error_type=response.error_type, traceback=response.traceback
+                message, error_type=response.error_type, traceback=response.traceback, pid=self.pid
             )
         self._ready = True
         logger.debug(
@@ -305,7 +316,7 @@ class CheckpointProcess:
         if self._close_task is None:
             self._closing = True
             self._close_task = asyncio.get_running_loop().create_task(self._shut_down())
-        await asyncio.shield(self._close_task)
+        await finish_even_if_cancelled(self._close_task)
 
     async def _shut_down(self) -> None:
         loop = asyncio.get_running_loop()
@@ -322,7 +333,9 @@ class CheckpointProcess:
         process = self._process
         if process is not None and process.returncode is None:
             await self._escalate(process)
-        self._fail_pending(WorkerClosed("the checkpoint process was closed before this finished"))
+        self._fail_pending(
+            WorkerClosed("the checkpoint process was closed before this finished", pid=self.pid)
+        )
         for task in self._unsent:
             task.cancel()  # still waiting for their state dict: nothing to finish
         await asyncio.gather(*self._writes, return_exceptions=True)
@@ -332,7 +345,7 @@ class CheckpointProcess:
                 await asyncio.gather(owned, return_exceptions=True)
         if self._channel is not None:
             await self._channel.aclose()
-        self._fail_pending(WorkerClosed("the checkpoint process was closed"))
+        self._fail_pending(WorkerClosed("the checkpoint process was closed", pid=self.pid))
         self._close_free_arenas()
 
     async def _stop_gracefully(self, process: asyncio.subprocess.Process) -> None:
@@ -493,19 +506,27 @@ class CheckpointProcess:
                 arena.close()
 
     async def write_payload(
-        self, payload: WritePayload, *, on_sent: Callable[[], object] | None = None
+        self,
+        payload: WritePayload,
+        *,
+        on_sent: Callable[[], object] | None = None,
+        on_progress: Callable[[int], object] | None = None,
     ) -> WriteResult:
         """Send one write request as is and await its result (what ``write`` and saves use).
 
         ``on_sent`` is called once the request is on its way (the worker serves writes in the
-        order they are sent). Cancelling the awaiting task asks the worker to abandon the
-        write: it is abandoned (temporary files removed, ``CancelledError`` raised) unless its
-        commit had already begun, in which case the write completes and its result is
-        returned. Raises what ``write``'s awaitable raises.
+        order they are sent); ``on_progress`` with the bytes the worker has written so far,
+        at each of its progress reports (a payload with ``progress_bytes`` asks for them).
+        Cancelling the awaiting task asks the worker to abandon the write: it is abandoned
+        (temporary files removed, ``CancelledError`` raised) unless its commit had already
+        begun, in which case the write completes and its result is returned. Raises what
+        ``write``'s awaitable raises.
         """
         await self._ensure_started()
         try:
             request_id, future = await self._send_request(RequestType.WRITE_CHECKPOINT, payload)
+            if on_progress is not None:
+                self._progress_callbacks[request_id] = on_progress
             if on_sent is not None:
                 on_sent()
             try:
@@ -515,12 +536,16 @@ class CheckpointProcess:
             finally:
                 self._forget(request_id)
         except WorkerClosed as exc:
-            raise WorkerClosed(f"writing {payload.path} did not finish: {exc}") from None
-        self._raise_for_failure(response, f"writing {payload.path}")
+            raise WorkerClosed(
+                f"writing {payload.path} did not finish: {exc}", pid=exc.pid, path=payload.path
+            ) from None
+        self._raise_for_failure(response, f"writing {payload.path}", payload.path)
         assert isinstance(response.payload, WriteResultPayload)
         return response.payload
 
-    def _raise_for_failure(self, response: WorkerResponse, what: str) -> None:
+    def _raise_for_failure(
+        self, response: WorkerResponse, what: str, path: str | None = None
+    ) -> None:
         if response.success:
             return
         if response.failed_rank is not None:  # a multi-rank save, failed by (or at) that rank
@@ -536,6 +561,8 @@ class CheckpointProcess:
         raise CheckpointWriteError(
             f"{what} failed in the checkpoint worker (pid {self.pid}): "
             f"{response.error_type}: {response.error_msg}",
+            path=path,
+            pid=self.pid,
             error_type=response.error_type,
             traceback=response.traceback,
         )
@@ -577,7 +604,7 @@ class CheckpointProcess:
         ``WorkerCrashed`` saying so, and so does every later request."""
         message = f"checkpoint worker (pid {self.pid}) {what}; it was killed"
         logger.error("%s", message)
-        crashed = WorkerCrashed(message, returncode=-signal.SIGKILL)
+        crashed = WorkerCrashed(message, returncode=-signal.SIGKILL, pid=self.pid)
         if self._crashed is None and not self._closing:
             self._crashed = crashed
         self._fail_pending(crashed)
@@ -622,7 +649,8 @@ class CheckpointProcess:
             what = f"did not answer a {request_type.value} request within {timeout} s"
             await self._kill_hung(what)
             assert self._crashed is not None or self._closing
-            raise self._crashed or WorkerClosed("the checkpoint process was closed") from None
+            closed = WorkerClosed("the checkpoint process was closed", pid=self.pid)
+            raise self._crashed or closed from None
         finally:
             if request_id is not None:
                 self._forget(request_id)
@@ -638,7 +666,7 @@ class CheckpointProcess:
         if self._closing and self._process is not None and self._process.returncode is not None:
             # Gone after close() failed what was pending: nobody would fail this one. (A
             # worker that exited on its own is failed by the monitor, as a crash.)
-            raise WorkerClosed("the checkpoint process was closed")
+            raise WorkerClosed("the checkpoint process was closed", pid=self.pid)
         assert self._channel is not None
         if request_type is RequestType.INIT:
             request = self._session.handshake(payload)
@@ -658,11 +686,12 @@ class CheckpointProcess:
     def _forget(self, request_id: int) -> None:
         """Stop waiting for ``request_id``: a late answer is dropped."""
         self._pending.pop(request_id, None)
+        self._progress_callbacks.pop(request_id, None)
         self._session.abandon(request_id)
 
     def _check_usable(self) -> None:
         if self._closing:
-            raise WorkerClosed("the checkpoint process was closed")
+            raise WorkerClosed("the checkpoint process was closed", pid=self.pid)
         if self._crashed is not None:
             raise self._crashed
 
@@ -681,6 +710,9 @@ class CheckpointProcess:
                 response = self._session.receive(body)
                 if response is None:
                     continue  # nobody waits for it any more
+                if isinstance(response.payload, ProgressPayload):
+                    self._report_progress(response.request_id, response.payload)
+                    continue
                 future = self._pending.pop(response.request_id, None)
                 if future is not None and not future.done():
                     future.set_result(response)
@@ -699,6 +731,15 @@ class CheckpointProcess:
         except ProtocolError as exc:
             self._broken(exc)
             await self._kill()
+
+    def _report_progress(self, request_id: int, report: ProgressPayload) -> None:
+        callback = self._progress_callbacks.get(request_id)
+        if callback is None:
+            return
+        try:
+            callback(report.bytes_written)
+        except Exception:  # a progress consumer must not break the channel
+            logger.exception("progress callback of request %d failed", request_id)
 
     def _broken(self, exc: ProtocolError) -> None:
         logger.error("checkpoint worker (pid %s) broke the channel: %s", self.pid, exc)
@@ -726,13 +767,15 @@ class CheckpointProcess:
             # here): the exit that follows is not a crash.
             self._closing = True
             exited = describe_exit(returncode)
-            self._fail_pending(WorkerClosed(f"the checkpoint process was closed (worker {exited})"))
+            closed = f"the checkpoint process was closed (worker {exited})"
+            self._fail_pending(WorkerClosed(closed, pid=process.pid))
             self._close_free_arenas()
             return
         if self._crashed is None:  # else: killed as hung, which says more than the signal
             self._crashed = WorkerCrashed(
                 f"checkpoint worker (pid {process.pid}) {describe_exit(returncode)}",
                 returncode=returncode,
+                pid=process.pid,
             )
         if self._pending:
             logger.error("%s with %d request(s) pending", self._crashed, len(self._pending))

@@ -61,7 +61,10 @@ from typing import Any
 import msgspec
 
 from aiockpt._format import commit, loading
+from aiockpt._format.listing import ListedCheckpoint, list_checkpoints
 from aiockpt._format.root_lock import RootLock
+from aiockpt._format.stateful import StatefulLoad, stateful_to_state_dict
+from aiockpt._runtime import finish_even_if_cancelled
 from aiockpt._trainer.checkpoint_process import CheckpointProcess, CheckpointProcessConfig
 from aiockpt._trainer.group_formation import (
     DEFAULT_TIMEOUT_S,
@@ -70,7 +73,13 @@ from aiockpt._trainer.group_formation import (
     reserve_group_key,
     world_of,
 )
-from aiockpt._trainer.handles import SaveHandle, SaveResult
+from aiockpt._trainer.handles import (
+    ProgressFeed,
+    SaveHandle,
+    SaveResult,
+    final_phase,
+    running_loop,
+)
 from aiockpt._trainer.staging import PlanCache, SharedArena, StagingPlan, copy_into_arena
 from aiockpt._wire.coordination import SaveRound
 from aiockpt._wire.protocol import CommitOptions, GroupInfo, RankInfo, WritePayload
@@ -82,6 +91,8 @@ __all__ = ["Checkpointer"]
 
 logger = logging.getLogger("aiockpt._trainer.checkpointer")
 
+#: formats whose writers store DTensors (as pieces for dcp, as whole tensors for safetensors)
+_SHARDING_FORMATS = ("dcp", "safetensors")
 #: ``Checkpointer.save`` names checkpoints ``step_<step>`` zero-padded, so that they sort
 STEP_NAME = "step_{step:010d}"
 #: the names retention considers: ``save``'s, and no others
@@ -94,8 +105,11 @@ class Checkpointer:
     Args:
         root: directory of the checkpoints ``save`` writes; ``latest`` and ``keep_last`` look
             here. May be None when only ``save_to`` (explicit paths) is used.
-        format: "dcp" (loadable by ``torch.distributed.checkpoint.load``), "safetensors", or
-            a custom writer's import reference ``"package.module:Writer"``.
+        format: "dcp" (loadable by ``torch.distributed.checkpoint.load``), "safetensors"
+            (Hugging Face's layout: ``from_pretrained`` loads it), or a custom writer's import
+            reference ``"package.module:Writer"``.
+        writer_options: keywords for the format's writer, such as
+            ``{"max_shard_size": "2GB"}`` for safetensors (default "5GB", as Hugging Face).
         keep_last: keep only the newest K checkpoints that ``save`` named by step
             (``step_<n>`` under ``root``, ordered by step); older ones are deleted only after
             a newer one is durable. Checkpoints of other names (``save_to(root / "best")``)
@@ -130,6 +144,7 @@ class Checkpointer:
         root: str | os.PathLike[str] | None = None,
         *,
         format: str = "dcp",
+        writer_options: Mapping[str, Any] | None = None,
         keep_last: int | None = None,
         max_in_flight: int = 1,
         allow_pickle: bool = False,
@@ -147,6 +162,8 @@ class Checkpointer:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         self._checked_formats: set[str] = set()
         self._check_format(format)
+        self.writer_options = dict(writer_options or {})
+        self._check_writer_options(format, self.writer_options)
         self.root = os.path.abspath(os.fspath(root)) if root is not None else None
         self.read_only = read_only
         #: this process's writer lock on ``root`` (rank 0's, in a group), from ``start``
@@ -239,6 +256,7 @@ class Checkpointer:
         (``ValueError`` for a prefix store without ``MASTER_ADDR``/``MASTER_PORT``,
         ``CoordinationTimeout`` when rank 0 never forms the group).
         """
+        running_loop("Checkpointer.start")
         if self.closed:
             raise WorkerClosed("the Checkpointer was closed")
         if self.read_only:
@@ -247,7 +265,7 @@ class Checkpointer:
         if like is not None:
             process = self._process
             assert process is not None
-            plan = self._plans.plan(like, allow_pickle=True)
+            plan = self._plans.plan(stateful_to_state_dict(like), allow_pickle=True)
             arena = await self._take_arena(process, plan.nbytes)
             self._give_back(process, arena)
 
@@ -354,10 +372,11 @@ class Checkpointer:
         logged, not raised. In a multi-rank group, close on every rank (rank 0 holds the
         store the others' workers meet in).
         """
+        loop = running_loop("Checkpointer.close")
         if self._close_task is None:
             self.closed = True
-            self._close_task = asyncio.get_running_loop().create_task(self._shut_down())
-        await asyncio.shield(self._close_task)
+            self._close_task = loop.create_task(self._shut_down())
+        await finish_even_if_cancelled(self._close_task)
 
     async def _shut_down(self) -> None:
         issued: set[asyncio.Future[Any]] = {*self._saves, *self._failure_reports}
@@ -431,6 +450,7 @@ class Checkpointer:
         path: str | os.PathLike[str],
         *,
         format: str | None = None,
+        writer_options: Mapping[str, Any] | None = None,
         overwrite: bool = False,
         metadata: Mapping[str, Any] | None = None,
         allow_pickle: bool | None = None,
@@ -438,31 +458,46 @@ class Checkpointer:
     ) -> SaveHandle:
         """Start saving ``state_dict`` to ``path``; return its ``SaveHandle`` at once.
 
+        ``Stateful`` values (torch's protocol: ``state_dict()`` and ``load_state_dict()``, as
+        modules, optimizers and torchtitan-style app states have) at the top level of
+        ``state_dict``, or ``state_dict`` itself, are saved as what their ``state_dict()``
+        returns, called here, as ``torch.distributed.checkpoint.save`` does.
+
         Raises ``TypeError`` here, naming the key, for an entry that cannot be checkpointed
         (or for ``metadata`` that is not msgspec-encodable), ``ValueError`` for an unknown
-        format, ``WorkerClosed`` after ``close``, ``io.UnsupportedOperation`` when opened
-        ``read_only``, ``RuntimeError`` outside a running loop. In a multi-rank job such an
-        error still fails this save on the other ranks (with ``RankFailed`` naming this
-        rank), and the next save works on every rank. Failures of the save itself are raised
-        by awaiting the handle.
+        format, ``TypeError`` or ``ValueError`` for ``writer_options`` its writer refuses
+        (default: the Checkpointer's; with ``format`` given, none), ``WorkerClosed`` after
+        ``close``, ``io.UnsupportedOperation`` when opened ``read_only``, ``RuntimeError``
+        outside a running loop, and what a ``Stateful`` value's ``state_dict()`` raises. In a
+        multi-rank job such an error still fails this save on the other ranks (with
+        ``RankFailed`` naming this rank), and the next save works on every rank. Failures of
+        the save itself are raised by awaiting the handle.
         """
+        loop = running_loop("Checkpointer.save")
         if self.read_only:
             raise io.UnsupportedOperation(f"the Checkpointer of {self.root} is read_only")
         if self.closed:
             raise WorkerClosed("the Checkpointer was closed")
-        loop = asyncio.get_running_loop()
         target = os.path.abspath(os.fspath(path))
         # The round is taken before anything can fail, so that every rank agrees on it.
         round_id = self._next_round(target)
         try:
             fmt = self.format if format is None else format
             self._check_format(fmt)
+            if writer_options is None:
+                writer_options = self.writer_options if format is None else {}
+            options_of_writer = dict(writer_options)
+            if writer_options is not self.writer_options:
+                self._check_writer_options(fmt, options_of_writer)
             check_encodable(dict(metadata or {}), "metadata")
+            # Here, in the caller, before staging: once ``staged`` resolves, the Stateful
+            # objects may change again, as with any other entry.
+            state_dict = stateful_to_state_dict(state_dict)
             plan = self._plans.plan(
                 state_dict,
                 allow_pickle=self.allow_pickle if allow_pickle is None else allow_pickle,
             )
-            if plan.shards and fmt != "dcp":
+            if plan.shards and fmt not in _SHARDING_FORMATS:
                 raise TypeError(
                     f"format={fmt!r} cannot store sharded tensors (DTensor); use "
                     "format='dcp' or save full tensors (DTensor.full_tensor())"
@@ -476,17 +511,20 @@ class Checkpointer:
             dict(metadata) if metadata else None,
             round_id=round_id,
             forget_round=self._recent_rounds[0] if len(self._recent_rounds) == 3 else None,
+            writer_options=options_of_writer or None,
         )
         staged: asyncio.Future[None] = loop.create_future()
         previous_sent, sent = self._previous_sent, loop.create_future()
         self._previous_sent = sent
+        feed = ProgressFeed(target, plan.nbytes)
         task = loop.create_task(
-            self._save(plan, target, options, staged, step, _SendOrder(previous_sent, sent))
+            self._save(plan, target, options, staged, step, _SendOrder(previous_sent, sent), feed)
         )
         self._saves.add(task)
         task.add_done_callback(self._saves.discard)
         task.add_done_callback(functools.partial(self._save_done, round_id, staged, sent))
-        return SaveHandle(target, task, staged, step)
+        task.add_done_callback(lambda done: feed.close(final_phase(done)))
+        return SaveHandle(target, task, staged, step, feed)
 
     def _save_done(
         self,
@@ -563,6 +601,7 @@ class Checkpointer:
         staged: asyncio.Future[None],
         step: int | None,
         order: _SendOrder,
+        feed: ProgressFeed,
     ) -> SaveResult:
         started = time.perf_counter()
         try:
@@ -585,6 +624,7 @@ class Checkpointer:
                     await _copy_in(arena, plan)
                     staging_seconds = time.perf_counter() - started
                     _resolve(staged)
+                    feed.update(phase="writing", bytes_staged=plan.nbytes)
                     if starting is not None:
                         await starting
                         process = self._process
@@ -595,10 +635,19 @@ class Checkpointer:
                             await _map(process, unmapped)
                             arena = unmapped
                     assert process is not None
-                    payload = WritePayload(path, plan.payload(arena), commit=options)
+                    payload = WritePayload(
+                        path,
+                        plan.payload(arena),
+                        commit=options,
+                        progress_bytes=max(plan.nbytes // 32, _MIN_PROGRESS_BYTES),
+                    )
                     if self._group is not None:
                         await order.turn()
-                    written = await process.write_payload(payload, on_sent=order.done)
+                    written = await process.write_payload(
+                        payload,
+                        on_sent=order.done,
+                        on_progress=lambda count: feed.update(bytes_written=count),
+                    )
                 finally:
                     if starting is not None and not starting.done():
                         # The start belongs to the Checkpointer, not to this save: let it
@@ -614,12 +663,14 @@ class Checkpointer:
             if isinstance(exc, WorkerCrashed):
                 logger.error("save to %s failed: %s; the next save starts a new worker", path, exc)
             if isinstance(exc, WorkerClosed):
-                raise WorkerClosed(f"save to {path} did not finish: {exc}") from exc
+                raise WorkerClosed(
+                    f"save to {path} did not finish: {exc}", pid=exc.pid, path=str(path)
+                ) from exc
             raise
         result = msgspec.convert(written.result, commit.CommitResult)
         if self.keep_last is not None and step is not None and self._leader:
             await asyncio.to_thread(self._apply_retention)
-        return SaveResult(
+        saved = SaveResult(
             path=result.path,
             nbytes=result.nbytes,
             staging_seconds=staging_seconds,
@@ -627,6 +678,8 @@ class Checkpointer:
             total_seconds=time.perf_counter() - started,
             step=step,
         )
+        _log_committed(saved, leader=self._leader)
+        return saved
 
     async def _take_arena(self, process: CheckpointProcess, nbytes: int) -> SharedArena | None:
         """A free arena of at least ``nbytes`` mapped by ``process``'s worker, or None when
@@ -651,6 +704,16 @@ class Checkpointer:
             with contextlib.suppress(FileNotFoundError):
                 commit.remove_checkpoint(old)
 
+    def _check_writer_options(self, format: str, options: dict[str, Any]) -> None:
+        """Construct the writer once with ``options`` (only when there are some), so that a
+        bad option is an error at the call, not a failed save in the worker. Raises what the
+        writer's constructor raises (TypeError, ValueError), and TypeError for options that
+        cannot cross to the worker."""
+        if not options:
+            return
+        check_encodable(options, "writer_options")
+        resolve_writer(format)(rank_info=RankInfo(), **options)
+
     def _check_format(self, format: str) -> None:
         """Resolve a format's writer once, here, so that a typo is a ValueError at the call
         rather than a failed save; later saves in the same format skip the import."""
@@ -664,16 +727,37 @@ class Checkpointer:
 
     # --- finding and loading -------------------------------------------------------------------
 
+    async def checkpoints(self) -> list[ListedCheckpoint]:
+        """The checkpoints under ``root``, oldest name first (natural order): those aiockpt
+        committed and those ``torch.distributed.checkpoint.save`` wrote, which are marked
+        ``unverified`` (see ``aiockpt.list_checkpoints``). Raises ``ValueError`` when the
+        Checkpointer has no root."""
+        if self.root is None:
+            raise ValueError("Checkpointer.checkpoints needs a root")
+        return await asyncio.to_thread(list_checkpoints, self.root)
+
     async def latest(self) -> str | None:
-        """The newest committed checkpoint under ``root`` (natural name order), or None.
+        """The newest checkpoint under ``root`` (natural name order), or None.
 
         A directory without a manifest (a save in progress or one that crashed) is never
-        reported. Raises ``ValueError`` when the Checkpointer has no root.
+        reported, unless torch's ``dcp.save`` finished it (its ``.metadata``): such a
+        checkpoint is reported, with a warning logged that it is unverified (loading it
+        needs ``allow_pickle=True``). Raises ``ValueError`` when the Checkpointer has no root.
         """
+        running_loop("Checkpointer.latest")
         if self.root is None:
             raise ValueError("Checkpointer.latest needs a root")
-        committed = await asyncio.to_thread(commit.list_committed, self.root)
-        return committed[-1] if committed else None
+        listed = await asyncio.to_thread(list_checkpoints, self.root)
+        if not listed:
+            return None
+        if listed[-1].unverified:
+            logger.warning(
+                "the latest checkpoint under %s, %s, was written by torch.distributed.checkpoint "
+                "(no aiockpt manifest): unverified; load it with allow_pickle=True",
+                self.root,
+                listed[-1].name,
+            )
+        return listed[-1].path
 
     async def load_latest(
         self,
@@ -683,12 +767,14 @@ class Checkpointer:
         allow_pickle: bool = False,
         mmap: bool = False,
     ) -> Any:
-        """Load the newest committed checkpoint (see ``aiockpt.load``, ``mmap`` and
-        ``verify`` included), or return None if there is none; in a group, this rank's part
-        of it at the current world size (its own part if the save had as many ranks, else
-        resharded: DTensors get their slice, plain tensors the whole). Listing, reading and
-        mapping run in a thread, never on the event loop. Raises what ``aiockpt.load``
-        raises."""
+        """Load the newest checkpoint (see ``aiockpt.load``, ``mmap`` and ``verify``
+        included), or return None if there is none; in a group, this rank's part of it at
+        the current world size (its own part if the save had as many ranks, else resharded:
+        DTensors get their slice, plain tensors the whole). ``Stateful`` values of
+        ``state_dict`` are loaded through their ``state_dict()`` and ``load_state_dict()``,
+        called in this thread; listing, reading and mapping the files run in another, never
+        on the event loop. Raises what ``aiockpt.load`` raises (``ForeignCheckpoint`` for a
+        checkpoint torch's DCP wrote, without ``allow_pickle``)."""
         path = await self.latest()
         if path is None:
             return None
@@ -699,16 +785,37 @@ class Checkpointer:
             # rank loading before start() does not silently get rank 0's part.
             world = None if self.no_dist else world_of(self.process_group)
             rank, world_size = world if world is not None else (0, 1)
-        return await asyncio.to_thread(
+        stateful = StatefulLoad(state_dict)
+        loaded = await asyncio.to_thread(
             loading.load,
             path,
-            state_dict,
+            stateful.into,
             verify=verify,
             allow_pickle=allow_pickle,
             rank=rank,
             world_size=world_size,
             mmap=mmap,
         )
+        return stateful.finish(loaded)
+
+
+#: the fewest bytes between two progress reports of a save's worker
+_MIN_PROGRESS_BYTES = 1 << 20
+
+
+def _log_committed(result: SaveResult, *, leader: bool) -> None:
+    """One line per committed save: INFO on the rank that commits (every rank's line would
+    say the same), DEBUG on the others."""
+    logger.log(
+        logging.INFO if leader else logging.DEBUG,
+        "committed %s: %d bytes, staging %.3f s, write %.3f s (%.2f GB/s), total %.3f s",
+        result.path,
+        result.nbytes,
+        result.staging_seconds,
+        result.write_seconds,
+        result.nbytes / result.write_seconds / 1e9 if result.write_seconds > 0 else 0.0,
+        result.total_seconds,
+    )
 
 
 class _SendOrder:

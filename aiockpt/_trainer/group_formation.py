@@ -40,7 +40,7 @@ import msgspec
 import torch.distributed as dist
 from torch._C._distributed_c10d import Store, TCPStore
 
-from aiockpt._wire.coordination import connect_store
+from aiockpt._wire.coordination import connect_store, translate_store_errors
 from aiockpt._wire.protocol import GroupInfo
 from aiockpt.errors import CoordinationTimeout
 
@@ -99,8 +99,11 @@ def reserve_group_key(name: str) -> str:
     them, so the ranks' keys agree; retries of a failed formation keep their key."""
     count = _reserved.get(name, 0)
     _reserved[name] = count + 1
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return f"aiockpt/group/{restart}/{count}/{name}"
+    # Not the restart count: it is each agent's own (a node that joined later has spent
+    # fewer restarts), so the ranks of one group may disagree on it and would wait on
+    # different keys. A relaunched group meets in a store of its own anyway (torch creates a
+    # new one for every retry, aiockpt-run for every attempt and membership round).
+    return f"aiockpt/group/{count}/{name}"
 
 
 def form_group(
@@ -117,9 +120,9 @@ def form_group(
     ``use_prefix_store`` None reads ``DCP_USE_PREFIX_STORE``. Raises ValueError on every rank
     when rank 0 cannot choose (prefix store without ``MASTER_ADDR`` or ``MASTER_PORT``),
     ``CoordinationTimeout`` when rank 0 does not post its choice within ``timeout_s``,
-    ``torch.distributed.DistStoreError`` when the chosen store cannot be reached within
-    ``timeout_s``, and RuntimeError when ``torch.distributed`` is not initialised with
-    several ranks.
+    ``CoordinationError`` when the trainers' store fails or the chosen store cannot be
+    reached within ``timeout_s``, and RuntimeError when ``torch.distributed`` is not
+    initialised with several ranks.
     """
     world = world_of(process_group)
     if world is None:
@@ -135,7 +138,8 @@ def form_group(
             choice, server = _choose(use_prefix_store, timeout_s)
         except ValueError as exc:
             choice = _Choice(error=str(exc))
-        trainers_store.set(key, msgspec.msgpack.encode(choice))  # type: ignore[arg-type]
+        with translate_store_errors(f"posting where the checkpoint workers meet ({key!r})"):
+            trainers_store.set(key, msgspec.msgpack.encode(choice))  # type: ignore[arg-type]
     else:
         try:
             trainers_store.wait([key], timeout)
@@ -146,7 +150,9 @@ def form_group(
                 f"and save or start it? ({exc})",
                 rank=0,
             ) from None
-        choice = msgspec.msgpack.decode(trainers_store.get(key), type=_Choice)
+        with translate_store_errors(f"reading where the checkpoint workers meet ({key!r})"):
+            posted = trainers_store.get(key)
+        choice = msgspec.msgpack.decode(posted, type=_Choice)
     if choice.error is not None:
         raise ValueError(f"{choice.error} (reported by rank 0)")
     info = GroupInfo(

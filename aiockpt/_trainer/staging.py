@@ -33,8 +33,9 @@ from typing import Any
 import torch
 
 from aiockpt._format.tree import MAX_DEPTH, KeyPath, Node, flatten, format_key_path
+from aiockpt._runtime import finish_even_if_cancelled, libc_function
 from aiockpt._wire.protocol import ArenaRef, Leaf, ShardSpec, StateDictPayload, TensorInArena
-from aiockpt._wire.tensors import dtype_name, is_tensor, plain_leaf
+from aiockpt._wire.tensors import dtype_name, is_tensor, value_leaf
 
 logger = logging.getLogger("aiockpt._trainer.staging")
 
@@ -108,7 +109,7 @@ def plan_staging(state_dict: Any, *, allow_pickle: bool = False) -> StagingPlan:
     has_cuda = shards = False
     for path, value in flat:
         if not is_tensor(value):
-            leaves.append(plain_leaf(path, value, allow_pickle=allow_pickle))
+            leaves.append(value_leaf(path, value, allow_pickle=allow_pickle))
             continue
         value, shard = _local_piece(value, path)
         shards = shards or shard is not None
@@ -250,7 +251,7 @@ class PlanCache:
             leaves = list(leaves)
             try:
                 for index in self._plain_leaves:
-                    leaves[index] = plain_leaf((), values[index], allow_pickle=allow_pickle)
+                    leaves[index] = value_leaf((), values[index], allow_pickle=allow_pickle)
             except TypeError:
                 return None  # plan_staging raises it again, naming the key
         self._pointers = pointers
@@ -352,8 +353,7 @@ def _checkpointable(value: torch.Tensor, path: tuple[str | int, ...]) -> torch.T
 
 
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_madvise = libc_function("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int))
 
 
 def map_populated(fd: int, size: int) -> mmap.mmap:
@@ -366,7 +366,8 @@ def map_populated(fd: int, size: int) -> mmap.mmap:
     """
     mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
     address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
-    _libc.madvise(address, size, _MADV_POPULATE_WRITE)  # best effort: EINVAL before 5.14
+    if _madvise is not None:
+        _madvise(address, size, _MADV_POPULATE_WRITE)  # best effort: EINVAL before 5.14
     return mapping
 
 
@@ -520,12 +521,7 @@ async def copy_into_arena(arena: SharedArena | None, plan: StagingPlan) -> None:
     """
     if arena is None:
         return
-    copying = asyncio.ensure_future(asyncio.to_thread(arena.copy_in, plan))
-    try:
-        await asyncio.shield(copying)
-        if plan.has_cuda:
-            event = arena.copy_in_from_cuda(plan)
-            await asyncio.to_thread(event.synchronize)
-    except asyncio.CancelledError:
-        await asyncio.gather(copying, return_exceptions=True)
-        raise
+    await finish_even_if_cancelled(asyncio.to_thread(arena.copy_in, plan))
+    if plan.has_cuda:
+        event = arena.copy_in_from_cuda(plan)
+        await asyncio.to_thread(event.synchronize)

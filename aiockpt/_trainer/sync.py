@@ -15,6 +15,9 @@ import threading
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
+from aiockpt._format.listing import ListedCheckpoint
+from aiockpt._format.stateful import CallerState, StatefulLoad
+from aiockpt._runtime import new_event_loop
 from aiockpt._trainer.checkpointer import Checkpointer
 from aiockpt._trainer.handles import SaveHandle, SaveResult
 
@@ -80,13 +83,7 @@ class _LoopThread:
     """One event loop running in a daemon thread until ``stop``."""
 
     def __init__(self) -> None:
-        self.loop: asyncio.AbstractEventLoop
-        try:
-            import uvloop
-
-            self.loop = uvloop.new_event_loop()
-        except ImportError:  # pragma: no cover - uvloop is installed wherever it runs
-            self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()
         self._thread = threading.Thread(target=self._run, name="aiockpt-sync-loop", daemon=True)
         self._thread.start()
 
@@ -136,6 +133,7 @@ class SyncCheckpointer:
     def start(self, *, like: Any = None) -> None:
         """Start the worker now (and, given ``like``, its staging arena); see
         ``Checkpointer.start``."""
+        like = None if like is None else CallerState(like)
         self._runner.call(self._checkpointer.start(like=like))
 
     def save(
@@ -146,30 +144,41 @@ class SyncCheckpointer:
         metadata: Mapping[str, Any] | None = None,
         overwrite: bool = False,
     ) -> SyncSaveHandle:
-        """Start saving as ``<root>/step_<step>``; see ``Checkpointer.save``."""
+        """Start saving as ``<root>/step_<step>``; see ``Checkpointer.save``. ``Stateful``
+        values' ``state_dict()`` is called in this thread (it may run collectives)."""
+        state = CallerState(state_dict)
 
         async def begin() -> SaveHandle:
-            return self._checkpointer.save(
-                state_dict, step=step, metadata=metadata, overwrite=overwrite
-            )
+            return self._checkpointer.save(state, step=step, metadata=metadata, overwrite=overwrite)
 
         return SyncSaveHandle(self._runner.call(begin()), self._runner)
 
     def save_to(
         self, state_dict: Any, path: str | os.PathLike[str], **options: Any
     ) -> SyncSaveHandle:
-        """Start saving to ``path``; see ``Checkpointer.save_to``."""
+        """Start saving to ``path``; see ``Checkpointer.save_to``. ``Stateful`` values'
+        ``state_dict()`` is called in this thread (it may run collectives)."""
+        state = CallerState(state_dict)
 
         async def begin() -> SaveHandle:
-            return self._checkpointer.save_to(state_dict, path, **options)
+            return self._checkpointer.save_to(state, path, **options)
 
         return SyncSaveHandle(self._runner.call(begin()), self._runner)
 
     def latest(self) -> str | None:
         return self._runner.call(self._checkpointer.latest())
 
+    def checkpoints(self) -> list[ListedCheckpoint]:
+        """The checkpoints under the root; see ``Checkpointer.checkpoints``."""
+        return self._runner.call(self._checkpointer.checkpoints())
+
     def load_latest(self, state_dict: Any = None, **options: Any) -> Any:
-        return self._runner.call(self._checkpointer.load_latest(state_dict, **options))
+        """Load the newest checkpoint, or return None; see ``Checkpointer.load_latest``.
+        ``Stateful`` values' ``state_dict()`` and ``load_state_dict()`` are called in this
+        thread (they may run collectives)."""
+        stateful = StatefulLoad(state_dict)
+        loaded = self._runner.call(self._checkpointer.load_latest(stateful.into, **options))
+        return None if loaded is None else stateful.finish(loaded)
 
     def wait(self) -> list[SaveResult]:
         return self._runner.call(self._checkpointer.wait())

@@ -30,10 +30,11 @@ every rank present. Nothing here is pickled: values are msgpack.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import msgspec
@@ -48,6 +49,7 @@ __all__ = [
     "SaveRound",
     "connect_store",
     "keys_owned_by",
+    "translate_store_errors",
 ]
 
 
@@ -88,6 +90,20 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Success | Failure)
 
 
+@contextlib.contextmanager
+def translate_store_errors(what: str) -> Iterator[None]:
+    """Raise torch's store errors inside as aiockpt's, naming ``what`` was being done:
+    ``CoordinationTimeout`` for a store that did not answer in time (``DistStoreError``),
+    ``CoordinationError`` for one that cannot be reached or failed otherwise (another
+    ``DistError``, or the ``RuntimeError`` the bindings raise); the cause is chained."""
+    try:
+        yield
+    except dist.DistStoreError as exc:
+        raise CoordinationTimeout(f"{what}: the group's store did not answer: {exc}") from exc
+    except (dist.DistError, RuntimeError) as exc:
+        raise CoordinationError(f"{what}: the group's store failed: {exc}") from exc
+
+
 def keys_owned_by(rank: int) -> list[str]:
     """The keys of one save that ``rank`` must post, in the order it posts them."""
     owned = [f"plan/{rank}", f"part/{rank}"]
@@ -98,16 +114,17 @@ def connect_store(group: GroupInfo, *, base: Store | None = None) -> Store:
     """The group's key space: a client of the store at ``group.addr:group.port`` (or
     ``base``), prefixed by the group's prefix and session.
 
-    Raises ``torch.distributed.DistStoreError`` when the store cannot be reached within
-    ``group.timeout_s``.
+    Raises ``CoordinationError`` (``CoordinationTimeout``) when the store cannot be reached
+    within ``group.timeout_s``.
     """
     if base is None:
-        base = TCPStore(
-            group.addr,
-            group.port,
-            is_master=False,
-            timeout=datetime.timedelta(seconds=group.timeout_s),
-        )
+        with translate_store_errors(f"connecting to {group.addr}:{group.port}"):
+            base = TCPStore(
+                group.addr,
+                group.port,
+                is_master=False,
+                timeout=datetime.timedelta(seconds=group.timeout_s),
+            )
     return PrefixStore(f"{group.prefix}{group.session}", base)  # it adds the "/" itself
 
 
@@ -128,8 +145,10 @@ class SaveRound:
 
     def post(self, name: str, value: Any) -> None:
         """Post this rank's ``value`` to ``name``; raise what another rank posted there first
-        (a timeout: the others gave up on this rank)."""
-        won = self._post(name, Success(value))
+        (a timeout: the others gave up on this rank). Raises ``CoordinationError`` when the
+        store fails."""
+        with translate_store_errors(f"save {self.round_id!r}, step {name!r}"):
+            won = self._post(name, Success(value))
         if isinstance(won, Failure):
             raise won.to_exception()
 
@@ -167,11 +186,14 @@ class SaveRound:
         except dist.DistError:
             waited = time.monotonic() - started
             for name, owner in zip(names, owners, strict=True):
-                if not self.store.check([self._key(name)]):
-                    self._post(name, self._timeout(name, owner, waited))
+                with translate_store_errors(f"save {self.round_id!r}, step {name!r}"):
+                    if not self.store.check([self._key(name)]):
+                        self._post(name, self._timeout(name, owner, waited))
         delivered: list[Any] = []
         for key in keys:
-            value = _decoder.decode(self.store.get(key))
+            with translate_store_errors(f"save {self.round_id!r}, reading {key!r}"):
+                posted = self.store.get(key)
+            value = _decoder.decode(posted)
             if isinstance(value, Failure):
                 raise value.to_exception()
             delivered.append(value.value)

@@ -11,9 +11,13 @@ configured maximum is a ``ProtocolError`` at once, before any of the body is buf
 
 The parent sends ``WorkerRequest``s and the worker answers each with one ``WorkerResponse``
 carrying the same ``request_id``, so several requests may be in flight at once (a PING is
-answered while a write runs). The first exchange is the handshake: an INIT request that carries
-the protocol version, the init functions (as import references) and their arguments; the worker
-answers with READY once the init functions have run. A version mismatch is detected from a
+answered while a write runs). A write that asks for them (``WritePayload.progress_bytes``)
+may also get progress reports before its answer: ``WorkerResponse``s whose payload is a
+``ProgressPayload``, which report and do not answer.
+
+The first exchange is the handshake: an INIT request that carries the protocol version, the
+init functions (as import references) and their arguments; the worker answers with READY once
+the init functions have run. A version mismatch is detected from a
 probe that reads only the version, so it is reported as such even when the rest of the message
 no longer decodes.
 
@@ -53,6 +57,7 @@ __all__ = [
     "MessageCodec",
     "PickledObject",
     "PlainValue",
+    "ProgressPayload",
     "RankInfo",
     "ReadyPayload",
     "RequestType",
@@ -68,8 +73,8 @@ __all__ = [
     "encode_frame",
 ]
 
-#: 2: int leaves beyond 64 bits travel as ``BigIntValue``
-PROTOCOL_VERSION = 2
+#: 2: int leaves beyond 64 bits travel as ``BigIntValue``; 3: progress reports of writes
+PROTOCOL_VERSION = 3
 #: frames carry metadata only (tensor bytes go through shared memory), so 64 MiB is generous
 DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
 
@@ -239,6 +244,8 @@ class CommitOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: a finished round whose keys rank 0's worker deletes (two saves back: no rank can
     #: still be reading them without having timed out)
     forget_round: str | None = None
+    #: keywords for the format's writer (``max_shard_size`` for safetensors)
+    writer_options: dict[str, Any] | None = None
 
 
 class WritePayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="write"):
@@ -247,6 +254,9 @@ class WritePayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=
     kwargs: dict[str, Any] = {}
     #: None: call the worker's writer on ``path`` as is (torch's CheckpointProcess semantics)
     commit: CommitOptions | None = None
+    #: report progress (``ProgressPayload``) each time the worker has written this many more
+    #: bytes, and once when the files are written; None: no reports
+    progress_bytes: int | None = None
 
 
 class CancelPayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="cancel"):
@@ -278,6 +288,14 @@ class WriteResultPayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     result: Any = None
 
 
+class ProgressPayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="progress"):
+    """A report on a write in progress, not its answer: bytes the worker has written to the
+    checkpoint's files so far (data, framing and metadata; this rank's share of a multi-rank
+    save)."""
+
+    bytes_written: int
+
+
 class WorkerResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     request_id: int
     request_type: RequestType
@@ -286,7 +304,7 @@ class WorkerResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     error_type: str | None = None
     error_msg: str | None = None
     traceback: str | None = None
-    payload: ReadyPayload | WriteResultPayload | None = None
+    payload: ReadyPayload | WriteResultPayload | ProgressPayload | None = None
     #: a multi-rank save that failed because of another rank names that rank here
     failed_rank: int | None = None
 

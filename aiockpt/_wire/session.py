@@ -21,6 +21,9 @@ Trainer side, ``ParentSession``::
 - A response to an id never sent, or one answered already, is a ``ProtocolError`` (the worker
   is confused: nothing it says can be trusted). One to an id the trainer stopped waiting for
   (``abandon``: a timed-out ping, a cancelled write's CANCEL) is dropped.
+- A progress report (a response whose payload is ``ProgressPayload``) does not answer: it is
+  allowed only for a WRITE_CHECKPOINT that asked for reports and is not answered yet, and its
+  byte counts never go down.
 
 Worker side, ``WorkerSession``::
 
@@ -35,7 +38,8 @@ Worker side, ``WorkerSession``::
 - Each request is routed: PING, CANCEL, MAP_ARENA and RELEASE_ARENA are answered at once,
   even while a write runs (``Route.IMMEDIATE``); WRITE_CHECKPOINT and TERMINATE wait their turn
   behind earlier writes (``Route.QUEUED``).
-- ``respond`` accepts an answer only to a request received and not yet answered.
+- ``respond`` accepts an answer only to a request received and not yet answered;
+  ``progress`` makes a report only for a write that asked for them and is not answered yet.
 
 Cancel before commit, ``WriteGate``: a CANCEL (on the worker's loop) races the write thread.
 Whichever takes the gate's lock first decides: a write whose commit began completes and
@@ -54,9 +58,11 @@ from aiockpt._wire.protocol import (
     CancelPayload,
     InitPayload,
     MessageCodec,
+    ProgressPayload,
     RequestType,
     WorkerRequest,
     WorkerResponse,
+    WritePayload,
 )
 from aiockpt.errors import ProtocolError
 
@@ -140,6 +146,8 @@ class ParentSession:
         self._outstanding: dict[int, RequestType] = {}
         #: ids sent whose answers nobody waits for any more
         self._abandoned: set[int] = set()
+        #: writes that asked for progress reports -> the last count reported
+        self._reported: dict[int, int] = {}
 
     def handshake(self, init: InitPayload) -> WorkerRequest:
         """The INIT request. Raises ``ProtocolError`` if it was made before."""
@@ -159,6 +167,8 @@ class ParentSession:
         request_id = self._next_id
         self._next_id += 1
         self._outstanding[request_id] = kind
+        if _wants_progress(kind, payload):
+            self._reported[request_id] = 0
         if kind is RequestType.TERMINATE_PROCESS:
             self.state = ParentSessionState.TERMINATING
         return WorkerRequest(request_id, kind, payload)  # type: ignore[arg-type]
@@ -175,6 +185,9 @@ class ParentSession:
         if not self._handshake_answered:
             self._codec.check_handshake_response(body)
         response = self._codec.decode_response(body)
+        if isinstance(response.payload, ProgressPayload):
+            return self._progress(response, response.payload)
+        self._reported.pop(response.request_id, None)
         kind = self._outstanding.pop(response.request_id, None)
         if kind is None:
             raise ProtocolError(
@@ -196,10 +209,34 @@ class ParentSession:
             return None
         return response
 
+    def _progress(self, response: WorkerResponse, report: ProgressPayload) -> WorkerResponse | None:
+        """A progress report: checked, the request left outstanding."""
+        last = self._reported.get(response.request_id)
+        if last is None or response.request_type is not RequestType.WRITE_CHECKPOINT:
+            raise ProtocolError(
+                f"progress report for request {response.request_id}, which is no write "
+                "awaiting its answer that asked for reports"
+            )
+        if report.bytes_written < last:
+            raise ProtocolError(
+                f"progress of request {response.request_id} went back from {last} to "
+                f"{report.bytes_written} bytes"
+            )
+        self._reported[response.request_id] = report.bytes_written
+        return None if response.request_id in self._abandoned else response
+
     @property
     def outstanding(self) -> frozenset[int]:
         """Ids sent and not answered yet (abandoned ones included)."""
         return frozenset(self._outstanding)
+
+
+def _wants_progress(kind: RequestType, payload: object) -> bool:
+    return (
+        kind is RequestType.WRITE_CHECKPOINT
+        and isinstance(payload, WritePayload)
+        and payload.progress_bytes is not None
+    )
 
 
 class WorkerSession:
@@ -209,6 +246,8 @@ class WorkerSession:
         self._codec = codec if codec is not None else MessageCodec()
         self.state = WorkerSessionState.AWAITING_INIT
         self._unanswered: set[int] = set()
+        #: writes that asked for progress reports and are not answered -> last count made
+        self._reporting: dict[int, int] = {}
 
     def receive(self, body: bytes) -> Received:
         """Decode one request frame body, check it, and say how to serve it. Raises
@@ -238,6 +277,8 @@ class WorkerSession:
             if kind is RequestType.TERMINATE_PROCESS:
                 self.state = WorkerSessionState.TERMINATING
         self._unanswered.add(request.request_id)
+        if route is Route.QUEUED and _wants_progress(kind, request.payload):
+            self._reporting[request.request_id] = 0
         return Received(route, request, refusal)
 
     def respond(self, response: WorkerResponse) -> WorkerResponse:
@@ -248,7 +289,31 @@ class WorkerSession:
                 f"answer to request {response.request_id}, which is not awaiting one"
             )
         self._unanswered.discard(response.request_id)
+        self._reporting.pop(response.request_id, None)
         return response
+
+    def progress(self, request_id: int, bytes_written: int) -> WorkerResponse:
+        """A progress report on write ``request_id``, to send. Raises ``ProtocolError`` (a
+        bug on this side) for a request that did not ask for reports or is answered, or a
+        count below the last one reported."""
+        last = self._reporting.get(request_id)
+        if last is None:
+            raise ProtocolError(
+                f"no progress report for request {request_id}: not a write awaiting its "
+                "answer that asked for reports"
+            )
+        if bytes_written < last:
+            raise ProtocolError(
+                f"no progress report of {bytes_written} bytes for request {request_id}: "
+                f"{last} reported already"
+            )
+        self._reporting[request_id] = bytes_written
+        return WorkerResponse(
+            request_id,
+            RequestType.WRITE_CHECKPOINT,
+            True,
+            payload=ProgressPayload(bytes_written),
+        )
 
 
 class WriteCancelled(Exception):

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from aiockpt._format.manifest import is_plain
+from aiockpt._format.stateful import is_stateful
 from aiockpt._format.tree import KeyPath, flatten, format_key_path
 from aiockpt._wire.protocol import (
     BigIntValue,
@@ -26,12 +28,11 @@ __all__ = [
     "dtype_name",
     "inline_tensor",
     "is_tensor",
-    "plain_leaf",
     "tensor_from_leaf",
     "value_from_leaf",
+    "value_leaf",
 ]
 
-_PLAIN_TYPES = frozenset({int, float, str, bool, bytes, type(None)})
 # msgpack carries ints in this range exactly; larger ones travel as BigIntValue.
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
@@ -78,13 +79,14 @@ def inline_tensor(tensor: torch.Tensor) -> TensorInline:
     return TensorInline(dtype_name(flat.dtype), list(flat.shape), as_bytes(flat).numpy().tobytes())
 
 
-def plain_leaf(path: KeyPath, value: Any, *, allow_pickle: bool) -> Leaf:
+def value_leaf(path: KeyPath, value: Any, *, allow_pickle: bool) -> Leaf:
     """Describe a non-tensor leaf, checking here, in the caller, that it can be encoded.
 
-    Plain means exactly ``int``, ``float``, ``str``, ``bool``, ``None`` or ``bytes``: a
-    subclass (``IntEnum``, ``numpy.float64``) would come back as another type, or not encode
-    at all, so it is pickled when ``allow_pickle`` allows, like any other object. Ints beyond
-    msgpack's 64 bits travel as ``BigIntValue``.
+    Plain values (``aiockpt._format.manifest.is_plain``: exactly ``int``, ``float``, ``str``,
+    ``bool``, ``None`` or ``bytes``) travel as themselves; a subclass (``IntEnum``,
+    ``numpy.float64``) would come back as another type, or not encode at all, so it is
+    pickled when ``allow_pickle`` allows, like any other object. Ints beyond msgpack's 64
+    bits travel as ``BigIntValue``.
 
     Raises ``TypeError`` naming the key for an object that is not a plain value, unless
     ``allow_pickle`` says the caller accepts pickling it, and for a plain value no checkpoint
@@ -110,10 +112,17 @@ def plain_leaf(path: KeyPath, value: Any, *, allow_pickle: bool) -> Leaf:
                 f"state dict entry {format_key_path(path)!r} is not valid Unicode ({exc.reason} "
                 f"at {exc.start}); it cannot be written as UTF-8"
             ) from None
-    if kind in _PLAIN_TYPES:
+    if is_plain(value):
         return PlainValue(value)
     if allow_pickle:
         return PickledObject(_pickle_importable(path, value))
+    if is_stateful(value):
+        raise TypeError(
+            f"state dict entry {format_key_path(path)!r} is Stateful ({kind.__qualname__}) "
+            "below the top level: state_dict() is called, as torch's DCP calls it, only on the "
+            "state dict itself and on its top-level values; move it up or save its "
+            "state_dict()"
+        )
     raise TypeError(
         f"state dict entry {format_key_path(path)!r} is a {kind.__qualname__}; only "
         "tensors, int, float, str, bool, None, bytes (exactly: not subclasses) and "
@@ -179,7 +188,7 @@ def tensor_from_leaf(leaf: TensorInArena | TensorInline, arena: memoryview | Non
 
 
 def value_from_leaf(leaf: PlainValue | BigIntValue | PickledObject) -> Any:
-    """The value a non-tensor leaf stands for (the worker's side of ``plain_leaf``)."""
+    """The value a non-tensor leaf stands for (the worker's side of ``value_leaf``)."""
     if isinstance(leaf, PlainValue):
         return leaf.value
     if isinstance(leaf, BigIntValue):
@@ -209,7 +218,7 @@ def describe_inline(state_dict: Any, *, allow_pickle: bool = False) -> StateDict
         [
             inline_tensor(value)
             if is_tensor(value)
-            else plain_leaf(path, value, allow_pickle=allow_pickle)
+            else value_leaf(path, value, allow_pickle=allow_pickle)
             for path, value in leaves
         ],
     )

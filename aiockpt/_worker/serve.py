@@ -43,10 +43,11 @@ from aiockpt._wire.protocol import (
 from aiockpt._wire.refs import resolve_ref
 from aiockpt._wire.session import HANDSHAKE_ID, Route, WorkerSession, WriteCancelled, WriteGate
 from aiockpt._wire.tensors import dtype_from_name, tensor_from_leaf, value_from_leaf
+from aiockpt._worker.progress import ProgressReports
 from aiockpt._worker.rank_group import RankGroup
 from aiockpt.errors import CoordinationError, ProtocolError, RankFailed, qualified_name
 from aiockpt.writers import create_writer
-from aiockpt.writers.base import StagedLayout, StagedStateDict
+from aiockpt.writers.base import StagedLayout, StagedStateDict, observe_bytes_written
 
 __all__ = ["serve"]
 
@@ -243,7 +244,8 @@ class ServingWorker:
         self._writes_done = 0
         self._writing = False
         self.writer: Any = None
-        self._format_writers: dict[str, Any] = {}
+        #: (format, writer options as JSON) -> writer
+        self._format_writers: dict[tuple[str, bytes], Any] = {}
         self._session = session
         #: which writes a CANCEL may still stop (see aiockpt._wire.session)
         self._gate = WriteGate()
@@ -344,18 +346,27 @@ class ServingWorker:
 
     async def _write(self, request_id: int, payload: WritePayload) -> WorkerResponse:
         self._writing = True
+        reports = None
+        if payload.progress_bytes is not None:
+            reports = ProgressReports(
+                lambda count: self._channel.send(self._session.progress(request_id, count)),
+                payload.progress_bytes,
+            )
         try:
             started = time.perf_counter()
-            result = await asyncio.to_thread(self._write_blocking, request_id, payload)
+            result = await asyncio.to_thread(self._write_blocking, request_id, payload, reports)
             seconds = time.perf_counter() - started
         except Exception as exc:
             logger.warning("write to %s failed: %s: %s", payload.path, type(exc).__name__, exc)
             return failure(request_id, RequestType.WRITE_CHECKPOINT, exc)
         finally:
+            if reports is not None:
+                await reports.finish()  # the last report goes before the answer
             self._writing = False
             self._gate.finish(request_id)
             self._after_write()
             self._arenas.close_lingering()
+        logger.debug("wrote %s in %.3f s", payload.path, seconds)
         try:
             msgspec.msgpack.encode(result)
         except (TypeError, msgspec.EncodeError, RecursionError):
@@ -367,7 +378,9 @@ class ServingWorker:
             payload=WriteResultPayload(write_seconds=seconds, result=result),
         )
 
-    def _write_blocking(self, request_id: int, payload: WritePayload) -> Any:
+    def _write_blocking(
+        self, request_id: int, payload: WritePayload, reports: ProgressReports | None = None
+    ) -> Any:
         self._gate.check(request_id)
         # A write makes a few short-lived objects per tensor (views, buffers, manifest
         # leaves): tens of thousands of them set off the collector's full passes over the
@@ -376,7 +389,10 @@ class ServingWorker:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            return self._materialize_and_write(request_id, payload)
+            if reports is None:
+                return self._materialize_and_write(request_id, payload)
+            with observe_bytes_written(reports.add):
+                return self._materialize_and_write(request_id, payload)
         finally:
             if collecting:
                 gc.enable()
@@ -387,7 +403,7 @@ class ServingWorker:
             return self.writer.write(state_dict=state_dict, path=payload.path, **payload.kwargs)
         if self.group is not None:
             outcome = self.group.write_and_commit(
-                self._writer_for(payload.commit.format),
+                self._writer_for(payload.commit),
                 state_dict,
                 shards_of(payload.state_dict),
                 payload.path,
@@ -396,39 +412,26 @@ class ServingWorker:
             )
             self._regroup = outcome.regroup
             return outcome.result
-        return self._write_and_commit(request_id, state_dict, payload.path, payload.commit)
-
-    def _write_and_commit(
-        self, request_id: int, state_dict: Any, path: str, options: CommitOptions
-    ) -> commit.CommitResult:
-        """Write into a temporary sibling of ``path`` and commit it, unless cancelled first."""
-        writer = self._writer_for(options.format)
-        started = time.perf_counter()
-        pending = commit.prepare(path, overwrite=options.overwrite)
-        try:
-            records = commit.write_files(writer, state_dict, pending.temp_path)
-            written = time.perf_counter()
-            manifest = commit.build_manifest(
-                options.format, state_dict, records, metadata=options.metadata
-            )
-            self._gate.begin_commit(request_id)
-            manifest_size = commit.finalize(pending, manifest)
-        except BaseException:
-            commit.abort(pending)
-            raise
-        return commit.CommitResult(
-            path=pending.path,
-            nbytes=sum(f.size for f in manifest.files) + manifest_size,
-            files=manifest.files,
-            write_seconds=written - started,
-            commit_seconds=time.perf_counter() - written,
+        return commit.write_checkpoint(
+            self._writer_for(payload.commit),
+            state_dict,
+            payload.path,
+            format=payload.commit.format,
+            overwrite=payload.commit.overwrite,
+            metadata=payload.commit.metadata,
+            before_commit=lambda: self._gate.begin_commit(request_id),
         )
 
-    def _writer_for(self, format: str) -> Any:
-        writer = self._format_writers.get(format)
+    def _writer_for(self, options: CommitOptions) -> Any:
+        """The writer of a save's format and writer options, made once and kept (writers
+        cache their plans between saves of one structure)."""
+        key = (options.format, msgspec.json.encode(options.writer_options or {}))
+        writer = self._format_writers.get(key)
         if writer is None:
-            writer = create_writer(format, self._init.rank_info)
-            self._format_writers[format] = writer
+            writer = create_writer(
+                options.format, self._init.rank_info, **(options.writer_options or {})
+            )
+            self._format_writers[key] = writer
         return writer
 
     def _after_write(self) -> None:

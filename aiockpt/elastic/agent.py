@@ -30,10 +30,11 @@ import signal
 import socket
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from string import Template
-from typing import Any, TypeVar
+from typing import Any
 
+from aiockpt._runtime import finish_even_if_cancelled
 from aiockpt.elastic import janitor
 from aiockpt.elastic.barrier import exit_barrier
 from aiockpt.elastic.dynamic import DynamicRendezvousHandler
@@ -53,7 +54,6 @@ __all__ = ["DEFAULT_LOG_LINE_PREFIX_TEMPLATE", "DEFAULT_SIGNALS", "LocalElasticA
 
 logger = logging.getLogger(__name__)
 
-_T = TypeVar("_T")
 #: how long the janitor may take to read the agent's last message
 _CHANNEL_CLOSE_S = 5.0
 
@@ -146,9 +146,10 @@ class LocalElasticAgent:
                         # Finished even if this task is cancelled again meanwhile (a timeout,
                         # a TaskGroup, asyncio.run's final cancel): it is bounded by the
                         # deadlines, and workers left half-stopped would outlive run().
-                        await _finish(self._shut_down(work, stop_signal))
+                        await finish_even_if_cancelled(self._shut_down(work, stop_signal))
                         if isinstance(self._rendezvous, DynamicRendezvousHandler):
-                            await _finish(self._leave(self._rendezvous, work, signalled))
+                            leaving = self._leave(self._rendezvous, work, signalled)
+                            await finish_even_if_cancelled(leaving)
         finally:
             signalled.cancel()
             self._rendezvous.close()
@@ -448,7 +449,7 @@ class LocalElasticAgent:
                 shutil.rmtree(remove, ignore_errors=True)
             elif temp_root is not None:
                 logger.info("worker logs kept in %s", self._run_log_dir)
-            await _finish(self._janitor.close())
+            await finish_even_if_cancelled(self._janitor.close())
 
 
 class _Janitor:
@@ -501,7 +502,7 @@ class _Janitor:
             # the EOF would have the janitor clean up after a live agent: kill it first
             process.kill()
             channel.close()
-            await _finish(process.wait())
+            await finish_even_if_cancelled(process.wait())
             raise
         return cls(process, transport, closed)
 
@@ -539,23 +540,6 @@ class _ChannelClosed(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._closed.done():
             self._closed.set_result(None)
-
-
-async def _finish(coro: Coroutine[Any, Any, _T]) -> _T:
-    """Await ``coro`` to its end even if this task is cancelled meanwhile, then re-raise the
-    cancellation. Only for bounded clean-up that must not be abandoned halfway."""
-    task = asyncio.create_task(coro)
-    cancelled: asyncio.CancelledError | None = None
-    while not task.done():
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError as exc:
-            cancelled = exc
-    if cancelled is None:
-        return task.result()
-    if not task.cancelled() and task.exception() is not None:
-        logger.error("clean-up failed while cancelled", exc_info=task.exception())
-    raise cancelled
 
 
 async def _watch_membership(handler: DynamicRendezvousHandler) -> str:

@@ -14,15 +14,14 @@ stopped the run.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import math
 import os
 import sys
 import uuid
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable
 
+from aiockpt._runtime import run_on_fastest_loop
 from aiockpt.elastic.agent import LocalElasticAgent
 from aiockpt.elastic.dynamic import DynamicRendezvousHandler, parse_rdzv_conf, settings_from_conf
 from aiockpt.elastic.failures import format_failures
@@ -35,7 +34,6 @@ __all__ = ["get_args_parser", "main", "parse_args"]
 
 logger = logging.getLogger(__name__)
 
-_T = TypeVar("_T")
 _DEFAULT_MASTER_PORT = 29500
 
 
@@ -373,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
         shutdown_timeout=args.shutdown_timeout,
     )
     try:
-        result: RunResult = _run_on_fastest_loop(agent.run)
+        result: RunResult = run_on_fastest_loop(agent.run())
     except SignalException as exc:
         sys.exit(128 + exc.sigval)
     except RendezvousGracefulExitError as exc:
@@ -386,17 +384,6 @@ def main(argv: list[str] | None = None) -> None:
     if result.is_failed():
         print(format_failures(spec.get_entrypoint_name(), result.failures), file=sys.stderr)
         sys.exit(1)
-
-
-def _run_on_fastest_loop(main: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
-    """Run on uvloop where installed. Besides speed, uvloop learns of child exits from
-    SIGCHLD; the stock loop on Python < 3.12 starts a waitpid thread per worker."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main())
-    result: _T = uvloop.run(main())
-    return result
 
 
 def _integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:

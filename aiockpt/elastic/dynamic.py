@@ -13,8 +13,10 @@ wait list; :meth:`DynamicRendezvousHandler.num_nodes_waiting` > 0 tells the runn
 to stop their workers and meet again. A node leaving a complete round (to meet again) drops
 out of its participants; the last one to leave opens the next round. Nodes heartbeat every
 ``keep_alive_interval``; one silent for ``keep_alive_max_attempt`` intervals is dead, and
-whoever reads the state removes it. A closed rendezvous (the job is over) turns joiners
-away with :class:`RendezvousClosedError`.
+whoever reads the state removes it. A node whose *process* died is found at once instead
+(:class:`_PeerLiveness`): every agent listens on a port of its own and every other agent
+holds a connection to it, which the kernel closes when the process dies, however it dies.
+A closed rendezvous (the job is over) turns joiners away with :class:`RendezvousClosedError`.
 
 Each round's agents and workers use the store under a prefix of their own (``round/<n>/``),
 so a new round never reads the rank assignment or barrier keys of the last one. These are
@@ -56,6 +58,10 @@ DEFAULT_RDZV_PORT = 29400  # torch's c10d backend default
 _STORE_OP_TIMEOUT_S = 60.0
 #: how long one store wait for a state change blocks (the callers bound their own waits)
 _CHANGE_WAIT_S = 3600.0
+#: how long after a node's heartbeat expires a waiting node looks at the state again
+_EXPIRY_MARGIN_S = 0.05
+#: how long connecting to a peer's liveness port may take before the keep-alive decides
+_LIVENESS_CONNECT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,91 @@ def _node_addr(node: str) -> str:
     return node.rsplit("_", 2)[0]
 
 
+class _PeerLiveness:
+    """Learns that a peer agent's process died when it dies, not when its keep-alive expires
+    (15 s at torch's defaults).
+
+    Each agent listens on a port of its own (published in the store beside its heartbeat),
+    and each other agent holds one connection to it, reading until EOF. The kernel closes a
+    dead process's sockets, so its watchers read EOF at once. An EOF is confirmed by
+    connecting again: *refused* means nothing listens there any more (the process is gone, or
+    its agent stopped); a connection that goes through was a hiccup and the watch goes on. A
+    peer that cannot be reached at all (its machine gone, a firewall) is left to the
+    keep-alive expiry, as in torch. Tasks only: no thread per peer.
+    """
+
+    def __init__(self) -> None:
+        self.port = 0  # 0: not listening (the peers rely on keep-alive for this node)
+        #: nodes found dead; read by :meth:`DynamicRendezvousHandler._sanitize` (a thread)
+        self.lost: set[str] = set()
+        #: set when a node is found dead: wakes a node waiting for the state to change
+        self.found_lost = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._watches: dict[str, asyncio.Task[None]] = {}
+        self._held: set[asyncio.StreamWriter] = set()
+
+    async def listen(self, host: str) -> None:
+        try:
+            self._server = await asyncio.start_server(self._hold, host, 0)
+        except OSError as exc:
+            logger.warning("no liveness port on %s (%s): peers rely on keep-alive", host, exc)
+            return
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _hold(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A watcher's connection: kept open until the watcher goes, or this node stops."""
+        self._held.add(writer)
+        try:
+            with contextlib.suppress(OSError):
+                await reader.read()
+        finally:
+            self._held.discard(writer)
+            writer.close()
+
+    def watch(self, peers: dict[str, tuple[str, int]]) -> None:
+        """Watch exactly ``peers`` (node -> liveness address) from now on."""
+        for node in [node for node in self._watches if node not in peers]:
+            self._watches.pop(node).cancel()
+        for node, address in peers.items():
+            if node not in self._watches and node not in self.lost:
+                self._watches[node] = asyncio.create_task(
+                    self._watch(node, *address), name="aiockpt-rdzv-liveness"
+                )
+
+    async def _watch(self, node: str, host: str, port: int) -> None:
+        while True:
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host, port), _LIVENESS_CONNECT_S
+                )
+            except ConnectionRefusedError:
+                break
+            except (OSError, TimeoutError) as exc:
+                logger.info("cannot watch %s (%s): its keep-alive decides", node, exc)
+                return
+            try:
+                with contextlib.suppress(OSError):
+                    await reader.read()
+            finally:
+                writer.close()
+        logger.warning("node %s is gone (its agent's liveness port refuses)", node)
+        self.lost.add(node)
+        self.found_lost.set()
+
+    async def close(self) -> None:
+        """Stop watching and listening; the peers watching this node then find it gone."""
+        watches, self._watches = list(self._watches.values()), {}
+        for task in watches:
+            task.cancel()
+        await asyncio.gather(*watches, return_exceptions=True)
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+            for writer in list(self._held):
+                writer.close()
+            await server.wait_closed()
+
+
 class DynamicRendezvousHandler:
     """torch's ``DynamicRendezvousHandler`` with a c10d (TCPStore) backend, on asyncio.
 
@@ -176,6 +267,16 @@ class DynamicRendezvousHandler:
         self._round_client: TCPStore | None = None
         self._round: _Round | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        #: the store wait for a change in progress: its key and task (see _wait_for_change)
+        self._change_wait: tuple[str, asyncio.Task[None]] | None = None
+        #: wall-clock time at which the stalest other node's heartbeat expires, as last read
+        #: (None: no other node). Waits for a state change end then at the latest, so that a
+        #: dead node is removed when it expires, not at this node's next beat (up to
+        #: keep_alive_interval later). Written by whichever thread read the state last.
+        self._next_expiry: float | None = None
+        self._liveness = _PeerLiveness()
+        #: node -> its liveness address, as read from the store (by _sanitize's thread)
+        self._liveness_addresses: dict[str, tuple[str, int]] = {}
 
     # -- torch's RendezvousHandler interface ------------------------------------------------
 
@@ -229,7 +330,7 @@ class DynamicRendezvousHandler:
 
         Raises ``RuntimeError`` from the store."""
         store = await self._connect()
-        state = await run_blocking(lambda: self._sync(store), "aiockpt-rdzv-sync")
+        state = await self._apply(store, None, "aiockpt-rdzv-sync")
         return len(state.wait_list)
 
     async def wait_for_membership_change(self) -> str:
@@ -244,7 +345,7 @@ class DynamicRendezvousHandler:
         mine = self._round
         assert mine is not None, "wait_for_membership_change before next_rendezvous"
         while True:
-            state = await run_blocking(lambda: self._sync(store), "aiockpt-rdzv-sync")
+            state = await self._apply(store, None, "aiockpt-rdzv-sync")
             if not state.closed:
                 if state.wait_list:
                     return f"{len(state.wait_list)} node(s) waiting to join"
@@ -255,7 +356,7 @@ class DynamicRendezvousHandler:
     async def is_closed(self) -> bool:
         """Whether the rendezvous is closed. Raises ``RuntimeError`` from the store."""
         store = await self._connect()
-        state = await run_blocking(lambda: self._sync(store), "aiockpt-rdzv-sync")
+        state = await self._apply(store, None, "aiockpt-rdzv-sync")
         return state.closed
 
     async def set_closed(self) -> None:
@@ -270,7 +371,7 @@ class DynamicRendezvousHandler:
             state.closed = True
             return True
 
-        await run_blocking(lambda: self._update(store, close), "aiockpt-rdzv-close")
+        await self._apply(store, close, "aiockpt-rdzv-close")
 
     async def shutdown(self) -> bool:
         """Stop heartbeating and close the rendezvous (torch's ``shutdown``), within
@@ -283,6 +384,8 @@ class DynamicRendezvousHandler:
         except (RuntimeError, OSError, TimeoutError) as exc:
             logger.warning("could not close the rendezvous: %s", exc)
             return False
+        finally:
+            await self._liveness.close()  # after closing: nobody restarts over this node
         return True
 
     def close(self) -> None:
@@ -292,8 +395,9 @@ class DynamicRendezvousHandler:
 
     async def stop(self) -> None:
         """Stop heartbeating without closing the rendezvous (this node goes away, the job
-        goes on: a signal, not the end of the job)."""
+        goes on: a signal, not the end of the job); the others find it gone at once."""
         await self._stop_heartbeat()
+        await self._liveness.close()
 
     # -- store and state ----------------------------------------------------------------------
 
@@ -326,8 +430,11 @@ class DynamicRendezvousHandler:
                     # as torch: the port is taken, so somebody else hosts it
             raise AssertionError("unreachable")
 
+        await self._liveness.listen(self.local_addr)
+
         def connect_and_beat() -> TCPStore:
             store = connect()
+            store.set(self._key(f"liveness/{self.node}"), str(self._liveness.port))
             # created if absent (compare_set with an empty expected value sets a missing key)
             store.compare_set(self._key("state"), "", _State().dump())
             # before this node appears in the state: _sanitize reads every listed node's beat
@@ -361,6 +468,25 @@ class DynamicRendezvousHandler:
     def _key(self, name: str) -> str:
         return self._prefix + name
 
+    async def _apply(
+        self, store: Store, mutate: Callable[[_State], bool] | None, name: str
+    ) -> _State:
+        """:meth:`_update` (or, without ``mutate``, :meth:`_sync`) in a thread; then watch
+        the liveness of every other node the state lists."""
+        if mutate is None:
+            state = await run_blocking(lambda: self._sync(store), name)
+        else:
+            state = await run_blocking(lambda: self._update(store, mutate), name)
+        addresses = self._liveness_addresses
+        self._liveness.watch(
+            {
+                node: addresses[node]
+                for node in (*state.participants, *state.wait_list)
+                if node in addresses
+            }
+        )
+        return state
+
     def _sync(self, store: Store) -> _State:
         """Read the state, removing dead nodes (blocking)."""
         return self._update(store, lambda state: False)
@@ -388,14 +514,26 @@ class DynamicRendezvousHandler:
         """Remove nodes whose heartbeat expired (torch's state sanitizer)."""
         nodes = [*state.participants, *state.wait_list]
         if not nodes:
+            self._next_expiry = None
             return False
         beats = store.multi_get([self._key(f"heartbeat/{node}") for node in nodes])
+        unknown = [n for n in nodes if n != self.node and n not in self._liveness_addresses]
+        if unknown:  # each node publishes its port before it is listed
+            ports = store.multi_get([self._key(f"liveness/{node}") for node in unknown])
+            for node, port in zip(unknown, ports, strict=True):
+                if int(port):
+                    self._liveness_addresses[node] = (_node_addr(node), int(port))
+        lost = frozenset(self._liveness.lost)  # one copy: the loop may add to it meanwhile
         now = time.time()
-        dead = {
-            node
+        expiries = {
+            node: float(beat) + self.settings.keep_alive_expiry
             for node, beat in zip(nodes, beats, strict=True)
-            if node != self.node and now - float(beat) > self.settings.keep_alive_expiry
+            if node != self.node
         }
+        dead = {node for node, expiry in expiries.items() if now > expiry or node in lost}
+        self._next_expiry = min(
+            (expiry for node, expiry in expiries.items() if node not in dead), default=None
+        )
         if not dead:
             return False
         logger.warning("removing node(s) with expired heartbeats: %s", sorted(dead))
@@ -423,14 +561,37 @@ class DynamicRendezvousHandler:
         own (TCPStore serializes the calls of one client, so an abandoned wait would hold up
         every later call on a shared one) and ends at the next change of the state."""
         key = self._key(f"changed/{version + 1}")
+        if self._next_expiry is not None:
+            # just past it: a node counts as dead once its silence exceeds the expiry
+            until_expiry = max(self._next_expiry - time.time(), 0.0) + _EXPIRY_MARGIN_S
+            wait_s = until_expiry if wait_s is None else min(wait_s, until_expiry)
 
         def wait() -> None:
             client = self._client()
             with contextlib.suppress(RuntimeError):  # timed out or store gone: look again
                 client.wait([key], timedelta(seconds=_CHANGE_WAIT_S))
 
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(run_blocking(wait, "aiockpt-rdzv-wait"), wait_s)
+        # A wait that timed out while the state stayed put is picked up again rather than
+        # started anew: waits bounded by a live node's expiry time out every beat, and each
+        # new one would leave a thread and a connection behind until the state changes.
+        pending = self._change_wait
+        if pending is None or pending[0] != key or pending[1].done():
+            task = asyncio.ensure_future(run_blocking(wait, "aiockpt-rdzv-wait"))
+            # a wait given up on (a newer version, or stop()) is not awaited again
+            task.add_done_callback(_retrieve)
+            # a wait for an older key ends by itself: the state moved past it, so it is set
+            pending = self._change_wait = (key, task)
+        # ... or until a peer's process is found dead: then the state must lose it now
+        found_lost = self._liveness.found_lost
+        if not found_lost.is_set():
+            woken = asyncio.ensure_future(found_lost.wait())
+            try:
+                await asyncio.wait(
+                    {pending[1], woken}, timeout=wait_s, return_when="FIRST_COMPLETED"
+                )
+            finally:
+                woken.cancel()
+        found_lost.clear()
 
     # -- the operations -----------------------------------------------------------------------
 
@@ -447,7 +608,7 @@ class DynamicRendezvousHandler:
                 return True
             return False
 
-        await run_blocking(lambda: self._update(store, leave), "aiockpt-rdzv-exit")
+        await self._apply(store, leave, "aiockpt-rdzv-exit")
         self._round = None
 
     async def _join(self, store: Store, deadline: float) -> _State:
@@ -491,7 +652,7 @@ class DynamicRendezvousHandler:
             return True
 
         while True:
-            state = await run_blocking(lambda: self._update(store, step), "aiockpt-rdzv-join")
+            state = await self._apply(store, step, "aiockpt-rdzv-join")
             if state.closed:
                 raise RendezvousClosedError(f"the rendezvous {settings.run_id!r} is closed")
             if state.complete and node in state.participants:
@@ -542,11 +703,21 @@ class DynamicRendezvousHandler:
         self._sync(client)
 
     async def _stop_heartbeat(self) -> None:
+        pending, self._change_wait = self._change_wait, None
+        if pending is not None:
+            pending[1].cancel()  # its thread is abandoned, as run_blocking says
         task, self._heartbeat = self._heartbeat, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """Mark a store wait's outcome seen: its waiter may have moved on (it is logged by
+    whoever awaits it, if anyone)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def settings_from_conf(

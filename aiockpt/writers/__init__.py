@@ -7,10 +7,10 @@ Built-in formats are referenced by name, custom writers by import reference
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from aiockpt._wire.protocol import RankInfo
+from aiockpt._wire.refs import resolve_ref
 from aiockpt.writers.base import FileRecord, Writer
 
 __all__ = ["BUILTIN_WRITERS", "FileRecord", "Writer", "create_writer", "resolve_writer"]
@@ -25,8 +25,8 @@ BUILTIN_WRITERS: dict[str, str] = {
 def resolve_writer(format: str) -> Any:
     """The writer class (or factory) for a format name or a ``"module:attribute"`` reference.
 
-    Raises ValueError for an unknown name, ImportError or AttributeError for a reference
-    that does not resolve.
+    Raises ValueError for an unknown name, ImportError for a reference that does not
+    resolve (resolved as ``aiockpt._wire.refs.resolve_ref`` resolves init functions).
     """
     reference = BUILTIN_WRITERS.get(format, format)
     module_name, colon, attribute = reference.partition(":")
@@ -35,10 +35,7 @@ def resolve_writer(format: str) -> Any:
         raise ValueError(
             f"unknown checkpoint format {format!r}: use one of {known} or 'module:attribute'"
         )
-    target: Any = importlib.import_module(module_name)
-    for part in attribute.split("."):
-        target = getattr(target, part)
-    return target
+    return resolve_ref(reference)
 
 
 def create_writer(format: str, rank_info: RankInfo | None = None, **options: Any) -> Writer:

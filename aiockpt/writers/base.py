@@ -20,7 +20,7 @@ import itertools
 import os
 import pickle
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol, runtime_checkable
 
@@ -28,8 +28,9 @@ import msgspec
 import torch
 import xxhash
 
-from aiockpt._format.manifest import Leaf, ObjectLeaf, check_relative_name, plain_leaf
+from aiockpt._format.manifest import Leaf, ObjectLeaf, check_relative_name, is_plain
 from aiockpt._format.tree import KeyPath, Node, flatten, iter_key_paths, unflatten
+from aiockpt._runtime import libc_function
 from aiockpt._wire.protocol import ShardSpec
 from aiockpt._wire.tensors import dtype_from_name, dtype_name, is_tensor
 
@@ -45,7 +46,9 @@ __all__ = [
     "dtype_name",
     "flatten_state_dict",
     "is_tensor",
+    "observe_bytes_written",
     "open_new_file",
+    "report_bytes_written",
     "split_leaves",
     "staged_layout",
     "tensor_bytes",
@@ -144,7 +147,9 @@ _layout_versions = itertools.count(1)
 
 class StagedStateDict(dict[Any, Any]):
     """The state dict of a request, as the worker hands it to writers: a plain dict that
-    also holds its leaves flat (``flatten_state_dict`` needs no walk) and its ``layout``."""
+    also holds its leaves flat and its ``layout``. ``flatten_state_dict`` of it walks
+    nothing, and pairs key paths with leaves once per save however many times it is called
+    (writer, commit)."""
 
     def __init__(self, layout: StagedLayout, values: list[Any], arena: memoryview) -> None:
         super().__init__(unflatten(layout.skeleton, values))
@@ -152,6 +157,13 @@ class StagedStateDict(dict[Any, Any]):
         self.leaf_values = values
         #: the mapping the tensors view (``layout.regions`` says where)
         self.arena = arena
+        self._flat: list[tuple[KeyPath, Any]] | None = None
+
+    def flat_leaves(self) -> list[tuple[KeyPath, Any]]:
+        """The ``(key path, leaf)`` pairs, made on first use (callers must not change it)."""
+        if self._flat is None:
+            self._flat = list(zip(self.layout.key_paths, self.leaf_values, strict=True))
+        return self._flat
 
 
 def staged_layout(state_dict: Any) -> StagedLayout | None:
@@ -163,12 +175,40 @@ def flatten_state_dict(state_dict: Any) -> tuple[Node, list[tuple[KeyPath, Any]]
     """The skeleton and the ``(key path, leaf)`` pairs of a state dict; tensors are leaves.
 
     Writers and commit both call this, so leaf indices agree between ``FileRecord.leaves``
-    and the manifest. Raises ``TypeError`` for dict keys that are neither str nor int.
+    and the manifest; for the worker's ``StagedStateDict`` they also share one list (do not
+    change it). Raises ``TypeError`` for dict keys that are neither str nor int.
     """
     if type(state_dict) is StagedStateDict:
-        layout = state_dict.layout
-        return layout.skeleton, list(zip(layout.key_paths, state_dict.leaf_values, strict=True))
+        return state_dict.layout.skeleton, state_dict.flat_leaves()
     return flatten(state_dict, is_tensor)
+
+
+#: called with every count of bytes written to a checkpoint's files, from any thread
+_bytes_written_observer: Callable[[int], None] | None = None
+
+
+@contextlib.contextmanager
+def observe_bytes_written(observer: Callable[[int], None]) -> Iterator[None]:
+    """Call ``observer(n)`` for every ``n`` bytes written to checkpoint files while the block
+    runs (from the threads that write: it must be thread-safe and quick). Process-wide, one
+    at a time, as the worker writes one save at a time: this is how its progress reports
+    learn what writers write without each writer taking a parameter for it."""
+    global _bytes_written_observer
+    if _bytes_written_observer is not None:
+        raise RuntimeError("bytes written are observed already")
+    _bytes_written_observer = observer
+    try:
+        yield
+    finally:
+        _bytes_written_observer = None
+
+
+def report_bytes_written(count: int) -> None:
+    """Writers that write files other than through ``FileSink`` call this with what they
+    wrote (see ``observe_bytes_written``)."""
+    observer = _bytes_written_observer
+    if observer is not None:
+        observer(count)
 
 
 _memoryview_from_memory = ctypes.pythonapi.PyMemoryView_FromMemory
@@ -232,17 +272,9 @@ _IOV_MAX = 1024
 _WRITEBACK_BYTES = 8 << 20
 
 
-def _load_sync_file_range() -> Any:
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (AttributeError, OSError):  # not Linux
-        return None
-    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    function.restype = ctypes.c_int
-    return function
-
-
-_sync_file_range = _load_sync_file_range()
+_sync_file_range = libc_function(
+    "sync_file_range", (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+)
 _SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -367,6 +399,7 @@ class FileSink:
             with self._naming_the_file():
                 count = os.writev(self._fd, parts)
             self._written += count
+            report_bytes_written(count)
             while parts and count >= parts[0].nbytes:
                 count -= parts.pop(0).nbytes
             if count:
@@ -429,6 +462,6 @@ def split_leaves(
     for index, (path, value) in enumerate(leaves):
         if isinstance(value, torch.Tensor):
             tensors.append((index, path, value))
-        elif plain_leaf(value) is None:
+        elif not is_plain(value):
             objects.append((index, value))
     return tensors, objects

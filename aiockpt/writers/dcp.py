@@ -58,7 +58,7 @@ from torch.distributed.checkpoint.planner import (
 )
 
 from aiockpt._format.manifest import Leaf, TensorLeaf
-from aiockpt._format.tree import format_key_path
+from aiockpt._format.tree import KeyPath, format_key_path
 from aiockpt._wire.protocol import RankInfo, ShardSpec
 from aiockpt.writers.base import (
     FileRecord,
@@ -151,11 +151,12 @@ class DcpWriter:
         """
         layout = staged_layout(state_dict)
         cached = self._cached
+        flat = flatten_state_dict(state_dict)[1]  # once for planning and writing
         if cached is None or layout is None or cached.version != layout.version:
             # One rank: its plan goes straight to the global step, no encoding on the way.
-            (assignment,) = self._assign([self._plan(state_dict, {})])
+            (assignment,) = self._assign([self._plan(state_dict, {}, flat)])
             assert self._metadata is not None
-            program = self._program(state_dict, assignment)
+            program = self._program(state_dict, assignment, flat)
             cached = _CachedSave(
                 layout.version if layout is not None else None,
                 program,
@@ -163,7 +164,7 @@ class DcpWriter:
             )
             self._planner, self._items, self._metadata = None, [], None
             self._cached = cached if layout is not None else None
-        part = cached.program.run(state_dict, path)
+        part = cached.program.run(state_dict, path, flat)
         with FileSink(path, ".metadata") as sink:
             sink.write(cached.metadata.render(part.data))
             return [*part.records, sink.close()]
@@ -171,14 +172,19 @@ class DcpWriter:
     def plan(self, state_dict: Any, shards: Mapping[int, ShardSpec]) -> DcpPlan:
         """This rank's items, as DCP's planner makes them; ``shards`` turn whole-tensor items
         into pieces of a bigger tensor (DTensor shards, staged as their local tensor)."""
-        local_plan = self._plan(state_dict, shards)
+        local_plan = self._plan(state_dict, shards, flatten_state_dict(state_dict)[1])
         mappings = local_plan.planner_data or {}
         return DcpPlan(
             [_encode_item(item) for item in local_plan.items],
             {k: list(v) for k, v in mappings.items()},
         )
 
-    def _plan(self, state_dict: Any, shards: Mapping[int, ShardSpec]) -> SavePlan:
+    def _plan(
+        self,
+        state_dict: Any,
+        shards: Mapping[int, ShardSpec],
+        flat: Sequence[tuple[KeyPath, Any]],
+    ) -> SavePlan:
         if not isinstance(state_dict, dict):
             raise TypeError(
                 f"format='dcp' needs a dict at the top of the state dict, got "
@@ -189,7 +195,6 @@ class DcpWriter:
             state_dict, storage_meta=None, is_coordinator=self.rank_info.global_rank == 0
         )
         local_plan = planner.create_local_plan()
-        _, flat = flatten_state_dict(state_dict)
         shard_of = {id(flat[index][1]): spec for index, spec in shards.items()}
         items = []
         for item in local_plan.items:
@@ -223,9 +228,12 @@ class DcpWriter:
     def write_part(self, state_dict: Any, path: str, assignment: Any) -> WriterPart:
         """Write the items ``assignment`` gives this rank, and raw copies of tensors that DCP
         pickles inside other objects; tensors another rank writes become imports."""
-        return self._program(state_dict, assignment).run(state_dict, path)
+        flat = flatten_state_dict(state_dict)[1]
+        return self._program(state_dict, assignment, flat).run(state_dict, path, flat)
 
-    def _program(self, state_dict: Any, assignment: Any) -> _FileProgram:
+    def _program(
+        self, state_dict: Any, assignment: Any, flat: Sequence[tuple[KeyPath, Any]]
+    ) -> _FileProgram:
         """How this rank's ``.distcp`` file is laid out, from the plan: every tensor item
         (framing and bytes) at a fixed offset first, then what changes size from save to
         save (pickled objects, raw copies of tensors inside them)."""
@@ -234,7 +242,6 @@ class DcpWriter:
         positions = msgspec.convert(assignment, list[int])
         rank = self.rank_info.global_rank
         program = _FileProgram(f"__{rank}_0.distcp", f"__{rank}_objects.pkl")
-        _, flat = flatten_state_dict(state_dict)
         tensors, objects = split_leaves(flat)
         program.objects = [index for index, _ in objects]
         index_of = {id(value): index for index, (_, value) in enumerate(flat)}
@@ -328,10 +335,10 @@ class _FileProgram:
         #: leaf indices of the objects pickled into the sidecar (allow_pickle)
         self.objects: list[int] = []
 
-    def run(self, state_dict: Any, path: str) -> WriterPart:
-        """Write the file for ``state_dict`` (of the layout this program was made for);
-        ``WriterPart.data`` is its storage entries, the fixed ones first."""
-        _, flat = flatten_state_dict(state_dict)
+    def run(self, state_dict: Any, path: str, flat: Sequence[tuple[KeyPath, Any]]) -> WriterPart:
+        """Write the file for ``state_dict`` (of the layout this program was made for), whose
+        ``flatten_state_dict`` leaves are ``flat``; ``WriterPart.data`` is its storage
+        entries, the fixed ones first."""
         keep: list[torch.Tensor] = []
         parts: list[bytes | memoryview] = []
         if type(state_dict) is StagedStateDict:

@@ -1,14 +1,29 @@
-"""The safetensors writer: what inference engines load.
+"""The safetensors writer: Hugging Face's layout, which inference engines and ``transformers``
+load.
 
-Each rank writes one ``.safetensors`` file (``model.safetensors`` for a single rank, Hugging
-Face's ``model-00001-of-00004.safetensors`` naming otherwise), byte for byte what
-``safetensors.torch.save_file`` would accept and ``safetensors.torch.load_file`` reads, but
-written straight from tensor memory: the header is built from shapes and dtypes alone, then
-each tensor's bytes go to the file without an intermediate ``bytes`` object.
+A checkpoint is one ``model.safetensors`` when every tensor fits in ``max_shard_size`` (default
+``"5GB"``, as ``transformers``' ``save_pretrained``), else ``model-00001-of-0000N.safetensors``
+... plus ``model.safetensors.index.json`` (``metadata.total_size`` and ``weight_map``, tensor
+name -> file). Tensors are put in files in state-dict order, a new file begun whenever the next
+tensor would take the current one past ``max_shard_size`` (a tensor larger than that gets a
+file of its own), exactly as ``huggingface_hub.split_torch_state_dict_into_shards`` does. Each
+file is byte for byte what ``safetensors.torch.save_file`` would accept and
+``safetensors.torch.load_file`` reads, but written straight from tensor memory: the header is
+built from shapes and dtypes alone, then each tensor's bytes go to the file without an
+intermediate ``bytes`` object.
+
+Several ranks write one checkpoint together (the ``GroupWriter`` steps): rank 0 lays out the
+files from every rank's plan, and every tensor is written exactly once. A tensor under the same
+name on several ranks is taken to be replicated (as in ``torch.distributed.checkpoint``) and
+written by one of them; a DTensor is written whole, each distinct piece by one rank that holds
+it, straight into its place in the whole tensor's bytes (no gather, no collective). A file
+that one rank writes alone is written front to back and hashed on the way; a file that several
+ranks write pieces into is hashed by rank 0 at commit. The index is written at commit, by
+rank 0.
 
 Tensors are named by their key path (``"model.layers.0.weight"``); two leaves with the same
 name (``{"a.b": x, "a": {"b": y}}``) raise ValueError, as ``torch.distributed.checkpoint`` does.
-Names live inside the file, so hostile keys cannot reach the file system. Non-tensor leaves
+Names live inside the files, so hostile keys cannot reach the file system. Non-tensor leaves
 are kept by the manifest (plain values) or pickled into a sidecar ``objects.pkl`` (only when
 the caller opted into pickling). Dtypes the installed safetensors cannot represent (complex128,
 float8_e8m0fnu, ...) are stored as ``U8`` with a trailing dimension of the element size; the
@@ -18,28 +33,49 @@ manifest and the header's ``aiockpt.raw_dtypes`` metadata record the real dtype.
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import torch
 
-from aiockpt._format.manifest import Leaf, TensorLeaf
+from aiockpt._format.manifest import Leaf, TensorLeaf, check_relative_name
 from aiockpt._format.tree import format_key_path
-from aiockpt._wire.protocol import RankInfo
+from aiockpt._wire.protocol import RankInfo, ShardSpec
 from aiockpt.writers.base import (
     FileRecord,
     FileSink,
+    WriterPart,
+    dtype_from_name,
     dtype_name,
     flatten_state_dict,
+    report_bytes_written,
     split_leaves,
+    staged_layout,
     tensor_bytes,
     tensor_for_write,
     write_objects,
 )
 
-__all__ = ["SafetensorsWriter"]
+__all__ = [
+    "DEFAULT_MAX_SHARD_SIZE",
+    "INDEX_NAME",
+    "SINGLE_FILE_NAME",
+    "SafetensorsWriter",
+    "parse_shard_size",
+]
+
+#: as ``transformers``' ``save_pretrained``: 5 * 10**9 bytes
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+#: the one file of a checkpoint that fits in one shard
+SINGLE_FILE_NAME = "model.safetensors"
+#: Hugging Face's index of a checkpoint in several files
+INDEX_NAME = "model.safetensors.index.json"
 
 # The dtypes every safetensors release since 0.4 reads; newer releases list more in
 # ``safetensors.torch._TYPES``, which is used when present.
@@ -72,81 +108,265 @@ def _native_types() -> dict[torch.dtype, str]:
 _NATIVE = _native_types()
 _RESERVED_NAME = "__metadata__"
 
+# Units as Hugging Face writes sizes: decimal "GB", binary "GiB".
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*([A-Za-z]*)\s*")
 
-def file_names(rank_info: RankInfo) -> tuple[str, str]:
-    """The tensor file and the object sidecar of one rank, Hugging Face style."""
+
+def parse_shard_size(size: int | str) -> int:
+    """Bytes in ``size``: an int, or a string as Hugging Face writes sizes (``"5GB"`` is
+    5 * 10**9, ``"500MiB"`` is 500 * 2**20, ``"100KB"``; the unit is case-insensitive).
+
+    Raises ValueError for a string in no such form, and for a size below one byte; TypeError
+    for anything but an int or a str.
+    """
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise TypeError(f"max_shard_size must be an int or a str like '5GB', got {size!r}")
+    if isinstance(size, str):
+        match = _SIZE.fullmatch(size)
+        unit = match[2].upper() if match else ""
+        if match is None or unit not in _SIZE_UNITS:
+            raise ValueError(
+                f"max_shard_size {size!r} is not a size such as '5GB', '500MB' or '2GiB'"
+            )
+        size = int(float(match[1]) * _SIZE_UNITS[unit])
+    if size < 1:
+        raise ValueError(f"max_shard_size must be at least 1 byte, got {size}")
+    return size
+
+
+def file_names(count: int) -> list[str]:
+    """The names of a checkpoint's ``count`` tensor files, Hugging Face style."""
+    if count == 1:
+        return [SINGLE_FILE_NAME]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def object_file_name(rank_info: RankInfo) -> str:
+    """The pickle sidecar of one rank (only written when it has objects to pickle)."""
     if rank_info.global_world_size == 1:
-        return "model.safetensors", "objects.pkl"
-    shard = f"{rank_info.global_rank + 1:05d}-of-{rank_info.global_world_size:05d}"
-    return f"model-{shard}.safetensors", f"objects-{shard}.pkl"
+        return "objects.pkl"
+    return f"objects-{rank_info.global_rank + 1:05d}-of-{rank_info.global_world_size:05d}.pkl"
 
 
-class SafetensorsWriter:
-    """Writes a state dict as one safetensors file per rank (see the module docstring)."""
+# --- what crosses between ranks (msgpack through the workers' store) --------------------------
 
-    def __init__(self, rank_info: RankInfo | None = None, **options: Any) -> None:
-        if options:
-            raise TypeError(f"SafetensorsWriter got unknown options {sorted(options)}")
-        self.rank_info = rank_info or RankInfo()
 
-    def write(self, state_dict: Any, path: str, **kwargs: Any) -> Sequence[FileRecord]:
-        """Write ``state_dict`` into the directory ``path``.
+class PlannedTensor(msgspec.Struct, frozen=True, array_like=True):
+    """A tensor leaf of one rank: a whole tensor, or (``global_shape``) a rank's piece of a
+    sharded one, ``offsets`` telling where it lies in the whole."""
 
-        Raises ValueError for two tensors with the same name, TypeError for tensors that are
-        not strided (sparse, quantized), OSError from the file system.
-        """
-        tensor_file, object_file = file_names(self.rank_info)
-        _, flat = flatten_state_dict(state_dict)
-        tensors, objects = split_leaves(flat)
-        entries = [
-            (index, format_key_path(key_path), tensor_for_write(t, format_key_path(key_path)))
-            for index, key_path, t in tensors
-        ]
-        # Largest elements first: with the data section 8-aligned, every tensor then starts
-        # at a multiple of its element size, as safetensors' own writer arranges.
-        entries.sort(key=lambda e: -e[2].element_size())
-        header, offsets = _header(entries)
-        leaves: dict[int, Leaf] = {}
-        with FileSink(path, tensor_file) as sink:
-            sink.write(struct.pack("<Q", len(header)))
-            sink.write(header)
-            data_start = sink.offset
-            data = [t for _, _, t in entries]
-            # One gathered write: thousands of small tensors cost a few system calls.
-            sink.write_many([tensor_bytes(t) for t in data], keep=data)
-            for (index, _, t), offset in zip(entries, offsets, strict=True):
-                leaves[index] = TensorLeaf(
-                    tensor_file, data_start + offset, dtype_name(t.dtype), list(t.shape)
+    name: str
+    dtype: str
+    shape: list[int]
+    global_shape: list[int] | None = None
+    offsets: list[int] | None = None
+
+
+class SafetensorsPlan(msgspec.Struct, frozen=True):
+    """One rank's tensor leaves, in ``flatten_state_dict`` order."""
+
+    tensors: list[PlannedTensor]
+
+
+class OwnedFile(msgspec.Struct, frozen=True, array_like=True):
+    """A file one rank writes alone, front to back: the header, then whole tensors (their
+    positions in the rank's plan) in file order."""
+
+    name: str
+    header: bytes
+    tensors: list[int]
+
+
+class SharedFile(msgspec.Struct, frozen=True, array_like=True):
+    """One rank's share of a file several ranks write at fixed offsets: the header (the
+    rank that owns the file) and byte runs ``[plan position, offset in the tensor, offset in
+    the file, length]``."""
+
+    name: str
+    size: int
+    header: bytes | None
+    runs: list[list[int]]
+
+
+class SafetensorsAssignment(msgspec.Struct, frozen=True):
+    """What one rank writes, and where every one of its tensor leaves ends up (plan
+    position -> location, in whichever rank's file)."""
+
+    owned: list[OwnedFile]
+    shared: list[SharedFile]
+    leaves: dict[int, TensorLeaf]
+
+
+# --- the layout, from every rank's plan --------------------------------------------------------
+
+
+@dataclass
+class _Piece:
+    shape: list[int]
+    offsets: list[int]
+    #: (rank, plan position) of every rank holding this piece
+    holders: list[tuple[int, int]] = field(default_factory=list)
+
+    def nbytes(self, whole: _Whole) -> int:
+        return math.prod(self.shape) * whole.dtype.itemsize
+
+
+@dataclass
+class _Whole:
+    name: str
+    dtype: torch.dtype
+    shape: list[int]
+    sharded: bool
+    pieces: dict[tuple[int, ...], _Piece] = field(default_factory=dict)
+    nbytes: int = 0
+
+    def __post_init__(self) -> None:
+        self.nbytes = math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass
+class _Layout:
+    """Every rank's assignment, and what the index needs."""
+
+    assignments: list[SafetensorsAssignment]
+    files: list[str]
+    weight_map: dict[str, str]
+    total_size: int
+
+
+def _wholes(plans: Sequence[SafetensorsPlan]) -> list[_Whole]:
+    """The distinct tensors of all ranks, rank 0's first, each in its rank's order; raises
+    ValueError where ranks disagree about a name or pieces do not make up their whole."""
+    wholes: dict[str, _Whole] = {}
+    for rank, plan in enumerate(plans):
+        for position, tensor in enumerate(plan.tensors):
+            shape = tensor.global_shape if tensor.global_shape is not None else tensor.shape
+            dtype = dtype_from_name(tensor.dtype)
+            whole = wholes.get(tensor.name)
+            if whole is None:
+                whole = _Whole(tensor.name, dtype, shape, tensor.global_shape is not None)
+                wholes[tensor.name] = whole
+            elif (whole.dtype, whole.shape, whole.sharded) != (
+                dtype,
+                shape,
+                tensor.global_shape is not None,
+            ):
+                kind = "a piece of a sharded tensor" if tensor.global_shape else "a tensor"
+                raise ValueError(
+                    f"{tensor.name!r} is {kind} of {dtype} {shape} on rank {rank}, but of "
+                    f"{whole.dtype} {whole.shape} on an earlier rank: a name must stand for one "
+                    "tensor on every rank (replicated, or pieces of one DTensor)"
                 )
-            record = msgspec.structs.replace(sink.close(), leaves=leaves)
-        object_record = write_objects(objects, path, object_file)
-        return [record] if object_record is None else [record, object_record]
+            offsets = tensor.offsets if tensor.offsets is not None else [0] * len(shape)
+            piece = whole.pieces.setdefault(tuple(offsets), _Piece(tensor.shape, offsets))
+            if piece.shape != tensor.shape:
+                raise ValueError(
+                    f"{tensor.name!r}: ranks hold pieces of different shapes at {offsets}"
+                )
+            piece.holders.append((rank, position))
+    for whole in wholes.values():
+        covered = sum(math.prod(piece.shape) for piece in whole.pieces.values())
+        if covered != math.prod(whole.shape):
+            raise ValueError(
+                f"{whole.name!r}: the ranks' pieces cover {covered} of the "
+                f"{math.prod(whole.shape)} elements of its whole {whole.shape}"
+            )
+    return list(wholes.values())
 
 
-def _header(entries: Sequence[tuple[int, str, torch.Tensor]]) -> tuple[bytes, list[int]]:
-    """The JSON header (space-padded so that data starts 8-aligned) and each tensor's offset
-    from the start of the data section."""
+def _shards(wholes: Sequence[_Whole], max_shard_size: int) -> list[list[_Whole]]:
+    """Tensors into files as ``huggingface_hub.split_torch_state_dict_into_shards`` does."""
+    shards: list[list[_Whole]] = []
+    current: list[_Whole] = []
+    current_size = 0
+    for whole in wholes:
+        if whole.nbytes > max_shard_size:
+            shards.append([whole])
+            continue
+        if current and current_size + whole.nbytes > max_shard_size:
+            shards.append(current)
+            current, current_size = [], 0
+        current.append(whole)
+        current_size += whole.nbytes
+    if current or not shards:  # no tensor at all: still one (empty) file
+        shards.append(current)
+    return shards
+
+
+def _byte_runs(piece: _Piece, whole_shape: list[int], itemsize: int) -> Iterator[list[int]]:
+    """``[offset in the piece, offset in the whole, length]`` of each contiguous run of the
+    piece's bytes inside the whole tensor's bytes (row-major), in order."""
+    if math.prod(piece.shape) == 0:
+        return
+    ndim = len(whole_shape)
+    if ndim == 0:
+        yield [0, 0, itemsize]
+        return
+    # Dimensions from `inner` on are spanned in full by the piece except `inner` itself: one
+    # run per index of the dimensions before it.
+    inner = ndim - 1
+    while inner > 0 and piece.shape[inner] == whole_shape[inner]:
+        inner -= 1
+    whole_strides = [math.prod(whole_shape[d + 1 :]) for d in range(ndim)]
+    piece_strides = [math.prod(piece.shape[d + 1 :]) for d in range(ndim)]
+    run = piece.shape[inner] * piece_strides[inner] * itemsize
+    outer = [range(size) for size in piece.shape[:inner]]
+    base = sum(o * s for o, s in zip(piece.offsets, whole_strides, strict=True))
+    for index in _product(outer):
+        source = sum(i * s for i, s in zip(index, piece_strides, strict=False))
+        target = base + sum(i * s for i, s in zip(index, whole_strides, strict=False))
+        yield [source * itemsize, target * itemsize, run]
+
+
+def _product(ranges: list[range]) -> Iterator[tuple[int, ...]]:
+    if not ranges:
+        yield ()
+        return
+    for first in ranges[0]:
+        for rest in _product(ranges[1:]):
+            yield (first, *rest)
+
+
+def _header_entry(whole: _Whole, start: int) -> tuple[dict[str, Any], str | None]:
+    """The header entry of ``whole`` at ``start`` in the data section, and its real dtype
+    when safetensors has no name for it (stored as U8 then)."""
+    shape = list(whole.shape)
+    st_dtype = _NATIVE.get(whole.dtype)
+    raw = None
+    if st_dtype is None:
+        st_dtype = "U8"
+        shape.append(whole.dtype.itemsize)
+        raw = dtype_name(whole.dtype)
+    return {"dtype": st_dtype, "shape": shape, "data_offsets": [start, start + whole.nbytes]}, raw
+
+
+def _header(wholes: Sequence[_Whole]) -> tuple[bytes, list[int]]:
+    """The header of a file of ``wholes`` (in that order; space-padded so that data starts
+    8-aligned) and each tensor's offset from the start of the data section."""
     header: dict[str, Any] = {}
     raw_dtypes: dict[str, str] = {}
     offsets: list[int] = []
     position = 0
-    for _, name, t in entries:
-        if name in header or name == _RESERVED_NAME:
-            raise ValueError(f"two leaves of the state dict are both named {name!r}")
-        nbytes = t.numel() * t.element_size()
-        shape = list(t.shape)
-        st_dtype = _NATIVE.get(t.dtype)
-        if st_dtype is None:
-            st_dtype = "U8"
-            shape.append(t.element_size())
-            raw_dtypes[name] = dtype_name(t.dtype)
-        header[name] = {
-            "dtype": st_dtype,
-            "shape": shape,
-            "data_offsets": [position, position + nbytes],
-        }
+    for whole in wholes:
+        if whole.name == _RESERVED_NAME:
+            raise ValueError(f"a tensor cannot be named {_RESERVED_NAME!r} in safetensors")
+        header[whole.name], raw = _header_entry(whole, position)
+        if raw is not None:
+            raw_dtypes[whole.name] = raw
         offsets.append(position)
-        position += nbytes
+        position += whole.nbytes
     metadata = {"format": "pt"}
     if raw_dtypes:
         metadata["aiockpt.raw_dtypes"] = json.dumps(raw_dtypes)
@@ -154,4 +374,279 @@ def _header(entries: Sequence[tuple[int, str, torch.Tensor]]) -> tuple[bytes, li
     text = json.dumps({_RESERVED_NAME: metadata, **header}, separators=(",", ":"))
     encoded = text.encode()
     encoded += b" " * (-(8 + len(encoded)) % 8)
-    return encoded, offsets
+    return struct.pack("<Q", len(encoded)) + encoded, offsets
+
+
+def lay_out(plans: Sequence[SafetensorsPlan], max_shard_size: int) -> _Layout:
+    """Files, headers and every rank's share of the writing, from every rank's plan.
+
+    Raises ValueError where ranks disagree about a tensor (see ``_wholes``).
+    """
+    world = len(plans)
+    shards = _shards(_wholes(plans), max_shard_size)
+    names = file_names(len(shards))
+    owned: list[list[OwnedFile]] = [[] for _ in range(world)]
+    shared: list[list[SharedFile]] = [[] for _ in range(world)]
+    leaves: list[dict[int, TensorLeaf]] = [{} for _ in range(world)]
+    load = [0] * world  # bytes each rank writes so far
+    weight_map: dict[str, str] = {}
+    for name, shard in zip(names, shards, strict=True):
+        # Largest elements first: with the data section 8-aligned, every tensor then starts
+        # at a multiple of its element size, as safetensors' own writer arranges.
+        shard = sorted(shard, key=lambda w: -w.dtype.itemsize)
+        header, starts = _header(shard)
+        owner = min(range(world), key=lambda r: load[r])
+        # (data offset, whole, piece, writing rank, its plan position) of every piece
+        placed: list[tuple[int, _Whole, _Piece, int, int]] = []
+        alone = True
+        for whole, start in zip(shard, starts, strict=True):
+            weight_map[whole.name] = name
+            data = len(header) + start
+            located = _locate(whole, name, data)
+            for piece in whole.pieces.values():
+                holders = piece.holders
+                writer = owner
+                if not any(rank == owner for rank, _ in holders):
+                    writer = min((rank for rank, _ in holders), key=lambda r: load[r])
+                position = next(p for r, p in holders if r == writer)
+                load[writer] += whole.nbytes if not whole.sharded else piece.nbytes(whole)
+                alone = alone and writer == owner and not whole.sharded
+                placed.append((data, whole, piece, writer, position))
+                for rank, position in holders:
+                    leaves[rank][position] = located(piece)
+        if alone:  # written front to back by its owner: no runs needed
+            owned[owner].append(OwnedFile(name, header, [entry[4] for entry in placed]))
+            continue
+        runs: list[list[list[int]]] = [[] for _ in range(world)]
+        for data, whole, piece, writer, position in placed:
+            for source, target, length in _byte_runs(piece, whole.shape, whole.dtype.itemsize):
+                runs[writer].append([position, source, data + target, length])
+        size = len(header) + sum(whole.nbytes for whole in shard)
+        for rank in range(world):
+            if rank == owner or runs[rank]:
+                own_header = header if rank == owner else None
+                shared[rank].append(SharedFile(name, size, own_header, runs[rank]))
+    assignments = [SafetensorsAssignment(owned[r], shared[r], leaves[r]) for r in range(world)]
+    total_size = sum(whole.nbytes for shard in shards for whole in shard)
+    return _Layout(assignments, names, weight_map, total_size)
+
+
+def _locate(whole: _Whole, file: str, data: int) -> Any:
+    """A function from a piece of ``whole`` (at ``data`` in ``file``) to its manifest leaf:
+    where its bytes lie when every piece is contiguous in the whole (so a rank resuming at
+    the same world size reads its own piece), else the whole tensor for every piece."""
+    dtype = dtype_name(whole.dtype)
+    itemsize = whole.dtype.itemsize
+    if not whole.sharded:
+        return lambda piece: TensorLeaf(file, data, dtype, list(whole.shape))
+    contiguous = all(
+        len(list(_byte_runs(piece, whole.shape, itemsize))) <= 1 for piece in whole.pieces.values()
+    )
+    if not contiguous:
+        zeros = [0] * len(whole.shape)
+        return lambda piece: TensorLeaf(
+            file, data, dtype, list(whole.shape), list(whole.shape), zeros
+        )
+
+    def piece_leaf(piece: _Piece) -> TensorLeaf:
+        first = next(_byte_runs(piece, whole.shape, itemsize), [0, 0, 0])[1]
+        return TensorLeaf(
+            file, data + first, dtype, list(piece.shape), list(whole.shape), list(piece.offsets)
+        )
+
+    return piece_leaf
+
+
+# --- the writer ---------------------------------------------------------------------------------
+
+
+class SafetensorsWriter:
+    """Writes a state dict in Hugging Face's safetensors layout (see the module docstring).
+
+    ``max_shard_size``: the most bytes of tensors in one file, an int or a string such as
+    ``"5GB"`` or ``"500MiB"`` (see ``parse_shard_size``, which says what it raises).
+    """
+
+    def __init__(
+        self,
+        rank_info: RankInfo | None = None,
+        *,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+        **options: Any,
+    ) -> None:
+        if options:
+            raise TypeError(f"SafetensorsWriter got unknown options {sorted(options)}")
+        self.rank_info = rank_info or RankInfo()
+        self.max_shard_size = parse_shard_size(max_shard_size)
+        #: rank 0, between ``assign`` and ``finish``: the layout the index describes
+        self._layout: _Layout | None = None
+        #: the tensor names ``plan`` made, for this save's writes (made once: thousands of
+        #: key paths joined twice cost as much as writing small tensors)
+        self._names: list[str] = []
+        #: (layout version, layout, names) of the worker's last single-rank save: a save of
+        #: the same structure reuses them, as the DCP writer reuses its plan
+        self._cached: tuple[int, _Layout, list[str]] | None = None
+
+    def write(self, state_dict: Any, path: str, **kwargs: Any) -> Sequence[FileRecord]:
+        """Write ``state_dict``, alone, into the directory ``path``: the files and, when
+        there are several, the index.
+
+        Raises ValueError for two tensors with the same name, TypeError for tensors that are
+        not strided (sparse, quantized), OSError from the file system.
+        """
+        staged = staged_layout(state_dict)
+        cached = self._cached
+        if staged is not None and cached is not None and cached[0] == staged.version:
+            layout, self._names = cached[1], cached[2]
+        else:
+            layout = lay_out([self.plan(state_dict, {})], self.max_shard_size)
+            if staged is not None:
+                self._cached = (staged.version, layout, self._names)
+        (assignment,) = layout.assignments
+        written = self._write_assignment(state_dict, path, assignment)
+        by_file: dict[str, dict[int, Leaf]] = {}
+        for index, leaf in written.located.items():
+            by_file.setdefault(leaf.file, {})[index] = leaf
+        records = [
+            msgspec.structs.replace(r, leaves={**r.leaves, **by_file.get(r.name, {})})
+            for r in written.records
+        ]
+        return records + _write_index(path, layout)
+
+    def plan(self, state_dict: Any, shards: Mapping[int, ShardSpec]) -> SafetensorsPlan:
+        """This rank's tensors, named, with where each DTensor piece lies in its whole.
+
+        Raises ValueError for two tensors with the same name.
+        """
+        _, flat = flatten_state_dict(state_dict)
+        tensors, _ = split_leaves(flat)
+        planned: list[PlannedTensor] = []
+        seen: set[str] = set()
+        for index, key_path, tensor in tensors:
+            name = format_key_path(key_path)
+            if name in seen:
+                raise ValueError(f"two leaves of the state dict are both named {name!r}")
+            seen.add(name)
+            spec = shards.get(index)
+            planned.append(
+                PlannedTensor(
+                    name,
+                    dtype_name(tensor.dtype),
+                    list(tensor.shape),
+                    None if spec is None else list(spec.global_shape),
+                    None if spec is None else list(spec.offsets),
+                )
+            )
+        self._names = [tensor.name for tensor in planned]
+        return SafetensorsPlan(planned)
+
+    def assign(self, plans: Sequence[Any]) -> list[SafetensorsAssignment]:
+        """Rank 0: what every rank writes (see ``lay_out``, which says what it raises)."""
+        decoded = [msgspec.convert(plan, SafetensorsPlan) for plan in plans]
+        self._layout = lay_out(decoded, self.max_shard_size)
+        return self._layout.assignments
+
+    def write_part(self, state_dict: Any, path: str, assignment: Any) -> WriterPart:
+        """Write this rank's share into the directory every rank shares. Files this rank
+        wrote alone are reported; files several ranks wrote into are left for rank 0's
+        commit to hash. Every tensor leaf's location is exported, and imported by its own
+        leaf, so that the manifest points at whichever rank's file holds it."""
+        assignment = msgspec.convert(assignment, SafetensorsAssignment)
+        written = self._write_assignment(state_dict, path, assignment)
+        rank = self.rank_info.global_rank
+        exports: dict[str, Leaf] = {}
+        imports: dict[int, str] = {}
+        for index, leaf in written.located.items():
+            key = f"{rank}/{index}"
+            exports[key] = leaf
+            imports[index] = key
+        return WriterPart(written.records, exports, imports)
+
+    def finish(self, path: str, parts: Sequence[WriterPart]) -> list[FileRecord]:
+        """Rank 0, every part in: the index, when the checkpoint has several files."""
+        layout, self._layout = self._layout, None
+        assert layout is not None, "assign() first"
+        return _write_index(path, layout)
+
+    def _write_assignment(
+        self, state_dict: Any, path: str, assignment: SafetensorsAssignment
+    ) -> _Written:
+        _, flat = flatten_state_dict(state_dict)
+        tensors, objects = split_leaves(flat)
+        indices = [index for index, _, _ in tensors]
+        names = self._names
+        if len(names) != len(tensors):  # not planned by this writer (plan() first, always)
+            names = [format_key_path(key_path) for _, key_path, _ in tensors]
+
+        def tensor(position: int) -> torch.Tensor:
+            return tensor_for_write(tensors[position][2], names[position])
+
+        records: list[FileRecord] = []
+        for owned in assignment.owned:
+            data = [tensor(position) for position in owned.tensors]
+            with FileSink(path, owned.name) as sink:
+                sink.write(owned.header)
+                # One gathered write: thousands of small tensors cost a few system calls.
+                sink.write_many([tensor_bytes(t) for t in data], keep=data)
+                records.append(sink.close())
+        for share in assignment.shared:
+            _write_shared(path, share, tensor)
+        object_record = write_objects(
+            [(index, value) for index, value in objects], path, object_file_name(self.rank_info)
+        )
+        if object_record is not None:
+            records.append(object_record)
+        located = {indices[position]: leaf for position, leaf in assignment.leaves.items()}
+        return _Written(records, located)
+
+
+@dataclass
+class _Written:
+    records: list[FileRecord]
+    #: leaf index -> where its bytes lie
+    located: dict[int, TensorLeaf]
+
+
+def _write_shared(directory: str, share: SharedFile, tensor: Any) -> None:
+    """Write this rank's runs (and the header, for the file's owner) into a file several
+    ranks write, at fixed offsets, and fsync it. The file is created by whichever rank comes
+    first, never through a link (the directory is the save's own, owner-only)."""
+    check_relative_name(share.name)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(os.path.join(directory, share.name), flags, 0o600)
+    try:
+        os.ftruncate(fd, share.size)  # every writer sets the same final size
+        if share.header is not None:
+            _pwrite_all(fd, memoryview(share.header), 0)
+        held: dict[int, tuple[torch.Tensor, memoryview]] = {}
+        for position, source, target, length in share.runs:
+            if position not in held:
+                value = tensor(position)
+                held[position] = (value, tensor_bytes(value))
+            _pwrite_all(fd, held[position][1][source : source + length], target)
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = os.path.join(directory, share.name)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view.nbytes:
+        count = os.pwrite(fd, view, offset)
+        report_bytes_written(count)
+        view = view[count:]
+        offset += count
+
+
+def _write_index(directory: str, layout: _Layout) -> list[FileRecord]:
+    """``model.safetensors.index.json`` as ``transformers`` writes it, for several files."""
+    if len(layout.files) < 2:
+        return []
+    index = {"metadata": {"total_size": layout.total_size}, "weight_map": layout.weight_map}
+    text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+    with FileSink(directory, INDEX_NAME) as sink:
+        sink.write(text.encode())
+        return [sink.close()]

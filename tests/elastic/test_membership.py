@@ -389,3 +389,61 @@ async def test_handler_below_min_times_out_and_gives_its_place_back() -> None:
                 await h.stop()
         finally:
             await lonely.stop()
+
+
+def test_agent_fds_and_threads_stay_flat_over_membership_changes(tmp_path: Path) -> None:
+    # node B joins and leaves 3 times; node A's agent is looked at after each change, once the
+    # new group runs (benchmarks/bench_membership.py does 50)
+    from benchmarks.bench_membership import churn
+
+    workers = 6
+    samples = churn(6, tmp_path, nproc_per_node=workers)
+    assert [nodes for nodes, _, _ in samples] == [2, 1] * 3
+    for nodes in (1, 2):
+        seen = [(fds, threads) for n, fds, threads in samples if n == nodes]
+        assert seen[-1] == seen[0], (nodes, samples)  # nothing accumulates per change
+    threads = {threads for _, _, threads in samples}
+    # the same with 1 node (6 workers) as with 2 (12): no thread per node or per worker
+    assert len(threads) == 1 and threads.pop() < workers, samples
+
+
+#: a rendezvous node in a process of its own, so that the test can SIGKILL it
+_PEER_NODE = """
+import asyncio, sys
+from aiockpt.elastic.dynamic import DynamicRendezvousHandler, RendezvousSettings
+
+async def main():
+    settings = RendezvousSettings("inproc", 2, 2, keep_alive_interval=1200.0)
+    peer = DynamicRendezvousHandler(settings, sys.argv[1], local_addr="127.0.0.1", is_host=False)
+    info = await peer.next_rendezvous()
+    print(info.world_size, flush=True)
+    await asyncio.get_running_loop().create_future()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_killed_node_is_found_gone_at_once_not_at_its_keep_alive_expiry() -> None:
+    """A node whose process dies is removed when it dies: with a keep-alive expiry of an
+    hour, only the liveness connection can tell the survivor within the test's bound."""
+    with external_store() as endpoint:
+        settings = RendezvousSettings("inproc", 2, 2, keep_alive_interval=1200.0)
+        survivor = DynamicRendezvousHandler(
+            settings, endpoint, local_addr="127.0.0.1", is_host=False
+        )
+        peer = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _PEER_NODE, endpoint, stdout=asyncio.subprocess.PIPE
+        )
+        try:
+            info = await asyncio.wait_for(survivor.next_rendezvous(), 60)
+            assert peer.stdout is not None
+            assert (await asyncio.wait_for(peer.stdout.readline(), 60)).strip() == b"2"
+            assert info.world_size == 2
+            watch = asyncio.create_task(survivor.wait_for_membership_change())
+            peer.kill()
+            assert await asyncio.wait_for(watch, 60) == "a node left the group"
+        finally:
+            if peer.returncode is None:
+                peer.kill()
+            await peer.wait()
+            await survivor.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -88,3 +89,32 @@ def run_ranks(
         logs = "\n".join(f"--- rank {r} ---\n{out[-4000:]}" for r, out in enumerate(outputs))
         raise AssertionError(f"ranks {failed} failed:\n{logs}")
     return [json.loads((results / f"result-{r}.json").read_text()) for r in range(world_size)]
+
+
+def run_job(command: list[str], *, timeout: float) -> str:
+    """Run a launcher ``command`` (torchrun, aiockpt-run) from the project root with the
+    project importable; return its output. Bounded: past ``timeout`` its whole process group
+    is killed and this fails with the output, as it does for a non-zero exit."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    job = subprocess.Popen(
+        command,
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        output, _ = job.communicate()
+        raise AssertionError(f"the job hung:\n{output[-6000:]}") from None
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    assert job.returncode == 0, output[-6000:]
+    return output

@@ -26,6 +26,7 @@ import uvloop
 
 import aiockpt
 from aiockpt import Checkpointer, CoordinationError, WorkerCrashed
+from tests.multirank.hf_scenarios import hf_save
 from tests.multirank.writers import expected_sum
 
 ROWS = 8
@@ -281,6 +282,7 @@ SCENARIOS: dict[str, Callable[[str, int, int], Awaitable[dict[str, Any]]]] = {
     "kill_worker": kill_worker,
     "late_rank": late_rank,
     "start_only": start_only,
+    "hf_save": hf_save,
 }
 
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.multirank.launch import run_job
 
 pytestmark = [pytest.mark.multirank, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -27,8 +27,6 @@ def launch(launcher: list[str], scenario: str, out: Path, loop: str) -> list[dic
     bounded: past the bound its process group is killed and the test fails with its output
     (a hang before the fix would otherwise last until gloo's 30-minute timeout)."""
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     command = [
         *launcher,
         "--standalone",
@@ -39,26 +37,7 @@ def launch(launcher: list[str], scenario: str, out: Path, loop: str) -> list[dic
         str(out),
         loop,
     ]
-    job = subprocess.Popen(
-        command,
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = job.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        os.killpg(job.pid, signal.SIGKILL)
-        output, _ = job.communicate()
-        raise AssertionError(f"the job hung:\n{output[-6000:]}") from None
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-            job.wait()
-    assert job.returncode == 0, output[-6000:]
+    run_job(command, timeout=150)
     return [json.loads((out / f"result-{rank}.json").read_text()) for rank in range(2)]
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import aiockpt
+from tests.multirank.hf_scenarios import tiny_gpt2
 from tests.multirank.launch import run_ranks
 from tests.multirank.rank_main import (
     COLS,
@@ -203,3 +204,40 @@ def test_prefix_store_without_master_addr_is_a_clear_error_on_every_rank(
     for observed in results:
         assert observed["error"]["type"] == "ValueError"
         assert "MASTER_ADDR is not set" in observed["error"]["message"]
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_from_pretrained_reads_a_safetensors_save_from_any_number_of_ranks(
+    tmp_path: Path, world_size: int
+) -> None:
+    from transformers import GenerationConfig, GPT2LMHeadModel
+
+    saved = run_ranks("hf_save", world_size, tmp_path, loop="asyncio")
+    path = Path(saved[0]["path"])
+    model = tiny_gpt2()
+    expected = model.state_dict()
+
+    files = sorted(path.glob("*.safetensors"))
+    assert len(files) > 1 and (path / "model.safetensors.index.json").exists()
+    # Every tensor in exactly one file, whole, with the model's values.
+    found: dict[str, torch.Tensor] = {}
+    for file in files:
+        for name, tensor in safetensors.torch.load_file(file).items():
+            assert name not in found, f"{name} written twice"
+            found[name] = tensor
+    assert found.keys() == expected.keys()
+    assert all(torch.equal(found[name], expected[name]) for name in expected)
+    nbytes = sum(t.nbytes for t in expected.values())
+    assert nbytes <= sum(f.stat().st_size for f in files) < nbytes + 2048 * len(files)
+
+    reloaded = GPT2LMHeadModel.from_pretrained(
+        path, config=model.config, generation_config=GenerationConfig()
+    ).eval()
+    tokens = torch.arange(16).reshape(1, 16)
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, model(tokens).logits)
+    # aiockpt's own loader verifies it and assembles the whole tensors.
+    assert aiockpt.verify(path).world_size == world_size
+    target = {name: torch.zeros_like(tensor) for name, tensor in expected.items()}
+    aiockpt.load(path, target)
+    assert all(torch.equal(target[name], expected[name]) for name in expected)

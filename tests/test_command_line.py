@@ -1,0 +1,182 @@
+"""The ``aiockpt`` command, run as the installed script in subprocesses (a real terminal
+through ``pty`` for the progress bar)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import aiockpt
+from aiockpt._format.commit import write_checkpoint
+from aiockpt._wire.protocol import ShardSpec
+from aiockpt.writers.dcp import DcpWriter
+from tests.group_saves import group_save
+
+#: the console script pip installed next to this interpreter
+AIOCKPT = str(Path(sys.executable).with_name("aiockpt"))
+ROWS, COLS = 8, 3
+
+
+def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [AIOCKPT, *map(str, args)], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def whole() -> torch.Tensor:
+    return torch.arange(ROWS * COLS, dtype=torch.float32).reshape(ROWS, COLS)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``step_0000000001``: one rank, DCP; ``step_0000000002``: two ranks, a tensor sharded
+    by rows (a DTensor's pieces) and a replicated one; a directory without a manifest."""
+    root = tmp_path_factory.mktemp("root")
+    write_checkpoint(
+        DcpWriter(),
+        {"w": whole(), "step": 1},
+        root / "step_0000000001",
+        format="dcp",
+        metadata={"note": "first"},
+    )
+    states, shards = [], []
+    for rank in range(2):
+        states.append(
+            {"w": whole()[rank * 4 : rank * 4 + 4].clone(), "b": torch.ones(3), "step": 2}
+        )
+        shards.append({0: ShardSpec([ROWS, COLS], [rank * 4, 0])})
+    outcomes = group_save(root / "step_0000000002", states, shards, format="dcp")
+    assert not [o for o in outcomes if isinstance(o, BaseException)], outcomes
+    (root / "step_0000000003").mkdir()  # a save that never committed
+    return root
+
+
+def test_ls_lists_committed_checkpoints_with_step_size_format_and_ranks(root: Path) -> None:
+    listed = run("ls", "--json", root)
+    assert listed.returncode == 0, listed.stderr
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [(r["name"], r["step"], r["format"], r["world_size"]) for r in rows] == [
+        ("step_0000000001", 1, "dcp", 1),
+        ("step_0000000002", 2, "dcp", 2),
+    ]
+    for row in rows:
+        path = Path(row["path"])
+        assert row["bytes"] == sum(f.stat().st_size for f in path.iterdir())
+        assert 0 <= row["age_s"] < 3600
+    table = run("ls", root)
+    assert table.returncode == 0
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "STEP", "SIZE", "AGE", "FORMAT", "RANKS"]
+    assert lines[2].split()[:2] == ["step_0000000002", "2"] and lines[2].split()[-2:] == [
+        "dcp",
+        "2",
+    ]
+    assert "step_0000000003" not in table.stdout
+
+
+def test_verify_exits_0_for_a_sound_checkpoint_and_1_naming_a_flipped_byte(
+    root: Path, tmp_path: Path
+) -> None:
+    good = run("verify", root / "step_0000000002")
+    assert good.returncode == 0 and good.stdout.startswith("ok: ")
+    # Not a terminal: no progress bar in what a log or a pipe receives.
+    assert good.stderr == ""
+
+    bad = tmp_path / "bad"
+    write_checkpoint(DcpWriter(), {"w": whole()}, bad, format="dcp")
+    data = bad / "__0_0.distcp"
+    raw = bytearray(data.read_bytes())
+    raw[-200] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    failed = run("verify", bad)
+    assert failed.returncode == 1
+    assert "__0_0.distcp" in failed.stderr and "checksum" in failed.stderr
+    assert run("verify", "-q", bad).stdout == ""
+
+    missing = run("verify", root / "step_0000000003")
+    assert missing.returncode == 1 and "never committed" in missing.stderr
+
+
+def test_verify_draws_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt"
+    write_checkpoint(DcpWriter(), {"w": torch.ones(4 << 20)}, path, format="dcp")  # 16 MiB
+    controller, terminal = pty.openpty()
+    # A terminal has a size (a fresh pty is 0 x 0, where tqdm draws nothing).
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    try:
+        process = subprocess.Popen(
+            [AIOCKPT, "verify", str(path)],
+            stdin=terminal,
+            stdout=terminal,
+            stderr=terminal,
+            close_fds=True,
+        )
+        os.close(terminal)
+        terminal = -1
+        output = bytearray()
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # EIO: every end of the terminal is closed
+                break
+            if not chunk:
+                break
+            output += chunk
+        assert process.wait(timeout=120) == 0
+    finally:
+        if terminal >= 0:
+            os.close(terminal)
+        os.close(controller)
+    text = output.decode(errors="replace")
+    assert "verify:" in text and "%|" in text, text  # tqdm's bar
+    assert "ok: " in text
+
+
+def test_inspect_shows_keys_dtypes_shapes_and_sharding(root: Path) -> None:
+    shown = run("inspect", "--json", root / "step_0000000002")
+    assert shown.returncode == 0, shown.stderr
+    rows = {row["key"]: row for row in map(json.loads, shown.stdout.splitlines())}
+    assert rows["w"]["dtype"] == "float32" and rows["w"]["shape"] == [ROWS, COLS]
+    assert rows["w"]["pieces"] == [
+        {"offset": [0, 0], "shape": [4, COLS]},
+        {"offset": [4, 0], "shape": [4, COLS]},
+    ]
+    assert rows["b"]["shape"] == [3] and "pieces" not in rows["b"]
+    assert rows["step"] == {"key": "step", "kind": "value", "value": 2}
+    table = run("inspect", root / "step_0000000001")
+    assert "format dcp, 1 rank(s)" in table.stdout and '"note": "first"' in table.stdout
+    assert run("inspect", root / "nothing").returncode == 1
+
+
+@pytest.mark.parametrize("saved", ["step_0000000001", "step_0000000002"])
+def test_convert_consolidates_any_world_size(root: Path, tmp_path: Path, saved: str) -> None:
+    out = tmp_path / "hf"
+    converted = run("convert", root / saved, out, "--to", "safetensors", "--max-shard-size", "64")
+    assert converted.returncode == 0, converted.stderr
+    files = sorted(out.glob("*.safetensors"))
+    tensors = {k: v for f in files for k, v in load_file(f).items()}
+    assert torch.equal(tensors["w"], whole())
+    # The 96 bytes of "w" are past 64: a file of their own, and "b" (two ranks' save) another.
+    assert len(files) == (2 if "b" in tensors else 1)
+    assert (out / "model.safetensors.index.json").exists() == (len(files) == 2)
+    aiockpt.verify(out)
+
+    pt = tmp_path / "whole.pt"
+    assert run("convert", root / saved, pt, "--to", "torch").returncode == 0
+    loaded = torch.load(pt, weights_only=True)
+    assert torch.equal(loaded["w"], whole()) and loaded["step"] == int(saved[-1])
+
+    again = run("convert", root / saved, pt, "--to", "torch")
+    assert again.returncode == 1 and "exists" in again.stderr
+    assert run("convert", root / saved, tmp_path / "x", "--to", "onnx").returncode == 2

@@ -1,0 +1,319 @@
+"""Hugging Face's safetensors layout: shards, the index, one file per tensor set, written once
+from several ranks; checked with safetensors' and huggingface_hub's own code and transformers'
+``from_pretrained``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import load_file
+
+import aiockpt
+from aiockpt._format.commit import write_checkpoint
+from aiockpt._wire.protocol import ShardSpec
+from aiockpt.writers.safetensors import (
+    INDEX_NAME,
+    SafetensorsWriter,
+    parse_shard_size,
+)
+from tests.group_saves import group_save
+
+# --- max_shard_size -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        (1000, 1000),
+        ("5GB", 5 * 10**9),
+        ("500MB", 500 * 10**6),
+        ("2GiB", 2 * 2**30),
+        ("1.5mib", int(1.5 * 2**20)),
+        (" 10 KB ", 10_000),
+        ("64", 64),
+    ],
+)
+def test_shard_sizes_parse_as_hugging_face_writes_them(size: int | str, expected: int) -> None:
+    assert parse_shard_size(size) == expected
+
+
+@pytest.mark.parametrize("size", ["5 gigabytes", "GB", "-1GB", 0, "0MB"])
+def test_bad_shard_sizes_are_value_errors(size: int | str) -> None:
+    with pytest.raises(ValueError, match="max_shard_size"):
+        SafetensorsWriter(max_shard_size=size)
+
+
+def test_a_shard_size_of_another_type_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="max_shard_size"):
+        SafetensorsWriter(max_shard_size=5.0)  # type: ignore[arg-type]
+
+
+# --- one rank -----------------------------------------------------------------------------------
+
+
+def model_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for layer in range(4):
+        state[f"layers.{layer}.weight"] = torch.randn(64, 32, generator=generator)
+        state[f"layers.{layer}.bias"] = torch.randn(32, generator=generator)
+    state["head.weight"] = torch.randn(100, 64, generator=generator).to(torch.bfloat16)
+    state["steps"] = torch.tensor(7, dtype=torch.int64)
+    return state
+
+
+def test_shards_and_index_match_huggingface_hub(tmp_path: Path) -> None:
+    state = model_state()
+    max_size = 20_000
+    path = tmp_path / "ckpt"
+    writer = SafetensorsWriter(max_shard_size=max_size)
+    write_checkpoint(writer, state, path, format="safetensors")
+
+    expected = split_torch_state_dict_into_shards(state, max_shard_size=max_size)
+    assert expected.is_sharded
+    index = json.loads((path / INDEX_NAME).read_text())
+    assert index["weight_map"] == expected.tensor_to_filename
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in state.values())
+    names = sorted(expected.filename_to_tensors)
+    assert sorted(p.name for p in path.glob("*.safetensors")) == names
+    assert names[0] == f"model-00001-of-{len(names):05d}.safetensors"
+    for name, tensor_names in expected.filename_to_tensors.items():
+        shard = load_file(path / name)
+        assert sorted(shard) == sorted(tensor_names)
+        for key, tensor in shard.items():
+            assert torch.equal(tensor, state[key]), key
+    # aiockpt's own loader reads it back and checks every file, the index included.
+    loaded = aiockpt.load(path)
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    assert INDEX_NAME in {entry.name for entry in aiockpt.verify(path).files}
+
+
+def test_a_state_dict_that_fits_one_shard_is_one_model_safetensors(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt"
+    write_checkpoint(SafetensorsWriter(), model_state(), path, format="safetensors")
+    assert sorted(os.listdir(path)) == ["aiockpt-manifest.json", "model.safetensors"]
+
+
+def test_a_tensor_larger_than_the_shard_size_gets_a_file_of_its_own(tmp_path: Path) -> None:
+    state = {"small": torch.ones(10), "big": torch.ones(1000), "after": torch.ones(10)}
+    SafetensorsWriter(max_shard_size=400).write(state, str(tmp_path))
+    index = json.loads((tmp_path / INDEX_NAME).read_text())
+    assert (
+        index["weight_map"]
+        == split_torch_state_dict_into_shards(state, max_shard_size=400).tensor_to_filename
+    )
+
+
+# --- several ranks, through the real coordination over a TCPStore --------------------------------
+
+
+ROWS, COLS = 6, 4
+
+
+def whole(seed: float) -> torch.Tensor:
+    return torch.arange(ROWS * COLS, dtype=torch.float32).reshape(ROWS, COLS) + seed
+
+
+def pieces(world: int) -> tuple[list[dict[str, Any]], list[dict[int, ShardSpec]]]:
+    """Rank r's state dict: ``rows`` and ``cols`` sharded on dim 0 and dim 1 (as DTensors
+    stage them: the local piece plus where it lies), ``shared`` replicated, ``mine`` a
+    per-rank key, a plain value."""
+    states, shards = [], []
+    for rank in range(world):
+        rows = whole(0).chunk(world, 0)[rank]
+        cols = whole(100).chunk(world, 1)[rank]
+        states.append(
+            {
+                "rows": rows.contiguous(),
+                "cols": cols.contiguous(),
+                "shared": whole(200),
+                f"mine.{rank}": torch.full((3,), float(rank)),
+                "step": 5,
+            }
+        )
+        shards.append(
+            {
+                0: ShardSpec([ROWS, COLS], [rank * (ROWS // world), 0]),
+                1: ShardSpec([ROWS, COLS], [0, rank * (COLS // world)]),
+            }
+        )
+    return states, shards
+
+
+@pytest.mark.parametrize("max_shard_size", [10**9, 100], ids=["one-file", "sharded"])
+def test_two_ranks_write_every_tensor_once_as_whole_tensors(
+    tmp_path: Path, max_shard_size: int
+) -> None:
+    path = tmp_path / "ckpt"
+    states, shards = pieces(2)
+    outcomes = group_save(path, states, shards, max_shard_size=max_shard_size)
+    assert not [o for o in outcomes if isinstance(o, BaseException)], outcomes
+
+    expected = {
+        "rows": whole(0),
+        "cols": whole(100),
+        "shared": whole(200),
+        "mine.0": torch.zeros(3),
+        "mine.1": torch.ones(3),
+    }
+    files = sorted(p.name for p in path.glob("*.safetensors"))
+    found: dict[str, torch.Tensor] = {}
+    for name in files:
+        for key, tensor in load_file(path / name).items():
+            assert key not in found, f"{key} written twice"
+            found[key] = tensor
+    assert found.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(found[key], tensor), key
+    # Exactly one copy of the tensor bytes on disk (plus the small headers).
+    data = sum((path / name).stat().st_size for name in files)
+    one_copy = sum(t.nbytes for t in expected.values())
+    assert one_copy <= data < one_copy + 512 * len(files)
+    if max_shard_size == 100:
+        assert len(files) > 1
+        index = json.loads((path / INDEX_NAME).read_text())
+        assert sorted(index["weight_map"]) == sorted(expected)
+        assert set(index["weight_map"].values()) == set(files)
+        assert index["metadata"]["total_size"] == one_copy
+    else:
+        assert files == ["model.safetensors"] and not (path / INDEX_NAME).exists()
+
+    # aiockpt's loader: verified, whole tensors assembled, each rank's own values.
+    manifest = aiockpt.verify(path)
+    assert manifest.world_size == 2
+    loaded = aiockpt.load(path, {"rows": torch.zeros(ROWS, COLS), "cols": torch.zeros(ROWS, COLS)})
+    assert torch.equal(loaded["rows"], whole(0)) and torch.equal(loaded["cols"], whole(100))
+    for rank in range(2):
+        own = aiockpt.load(path, rank=rank)
+        # A row piece is contiguous in the whole: a rank resuming gets its own piece back.
+        assert torch.equal(own["rows"], states[rank]["rows"])
+        assert torch.equal(own[f"mine.{rank}"], states[rank][f"mine.{rank}"])
+        assert own["step"] == 5
+    # A column piece is not contiguous: it is described as the whole, which a rank's
+    # DTensor-shaped target slices (here: loading into the whole shape).
+    target = {"cols": torch.zeros(ROWS, COLS)}
+    aiockpt.load(path, target, rank=1)
+    assert torch.equal(target["cols"], whole(100))
+
+
+def test_three_ranks_with_uneven_pieces(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt"
+    # 7 rows over 3 ranks: 3, 3, 1 (as DTensor's Shard(0) splits them).
+    full = torch.arange(7 * 5, dtype=torch.float16).reshape(7, 5)
+    sizes = [3, 3, 1]
+    states, shards = [], []
+    start = 0
+    for size in sizes:
+        states.append({"emb": full[start : start + size].clone(), "bias": torch.ones(5)})
+        shards.append({0: ShardSpec([7, 5], [start, 0])})
+        start += size
+    outcomes = group_save(path, states, shards, max_shard_size="50")
+    assert not [o for o in outcomes if isinstance(o, BaseException)], outcomes
+    emb_file = json.loads((path / INDEX_NAME).read_text())["weight_map"]["emb"]
+    assert torch.equal(load_file(path / emb_file)["emb"], full)
+    assert torch.equal(aiockpt.load(path)["emb"], full)
+
+
+def test_ranks_disagreeing_about_a_tensor_fail_the_save_on_every_rank(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt"
+    states = [{"w": torch.ones(4)}, {"w": torch.ones(5)}]
+    outcomes = group_save(path, states, [{}, {}])
+    assert all(isinstance(o, BaseException) for o in outcomes), outcomes
+    assert "'w'" in str(outcomes[0]) and "a name must stand for one tensor" in str(outcomes[0])
+    assert not path.exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+# --- transformers ------------------------------------------------------------------------------
+
+
+def tiny_gpt2() -> Any:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        vocab_size=128,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def from_pretrained(model_class: Any, path: Path, config: Any) -> Any:
+    """``model_class.from_pretrained`` on a checkpoint of weights only: the config and the
+    generation config are passed (a checkpoint holds neither; a missing generation config
+    would otherwise be looked up in config.json, which it does not have either)."""
+    from transformers import GenerationConfig
+
+    model = model_class.from_pretrained(path, config=config, generation_config=GenerationConfig())
+    return model.eval()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+async def test_from_pretrained_loads_a_checkpointer_save_of_a_tiny_gpt2(tmp_path: Path) -> None:
+    from transformers import GPT2LMHeadModel
+
+    model = tiny_gpt2()
+    async with aiockpt.Checkpointer(
+        tmp_path, format="safetensors", writer_options={"max_shard_size": "20KB"}
+    ) as ckpt:
+        result = await ckpt.save(model.state_dict(), step=1)
+    path = Path(result.path)
+    files = await asyncio.to_thread(os.listdir, path)
+    assert len([name for name in files if name.startswith("model-0")]) > 1
+    assert INDEX_NAME in files
+    reloaded = from_pretrained(GPT2LMHeadModel, path, model.config)
+    tokens = torch.arange(16).reshape(1, 16)
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, model(tokens).logits)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+
+
+async def test_bad_writer_options_are_refused_at_the_call(tmp_path: Path) -> None:
+    async with aiockpt.Checkpointer(tmp_path, format="safetensors") as ckpt:
+        with pytest.raises(ValueError, match="max_shard_size"):
+            ckpt.save_to(
+                {"w": torch.ones(1)}, tmp_path / "x", writer_options={"max_shard_size": "lots"}
+            )
+        with pytest.raises(TypeError, match="unknown options"):
+            ckpt.save_to({"w": torch.ones(1)}, tmp_path / "y", writer_options={"shard": 1})
+    with pytest.raises(ValueError, match="max_shard_size"):
+        aiockpt.Checkpointer(tmp_path, format="safetensors", writer_options={"max_shard_size": 0})
+
+
+def test_saves_of_one_staged_layout_reuse_the_plan_and_write_the_new_values(
+    tmp_path: Path,
+) -> None:
+    from aiockpt.writers.base import StagedLayout, StagedStateDict, flatten_state_dict
+
+    writer = SafetensorsWriter(max_shard_size=100)
+    skeleton, flat = flatten_state_dict({"a": torch.zeros(20), "b": torch.zeros(20)})
+    layout = StagedLayout(skeleton)
+    for value in (1.0, 2.0):
+        values = [torch.full((20,), value) for _ in flat]
+        path = tmp_path / f"save-{value}"
+        path.mkdir()
+        writer.write(StagedStateDict(layout, values, memoryview(b"")), str(path))
+        assert writer._cached is not None and writer._cached[0] == layout.version
+        for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+            assert all(
+                torch.equal(t, torch.full((20,), value)) for t in load_file(path / name).values()
+            )
+    # Another structure is planned anew.
+    other = StagedLayout(flatten_state_dict({"c": torch.zeros(3)})[0])
+    (tmp_path / "other").mkdir()
+    writer.write(StagedStateDict(other, [torch.ones(3)], memoryview(b"")), str(tmp_path / "other"))
+    assert list(load_file(tmp_path / "other" / "model.safetensors")) == ["c"]
