@@ -30,82 +30,18 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
-from benchmarks._common import GiB, KiB, MiB, format_size, median, raw_write
+from benchmarks._common import (
+    WORKLOADS,
+    format_size,
+    median,
+    raw_write,
+    remove,
+    tensors_of,
+    torch_save,
+)
 
 DIR_PREFIX = "bench-shapes-"  # never "aiockpt*": the test suite's leak checker owns those
-
-
-def gpt_adamw(layers: int = 24, width: int = 512, vocab: int = 24_000) -> dict[str, Any]:
-    """A GPT-2-style model (``layers`` blocks of ``width``) and its AdamW state after one
-    step: ~1,170 tensors, ~1 GiB."""
-    torch.manual_seed(0)
-
-    def block() -> nn.Module:
-        return nn.ModuleDict(
-            {
-                "ln_1": nn.LayerNorm(width),
-                "attn": nn.ModuleDict(
-                    {"c_attn": nn.Linear(width, 3 * width), "c_proj": nn.Linear(width, width)}
-                ),
-                "ln_2": nn.LayerNorm(width),
-                "mlp": nn.ModuleDict(
-                    {"c_fc": nn.Linear(width, 4 * width), "c_proj": nn.Linear(4 * width, width)}
-                ),
-            }
-        )
-
-    model = nn.ModuleDict(
-        {
-            "wte": nn.Embedding(vocab, width),
-            "wpe": nn.Embedding(1024, width),
-            "h": nn.ModuleList([block() for _ in range(layers)]),
-            "ln_f": nn.LayerNorm(width),
-        }
-    )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    for parameter in model.parameters():
-        parameter.grad = torch.full_like(parameter, 1e-3)
-    optimizer.step()
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 1}
-
-
-def many_tensors(count: int, nbytes: int) -> dict[str, Any]:
-    numel = max(1, nbytes // 4 // count)
-    return {f"t{i}": torch.rand(numel) for i in range(count)}
-
-
-WORKLOADS: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
-    "gpt": ("GPT 24x512 + AdamW", gpt_adamw),
-    "small8k": ("256 MiB in 8,192 tensors", lambda: many_tensors(8192, 256 * MiB)),
-    "small20k": ("20,000 tensors of 4 KiB", lambda: many_tensors(20_000, 20_000 * 4 * KiB)),
-    "big64": ("1 GiB in 64 tensors", lambda: many_tensors(64, GiB)),
-}
-
-
-def tensors_of(tree: Any) -> list[torch.Tensor]:
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if isinstance(tree, dict):
-        return [t for value in tree.values() for t in tensors_of(value)]
-    if isinstance(tree, (list, tuple)):
-        return [t for value in tree for t in tensors_of(value)]
-    return []
-
-
-def torch_save(state_dict: Any, path: str) -> None:
-    with open(path, "wb") as file:
-        torch.save(state_dict, file)
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def remove(path: str) -> None:
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    elif os.path.exists(path):
-        os.unlink(path)
 
 
 async def measure(name: str, state_dict: Any, directory: str, repeats: int) -> dict[str, float]:

@@ -10,9 +10,10 @@ trainer (this process) and the checkpoint worker:
     rss        VmRSS (and its anonymous / shared-memory parts)
     fds        open file descriptors (/proc/<pid>/fd)
     threads    the Threads: line of /proc/<pid>/status
-    arenas     staging arenas still mapped (/proc/<pid>/maps), and names left in /dev/shm
-    shm        bytes of the arenas either process maps (the names are unlinked at once, so
-               this is aiockpt's whole /dev/shm footprint besides the checkpoints), and the
+    arenas     staging arenas (anonymous memfds, counted as tests/leaks.py counts them) that
+               each process maps or holds a descriptor of, and how many distinct ones in all
+    shm        bytes of the arenas either process maps (memfds have no name: these mappings
+               are aiockpt's whole shared-memory footprint besides the checkpoints), and the
                bytes of the kept checkpoints (on /dev/shm too when --dir is there)
 
 and reports each series' drift after the first 10 saves: the largest distance from its value
@@ -20,7 +21,7 @@ at save 10, as a fraction of that value (a leak shows as drift that grows with -
 flat series stays near 0). A PNG of every series against the save number goes to --png.
 
 A benchmark, not a test: it prints figures and never fails on a threshold. It removes the
-directory it created and checks that no arena of this process is left in /dev/shm.
+directory it created and checks that this process maps or holds no arena after the close.
 """
 
 from __future__ import annotations
@@ -45,10 +46,10 @@ from benchmarks._common import (
     percentile,
     release_memory,
 )
+from tests.leaks import ARENA_MEMFD, arena_memfds
 
 SHM = "/dev/shm"
 DIR_PREFIX = "bench-soak-"  # never "aiockpt*": the test suite's leak checker owns those names
-ARENA_PREFIX = "aiockpt-"
 
 
 def log(message: str = "") -> None:
@@ -75,24 +76,19 @@ def thread_count(pid: int) -> int:
     return 0
 
 
-def mapped_arenas(pid: int) -> dict[str, int]:
-    """Staging-arena files (named or already unlinked) mapped by ``pid``, with the bytes
-    mapped of each: shared memory only these mappings keep alive once the names are gone."""
-    found: dict[str, int] = {}
+def mapped_arenas(pid: int) -> dict[int, int]:
+    """The staging arenas (anonymous memfds, by inode, as ``tests.leaks`` finds them) that
+    ``pid`` maps or holds a descriptor of, with the bytes it maps of each: arenas have no
+    name anywhere, so these mappings and descriptors are all there is of them."""
+    found = dict.fromkeys(arena_memfds({pid}).get(pid, set()), 0)
     with open(f"/proc/{pid}/maps") as maps:
         for line in maps:
             parts = line.split(maxsplit=5)
-            if len(parts) == 6 and parts[5].startswith(f"{SHM}/{ARENA_PREFIX}"):
+            if len(parts) == 6 and parts[5].startswith(ARENA_MEMFD):
                 start, _, end = parts[0].partition("-")
-                path = parts[5].strip().removesuffix(" (deleted)")
-                found[path] = found.get(path, 0) + int(end, 16) - int(start, 16)
+                inode = int(parts[4])
+                found[inode] = found.get(inode, 0) + int(end, 16) - int(start, 16)
     return found
-
-
-def named_arenas(pids: Sequence[int]) -> int:
-    """Arena names in /dev/shm created by ``pids`` (other processes' are not ours to count)."""
-    prefixes = tuple(f"{ARENA_PREFIX}{pid}-" for pid in pids)
-    return sum(1 for name in os.listdir(SHM) if name.startswith(prefixes))
 
 
 def shm_used() -> int:
@@ -132,7 +128,7 @@ class Soak:
 
 def sample(soak: Soak, step: int, worker: int, root: str) -> None:
     soak.saves.append(step)
-    arenas: dict[str, int] = {}
+    arenas: dict[int, int] = {}
     for who, pid in (("trainer", os.getpid()), ("worker", worker)):
         status = memory_status(pid)
         soak.add(f"{who} rss", status["VmRSS"])
@@ -142,10 +138,10 @@ def sample(soak: Soak, step: int, worker: int, root: str) -> None:
         soak.add(f"{who} threads", thread_count(pid))
         mapped = mapped_arenas(pid)
         soak.add(f"{who} arenas", len(mapped))
-        for path, size in mapped.items():
-            arenas[path] = max(size, arenas.get(path, 0))
+        for inode, size in mapped.items():
+            arenas[inode] = max(size, arenas.get(inode, 0))
     soak.add("arena bytes", sum(arenas.values()))
-    soak.add("named arenas", named_arenas([os.getpid(), worker]))
+    soak.add("arenas", len(arenas))
     soak.add("checkpoints", tree_bytes(root))
 
 
@@ -235,7 +231,7 @@ def plot(soak: Soak, path: str, title: str) -> None:
         ),
         ("open file descriptors", ["trainer fds", "worker fds"], 1),
         ("threads", ["trainer threads", "worker threads"], 1),
-        ("staging arenas", ["trainer arenas", "worker arenas", "named arenas"], 1),
+        ("staging arenas", ["trainer arenas", "worker arenas", "arenas"], 1),
     ]
     fig, axes = plt.subplots(2, 4, figsize=(20, 8.5))
     flat = list(axes.flat)
@@ -306,15 +302,10 @@ async def amain(args: argparse.Namespace) -> tuple[Soak, float]:
     return soak, time.perf_counter() - started
 
 
-def own_arenas() -> set[str]:
-    return {n for n in os.listdir(SHM) if n.startswith(f"{ARENA_PREFIX}{os.getpid()}-")}
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     import uvloop
 
-    before = own_arenas()
     soak, seconds = uvloop.run(amain(args))
     report(soak, args, seconds)
     plot(
@@ -324,8 +315,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f" {args.format}, {args.dir}); torch {torch.__version__}",
     )
     log(f"\nplot: {os.path.abspath(args.png)}")
-    left = sorted(own_arenas() - before)
-    log(f"arenas of this process left in {SHM}: {left or 'none'}")
+    left = sorted(mapped_arenas(os.getpid()))
+    log(f"arenas this process still maps or holds after close: {left or 'none'}")
     release_memory()
     sys.stdout.flush()
 

@@ -24,6 +24,9 @@ whether or not ``verify`` is set:
   waiting on a FIFO), and must have the listed size before any buffer is allocated for it;
   the manifest is read only up to ``MAX_MANIFEST_BYTES``.
 
+With ``mmap=True`` nothing is read: each tensor is a view over a private, copy-on-write
+mapping of its file (``load`` says what that means for verification and lifetimes).
+
 A checksum proves nothing against someone who can write the directory (they can write a
 matching manifest); the rules about opening files are what keep a reader inside it.
 """
@@ -224,7 +227,7 @@ def _check_consistent(manifest: Manifest) -> None:
 def _check_leaf(leaf: Leaf, sizes: dict[str, int]) -> None:
     if isinstance(leaf, TensorLeaf):
         itemsize = dtype_from_name(leaf.dtype).itemsize
-        if any(size < 0 for size in leaf.shape):
+        if leaf.shape and min(leaf.shape) < 0:
             raise ValueError(f"negative size in tensor shape {leaf.shape}")
         if (leaf.global_shape is None) != (leaf.global_offset is None):
             raise ValueError("a tensor piece has a global shape or offset without the other")
@@ -324,10 +327,11 @@ def load(
     path: str | os.PathLike[str],
     state_dict: Any = None,
     *,
-    verify: bool = True,
+    verify: bool | None = None,
     allow_pickle: bool = False,
     rank: int | None = None,
     world_size: int | None = None,
+    mmap: bool = False,
 ) -> Any:
     """Load the checkpoint at ``path`` (either format) as CPU tensors and plain values.
 
@@ -357,11 +361,29 @@ def load(
     ``torch.distributed.checkpoint.load`` loads them: into their ``state_dict()``, which is
     then passed to their ``load_state_dict()``.
 
-    ``verify`` checks every file's size and xxh3_64 digest in the same pass that reads it.
-    ``allow_pickle`` lets leaves that were saved as arbitrary objects be unpickled: only for
-    checkpoints you trust. A checkpoint torch's ``dcp.save`` wrote (``.metadata``, no aiockpt
-    manifest) is loaded only with ``allow_pickle``, by torch's own reader, unverified (a
-    warning is logged; see ``aiockpt._format.torch_written``).
+    ``verify`` (default: on, unless ``mmap``) checks every file's size and xxh3_64 digest in
+    the same pass that reads it. ``allow_pickle`` lets leaves that were saved as arbitrary
+    objects be unpickled: only for checkpoints you trust. A checkpoint torch's ``dcp.save``
+    wrote (``.metadata``, no aiockpt manifest) is loaded only with ``allow_pickle``, by
+    torch's own reader, unverified (a warning is logged; see ``aiockpt._format.torch_written``).
+
+    ``mmap=True`` reads no tensor bytes: every tensor comes back as a view over a private
+    mapping of its file (as ``torch.load(mmap=True)`` and safetensors' ``load_file`` do), so
+    the load costs the same for 1 KiB and 100 GiB and pages are read when first touched. The
+    views are copy-on-write: writing to one changes this process's copy of those pages, never
+    the file. Each file stays mapped while any tensor viewing it lives and is unmapped when the
+    last one is dropped (reference counting: no garbage collection needed unless the tensors
+    sit in a reference cycle); no descriptor stays open. Tied tensors come back as views of
+    the same bytes. The manifest and the file rules above are checked as always, but the
+    files' digests are not: hashing them would read every byte, and a check made before the
+    pages are touched would not cover what they read later anyway. Call ``verify(path)`` first
+    if the bytes must be checked; ``verify=True`` with ``mmap=True`` raises ValueError. A
+    file truncated by someone else while mapped makes touching its missing pages raise
+    SIGBUS, as with any mapping; aiockpt never truncates a committed checkpoint. Only a
+    tree comes back: ``state_dict`` must be None (to fill a module without copying, use
+    ``module.load_state_dict(load(path, mmap=True), assign=True)``), and a tensor saved as
+    pieces by several ranks cannot be one view, so it needs ``rank`` at the saved world size
+    (that rank's pieces).
 
     Raises CorruptCheckpoint naming the file for a missing or malformed manifest (see
     ``read_manifest``), a missing, truncated or altered file, one that is a link, lies behind
@@ -375,13 +397,32 @@ def load(
     custom writer stored in its own format, or for a ``rank`` the checkpoint does not have;
     what a ``Stateful`` value's ``state_dict()`` or ``load_state_dict()`` raises; and, for a
     checkpoint torch's DCP wrote, ForeignCheckpoint without ``allow_pickle`` (with it, what
-    torch's ``dcp.load`` raises).
+    torch's ``dcp.load`` raises). With ``mmap``: ValueError for ``verify=True``, a
+    ``state_dict``, a tensor saved as pieces that this load would have to assemble, or a
+    checkpoint torch's DCP wrote (it has no manifest to map by).
     """
+    if mmap:
+        if verify:
+            raise ValueError(
+                "verify=True cannot hold with mmap=True: checking the digests reads every "
+                "byte, and pages read later are not covered by a check made before; call "
+                "aiockpt.verify(path) first if the files must be checked"
+            )
+        if state_dict is not None:
+            raise ValueError(
+                "mmap=True returns the saved tree and fills no state_dict (that would copy); "
+                "use module.load_state_dict(aiockpt.load(path, mmap=True), assign=True)"
+            )
     try:
         checkpoint = _Checkpoint(path)
     except ForeignCheckpoint:
         if not allow_pickle:
             raise
+        if mmap:
+            raise ValueError(
+                f"{os.fspath(path)!r} was written by torch's dcp.save, without the manifest "
+                "mmap=True maps files by; load it without mmap"
+            ) from None
         return load_through_stateful(state_dict, functools.partial(load_torch_written, path))
     with checkpoint:
         return load_through_stateful(
@@ -389,10 +430,11 @@ def load(
             functools.partial(
                 _load,
                 checkpoint,
-                verify=verify,
+                verify=not mmap if verify is None else verify,
                 allow_pickle=allow_pickle,
                 rank=rank,
                 world_size=world_size,
+                mmap=mmap,
             ),
         )
 
@@ -469,6 +511,7 @@ def _load(
     allow_pickle: bool,
     rank: int | None,
     world_size: int | None,
+    mmap: bool = False,
 ) -> Any:
     manifest = checkpoint.manifest
     source = _Source(checkpoint, rank, world_size)
@@ -483,6 +526,17 @@ def _load(
                     whole = tuple(leaf.global_shape)
                     boxes[index] = _Box(whole, (0,) * len(whole), whole)
         wanted = list(range(len(leaves)))
+        if mmap:
+            values = _map_leaves(checkpoint, leaves, boxes, source, allow_pickle)
+            # Pickled leaves (allowed by now) are read and unpickled where every load does.
+            pickled = [i for i, leaf in enumerate(leaves) if isinstance(leaf, ObjectLeaf)]
+            if pickled:
+                values.update(
+                    _read_leaves(
+                        checkpoint, manifest, leaves, pickled, {}, {}, source, False, allow_pickle
+                    )
+                )
+            return unflatten(source.state.skeleton, [values[i] for i in wanted])
         values = _read_leaves(
             checkpoint, manifest, leaves, wanted, {}, boxes, source, verify, allow_pickle
         )
@@ -613,28 +667,41 @@ def _fill(target: Any, key_path: KeyPath, saved: Callable[[KeyPath], Any]) -> An
 @dataclass
 class _Region:
     """Bytes of one file that go into one buffer: shared by leaves saved at the same place,
-    or, with ``after``, part of a saved piece that ``after`` copies into a bigger tensor."""
+    or, with ``after``, part of a saved piece that ``after`` copies into a bigger tensor.
+    The buffer is ``view``, or, for a tensor's bytes, ``tensor`` (its byte view is made only
+    if it is read directly: small ones are copied from a shared read in one batch)."""
 
     offset: int
-    view: memoryview
+    view: memoryview | None
     leaves: list[int] = field(default_factory=list)
     after: Callable[[], None] | None = None
+    tensor: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        if self.view is not None:
+            return self.view.nbytes
+        assert self.tensor is not None
+        return self.tensor.numel() * self.tensor.element_size()
+
+    def buffer(self) -> memoryview:
+        if self.view is None:
+            assert self.tensor is not None
+            self.view = tensor_bytes(self.tensor)
+        return self.view
 
 
-def _read_leaves(
-    checkpoint: _Checkpoint,
+def _stored_leaves(
     manifest: Manifest,
     leaves: list[Leaf],
     wanted: list[int],
-    destinations: dict[int, torch.Tensor],
     boxes: dict[int, _Box],
-    source: _Source,
-    verify: bool,
     allow_pickle: bool,
-) -> dict[int, Any]:
-    """Values of the ``wanted`` leaves; tensors go into ``destinations`` where given, and
-    the leaves in ``boxes`` are assembled from the saved pieces that overlap their box."""
-    values: dict[int, Any] = {}
+    values: dict[int, Any],
+) -> list[tuple[int, TensorLeaf | ObjectLeaf]]:
+    """The ``wanted`` leaves whose bytes lie in a file (each once, none of ``boxes``); plain
+    values go straight into ``values``. Raises ValueError for a leaf a custom writer stored
+    in its own way, or a pickled one without ``allow_pickle``."""
     stored: list[tuple[int, TensorLeaf | ObjectLeaf]] = []
     for index in dict.fromkeys(wanted):
         leaf = leaves[index]
@@ -652,6 +719,120 @@ def _read_leaves(
             )
         elif index not in boxes:
             stored.append((index, leaf))
+    return stored
+
+
+def _map_leaves(
+    checkpoint: _Checkpoint,
+    leaves: list[Leaf],
+    boxes: dict[int, _Box],
+    source: _Source,
+    allow_pickle: bool,
+) -> dict[int, Any]:
+    """Every leaf's value but the pickled ones, tensors as views over private mappings of
+    their files (see ``load``'s ``mmap``); raises ValueError for a tensor to be assembled
+    from pieces, or a pickled leaf without ``allow_pickle``."""
+    if boxes:
+        key_paths = dict(iter_key_paths(source.state.skeleton))
+        first = format_key_path(key_paths[min(boxes)])
+        raise ValueError(
+            f"{first!r} in {checkpoint.root!r} was saved as pieces by {source.saved_world} ranks "
+            "and mmap=True cannot join pieces into one view; pass rank= (at the saved world "
+            "size) to map that rank's pieces, or load without mmap"
+        )
+    manifest = checkpoint.manifest
+    values: dict[int, Any] = {}
+    stored = _stored_leaves(manifest, leaves, list(range(len(leaves))), {}, allow_pickle, values)
+    needed = {leaf.file for _, leaf in stored if isinstance(leaf, TensorLeaf)}
+    files = {
+        entry.name: _map_file(checkpoint, entry) for entry in manifest.files if entry.name in needed
+    }
+    # Tied leaves (saved once at one place) come back as one tensor, as without mmap.
+    made: dict[tuple[str, int, str, tuple[int, ...]], torch.Tensor] = {}
+    byte_arrays: dict[str, Any] = {}
+    # One typed view of each file per dtype; each tensor is a strided view of it (one call).
+    bases: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+    strides: dict[tuple[int, ...], tuple[int, ...]] = {}
+
+    def file_bytes(name: str) -> Any:
+        """The whole mapped file as a numpy byte array (a buffer that keeps it mapped)."""
+        if name not in byte_arrays:
+            byte_arrays[name] = torch.empty(0, dtype=torch.uint8).set_(files[name]).numpy()
+        return byte_arrays[name]
+
+    for index, leaf in stored:
+        if isinstance(leaf, ObjectLeaf):
+            continue
+        shape = tuple(leaf.shape)
+        key = (leaf.file, leaf.offset, leaf.dtype, shape)
+        tensor = made.get(key)
+        if tensor is None:
+            dtype = dtype_from_name(leaf.dtype)
+            offset, misaligned = divmod(leaf.offset, dtype.itemsize)
+            numel = math.prod(shape)
+            if numel == 0:
+                tensor = torch.empty(shape, dtype=dtype)
+            elif not misaligned:
+                base = bases.get((leaf.file, dtype))
+                if base is None:
+                    storage = files[leaf.file]
+                    whole = (storage.nbytes() // dtype.itemsize,)
+                    base = bases[leaf.file, dtype] = torch.empty(0, dtype=dtype).set_(
+                        storage, 0, whole, (1,)
+                    )
+                stride = strides.get(shape)
+                if stride is None:
+                    stride = strides[shape] = _contiguous_strides(shape)
+                tensor = base.as_strided(shape, stride, offset)
+            else:
+                # safetensors aligns data to 8 bytes, so a complex128 may start between two
+                # of its 16-byte elements: a view of the bytes from there, with its own base.
+                tensor = torch.frombuffer(
+                    file_bytes(leaf.file), dtype=dtype, count=numel, offset=leaf.offset
+                ).view(shape)
+            made[key] = tensor
+        values[index] = tensor
+    return values
+
+
+def _map_file(checkpoint: _Checkpoint, entry: FileEntry) -> torch.UntypedStorage:
+    """A private (copy-on-write) mapping of the file of ``entry``, opened by the checked
+    rules and found to have the listed size, as a storage that unmaps itself when its last
+    tensor goes. Raises CorruptCheckpoint naming the file."""
+    fd = _open_checked(checkpoint, entry)
+    try:
+        if entry.size == 0:  # nothing to map (mmap refuses a length of 0)
+            return torch.empty(0, dtype=torch.uint8).untyped_storage()
+        # torch maps the file by name and closes its own descriptor once mapped, so nothing
+        # stays open; /proc/self/fd/N names the very file this process opened and checked
+        # (the magic link leads to the open file, never to whatever the path names now).
+        try:
+            storage = torch.UntypedStorage.from_file(f"/proc/self/fd/{fd}", False, entry.size)
+        except RuntimeError as exc:  # shrunk since it was checked, say
+            raise CorruptCheckpoint(
+                f"cannot map {entry.name}: {exc}", path=os.path.join(checkpoint.root, entry.name)
+            ) from exc
+        assert isinstance(storage, torch.UntypedStorage)
+        return storage
+    finally:
+        os.close(fd)
+
+
+def _read_leaves(
+    checkpoint: _Checkpoint,
+    manifest: Manifest,
+    leaves: list[Leaf],
+    wanted: list[int],
+    destinations: dict[int, torch.Tensor],
+    boxes: dict[int, _Box],
+    source: _Source,
+    verify: bool,
+    allow_pickle: bool,
+) -> dict[int, Any]:
+    """Values of the ``wanted`` leaves; tensors go into ``destinations`` where given, and
+    the leaves in ``boxes`` are assembled from the saved pieces that overlap their box."""
+    values: dict[int, Any] = {}
+    stored = _stored_leaves(manifest, leaves, wanted, boxes, allow_pickle, values)
     assembled = []
     if boxes:
         key_paths = dict(iter_key_paths(source.state.skeleton))
@@ -795,29 +976,29 @@ def _plan_regions(
         if shared is not None and leaves[shared.leaves[0]] == leaf:
             shared.leaves.append(index)  # saved once for several leaves (tied weights)
             continue
-        buffer, view = _new_buffer(leaf, destinations.get(index), root)
-        if view.nbytes == 0:  # empty tensors have nothing to read (and may share offsets)
-            values[index] = buffer
+        region = _new_region(leaf, index, destinations.get(index), root)
+        if region.nbytes == 0:  # empty tensors have nothing to read (and may share offsets)
+            values[index] = region.tensor
             continue
         if shared is not None:
             raise CorruptCheckpoint(
                 f"two different leaves at offset {leaf.offset}", path=os.path.join(root, leaf.file)
             )
-        by_offset[leaf.offset] = _Region(leaf.offset, view, [index])
-        buffers[index] = buffer
+        by_offset[leaf.offset] = region
+        buffers[index] = region.tensor if region.view is None else region.view.obj
     return regions, buffers
 
 
-def _new_buffer(
-    leaf: TensorLeaf | ObjectLeaf, destination: torch.Tensor | None, root: str
-) -> tuple[Any, memoryview]:
+def _new_region(
+    leaf: TensorLeaf | ObjectLeaf, index: int, destination: torch.Tensor | None, root: str
+) -> _Region:
+    """Where the bytes of ``leaf`` go: ``destination``, a new tensor, or (a pickled leaf) a
+    new bytearray."""
     if isinstance(leaf, ObjectLeaf):
-        data = bytearray(leaf.nbytes)
-        return data, memoryview(data)
-    if destination is not None:
-        return destination, tensor_bytes(destination)
-    tensor = _empty(tuple(leaf.shape), dtype_from_name(leaf.dtype), root)
-    return tensor, tensor_bytes(tensor)
+        return _Region(leaf.offset, memoryview(bytearray(leaf.nbytes)), [index])
+    if destination is None:
+        destination = _empty(tuple(leaf.shape), dtype_from_name(leaf.dtype), root)
+    return _Region(leaf.offset, None, [index], tensor=destination)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, root: str) -> torch.Tensor:
@@ -838,6 +1019,11 @@ def _place(value: Any, destination: torch.Tensor | None) -> Any:
     return value
 
 
+#: tensors up to this size are not read one by one: runs of them are read into a scratch
+#: buffer with one call and copied out in one batch (per-tensor Python would dominate)
+_SMALL_BYTES = 256 << 10
+
+
 def _read_file(
     checkpoint: _Checkpoint,
     entry: FileEntry,
@@ -846,28 +1032,41 @@ def _read_file(
     verify: bool,
     progress: Callable[[int], object] | None = None,
 ) -> None:
-    """Read ``regions`` of one file into their views; with ``verify``, read and hash the
-    whole file and compare with ``entry``. Raises CorruptCheckpoint naming the file."""
+    """Read ``regions`` (in file order) of one file into their buffers; with ``verify``,
+    read and hash the whole file and compare with ``entry``. Raises CorruptCheckpoint
+    naming the file."""
     full = os.path.join(checkpoint.root, entry.name)
     fd = _open_checked(checkpoint, entry)
     try:
         size = entry.size
         digest = xxhash.xxh3_64() if verify else None
+        scratch: torch.Tensor | None = None
         position = 0
-        for region in regions:
-            end = region.offset + region.view.nbytes
+        i = 0
+        while i < len(regions):
+            region = regions[i]
+            end = region.offset + region.nbytes
             if end > size:
                 raise CorruptCheckpoint(
                     f"entry at {region.offset}..{end} runs past the end", path=full
                 )
+            if _batchable(region, position):
+                if scratch is None:
+                    scratch = torch.empty(min(size, _SCRATCH_BYTES), dtype=torch.uint8)
+                i, position = _read_run(
+                    fd, regions, i, position, scratch, digest, full, size, progress
+                )
+                continue
             if digest is not None and region.offset > position:
                 _hash_range(fd, position, region.offset, digest, full, progress)
-            _read_exactly(fd, region.view, region.offset, full)
+            view = region.buffer()
+            _read_exactly(fd, view, region.offset, full)
             # Regions may overlap (two pieces of one saved piece, read for different targets):
             # the digest takes each byte once, in file order.
             if digest is not None and end > position:
-                digest.update(region.view[max(0, position - region.offset) :])
+                digest.update(view[max(0, position - region.offset) :])
             position = max(position, end)
+            i += 1
         if digest is not None:
             _hash_range(fd, position, size, digest, full, progress)
             if digest.hexdigest() != entry.xxh3_64:
@@ -877,6 +1076,62 @@ def _read_file(
                 )
     finally:
         os.close(fd)
+
+
+def _batchable(region: _Region, position: int) -> bool:
+    """A small tensor region after everything read so far (overlapping ones, pieces of a
+    piece read for several targets, go one by one)."""
+    return (
+        region.tensor is not None
+        and region.after is None
+        and region.offset >= position
+        and region.nbytes <= _SMALL_BYTES
+    )
+
+
+def _read_run(
+    fd: int,
+    regions: list[_Region],
+    first: int,
+    position: int,
+    scratch: torch.Tensor,
+    digest: Any,
+    full: str,
+    size: int,
+    progress: Callable[[int], object] | None,
+) -> tuple[int, int]:
+    """Read the run of batchable regions from ``regions[first]`` on that fits ``scratch``
+    (with the bytes between them, and, when hashing, those since ``position``) with one
+    read, hash it with one update, and copy each region's bytes out in one batch; return the
+    index after the run and the new position."""
+    start = regions[first].offset
+    if digest is not None:
+        if start - position > scratch.numel() // 2:  # a long gap first: hash it on its own
+            _hash_range(fd, position, start, digest, full, progress)
+        else:
+            start = position
+    limit = start + scratch.numel()
+    sources: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    end = position
+    i = first
+    while i < len(regions):
+        region = regions[i]
+        region_end = region.offset + region.nbytes
+        if not _batchable(region, end) or region_end > limit or region_end > size:
+            break
+        assert region.tensor is not None
+        targets.append(region.tensor.reshape(-1).view(torch.uint8))
+        sources.append(scratch[region.offset - start : region_end - start])
+        end = region_end
+        i += 1
+    assert i > first  # the caller checked the first region; it always fits
+    span = tensor_bytes(scratch)[: end - start]
+    _read_exactly(fd, span, start, full)
+    if digest is not None:
+        digest.update(span)
+    torch._foreach_copy_(targets, sources)
+    return i, end
 
 
 def _hash_range(

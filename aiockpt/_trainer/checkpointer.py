@@ -827,14 +827,20 @@ class Checkpointer:
         return listed[-1].path
 
     async def load_latest(
-        self, state_dict: Any = None, *, verify: bool = True, allow_pickle: bool = False
+        self,
+        state_dict: Any = None,
+        *,
+        verify: bool | None = None,
+        allow_pickle: bool = False,
+        mmap: bool = False,
     ) -> Any:
-        """Load the newest checkpoint (see ``aiockpt.load``), or return None if there is
-        none; in a group, this rank's part of it at the current world size (its own part if
-        the save had as many ranks, else resharded: DTensors get their slice, plain tensors
-        the whole). ``Stateful`` values of ``state_dict`` are loaded through their
-        ``state_dict()`` and ``load_state_dict()``, called in this thread (the files are
-        read in another). Raises what ``aiockpt.load`` raises (``ForeignCheckpoint`` for a
+        """Load the newest checkpoint (see ``aiockpt.load``, ``mmap`` and ``verify``
+        included), or return None if there is none; in a group, this rank's part of it at
+        the current world size (its own part if the save had as many ranks, else resharded:
+        DTensors get their slice, plain tensors the whole). ``Stateful`` values of
+        ``state_dict`` are loaded through their ``state_dict()`` and ``load_state_dict()``,
+        called in this thread; listing, reading and mapping the files run in another, never
+        on the event loop. Raises what ``aiockpt.load`` raises (``ForeignCheckpoint`` for a
         checkpoint torch's DCP wrote, without ``allow_pickle``)."""
         path = await self.latest()
         if path is None:
@@ -855,6 +861,7 @@ class Checkpointer:
             allow_pickle=allow_pickle,
             rank=rank,
             world_size=world_size,
+            mmap=mmap,
         )
         return stateful.finish(loaded)
 

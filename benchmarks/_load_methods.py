@@ -1,0 +1,123 @@
+"""The ways of loading a checkpoint that the load benchmarks compare, and their limits.
+
+Each method is a function of no arguments that loads once and returns the seconds it took;
+``load_methods`` builds them for one state dict, saved once in every layout they read:
+
+    read (existing buffer)   every file of the aiockpt checkpoint into one preallocated buffer
+                             (the limit of a load into existing tensors)
+    read (new memory)        the same into freshly allocated memory (the limit of a load that
+                             allocates: page faults included)
+    aiockpt verify in place  aiockpt.load(path, target): into existing tensors, digests checked
+    aiockpt verify alloc     aiockpt.load(path): new tensors, digests checked
+    aiockpt mmap             aiockpt.load(path, mmap=True): views of the files, nothing read
+    safetensors load_file    safetensors.torch.load_file of the same tensors (one file)
+    torch.load               torch.load of a torch.save file of the same state dict
+    torch.load mmap          the same with mmap=True
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from benchmarks._common import named_tensors, timed, torch_save
+
+#: every method, in the order tables and plots list them
+LOAD_METHODS = (
+    "read (existing buffer)",
+    "read (new memory)",
+    "aiockpt verify in place",
+    "aiockpt verify alloc",
+    "aiockpt mmap",
+    "safetensors load_file",
+    "torch.load",
+    "torch.load mmap",
+)
+
+
+def files_under(path: str) -> list[tuple[str, int]]:
+    """Every regular file under ``path`` with its size (what a verified load reads)."""
+    found = []
+    for directory, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(directory, name)
+            found.append((full, os.path.getsize(full)))
+    return sorted(found)
+
+
+def read_files(files: list[tuple[str, int]], buffers: list[memoryview]) -> None:
+    for (name, size), view in zip(files, buffers, strict=True):
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            offset = 0
+            while offset < size:
+                offset += os.preadv(fd, [view[offset:]], offset)
+        finally:
+            os.close(fd)
+
+
+def fresh_buffers(files: list[tuple[str, int]]) -> list[memoryview]:
+    """Uninitialised new memory for each file (torch.empty, as a load's tensors would be)."""
+    return [memoryview(torch.empty(size, dtype=torch.uint8).numpy()) for _, size in files]
+
+
+def empty_like_tree(tree: Any) -> Any:
+    """The same tree with every tensor replaced by an uninitialised one (a load target)."""
+    if isinstance(tree, torch.Tensor):
+        return torch.empty_like(tree)
+    if isinstance(tree, dict):
+        return {key: empty_like_tree(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [empty_like_tree(value) for value in tree]
+    if isinstance(tree, tuple):
+        return tuple(empty_like_tree(value) for value in tree)
+    return tree
+
+
+def load_methods(
+    state_dict: Any, directory: str, keys: tuple[str, ...] = LOAD_METHODS, fmt: str = "dcp"
+) -> dict[str, Callable[[], float]]:
+    """``keys``' methods for ``state_dict``, saved under ``directory`` (aiockpt in ``fmt``)."""
+    import aiockpt
+    from aiockpt._format.commit import write_checkpoint
+    from aiockpt.writers import create_writer
+
+    path = os.path.join(directory, f"aiockpt-{fmt}")
+    write_checkpoint(create_writer(fmt), state_dict, path, format=fmt)
+    files = files_under(path)
+    methods: dict[str, Callable[[], float]] = {}
+    for key in keys:
+        if key == "read (existing buffer)":
+            existing = fresh_buffers(files)
+            read_files(files, existing)  # faulted in once, like a model's tensors
+            methods[key] = lambda b=existing: timed(lambda: read_files(files, b))
+        elif key == "read (new memory)":
+            methods[key] = lambda: timed(lambda: read_files(files, fresh_buffers(files)))
+        elif key == "aiockpt verify in place":
+            target = empty_like_tree(state_dict)
+            aiockpt.load(path, target)  # faulted in once
+            methods[key] = lambda t=target: timed(lambda: aiockpt.load(path, t))
+        elif key == "aiockpt verify alloc":
+            methods[key] = lambda: timed(lambda: aiockpt.load(path))
+        elif key == "aiockpt mmap":
+            methods[key] = lambda: timed(lambda: aiockpt.load(path, mmap=True))
+        elif key == "safetensors load_file":
+            from safetensors.torch import load_file, save_file
+
+            flat = os.path.join(directory, "flat.safetensors")
+            save_file({name: t.contiguous() for name, t in named_tensors(state_dict)}, flat)
+            methods[key] = lambda f=flat: timed(lambda: load_file(f))
+        elif key in ("torch.load", "torch.load mmap"):
+            pt = os.path.join(directory, "state.pt")
+            if not os.path.exists(pt):
+                torch_save(state_dict, pt)
+            mmap = key.endswith("mmap")
+            methods[key] = lambda p=pt, m=mmap: timed(
+                lambda: torch.load(p, mmap=m, weights_only=True)
+            )
+        else:
+            raise ValueError(f"unknown load method {key!r}; choose from {LOAD_METHODS}")
+    return methods

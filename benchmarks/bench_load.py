@@ -1,0 +1,106 @@
+"""Loads of real-shaped checkpoints against the speed of reading their files.
+
+    python -m benchmarks.bench_load [--workloads gpt,small8k,small20k,big64] [--repeats 5]
+                                    [--format dcp] [--dir /dev/shm]
+
+Per workload (see ``benchmarks._common.WORKLOADS``) the state dict is saved once in each layout
+the methods of ``benchmarks._load_methods`` read, then every method loads it once per round,
+in an order rotated every round; round 0 is a warm-up and the figures are medians of the
+others. The issue-14 targets are printed as ratios (a report, never a failure):
+
+    aiockpt verify in place   <= 1.3x  read (existing buffer)
+    aiockpt verify alloc      <= 1.15x read (new memory)
+    aiockpt mmap              <= 2x    safetensors load_file, and <= 0.25x a verified load
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Sequence
+
+import torch
+
+from benchmarks._common import (
+    SHM,
+    WORKLOADS,
+    bench_directory,
+    format_size,
+    interleave,
+    log,
+    median,
+    nbytes_of,
+    release_memory,
+    tensors_of,
+)
+from benchmarks._load_methods import load_methods
+
+DIR_PREFIX = "bench-load-"  # never "aiockpt*": the test suite's leak checker owns those names
+METHODS = (
+    "read (existing buffer)",
+    "read (new memory)",
+    "aiockpt verify in place",
+    "aiockpt verify alloc",
+    "aiockpt mmap",
+    "safetensors load_file",
+)
+#: (what, measured, against, goal): measured / against <= goal
+TARGETS = (
+    ("verify in place / read existing", "aiockpt verify in place", "read (existing buffer)", 1.3),
+    ("verify alloc / read new", "aiockpt verify alloc", "read (new memory)", 1.15),
+    ("mmap / safetensors load_file", "aiockpt mmap", "safetensors load_file", 2.0),
+    ("mmap / verify in place", "aiockpt mmap", "aiockpt verify in place", 0.25),
+)
+
+
+def report(title: str, count: int, nbytes: int, figures: dict[str, float]) -> list[str]:
+    """Print one workload's medians and targets; return its markdown row of ratios."""
+    log(f"\n{title}: {count} tensors, {format_size(nbytes)}")
+    for key, seconds in figures.items():
+        per = seconds / count * 1e6
+        log(f"  {key:26s} {seconds:8.4f} s  ({per:6.2f} us/tensor)")
+    cells = []
+    for what, measured, against, goal in TARGETS:
+        ratio = figures[measured] / figures[against]
+        verdict = "met" if ratio <= goal else "MISSED"
+        log(f"  {what:34s} {ratio:6.3f}x  (target <= {goal}x) {verdict}")
+        cells.append(f"{ratio:.2f}x{'' if ratio <= goal else ' ✗'}")
+    return cells
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_load", description=__doc__)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--format", default="dcp", choices=("dcp", "safetensors"))
+    parser.add_argument("--dir", default=SHM, help="where the checkpoints are written")
+    args = parser.parse_args(argv)
+    log(
+        f"bench_load: torch {torch.__version__}, {os.cpu_count()} CPUs, aiockpt format "
+        f"{args.format}, in {args.dir}, load average {os.getloadavg()[0]:.1f}"
+    )
+    rows = []
+    for name in args.workloads.split(","):
+        title, build = WORKLOADS[name]
+        state_dict = build()
+        count, nbytes = len(tensors_of(state_dict)), nbytes_of(state_dict)
+        started = time.perf_counter()
+        with bench_directory(args.dir, DIR_PREFIX) as directory:
+            runs = load_methods(state_dict, directory, METHODS, args.format)
+            samples = interleave(runs, args.repeats, name)
+            del runs
+        figures = {key: median(values) for key, values in samples.items()}
+        log(f"  ({time.perf_counter() - started:.0f} s)")
+        rows.append([f"{title} ({count} tensors)", *report(title, count, nbytes, figures)])
+        del state_dict
+        release_memory()
+    log("\n| workload | " + " | ".join(t[0] for t in TARGETS) + " |")
+    log("|---|" + "---|" * len(TARGETS))
+    log("| targets | " + " | ".join(f"<= {t[3]}x" for t in TARGETS) + " |")
+    for row in rows:
+        log("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
