@@ -23,11 +23,11 @@ Layout of the package; the folder says which process runs the code::
         manifest.py        the file whose presence makes a directory a checkpoint
         commit.py          temporary directory, manifest, fsync, rename; listing and retention
         loading.py         verify and load without unpickling, resharding
-    listing.py         the checkpoints under a root, torch-written ones marked unverified
-    torch_written.py   checkpoints torch's dcp.save wrote: found, loaded by torch's reader
-    stateful.py        Stateful values saved via state_dict(), loaded via load_state_dict()
+        listing.py         the checkpoints under a root, torch-written ones marked unverified
+        torch_written.py   checkpoints torch's dcp.save wrote: found, loaded by torch's reader
+        stateful.py        Stateful values saved via state_dict(), loaded via load_state_dict()
         root_lock.py       one writer per root (an flock the kernel releases)
-    command_line.py  the ``aiockpt`` command: ls, verify, inspect, convert
+    command_line.py  the `aiockpt` command: ls, verify, inspect, convert
     writers/     the writer API (base.py), dcp and safetensors (Hugging Face layout) writers
     _trainer/    runs in the training process
         checkpointer.py    Checkpointer: root, latest, retention, backpressure
