@@ -34,17 +34,11 @@ from benchmarks._common import (
     release_memory,
     tensors_of,
 )
-from benchmarks._load_methods import load_methods
+from benchmarks._load_methods import LOAD_METHODS, load_methods
 
 DIR_PREFIX = "bench-load-"  # never "aiockpt*": the test suite's leak checker owns those names
-METHODS = (
-    "read (existing buffer)",
-    "read (new memory)",
-    "aiockpt verify in place",
-    "aiockpt verify alloc",
-    "aiockpt mmap",
-    "safetensors load_file",
-)
+#: the methods the targets compare (torch.load is in the sweep, bench_sweep)
+METHODS = LOAD_METHODS[:6]
 #: (what, measured, against, goal): measured / against <= goal
 TARGETS = (
     ("verify in place / read existing", "aiockpt verify in place", "read (existing buffer)", 1.3),

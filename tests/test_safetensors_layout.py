@@ -24,6 +24,7 @@ from aiockpt.writers.safetensors import (
     parse_shard_size,
 )
 from tests.group_saves import group_save
+from tests.multirank.hf_scenarios import tiny_gpt2
 
 # --- max_shard_size -----------------------------------------------------------------------------
 
@@ -233,22 +234,6 @@ def test_ranks_disagreeing_about_a_tensor_fail_the_save_on_every_rank(tmp_path: 
 
 
 # --- transformers ------------------------------------------------------------------------------
-
-
-def tiny_gpt2() -> Any:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        vocab_size=128,
-        n_positions=64,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return GPT2LMHeadModel(config).eval()
 
 
 def from_pretrained(model_class: Any, path: Path, config: Any) -> Any:
