@@ -40,7 +40,6 @@ def test_demo_loses_a_node_gains_it_back_and_resumes_resharded_each_time(
     assert f"[A]:resumed from {ckpt / 'step_0000000006'} at step 6 (saved by 1 rank(s), now 2;" in (
         out
     )
-    assert re.search(r"^\[A\]:rank 0: lost a peer in step \d+ ", out, flags=re.M), out
     # The table: each change with its timings, in the order they happen.
     for change, ranks in (("node B lost (SIGKILL)", "2 -> 1"), ("node B rejoined", "1 -> 2")):
         row = re.search(

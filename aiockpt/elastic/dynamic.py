@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -146,6 +147,57 @@ def _node_addr(node: str) -> str:
     return node.rsplit("_", 2)[0]
 
 
+def _resolve(host: str) -> str:
+    """``host``'s IP address (blocking). Raises ``OSError`` for a name that does not
+    resolve."""
+    return str(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0])
+
+
+def _listening_socket(host: str) -> socket.socket:
+    """A non-blocking socket listening on ``host``, port chosen by the kernel (blocking)."""
+    address = _resolve(host)
+    listening = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
+    try:
+        listening.bind((address, 0))
+        listening.listen()
+        listening.setblocking(False)
+    except OSError:
+        listening.close()
+        raise
+    return listening
+
+
+async def _connect(address: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A stream to ``address`` (an IP address), within ``_LIVENESS_CONNECT_S``: connected by
+    hand, as the loops' own connect resolves even an address in a thread pool they keep.
+    Raises ``ConnectionRefusedError`` when nothing listens there, ``TimeoutError``, or
+    another ``OSError``."""
+    loop = asyncio.get_running_loop()
+    connecting = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
+    try:
+        connecting.setblocking(False)
+        error = connecting.connect_ex((address, port))
+        if error == errno.EINPROGRESS:
+            writable: asyncio.Future[None] = loop.create_future()
+
+            def connected() -> None:
+                if not writable.done():
+                    writable.set_result(None)
+
+            loop.add_writer(connecting.fileno(), connected)
+            try:
+                await asyncio.wait_for(writable, _LIVENESS_CONNECT_S)
+            finally:
+                loop.remove_writer(connecting.fileno())
+            error = connecting.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, os.strerror(error), f"{address}:{port}")
+        return await asyncio.open_connection(sock=connecting)
+    except BaseException:
+        connecting.close()
+        raise
+
+
 class _PeerLiveness:
     """Learns that a peer agent's process died when it dies, not when its keep-alive expires
     (15 s at torch's defaults).
@@ -171,7 +223,10 @@ class _PeerLiveness:
 
     async def listen(self, host: str) -> None:
         try:
-            self._server = await asyncio.start_server(self._hold, host, 0)
+            # Bound in a thread that ends: given a host, the loop would resolve it in a
+            # thread pool it keeps for good (uvloop: four threads, even for an address).
+            listening = await run_blocking(lambda: _listening_socket(host), "aiockpt-rdzv-listen")
+            self._server = await asyncio.start_server(self._hold, sock=listening)
         except OSError as exc:
             logger.warning("no liveness port on %s (%s): peers rely on keep-alive", host, exc)
             return
@@ -200,9 +255,7 @@ class _PeerLiveness:
     async def _watch(self, node: str, host: str, port: int) -> None:
         while True:
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, port), _LIVENESS_CONNECT_S
-                )
+                reader, writer = await _connect(host, port)
             except ConnectionRefusedError:
                 break
             except (OSError, TimeoutError) as exc:
@@ -521,8 +574,10 @@ class DynamicRendezvousHandler:
         if unknown:  # each node publishes its port before it is listed
             ports = store.multi_get([self._key(f"liveness/{node}") for node in unknown])
             for node, port in zip(unknown, ports, strict=True):
-                if int(port):
-                    self._liveness_addresses[node] = (_node_addr(node), int(port))
+                with contextlib.suppress(OSError):  # unresolvable: keep-alive decides
+                    if int(port):
+                        address = _resolve(_node_addr(node))
+                        self._liveness_addresses[node] = (address, int(port))
         lost = frozenset(self._liveness.lost)  # one copy: the loop may add to it meanwhile
         now = time.time()
         expiries = {
