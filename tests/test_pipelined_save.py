@@ -18,10 +18,9 @@ import torch
 import aiockpt
 from aiockpt import Checkpointer
 from aiockpt._trainer import staging
-from aiockpt._trainer.checkpoint_process import CheckpointProcess
 from aiockpt._wire.protocol import StagedPayload
 from aiockpt._wire.session import WriteCancelled, WriteGate
-from tests.writer_fixtures import wait_for
+from tests.writer_fixtures import HeldStaging
 
 WATCHING = "tests.writer_fixtures:StagingWatchWriter"
 CHUNK = 64 << 10
@@ -41,32 +40,6 @@ def gate(tmp_path: Path) -> Iterator[str]:
 
 def state(value: float) -> dict[str, Any]:
     return {f"w{i}": torch.full((64, 64), value + i) for i in range(32)}  # 16 KiB each
-
-
-class HeldStaging:
-    """Wraps ``CheckpointProcess.report_staged`` (the real one runs): after the first chunk
-    is reported, staging goes on only once ``release`` is set (or, with ``until_file``,
-    that file exists), so a test acts while a save is half staged."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, until_file: str | None = None) -> None:
-        self.reports: list[tuple[int, bool]] = []
-        self.release = asyncio.Event()
-        self.held = asyncio.Event()
-        real = CheckpointProcess.report_staged
-
-        async def report_staged(
-            process: CheckpointProcess, write_id: int, nbytes: int, *, complete: bool
-        ) -> None:
-            await real(process, write_id, nbytes, complete=complete)
-            self.reports.append((nbytes, complete))
-            if len(self.reports) == 1:
-                self.held.set()
-                if until_file is not None:
-                    await asyncio.to_thread(wait_for, until_file)
-                else:
-                    await asyncio.wait_for(self.release.wait(), 60)
-
-        monkeypatch.setattr(CheckpointProcess, "report_staged", report_staged)
 
 
 async def test_the_worker_writes_staged_regions_while_the_rest_is_copied(
@@ -92,7 +65,7 @@ async def test_the_worker_writes_staged_regions_while_the_rest_is_copied(
     assert all(torch.equal(loaded[k], state(1.0)[k]) for k in saved)
 
 
-async def test_cancelling_a_save_half_staged_leaves_nothing_and_the_next_save_works(
+async def test_cancel_before_commit_leaves_nothing_and_the_next_save_works(
     tmp_path: Path, small_chunks: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     held = HeldStaging(monkeypatch)
@@ -102,11 +75,29 @@ async def test_cancelling_a_save_half_staged_leaves_nothing_and_the_next_save_wo
         assert handle.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(handle, 60)
+        assert handle.done()
         held.release.set()
+        immediately = ckpt.save(state(2.0), step=2)
+        assert immediately.cancel()  # cancelled before staging even began
+        with pytest.raises(asyncio.CancelledError):
+            await immediately
         # The worker gave up waiting for the staging; it serves the next save.
-        await ckpt.save(state(2.0), step=2)
-    assert sorted(os.listdir(tmp_path)) == ["step_0000000002"]
-    assert torch.equal(aiockpt.load(tmp_path / "step_0000000002")["w3"], state(2.0)["w3"])
+        await ckpt.save(state(3.0), step=3)
+    assert sorted(os.listdir(tmp_path)) == ["step_0000000003"]
+    assert torch.equal(aiockpt.load(tmp_path / "step_0000000003")["w3"], state(3.0)["w3"])
+
+
+async def test_cancelling_the_awaiting_task_cancels_the_save(
+    tmp_path: Path, small_chunks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    HeldStaging(monkeypatch)  # never released: the save cannot finish by itself
+    async with Checkpointer(tmp_path) as ckpt:
+        handle = ckpt.save(state(1.0), step=1)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(handle, timeout=0.1)  # cancels the awaiting task
+        with pytest.raises(asyncio.CancelledError):
+            await handle
+    assert os.listdir(tmp_path) == []
 
 
 def test_plans_stage_in_one_go_below_two_chunks_or_with_offsets_that_do_not_grow() -> None:

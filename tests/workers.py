@@ -100,22 +100,6 @@ class GcReportingWriter:
         return {"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}
 
 
-class SlowDcpWriter:
-    """The DCP writer, after sleeping ``SLOW_WRITE_SECONDS``: gives tests a window in which a
-    write is in progress (to cancel it, kill the worker, or fill the in-flight slots)."""
-
-    SLOW_WRITE_SECONDS = 1.5
-
-    def __init__(self, rank_info: RankInfo, **options: Any) -> None:
-        from aiockpt.writers.dcp import DcpWriter
-
-        self._inner = DcpWriter(rank_info=rank_info, **options)
-
-    def write(self, state_dict: Any, path: str, **kwargs: Any) -> Any:
-        time.sleep(self.SLOW_WRITE_SECONDS)
-        return self._inner.write(state_dict=state_dict, path=path, **kwargs)
-
-
 class FailingWriter:
     """Raises from write(): the worker must report it and keep serving."""
 

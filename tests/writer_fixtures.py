@@ -10,8 +10,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
+from aiockpt._trainer.checkpoint_process import CheckpointProcess
 from aiockpt.writers.base import FileRecord, tensor_bytes
 
 #: every dtype the contract names, plus the newer ones torch.save handles
@@ -257,3 +259,29 @@ class StagingWatchWriter:
 
             state_dict.wait_staged = wait_and_say
         return self._inner.write(state_dict=state_dict, path=path, **kwargs)
+
+
+class HeldStaging:
+    """Wraps ``CheckpointProcess.report_staged`` (the real one runs): after the first chunk
+    is reported, staging goes on only once ``release`` is set (or, with ``until_file``,
+    that file exists), so a test acts while a save is half staged."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, until_file: str | None = None) -> None:
+        self.reports: list[tuple[int, bool]] = []
+        self.release = asyncio.Event()
+        self.held = asyncio.Event()
+        real = CheckpointProcess.report_staged
+
+        async def report_staged(
+            process: CheckpointProcess, write_id: int, nbytes: int, *, complete: bool
+        ) -> None:
+            await real(process, write_id, nbytes, complete=complete)
+            self.reports.append((nbytes, complete))
+            if len(self.reports) == 1:
+                self.held.set()
+                if until_file is not None:
+                    await asyncio.to_thread(wait_for, until_file)
+                else:
+                    await asyncio.wait_for(self.release.wait(), 60)
+
+        monkeypatch.setattr(CheckpointProcess, "report_staged", report_staged)

@@ -59,8 +59,7 @@ class TricklingWriter:
 
 class PausingDcpWriter:
     """The DCP writer after a pause of ``PAUSE_SECONDS``: a window in which the checkpoint's
-    temporary directory exists and nothing is written yet (shorter than
-    ``tests.workers.SlowDcpWriter``'s, so that tests stay fast)."""
+    temporary directory exists and nothing is written yet."""
 
     PAUSE_SECONDS = 0.4
 
