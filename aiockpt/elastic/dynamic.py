@@ -222,6 +222,8 @@ class _PeerLiveness:
         self._held: set[asyncio.StreamWriter] = set()
 
     async def listen(self, host: str) -> None:
+        if self._server is not None:
+            return
         try:
             # Bound in a thread that ends: given a host, the loop would resolve it in a
             # thread pool it keeps for good (uvloop: four threads, even for an address).
@@ -483,20 +485,23 @@ class DynamicRendezvousHandler:
                     # as torch: the port is taken, so somebody else hosts it
             raise AssertionError("unreachable")
 
-        await self._liveness.listen(self.local_addr)
-
-        def connect_and_beat() -> TCPStore:
-            store = connect()
+        def announce(store: TCPStore) -> None:
             store.set(self._key(f"liveness/{self.node}"), str(self._liveness.port))
             # created if absent (compare_set with an empty expected value sets a missing key)
             store.compare_set(self._key("state"), "", _State().dump())
             # before this node appears in the state: _sanitize reads every listed node's beat
             store.set(self._key(f"heartbeat/{self.node}"), repr(time.time()))
-            return store
 
         try:
             store = await asyncio.wait_for(
-                run_blocking(connect_and_beat, "aiockpt-rdzv-connect"), self.settings.join_timeout
+                run_blocking(connect, "aiockpt-rdzv-connect"), self.settings.join_timeout
+            )
+            # Listening only once the store holds its port: a port the kernel picks for the
+            # liveness socket could otherwise be the store's (one a launcher found free).
+            await self._liveness.listen(self.local_addr)
+            await asyncio.wait_for(
+                run_blocking(lambda: announce(store), "aiockpt-rdzv-connect"),
+                self.settings.join_timeout,
             )
         except (RuntimeError, OSError, TimeoutError) as exc:
             raise RendezvousError(
