@@ -180,6 +180,25 @@ async def test_backpressure_holds_staging_while_max_in_flight_saves_are_written(
     assert len(os.listdir(tmp_path)) == 2
 
 
+async def test_a_worker_killed_between_commit_and_answer_still_leaves_keep_last(
+    tmp_path: Path,
+) -> None:
+    """The save fails (the trainer never hears back), but its checkpoint was published:
+    retention must still run, or the root holds more than ``keep_last``."""
+    async with Checkpointer(tmp_path, format="tests.workers:RawWriter", keep_last=2) as ckpt:
+        for step in (1, 2):
+            await ckpt.save({"w": torch.full((3,), float(step))}, step=step)
+    async with Checkpointer(
+        tmp_path, format="tests.workers:DiesAfterCommitWriter", keep_last=2
+    ) as ckpt:
+        with pytest.raises(WorkerCrashed):
+            await ckpt.save({"w": torch.full((3,), 3.0)}, step=3)
+        assert sorted(e for e in os.listdir(tmp_path) if e != LOCK_NAME) == [
+            "step_0000000002",
+            "step_0000000003",  # published before the kill: kept, as the newest
+        ]
+
+
 async def test_checkpointer_names_latest_retention_and_load_latest(tmp_path: Path) -> None:
     async with Checkpointer(tmp_path, keep_last=2) as ckpt:
         assert ckpt.worker_pid is not None  # started ahead of the first save

@@ -6,6 +6,7 @@ import gc
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -108,3 +109,22 @@ class FailingWriter:
 
     def write(self, state_dict: Any, path: str, **kwargs: Any) -> Any:
         raise OSError(28, "No space left on device (injected)")
+
+
+class DiesAfterCommitWriter(RawWriter):
+    """A RawWriter whose worker is SIGKILLed right after its checkpoint is renamed into place,
+    before it can answer: the commit is durable-to-be (the parent's fsync is next) and the
+    trainer sees only a dead worker. Timed by an audit hook on that fsync's ``open`` of the
+    parent directory, so the kill lands at that point every time, not by luck."""
+
+    def write(self, state_dict: Any, path: str, **kwargs: Any) -> dict[str, Any]:
+        result = super().write(state_dict, path, **kwargs)
+        # ``path`` is the temporary directory; its parent is the root the rename publishes in.
+        root = os.path.dirname(path)
+
+        def kill_on_parent_fsync(event: str, args: tuple[Any, ...]) -> None:
+            if event == "open" and args[0] == root:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        sys.addaudithook(kill_on_parent_fsync)  # installed in the worker only: write runs there
+        return result

@@ -676,6 +676,12 @@ class Checkpointer:
             _resolve(staged, exc)
             if isinstance(exc, WorkerCrashed):
                 logger.error("save to %s failed: %s; the next save starts a new worker", path, exc)
+                # A worker killed between its commit and its answer leaves this save
+                # committed: retention must still hold ``keep_last``.
+                try:
+                    await self._retain(step)
+                except OSError:
+                    logger.exception("retention after the failed save to %s failed", path)
             if isinstance(exc, WorkerClosed):
                 raise WorkerClosed(
                     f"save to {path} did not finish: {exc}", pid=exc.pid, path=str(path)
@@ -735,8 +741,7 @@ class Checkpointer:
     ) -> SaveResult:
         """The result of a save whose write succeeded, after retention."""
         result = msgspec.convert(written.result, commit.CommitResult)
-        if self.keep_last is not None and step is not None and self._leader:
-            await asyncio.to_thread(self._apply_retention)
+        await self._retain(step)
         saved = SaveResult(
             path=result.path,
             nbytes=result.nbytes,
@@ -758,6 +763,11 @@ class Checkpointer:
             process.give_back(arena, self._free_arenas)  # closes it if the worker is gone
         else:
             _close(arena)
+
+    async def _retain(self, step: int | None) -> None:
+        """Apply ``keep_last`` after a step-named save, on the leader only, off the loop."""
+        if self.keep_last is not None and step is not None and self._leader:
+            await asyncio.to_thread(self._apply_retention)
 
     def _apply_retention(self) -> None:
         """Delete all but the newest ``keep_last`` step-named checkpoints under the root."""
