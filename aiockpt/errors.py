@@ -6,7 +6,7 @@ are translated into this tree at the boundary where they happen; callers catch
 carry their ``request``), named after the tree entry::
 
     AiockptError
-    ├── ProtocolError                 a frame or message broke the channel's rules
+    ├── ProtocolError                 a frame or message broke the channel's rules (.pid)
     │   └── ProtocolVersionMismatch   the two ends speak different protocol versions
     ├── WorkerError                   the checkpoint worker process did not do its job (.pid)
     │   ├── WorkerStartError          spawning or the init functions failed
@@ -83,7 +83,13 @@ class AiockptError(Exception):
 
 
 class ProtocolError(AiockptError):
-    """A frame or message broke the channel's rules (size, encoding, unexpected type)."""
+    """A frame or message broke the channel's rules (size, encoding, unexpected type);
+    ``pid`` is the process at the other end of the channel, where the raiser knows it (the
+    sans-IO protocol does not: the process holding the channel fills it in)."""
+
+    def __init__(self, message: str, *, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
 
 
 class ProtocolVersionMismatch(ProtocolError):

@@ -6,10 +6,12 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 
 import pytest
 
 from tests.leaks import Snapshot
+from tests.writer_fixtures import WriteGateFiles
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -67,3 +69,9 @@ def no_leaks_and_no_loop_errors(request: pytest.FixtureRequest) -> Iterator[None
     problems += [f"event loop error: {r.getMessage()}" for r in recorder.records]
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def gate(tmp_path: Path) -> Iterator[WriteGateFiles]:
+    """The gate files of a held write (``GatedDcpWriter``, ``RawWriter(gate=...)``)."""
+    yield from WriteGateFiles.around(tmp_path)

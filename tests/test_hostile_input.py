@@ -22,7 +22,6 @@ import pickle
 import re
 import stat
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,8 +41,8 @@ from aiockpt._trainer.staging import SharedArena
 from aiockpt._wire.protocol import RankInfo
 from aiockpt.writers import create_writer
 from aiockpt.writers.base import FileRecord, FileSink, dtype_name, flatten_state_dict
-from tests.faults import PAUSING_DCP, arena_names, open_fds, tree_snapshot
-from tests.writer_fixtures import assert_same
+from tests.faults import arena_names, open_fds, tree_snapshot
+from tests.writer_fixtures import GATED, WriteGateFiles, assert_same, wait_for
 
 pytestmark = pytest.mark.faults
 
@@ -583,31 +582,26 @@ def test_arenas_and_checkpoints_are_owner_only(
     RecordingArena.modes = []
     big = {"w": torch.zeros(16 << 20)}  # 64 MiB: larger than any arena of this module so far
     target = tmp_path / "ck"
-    handle = checkpointer.save_to(big, target, format=PAUSING_DCP)
-    temp_modes = watch_temp_dirs(tmp_path, until=handle.done)
-    handle.result(timeout=120)
+    gate = WriteGateFiles(tmp_path)
+    try:
+        handle = checkpointer.save_to({**big, "gate": gate.entry}, target, format=GATED)
+        wait_for(f"{gate.entry}.started")  # held with its temporary directory made
+        temp_modes = [
+            stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)
+            for entry in os.scandir(tmp_path)
+            if entry.name.startswith(commit.TEMP_PREFIX)
+        ]
+        Path(f"{gate.entry}.go").touch()
+        handle.result(timeout=120)
+    finally:
+        gate.remove()
     assert RecordingArena.modes == [0o600]
     assert arena_names(os.getpid()) == []  # arenas have no name in /dev/shm
-    assert temp_modes and set(temp_modes) == {0o700}, temp_modes
+    assert temp_modes == [0o700]
     for directory, _, files in os.walk(target):
         assert stat.S_IMODE(os.stat(directory).st_mode) & 0o077 == 0, directory
         for file in files:
             assert stat.S_IMODE(os.stat(Path(directory, file)).st_mode) & 0o077 == 0, file
-
-
-def watch_temp_dirs(parent: Path, until: Any, timeout: float = 120) -> list[int]:
-    """Modes of the temporary directories seen under ``parent`` until ``until()``."""
-    modes = []
-    deadline = time.monotonic() + timeout
-    while not until() and time.monotonic() < deadline:
-        for entry in os.scandir(parent):
-            if entry.name.startswith(commit.TEMP_PREFIX):
-                try:
-                    modes.append(stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode))
-                except FileNotFoundError:
-                    pass  # committed (renamed) meanwhile
-        time.sleep(0.002)
-    return modes
 
 
 def socket_inodes(pid: int) -> set[int]:

@@ -44,6 +44,7 @@ from aiockpt._wire.protocol import (
 from aiockpt._wire.tensors import as_bytes
 from tests import workers
 from tests.workers import RawWriter, read_raw
+from tests.writer_fixtures import WriteGateFiles
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,10 +144,12 @@ async def test_writer_raising_is_reported_and_the_worker_keeps_serving(tmp_path:
         assert torch.equal(read_raw(str(tmp_path / "good"))["x"], torch.ones(1))
 
 
-async def test_sigkill_during_a_slow_write_fails_it_with_worker_crashed(tmp_path: Path) -> None:
-    async with make_process(checkpoint_writer_init_args={"delay": 30}) as proc:
+async def test_sigkill_during_a_write_fails_it_with_worker_crashed(
+    tmp_path: Path, gate: WriteGateFiles
+) -> None:
+    async with make_process(checkpoint_writer_init_args={"gate": gate.entry}) as proc:
         write = proc.write({"x": torch.ones(1)}, tmp_path / "ck")
-        await asyncio.sleep(0.2)
+        await gate.started()  # held in the writer, never let go
         assert proc.pid is not None
         killed_at = time.perf_counter()
         os.kill(proc.pid, signal.SIGKILL)
@@ -183,18 +186,20 @@ async def test_close_waits_for_in_flight_writes(tmp_path: Path) -> None:
     assert torch.equal(read_raw(str(tmp_path / "ck"))["x"], torch.ones(1))
 
 
-async def test_close_escalates_when_the_worker_ignores_terminate(tmp_path: Path) -> None:
+async def test_close_escalates_when_the_worker_ignores_terminate(
+    tmp_path: Path, gate: WriteGateFiles
+) -> None:
     proc = make_process(
         config=CheckpointProcessConfig(
             subprocess_shutdown_timeout_secs=0.5, sigterm_grace_secs=0.5
         ),
         subprocess_init_fn=workers.init_ignores_sigterm,
-        checkpoint_writer_init_args={"delay": 60},
+        checkpoint_writer_init_args={"gate": gate.entry},
     )
     await proc.start()
     write = proc.write({"x": torch.ones(1)}, tmp_path / "ck")
-    await asyncio.sleep(0.1)
-    await proc.close()  # TERMINATE queues behind the 60 s write; SIGTERM is ignored; SIGKILL
+    await gate.started()
+    await proc.close()  # TERMINATE queues behind the held write; SIGTERM is ignored; SIGKILL
     assert proc._process is not None and proc._process.returncode == -signal.SIGKILL
     with pytest.raises(WorkerClosed):
         await write
@@ -286,14 +291,14 @@ async def test_concurrent_pings_are_matched_by_request_id() -> None:
     assert len(round_trips) == 200
 
 
-async def test_ping_is_answered_during_a_slow_write(tmp_path: Path) -> None:
-    async with make_process(checkpoint_writer_init_args={"delay": 1.0}) as proc:
+async def test_ping_is_answered_during_a_write(tmp_path: Path, gate: WriteGateFiles) -> None:
+    async with make_process(checkpoint_writer_init_args={"gate": gate.entry}) as proc:
         write = proc.write({"x": torch.ones(1)}, tmp_path / "ck")
-        await asyncio.sleep(0.1)
-        rtt = await proc.ping()
-        assert not write.done()  # the ping came back while the write was still running
+        await gate.started()
+        await proc.ping()
+        assert not write.done()  # the ping came back while the write was held
+        await gate.open()
         await write
-    assert rtt < 1.0
 
 
 async def test_state_dict_may_be_an_awaitable(tmp_path: Path) -> None:

@@ -706,10 +706,11 @@ async def test_the_parent_raises_a_clear_error_when_either_end_garbles_the_chann
         await asyncio.sleep(0)  # the PING is sent
         to_parent._channel._reader.feed_data(encode_frame(b"\xc1not msgpack"))
         started = time.perf_counter()
-        with pytest.raises(ProtocolError, match="malformed response frame"):
+        with pytest.raises(ProtocolError, match="malformed response frame") as garbled:
             async with asyncio.timeout(WORKER_BOUND_S):
                 await pending
         assert time.perf_counter() - started < PARENT_BOUND_S
+        assert garbled.value.pid == pid  # names the worker at the other end
         with pytest.raises(WorkerCrashed, match="SIGKILL"):
             async with asyncio.timeout(WORKER_BOUND_S):
                 while True:

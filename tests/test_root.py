@@ -21,10 +21,9 @@ from aiockpt import Checkpointer, RootLocked
 from aiockpt._format.commit import TEMP_PREFIX
 from aiockpt._format.root_lock import LOCK_NAME
 from tests.leaks import descendants
-from tests.writer_fixtures import wait_for
+from tests.writer_fixtures import GATED, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
-GATED = "tests.writer_fixtures:GatedDcpWriter"
 
 
 def state(value: float) -> dict[str, torch.Tensor]:

@@ -7,7 +7,6 @@ import os
 import signal
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +30,7 @@ from aiockpt._format.commit import TEMP_PREFIX
 from aiockpt._format.root_lock import LOCK_NAME
 from aiockpt._trainer.staging import SharedArena
 from tests.leaks import descendants
-from tests.writer_fixtures import WriteGateFiles, wait_for
-
-GATED = "tests.writer_fixtures:GatedDcpWriter"
-
-
-@pytest.fixture
-def gate(tmp_path: Path) -> Iterator[WriteGateFiles]:
-    yield from WriteGateFiles.around(tmp_path)
+from tests.writer_fixtures import GATED, WriteGateFiles, wait_for
 
 
 def every_kind_of_state() -> dict[str, Any]:

@@ -40,14 +40,30 @@ class RawWriter:
     process machinery read back exactly what crossed the boundary.
     """
 
-    def __init__(self, rank_info: RankInfo, delay: float = 0.0, fail_on: str | None = None):
+    def __init__(
+        self,
+        rank_info: RankInfo,
+        delay: float = 0.0,
+        fail_on: str | None = None,
+        gate: str | None = None,
+    ):
         self.rank_info = rank_info
         self.delay = delay
         self.fail_on = fail_on
+        #: ``writer_fixtures.WriteGateFiles.entry``: each write creates ``<gate>.started``,
+        #: then waits (at most a minute) for ``<gate>.go``
+        self.gate = gate
 
     def write(self, state_dict: Any, path: str, **kwargs: Any) -> dict[str, Any]:
         if self.fail_on is not None and self.fail_on in path:
             raise OSError(f"injected failure writing {path}")
+        if self.gate is not None:
+            Path(f"{self.gate}.started").touch()
+            deadline = time.monotonic() + 60
+            while not os.path.exists(f"{self.gate}.go"):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.gate}.go never appeared")
+                time.sleep(0.002)
         time.sleep(kwargs.get("delay", self.delay))
         os.makedirs(path, exist_ok=True)
         _, leaves = flatten(state_dict, lambda v: isinstance(v, torch.Tensor))

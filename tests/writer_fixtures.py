@@ -150,6 +150,10 @@ class FailingWriter:
         raise RuntimeError("disk on fire")
 
 
+#: import reference of ``GatedDcpWriter``, for ``format=``
+GATED = "tests.writer_fixtures:GatedDcpWriter"
+
+
 class GatedDcpWriter:
     """The DCP writer, held at a gate: given a ``"gate"`` entry (a path), it creates
     ``<gate>.started`` once its temporary directory exists and writes only once

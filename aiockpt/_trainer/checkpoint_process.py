@@ -759,6 +759,7 @@ class CheckpointProcess:
             logger.exception("progress callback of request %d failed", request_id)
 
     def _broken(self, exc: ProtocolError) -> None:
+        exc.pid = self.pid  # the protocol cannot know which process spoke
         logger.error("checkpoint worker (pid %s) broke the channel: %s", self.pid, exc)
         self._fail_pending(exc)
 

@@ -18,12 +18,10 @@ import torch
 from aiockpt._format.manifest import TensorLeaf
 from aiockpt._wire.protocol import RankInfo
 from aiockpt.writers.base import FileRecord, FileSink, dtype_name, flatten_state_dict
-from aiockpt.writers.dcp import DcpWriter
 from tests.leaks import ARENA_MEMFD
 
 #: import references of the writers below, for ``format=``
 TRICKLING = "tests.faults:TricklingWriter"
-PAUSING_DCP = "tests.faults:PausingDcpWriter"
 
 
 class TricklingWriter:
@@ -51,24 +49,14 @@ class TricklingWriter:
             with FileSink(path, name) as sink:
                 for start in range(0, flat_bytes.numel(), step):
                     sink.write_tensor(flat_bytes[start : start + step])
-                    time.sleep(random.uniform(*self.SLICE_SLEEP))
+                    self.after_slice()
                 leaf = TensorLeaf(name, 0, dtype_name(value.dtype), list(value.shape))
                 records.append(msgspec.structs.replace(sink.close(), leaves={index: leaf}))
         return records
 
-
-class PausingDcpWriter:
-    """The DCP writer after a pause of ``PAUSE_SECONDS``: a window in which the checkpoint's
-    temporary directory exists and nothing is written yet."""
-
-    PAUSE_SECONDS = 0.4
-
-    def __init__(self, rank_info: RankInfo | None = None, **options: Any) -> None:
-        self._inner = DcpWriter(rank_info=rank_info, **options)
-
-    def write(self, state_dict: Any, path: str, **kwargs: Any) -> Any:
-        time.sleep(self.PAUSE_SECONDS)
-        return self._inner.write(state_dict=state_dict, path=path, **kwargs)
+    def after_slice(self) -> None:
+        """Called with a file open, a slice of it written."""
+        time.sleep(random.uniform(*self.SLICE_SLEEP))
 
 
 # --- probes ------------------------------------------------------------------------------------

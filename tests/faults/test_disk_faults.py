@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,8 @@ import torch
 import aiockpt
 from aiockpt import Checkpointer, CheckpointWriteError
 from aiockpt._format import commit, loading
-from tests.faults import PAUSING_DCP, TRICKLING, TricklingWriter
+from tests.faults import TRICKLING, TricklingWriter
+from tests.writer_fixtures import GATED, WriteGateFiles
 
 pytestmark = pytest.mark.faults
 
@@ -234,12 +234,18 @@ async def test_the_file_system_refusing_saves_fails_them_clearly_and_the_worker_
         # -- the parent directory removed after the temporary directory was made in it,
         # before the writer writes (removal while it writes: see the in-process test below)
         doomed = tmp_path / "doomed"
-        handle = ckpt.save_to(state_of(4 * MiB, 5.0), doomed / "ck", format=PAUSING_DCP)
-        await handle.staged
-        await asyncio.to_thread(wait_for_temp_dir, doomed)
-        await asyncio.to_thread(shutil.rmtree, doomed)
-        with pytest.raises(CheckpointWriteError, match="No such file or directory"):
-            await handle
+        gate = WriteGateFiles(tmp_path)
+        try:
+            held = {**state_of(4 * MiB, 5.0), "gate": gate.entry}
+            handle = ckpt.save_to(held, doomed / "ck", format=GATED)
+            await gate.started()  # the temporary directory exists; nothing is written yet
+            assert leftovers(doomed)
+            await asyncio.to_thread(shutil.rmtree, doomed)
+            await gate.open()
+            with pytest.raises(CheckpointWriteError, match="No such file or directory"):
+                await handle
+        finally:
+            gate.remove()
         assert not doomed.exists()  # nothing recreated it
 
         assert ckpt.worker_pid == pid  # every failure above was the writer's, not the worker's
@@ -250,39 +256,32 @@ async def test_the_file_system_refusing_saves_fails_them_clearly_and_the_worker_
     assert leftovers(tmp_path / "root") == []
 
 
-def wait_for_temp_dir(parent: Path, timeout: float = 10.0) -> None:
-    """Block until a save's temporary directory exists under ``parent``."""
-    deadline = time.monotonic() + timeout
-    while not (parent.is_dir() and leftovers(parent)):
-        assert time.monotonic() < deadline, f"no temporary directory under {parent}"
-        time.sleep(0.002)
-
-
 def test_parent_removed_while_the_writer_writes_says_so(tmp_path: Path) -> None:
     """The commit path the worker runs, in-process: the parent directory is removed while
     the writer is writing into its temporary directory (files already open)."""
     doomed = tmp_path / "doomed"
     failure: list[BaseException] = []
+    in_file, removed = threading.Event(), threading.Event()
 
-    class SlowTricklingWriter(TricklingWriter):
-        SLICE_SLEEP = (0.05, 0.05)  # a 0.2 s window inside the file
+    class HeldInFileWriter(TricklingWriter):
+        def after_slice(self) -> None:
+            if not in_file.is_set():  # held after its first slice until the parent is gone
+                in_file.set()
+                assert removed.wait(60), "the test never removed the parent"
 
     def save() -> None:
         try:
             commit.write_checkpoint(
-                SlowTricklingWriter(), state_of(4 * MiB, 1.0), doomed / "ck", format=TRICKLING
+                HeldInFileWriter(), state_of(4 * MiB, 1.0), doomed / "ck", format=TRICKLING
             )
         except BaseException as exc:
             failure.append(exc)
 
     saving = threading.Thread(target=save)
     saving.start()
-    wait_for_temp_dir(doomed)
-    deadline = time.monotonic() + 10
-    while not list(doomed.glob(f"{commit.TEMP_PREFIX}*/t0.bin")):  # the writer is in its file
-        assert time.monotonic() < deadline
-        time.sleep(0.002)
+    assert in_file.wait(60), "the writer never wrote its first slice"
     shutil.rmtree(doomed)
+    removed.set()
     saving.join(timeout=60)
     assert not saving.is_alive()
     assert not doomed.exists()

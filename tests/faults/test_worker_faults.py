@@ -38,7 +38,6 @@ from aiockpt._format.root_lock import LOCK_NAME
 from aiockpt._trainer.checkpoint_process import CheckpointProcess
 from aiockpt._trainer.handles import SaveHandle
 from tests.faults import (
-    PAUSING_DCP,
     TRICKLING,
     arena_names,
     mapped_arenas,
@@ -46,6 +45,7 @@ from tests.faults import (
     process_gone,
     wait_gone,
 )
+from tests.writer_fixtures import GATED, WriteGateFiles, wait_for
 
 pytestmark = pytest.mark.faults
 
@@ -310,14 +310,14 @@ def emit(**fields):
     print(json.dumps(fields), flush=True)
 
 async def main():
-    root, fmt, mib = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    root, fmt, mib, gate = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     generator = torch.Generator().manual_seed(0)
     state = {f"w{i}": torch.randn(mib << 15, generator=generator) for i in range(8)}
     async with aiockpt.Checkpointer(root) as ckpt:
         await ckpt.save(state, step=0)
         emit(event="ready", worker=ckpt.worker_pid)
         path = os.path.join(root, "step_0000000001")
-        handle = ckpt.save_to(state, path, format=fmt, step=1)
+        handle = ckpt.save_to({**state, "gate": gate}, path, format=fmt, step=1)
         emit(event="saving")
         await handle.staged
         emit(event="staged")
@@ -337,7 +337,9 @@ def trainer_state(mib: int) -> dict[str, torch.Tensor]:
 def test_trainer_killed_mid_save_leaves_nothing_behind(tmp_path: Path, runs: int) -> None:
     """SIGKILL the trainer while its save of 32 MiB is staged or being written: its worker is
     gone within 1 s, nothing of either is left in /dev/shm, the previous checkpoint loads, and
-    the next ``Checkpointer(root).start()`` removes the temporary directory."""
+    the next ``Checkpointer(root).start()`` removes the temporary directory. The short variant
+    kills while the write is held in its temporary directory (``GatedDcpWriter``); the long
+    one at random moments from staging to after the commit."""
     rng = random.Random(seed_for(f"trainer SIGKILL x{runs}"))
     mib = 32
     expected = trainer_state(mib)
@@ -345,14 +347,14 @@ def test_trainer_killed_mid_save_leaves_nothing_behind(tmp_path: Path, runs: int
     for run in range(runs):
         root = tmp_path / f"run{run}"
         root.mkdir()
-        # The short variant kills mid-write; the long one anywhere from staging to commit.
+        gate = WriteGateFiles(root)
         phase, delay = (
-            ("staged", 0.2)
+            ("held", None)
             if runs == 1
-            else rng.choice([("saving", rng.uniform(0, 0.05)), ("staged", rng.uniform(0, 0.8))])
+            else rng.choice([("saving", rng.uniform(0, 0.05)), ("writing", rng.uniform(0, 0.4))])
         )
         trainer = subprocess.Popen(
-            [sys.executable, "-c", TRAINER, str(root), PAUSING_DCP, str(mib)],
+            [sys.executable, "-c", TRAINER, str(root), GATED, str(mib), gate.entry],
             cwd=REPO,
             stdout=subprocess.PIPE,
             text=True,
@@ -362,22 +364,30 @@ def test_trainer_killed_mid_save_leaves_nothing_behind(tmp_path: Path, runs: int
             assert trainer.stdout is not None
             ready = json.loads(trainer.stdout.readline())
             worker = ready["worker"]
-            while json.loads(trainer.stdout.readline())["event"] != phase:
-                pass
-            time.sleep(delay)
+            if phase == "saving":
+                while json.loads(trainer.stdout.readline())["event"] != "saving":
+                    pass
+            else:
+                wait_for(f"{gate.entry}.started")  # its write is held in the temporary dir
+                if phase == "writing":
+                    Path(f"{gate.entry}.go").touch()
+            if delay is not None:
+                time.sleep(delay)  # a random moment: the long variant's point
         finally:
             trainer.kill()
             trainer.wait()
+            gate.remove()
         gone_after = wait_gone(worker, timeout=10)
         if gone_after is None:
             os.kill(worker, signal.SIGKILL)  # no longer our descendant: the leak check misses it
         assert gone_after is not None, f"worker {worker} outlived its trainer by 10 s"
         exits.append(gone_after)
         print(
-            f"run {run}: killed {delay:.3f} s after {phase!r}; worker gone {gone_after:.4f} s later"
+            f"run {run}: killed {delay or 0:.3f} s after {phase!r}; worker gone"
+            f" {gone_after:.4f} s later"
         )
         assert gone_after < 1.0, f"the worker exited {gone_after:.3f} s after its trainer"
-        if phase == "staged":  # arenas never have a name in /dev/shm
+        if phase != "saving":  # staged: arenas never have a name in /dev/shm
             assert arena_names(trainer.pid) == [] and arena_names(worker) == []
         assert process_gone(worker)
 
@@ -392,7 +402,7 @@ def test_trainer_killed_mid_save_leaves_nothing_behind(tmp_path: Path, runs: int
         assert latest is not None and step_of(latest) in (0, 1)
         for entry in entries:
             loaded = aiockpt.load(root / entry)
-            assert loaded.keys() == expected.keys()
+            assert loaded.keys() - {"gate"} == expected.keys()
             assert all(torch.equal(loaded[k], v) for k, v in expected.items())
     print(f"trainer SIGKILL x{runs}: worker exited {[round(x * 1000, 1) for x in exits]} ms later")
 
