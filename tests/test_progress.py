@@ -215,3 +215,20 @@ def test_async_save_under_trio_says_asyncio_is_needed(tmp_path: Path) -> None:
         assert "under trio" in message and "asyncio" in message
         assert "no running event loop" not in message
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sync_save_is_followed_from_synchronous_code(tmp_path: Path) -> None:
+    state = {"a": torch.ones(2 * MIB), "b": torch.zeros(2 * MIB)}
+    nbytes = 2 * state["a"].nbytes
+    with aiockpt.SyncCheckpointer(tmp_path) as ckpt:
+        handle = ckpt.save(state, step=1)
+        seen = list(handle.progress())
+        result = handle.result(timeout=120)
+        assert handle.current_progress == seen[-1]
+        failing = ckpt.save(state, step=1)  # exists: fails before it is staged
+        assert [p.phase for p in failing.progress()][-1] == "failed"
+        with pytest.raises(FileExistsError):
+            failing.result(timeout=120)
+    assert seen[0].phase == "staging" and seen[0].nbytes == nbytes
+    assert seen[-1].phase == "committed" and seen[-1].bytes_written == result.nbytes
+    assert all(a.bytes_written <= b.bytes_written for a, b in itertools.pairwise(seen))

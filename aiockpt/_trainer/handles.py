@@ -13,7 +13,7 @@ import dataclasses
 import os
 import sys
 import weakref
-from collections.abc import AsyncIterator, Callable, Generator, Mapping
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -63,8 +63,9 @@ class SaveProgress:
             "writing" (staged: the worker writes and commits), "committed", or "failed"
             (failed or cancelled; awaiting the handle says why).
         nbytes: the tensor bytes this rank stages.
-        bytes_staged: tensor bytes copied out so far. The copy is one batched copy at memory
-            speed, so this is 0 until it is done, then ``nbytes``.
+        bytes_staged: tensor bytes copied out so far: a large save to a running worker is
+            copied (and reported) in ~32 MiB chunks while the worker writes what is copied;
+            a small one in one batched copy, so 0 until it is done, then ``nbytes``.
         bytes_written: bytes this rank's checkpoint worker has written to the checkpoint's
             files so far: tensor data, framing, metadata and manifest (one rank alone: the
             ``SaveResult.nbytes`` in the end); in a multi-rank save, this rank's share of the
@@ -105,7 +106,7 @@ class ProgressFeed:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    async def follow(self) -> AsyncIterator[SaveProgress]:
+    async def follow(self) -> AsyncGenerator[SaveProgress, None]:
         """The current progress, then each new one until the save is over; a slow follower
         skips to the latest rather than falling behind."""
         last: SaveProgress | None = None
@@ -154,7 +155,7 @@ class SaveHandle:
             task.add_done_callback(lambda _: progress.close(final_phase(task)))
         self._progress = progress
 
-    def progress(self) -> AsyncIterator[SaveProgress]:
+    def progress(self) -> AsyncGenerator[SaveProgress, None]:
         """Follow the save: ``async for p in handle.progress(): ...`` yields its current
         ``SaveProgress``, then each change (the latest one, when the loop body is slower
         than the save), and ends after the last one (``phase`` "committed" or "failed").

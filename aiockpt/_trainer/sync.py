@@ -12,14 +12,14 @@ import asyncio
 import concurrent.futures
 import os
 import threading
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator, Mapping
 from typing import Any, TypeVar
 
 from aiockpt._format.listing import ListedCheckpoint
 from aiockpt._format.stateful import CallerState, StatefulLoad
 from aiockpt._runtime import new_event_loop
 from aiockpt._trainer.checkpointer import Checkpointer
-from aiockpt._trainer.handles import SaveHandle, SaveResult
+from aiockpt._trainer.handles import SaveHandle, SaveProgress, SaveResult
 
 __all__ = ["SyncCheckpointer", "SyncSaveHandle"]
 
@@ -69,6 +69,34 @@ class SyncSaveHandle:
     def cancel(self) -> bool:
         """Cancel the save unless it has finished (see ``aiockpt.SaveHandle.cancel``)."""
         return self._runner.call(_cancel(self._handle))
+
+    def progress(self) -> Iterator[SaveProgress]:
+        """Follow the save from synchronous code: ``for p in handle.progress(): ...`` yields
+        what ``aiockpt.SaveHandle.progress`` does (the current ``SaveProgress``, then each
+        change, the last one "committed" or "failed"), each step blocking until the next
+        change. Never raises for the save's failure: ``result()`` does."""
+        follower = self._handle.progress()
+        try:
+            while True:
+                try:
+                    yield self._runner.call(_next_progress(follower))
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._runner.call(_close_follower(follower))
+
+    @property
+    def current_progress(self) -> SaveProgress:
+        """The latest ``SaveProgress`` (for logging without following)."""
+        return self._handle.current_progress
+
+
+async def _next_progress(follower: AsyncGenerator[SaveProgress, None]) -> SaveProgress:
+    return await anext(follower)
+
+
+async def _close_follower(follower: AsyncGenerator[SaveProgress, None]) -> None:
+    await follower.aclose()
 
 
 async def _staged(handle: SaveHandle) -> None:
