@@ -56,16 +56,16 @@ def describe(pid: int) -> str:
 _ARENA_NAME = re.compile(rf"{RESOURCE_PREFIX}-\d+-[0-9a-f]{{16}}$")
 
 
-def shm_entries() -> set[str]:
+def shm_entries(ours: set[int]) -> set[str]:
     """Arena names in /dev/shm that this test session may have made: /dev/shm is shared by
     the whole machine, so an arena whose creator is alive and not this process or one of its
     descendants belongs to someone else (another test run, say) and is left out. One whose
-    creator is dead counts: it may be ours, left by a process a test killed."""
+    creator is dead counts: it may be ours, left by a process a test killed. ``ours``: this
+    process and its descendants."""
     try:
         names = {n for n in os.listdir("/dev/shm") if _ARENA_NAME.match(n)}
     except FileNotFoundError:
         return set()
-    ours = {os.getpid(), *descendants()}
     return {n for n in names if _creator(n) in ours or not os.path.exists(f"/proc/{_creator(n)}")}
 
 
@@ -77,12 +77,12 @@ def _creator(name: str) -> int:
 ARENA_MEMFD = "/memfd:aiockpt-arena"
 
 
-def arena_memfds(pids: set[int] | None = None) -> dict[int, set[int]]:
-    """The staging arenas (by inode) that live processes of this session (this one and its
-    descendants, by default) still map or hold a descriptor of. Arenas have no name anywhere:
-    these mappings and descriptors are all there is of them."""
+def arena_memfds(pids: set[int]) -> dict[int, set[int]]:
+    """The staging arenas (by inode) that the live processes ``pids`` still map or hold a
+    descriptor of. Arenas have no name anywhere: these mappings and descriptors are all there
+    is of them."""
     found: dict[int, set[int]] = {}
-    for pid in {os.getpid(), *descendants()} if pids is None else pids:
+    for pid in pids:
         inodes: set[int] = set()
         try:
             with open(f"/proc/{pid}/maps") as maps:
@@ -134,7 +134,9 @@ class Snapshot:
 
     @classmethod
     def take(cls) -> Snapshot:
-        return cls(descendants(), shm_entries(), temp_entries(), arena_memfds())
+        children = descendants()  # one walk of /proc for all three
+        ours = {os.getpid(), *children}
+        return cls(children, shm_entries(ours), temp_entries(), arena_memfds(ours))
 
     def leaked_since(self, settle_s: float = 3.0) -> list[str]:
         """Describe what appeared since this snapshot and is still there after ``settle_s``.
