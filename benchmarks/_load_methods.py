@@ -26,6 +26,7 @@ and, to compare two versions of the loader in one run (``baseline``: another
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -60,6 +61,7 @@ def import_baseline(path: str) -> Any:
     if spec is None or spec.loader is None:
         raise ValueError(f"cannot import {path!r}")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -653,12 +653,16 @@ def _match(
     if isinstance(node, DictNode):
         by_key: dict[Any, Node] = dict(zip(node.keys, node.children, strict=True))
         for key, child in items:
-            _match(child, by_key.get(key), (*key_path, key), matched)
+            found = by_key.get(key)
+            if isinstance(child, torch.Tensor) and isinstance(found, LeafNode):
+                matched.append(((*key_path, key), child, found.index))  # (no call per tensor)
+            else:
+                _match(child, found, (*key_path, key), matched)
     elif isinstance(node, (ListNode, TupleNode)):
         children = node.children
         for key, child in items:
-            found = isinstance(key, int) and 0 <= key < len(children)
-            _match(child, children[key] if found else None, (*key_path, key), matched)
+            within = isinstance(key, int) and 0 <= key < len(children)
+            _match(child, children[key] if within else None, (*key_path, key), matched)
     else:  # nothing saved here: the first leaf below, if any, is missing
         _, below = flatten(target, is_tensor)
         if below:
