@@ -13,11 +13,20 @@ Each method is a function of no arguments that loads once and returns the second
     safetensors load_file    safetensors.torch.load_file of the same tensors (one file)
     torch.load               torch.load of a torch.save file of the same state dict
     torch.load mmap          the same with mmap=True
+
+and, to compare two versions of the loader in one run (``baseline``: another
+``aiockpt/_format/loading.py``, imported on its own), ``BASELINE_METHODS``:
+
+    baseline verify in place   the baseline's load(path, target)
+    baseline verify alloc      the baseline's load(path)
+    aiockpt in place, cold     aiockpt.load(path, target) with the manifest not read before
+                               (the loader keeps the last one it read: a fair first load)
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +45,25 @@ LOAD_METHODS = (
     "torch.load",
     "torch.load mmap",
 )
+BASELINE_METHODS = (
+    "baseline verify in place",
+    "baseline verify alloc",
+    "aiockpt in place, cold",
+)
+
+
+def import_baseline(path: str) -> Any:
+    """The loader module at ``path`` (a ``loading.py`` of another version), imported under
+    its own name next to this checkout's package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmarks_baseline_loading", path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"cannot import {path!r}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def files_under(path: str) -> list[tuple[str, int]]:
@@ -78,9 +106,14 @@ def empty_like_tree(tree: Any) -> Any:
 
 
 def load_methods(
-    state_dict: Any, directory: str, keys: tuple[str, ...] = LOAD_METHODS, fmt: str = "dcp"
+    state_dict: Any,
+    directory: str,
+    keys: tuple[str, ...] = LOAD_METHODS,
+    fmt: str = "dcp",
+    baseline: Any = None,
 ) -> dict[str, Callable[[], float]]:
-    """``keys``' methods for ``state_dict``, saved under ``directory`` (aiockpt in ``fmt``)."""
+    """``keys``' methods for ``state_dict``, saved under ``directory`` (aiockpt in ``fmt``);
+    ``baseline`` is the module ``import_baseline`` returns, for ``BASELINE_METHODS``."""
     import aiockpt
     from aiockpt._format.commit import write_checkpoint
     from aiockpt.writers import create_writer
@@ -102,6 +135,27 @@ def load_methods(
             methods[key] = lambda t=target: timed(lambda: aiockpt.load(path, t))
         elif key == "aiockpt verify alloc":
             methods[key] = lambda: timed(lambda: aiockpt.load(path))
+        elif key == "aiockpt in place, cold":
+            from aiockpt._format import loading
+
+            target = empty_like_tree(state_dict)
+            aiockpt.load(path, target)
+
+            def cold(t: Any = target) -> float:
+                loading._last_manifest[0] = None
+                return timed(lambda: aiockpt.load(path, t))
+
+            methods[key] = cold
+        elif key == "baseline verify in place":
+            target = empty_like_tree(state_dict)
+            baseline.load(path, target)
+
+            def baseline_in_place(t: Any = target) -> float:
+                return timed(lambda: baseline.load(path, t))
+
+            methods[key] = baseline_in_place
+        elif key == "baseline verify alloc":
+            methods[key] = lambda: timed(lambda: baseline.load(path))
         elif key == "aiockpt mmap":
             methods[key] = lambda: timed(lambda: aiockpt.load(path, mmap=True))
         elif key == "safetensors load_file":
@@ -119,5 +173,7 @@ def load_methods(
                 lambda: torch.load(p, mmap=m, weights_only=True)
             )
         else:
-            raise ValueError(f"unknown load method {key!r}; choose from {LOAD_METHODS}")
+            raise ValueError(
+                f"unknown load method {key!r}; choose from {LOAD_METHODS + BASELINE_METHODS}"
+            )
     return methods

@@ -11,14 +11,19 @@ others. The issue-14 targets are printed as ratios (a report, never a failure):
     aiockpt verify in place   <= 1.3x  read (existing buffer)
     aiockpt verify alloc      <= 1.15x read (new memory)
     aiockpt mmap              <= 2x    safetensors load_file, and <= 0.25x a verified load
+
+``--baseline other/aiockpt/_format/loading.py`` adds that version's verified loads (and this
+one's first load of a manifest) to the same rounds, and prints their ratios too: a before
+and after measured together.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -34,7 +39,7 @@ from benchmarks._common import (
     release_memory,
     tensors_of,
 )
-from benchmarks._load_methods import LOAD_METHODS, load_methods
+from benchmarks._load_methods import BASELINE_METHODS, LOAD_METHODS, import_baseline, load_methods
 
 DIR_PREFIX = "bench-load-"  # never "aiockpt*": the test suite's leak checker owns those names
 #: the methods the targets compare (torch.load is in the sweep, bench_sweep)
@@ -46,6 +51,23 @@ TARGETS = (
     ("mmap / safetensors load_file", "aiockpt mmap", "safetensors load_file", 2.0),
     ("mmap / verify in place", "aiockpt mmap", "aiockpt verify in place", 0.25),
 )
+
+
+#: with --baseline: (what, measured, against), reported like TARGETS
+BASELINE_RATIOS = (
+    ("baseline in place / read existing", "baseline verify in place", "read (existing buffer)"),
+    ("baseline alloc / read new", "baseline verify alloc", "read (new memory)"),
+    ("cold in place / read existing", "aiockpt in place, cold", "read (existing buffer)"),
+)
+
+
+def after_trim(run: Callable[[], float]) -> float:
+    """``run()`` with the heap trimmed first. What a load allocates is fresh memory, page
+    faults and all, only if nothing freed just before is still mapped: otherwise whichever
+    method follows one that freed a GiB gets it back already faulted in (seen: the same
+    allocating load took 0.25 s or 0.85 s depending on its place in the round)."""
+    release_memory()
+    return run()
 
 
 def report(title: str, count: int, nbytes: int, figures: dict[str, float]) -> list[str]:
@@ -60,6 +82,9 @@ def report(title: str, count: int, nbytes: int, figures: dict[str, float]) -> li
         verdict = "met" if ratio <= goal else "MISSED"
         log(f"  {what:34s} {ratio:6.3f}x  (target <= {goal}x) {verdict}")
         cells.append(f"{ratio:.2f}x{'' if ratio <= goal else ' ✗'}")
+    for what, measured, against in BASELINE_RATIOS:
+        if measured in figures:
+            log(f"  {what:34s} {figures[measured] / figures[against]:6.3f}x")
     return cells
 
 
@@ -69,7 +94,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--format", default="dcp", choices=("dcp", "safetensors"))
     parser.add_argument("--dir", default=SHM, help="where the checkpoints are written")
+    parser.add_argument("--baseline", help="another version's aiockpt/_format/loading.py")
     args = parser.parse_args(argv)
+    baseline = None if args.baseline is None else import_baseline(args.baseline)
+    methods = METHODS if baseline is None else METHODS + BASELINE_METHODS
     log(
         f"bench_load: torch {torch.__version__}, {os.cpu_count()} CPUs, aiockpt format "
         f"{args.format}, in {args.dir}, load average {os.getloadavg()[0]:.1f}"
@@ -81,8 +109,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         count, nbytes = len(tensors_of(state_dict)), nbytes_of(state_dict)
         started = time.perf_counter()
         with bench_directory(args.dir, DIR_PREFIX) as directory:
-            runs = load_methods(state_dict, directory, METHODS, args.format)
-            samples = interleave(runs, args.repeats, name)
+            runs = load_methods(state_dict, directory, methods, args.format, baseline)
+            samples = interleave(
+                {key: functools.partial(after_trim, run) for key, run in runs.items()},
+                args.repeats,
+                name,
+            )
             del runs
         figures = {key: median(values) for key, values in samples.items()}
         log(f"  ({time.perf_counter() - started:.0f} s)")

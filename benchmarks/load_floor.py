@@ -1,0 +1,97 @@
+"""What a load of many small tensors cannot go below, against reading their files.
+
+    python -m benchmarks.load_floor [--count 20000] [--repeats 5] [--dir /dev/shm]
+
+A load of N tensors does at least: decode its manifest, walk the target state dict (in
+place) or make N tensor objects (allocating), and touch each tensor once from Python (a view
+or a copy). Each of those is timed here on its own, interleaved with reading the files and
+with aiockpt's loads (medians), so that the floor under the issue-14 targets (<= 1.3x a read
+in place, <= 1.15x a read into new memory) is a measurement, not a guess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+from benchmarks._common import SHM, bench_directory, interleave, log, many_tensors, median, timed
+from benchmarks._load_methods import empty_like_tree, files_under, fresh_buffers, read_files
+
+
+def floor_methods(count: int, directory: str) -> dict[str, Callable[[], float]]:
+    import aiockpt
+    from aiockpt._format import loading
+    from aiockpt._format.commit import write_checkpoint
+    from aiockpt._format.manifest import MANIFEST_NAME, decode_manifest
+    from aiockpt._format.tree import flatten
+    from aiockpt.writers import create_writer
+    from aiockpt.writers.base import is_tensor
+
+    state_dict = many_tensors(count, count * 4096)
+    path = os.path.join(directory, "small")
+    write_checkpoint(create_writer("dcp"), state_dict, path, format="dcp")
+    files = files_under(path)
+    existing = fresh_buffers(files)
+    read_files(files, existing)
+    target = empty_like_tree(state_dict)
+    aiockpt.load(path, target)
+    with open(os.path.join(path, MANIFEST_NAME), "rb") as file:
+        manifest = file.read()
+    tensors = list(target.values())
+    flat = torch.empty(count * 1024)
+    sources = list(flat.split(1024))
+
+    def paused(call: Callable[[], object]) -> Callable[[], float]:
+        def run() -> float:
+            gc.disable()  # as the loader does
+            try:
+                return timed(call)
+            finally:
+                gc.enable()
+
+        return run
+
+    def cold_in_place() -> float:
+        loading._last_manifest[0] = None
+        return timed(lambda: aiockpt.load(path, target))
+
+    return {
+        "read (existing buffer)": lambda: timed(lambda: read_files(files, existing)),
+        "read (new memory)": lambda: timed(lambda: read_files(files, fresh_buffers(files))),
+        "decode the manifest": paused(lambda: decode_manifest(manifest)),
+        "walk the target (flatten)": paused(lambda: flatten(target, is_tensor)),
+        f"{count} torch.empty": paused(lambda: [torch.empty(1024) for _ in range(count)]),
+        f"{count} views (as_strided)": paused(
+            lambda: [flat.as_strided((1024,), (1,), i * 1024) for i in range(count)]
+        ),
+        f"{count} copies (_foreach_copy_)": paused(lambda: torch._foreach_copy_(tensors, sources)),
+        "aiockpt verify in place": lambda: timed(lambda: aiockpt.load(path, target)),
+        "aiockpt in place, cold": cold_in_place,
+        "aiockpt verify alloc": lambda: timed(lambda: aiockpt.load(path)),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.load_floor", description=__doc__)
+    parser.add_argument("--count", type=int, default=20_000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dir", default=SHM)
+    args = parser.parse_args(argv)
+    log(f"load_floor: {args.count} tensors of 4 KiB, load average {os.getloadavg()[0]:.1f}")
+    with bench_directory(args.dir, "bench-floor-") as directory:
+        samples = interleave(floor_methods(args.count, directory), args.repeats, "floor")
+    figures = {key: median(values) for key, values in samples.items()}
+    existing, new = figures["read (existing buffer)"], figures["read (new memory)"]
+    for key, seconds in figures.items():
+        log(
+            f"  {key:34s} {seconds * 1e3:8.1f} ms  {seconds / existing:6.2f}x read existing  "
+            f"{seconds / new:6.2f}x read new"
+        )
+
+
+if __name__ == "__main__":
+    main()
