@@ -214,6 +214,29 @@ def idle_worker(directory: str) -> None:
     time.sleep(WAIT_S * 5)  # until the agent stops the group (SIGTERM's default: exit)
 
 
+def spares(agent: int) -> int:
+    """How many processes under ``agent`` were started as pre-started workers (spares; the
+    workers that were spares keep the bootstrap's command line)."""
+    count = 0
+    for pid in _descendants(agent):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        count += any(a.endswith(b"bootstrap.py") for a in argv) and b"spare" in argv
+    return count
+
+
+def _wait_spares(agent: int, count: int) -> None:
+    """Until ``agent`` has started ``count`` spares (its workers and the next attempt's)."""
+    deadline = time.monotonic() + WAIT_S
+    while spares(agent) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"agent {agent}: fewer than {count} spares within {WAIT_S}s")
+        time.sleep(0.01)
+
+
 def agent_counts(pid: int) -> tuple[int, int]:
     """``(open fds, threads)`` of process ``pid``: the fewest seen over a few looks 20 ms
     apart, so that a short-lived heartbeat thread caught mid-call does not count."""
@@ -228,8 +251,9 @@ def churn(changes: int, work: Path, nproc_per_node: int = 2) -> list[tuple[int, 
     """Node A (on 127.0.0.2) runs throughout; node B (127.0.0.3) joins and goes away (SIGTERM:
     its agent stops its workers and leaves without closing the rendezvous, so A learns of it
     by keep-alive expiry) until ``changes`` membership changes happened. After each one, once
-    the new group runs, samples A's agent. Returns ``(nodes, fds, threads)`` per change.
-    Raises ``TimeoutError`` if a group does not form within ``WAIT_S``."""
+    the new group runs and A has started the next attempt's spares (pre-started workers,
+    importing nothing here), samples A's agent. Returns ``(nodes, fds, threads)`` per
+    change. Raises ``TimeoutError`` if a group does not form within ``WAIT_S``."""
     endpoint = f"127.0.0.2:{_free_port()}"
 
     def start(n: int) -> subprocess.Popen[bytes]:
@@ -246,6 +270,7 @@ def churn(changes: int, work: Path, nproc_per_node: int = 2) -> list[tuple[int, 
                     f"--rdzv-conf={CHURN_CONF}",
                     f"--local-addr=127.0.0.{n}",
                     "--shutdown-timeout=5",
+                    "--prestart-imports=",
                     __file__,
                     "idle",
                     str(work),
@@ -272,6 +297,7 @@ def churn(changes: int, work: Path, nproc_per_node: int = 2) -> list[tuple[int, 
                 joiner.wait(WAIT_S)
                 joiner, nodes = None, 1
             _wait_group(work, nodes * nproc_per_node, after)
+            _wait_spares(first.pid, 2 * nproc_per_node)  # quiet: every spare started
             samples.append((nodes, *agent_counts(first.pid)))
     finally:
         for agent in (first, joiner):
