@@ -339,6 +339,10 @@ class LocalElasticAgent:
                 except OSError as exc:
                     logger.warning("spare pid %s unusable (%s); spawning", spare.pid, exc)
                     await self._discard(spare)
+                except BaseException:
+                    if not spare.activated:  # still a spare: reaped with the others
+                        self._spares.append(spare)
+                    raise
             if process is None:
                 process = await WorkerProcess.start(rank, entrypoint, args, env, stdout, stderr)
             worker.id = process.pid
@@ -346,8 +350,6 @@ class LocalElasticAgent:
             assert self._janitor is not None  # started with the log root, like _run_log_dir
             self._janitor.watch(process.pid)  # the worker leads its own process group
         group.state = WorkerState.HEALTHY
-        # while the group runs: spares for the next attempt, whatever ends this one
-        await self._prestart(entrypoint)
         monitoring = asyncio.create_task(
             monitor(self._processes, dest.error_files, self._shutdown_timeout)
         )
@@ -355,6 +357,10 @@ class LocalElasticAgent:
         if isinstance(self._rendezvous, DynamicRendezvousHandler):
             watching = asyncio.create_task(_watch_membership(self._rendezvous))
         try:
+            # While the group runs (watched already): spares for the next attempt, if there
+            # can be one (a failure with a restart left; a node joining or leaving).
+            if self._remaining_restarts > 0 or watching is not None:
+                await self._prestart(entrypoint)
             tasks: list[asyncio.Task[Any]] = (
                 [monitoring] if watching is None else [monitoring, watching]
             )

@@ -142,6 +142,7 @@ def test_spares_die_with_a_sigkilled_agent(tmp_path: Path) -> None:
     agent = subprocess.Popen(
         [
             *(sys.executable, "-m", "aiockpt.run", "--standalone", "--shutdown-timeout=2"),
+            "--max-restarts=1",  # else there is no next attempt to pre-start a worker for
             *(SCRIPT, "pid-then-sleep", str(tmp_path)),
         ],
         stdout=subprocess.DEVNULL,
