@@ -116,10 +116,12 @@ class LocalElasticAgent:
     (``OMP_NUM_THREADS``, ``CUDA_VISIBLE_DEVICES``, ``PYTHONPATH``, ``TORCH_*``) are the
     agent's, as for a spawned worker; a spare whose environment no longer matches the
     agent's is dropped and the worker spawned. Its ``/proc/<pid>/cmdline`` shows the
-    bootstrap, and each spare holds an idle interpreter's memory (``torch`` imported) while
-    the group runs. ``prestart_imports``: what a spare imports besides the script's
-    installed top-level imports. Raises ``ValueError`` if the entrypoint does not have
-    that form.
+    bootstrap and ``/proc/<pid>/environ`` the environment it started with (``getenv`` and
+    ``os.environ`` are the worker's), and each spare holds an idle interpreter's memory
+    (``torch`` imported) while the group runs. Spares are started only while another
+    attempt can come (restarts left, or a dynamic rendezvous). ``prestart_imports``: what
+    a spare imports besides the script's installed top-level imports. Raises
+    ``ValueError`` if the entrypoint does not have that form.
     """
 
     def __init__(
