@@ -12,6 +12,11 @@ One ``await agent.run()`` is torchelastic's ``LocalElasticAgent.run()``::
         dynamic rendezvous only:
                  members change -> stop the workers, next round, loop (no restart spent)
 
+Pre-started workers (``prestart_workers``): the agent keeps one spare Python interpreter per
+local slot, started before the rendezvous round and again as soon as a group has started, so
+that the next group (a restart, a node joining or leaving) starts with ``torch`` imported
+instead of paying for the import (seconds) after the round (see :class:`SpareProcess`).
+
 A termination signal to the agent (SIGTERM, SIGINT, SIGHUP, SIGQUIT; ``loop.add_signal_handler``)
 cancels that work, forwards the signal to every worker group, waits ``shutdown_timeout``, kills
 what is left and raises ``SignalException``; the CLI turns it into exit code 128 + signal.
@@ -31,16 +36,18 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass
 from string import Template
 from typing import Any
 
 from aiockpt._runtime import finish_even_if_cancelled
 from aiockpt.elastic import janitor
 from aiockpt.elastic.barrier import exit_barrier
+from aiockpt.elastic.bootstrap import DEFAULT_PRELOADS
 from aiockpt.elastic.dynamic import DynamicRendezvousHandler
 from aiockpt.elastic.logs import LogsDest, LogsSpecs, Std, make_run_log_dir
 from aiockpt.elastic.monitor import GroupOutcome, monitor, stop_processes
-from aiockpt.elastic.process import StreamTarget, WorkerProcess
+from aiockpt.elastic.process import SpareProcess, StreamTarget, WorkerProcess
 from aiockpt.elastic.rendezvous import (
     RendezvousInfo,
     StaticRendezvous,
@@ -50,7 +57,14 @@ from aiockpt.elastic.rendezvous import (
 from aiockpt.elastic.spec import RunResult, Worker, WorkerGroup, WorkerSpec, WorkerState
 from aiockpt.errors import SignalException
 
-__all__ = ["DEFAULT_LOG_LINE_PREFIX_TEMPLATE", "DEFAULT_SIGNALS", "LocalElasticAgent"]
+__all__ = [
+    "DEFAULT_LOG_LINE_PREFIX_TEMPLATE",
+    "DEFAULT_SIGNALS",
+    "PER_WORKER_ENV",
+    "LocalElasticAgent",
+    "PythonLaunch",
+    "python_launch",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +74,24 @@ _CHANNEL_CLOSE_S = 5.0
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 #: torchelastic's console prefix for teed lines, e.g. ``[trainer0]:``
 DEFAULT_LOG_LINE_PREFIX_TEMPLATE = "[${role_name}${local_rank}]:"
+#: the variables set per worker and attempt: a pre-started worker gets them at activation,
+#: so its interpreter start and its preloaded imports did not see them
+PER_WORKER_ENV = (
+    "RANK",
+    "LOCAL_RANK",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "WORLD_SIZE",
+    "GROUP_WORLD_SIZE",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_ERROR_FILE",
+)
+#: interpreter options that take a separate value, which a spare's command line does not
+#: reproduce (as ``-X opt`` / ``-W arg``): written attached (``-Ximporttime``) they are fine
+_OPTIONS_WITH_VALUES = frozenset({"-c", "-X", "-W", "--check-hash-based-pycs", "-"})
 
 
 class LocalElasticAgent:
@@ -71,6 +103,25 @@ class LocalElasticAgent:
     period between the polite signal and SIGKILL, when stopping workers for any reason.
     ``signals_to_handle``: signals that shut the agent down (empty: leave signals alone, e.g.
     for several agents in one process). The agent runs once.
+
+    ``prestart_workers``: keep one pre-started Python worker per local slot (see the module
+    doc), for an entrypoint that is a Python interpreter whose ``args`` are
+    ``[options] script args...`` or ``[options] -m module args...`` (what ``aiockpt-run``
+    builds). A worker started so differs from one spawned after the round in this only:
+    its interpreter started, and ``torch`` and the script's top-level imports of installed
+    packages (never its own modules) were imported, with the agent's environment *without*
+    the :data:`PER_WORKER_ENV` variables (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ...),
+    which are set, with everything else the worker's environment holds, before the script
+    runs. So the variables read at interpreter start or at ``import torch``
+    (``OMP_NUM_THREADS``, ``CUDA_VISIBLE_DEVICES``, ``PYTHONPATH``, ``TORCH_*``) are the
+    agent's, as for a spawned worker; a spare whose environment no longer matches the
+    agent's is dropped and the worker spawned. Its ``/proc/<pid>/cmdline`` shows the
+    bootstrap and ``/proc/<pid>/environ`` the environment it started with (``getenv`` and
+    ``os.environ`` are the worker's), and each spare holds an idle interpreter's memory
+    (``torch`` imported) while the group runs. Spares are started only while another
+    attempt can come (restarts left, or a dynamic rendezvous). ``prestart_imports``: what
+    a spare imports besides the script's installed top-level imports. Raises
+    ``ValueError`` if the entrypoint does not have that form.
     """
 
     def __init__(
@@ -81,7 +132,10 @@ class LocalElasticAgent:
         log_line_prefix_template: str | None = None,
         shutdown_timeout: float = 30.0,
         signals_to_handle: Iterable[signal.Signals] = DEFAULT_SIGNALS,
+        prestart_workers: bool = False,
+        prestart_imports: Iterable[str] = DEFAULT_PRELOADS,
     ) -> None:
+        self._launch = python_launch(spec) if prestart_workers else None
         self._worker_group = WorkerGroup(spec)
         self._logs_specs = logs_specs or LogsSpecs()
         self._exit_barrier_timeout = exit_barrier_timeout
@@ -96,6 +150,9 @@ class LocalElasticAgent:
         self._processes: list[WorkerProcess] = []
         self._run_log_dir: str | None = None
         self._janitor: _Janitor | None = None
+        #: pre-started workers waiting for the next attempt (``prestart_workers``)
+        self._spares: list[SpareProcess] = []
+        self._prestart_imports = tuple(prestart_imports)
 
     @property
     def worker_group(self) -> WorkerGroup:
@@ -172,11 +229,14 @@ class LocalElasticAgent:
     async def _shut_down(self, work: asyncio.Task[RunResult], sig: signal.Signals) -> None:
         await _cancel_and_wait(work)
         await self._stop_workers(sig)
+        await self._discard_spares()
 
     async def _invoke_run(self) -> RunResult:
         group = self._worker_group
         spec = group.spec
         entrypoint = _resolve_entrypoint(spec.entrypoint)
+        # before the round: a node joining a running job imports while it meets the others
+        await self._prestart(entrypoint)
         rdzv = await self._assign_ranks()
         while True:
             outcome = await self._run_attempt(entrypoint, rdzv)
@@ -260,14 +320,33 @@ class LocalElasticAgent:
         dest = self._logs_specs.reify(self._run_log_dir, attempt, spec.local_world_size)
         for worker in group.workers:
             rank = worker.local_rank
-            process = await WorkerProcess.start(
-                local_rank=rank,
-                entrypoint=entrypoint,
-                args=_substitute_local_rank(spec.args, rank),
-                env=self._worker_env(worker, restart_count, dest.error_files[rank]),
-                stdout=self._target(dest, worker, Std.OUT),
-                stderr=self._target(dest, worker, Std.ERR),
-            )
+            args = _substitute_local_rank(spec.args, rank)
+            env = self._worker_env(worker, restart_count, dest.error_files[rank])
+            stdout = self._target(dest, worker, Std.OUT)
+            stderr = self._target(dest, worker, Std.ERR)
+            process = None
+            spare = await self._take_spare()
+            if spare is not None:
+                assert self._launch is not None  # spares exist only with a launch to run
+                try:
+                    process = await WorkerProcess.start(
+                        rank,
+                        entrypoint,
+                        args[self._launch.args_start :],
+                        env,
+                        stdout,
+                        stderr,
+                        spare=spare,
+                    )
+                except OSError as exc:
+                    logger.warning("spare pid %s unusable (%s); spawning", spare.pid, exc)
+                    await self._discard(spare)
+                except BaseException:
+                    if not spare.activated:  # still a spare: reaped with the others
+                        self._spares.append(spare)
+                    raise
+            if process is None:
+                process = await WorkerProcess.start(rank, entrypoint, args, env, stdout, stderr)
             worker.id = process.pid
             self._processes.append(process)
             assert self._janitor is not None  # started with the log root, like _run_log_dir
@@ -280,6 +359,10 @@ class LocalElasticAgent:
         if isinstance(self._rendezvous, DynamicRendezvousHandler):
             watching = asyncio.create_task(_watch_membership(self._rendezvous))
         try:
+            # While the group runs (watched already): spares for the next attempt, if there
+            # can be one (a failure with a restart left; a node joining or leaving).
+            if self._remaining_restarts > 0 or watching is not None:
+                await self._prestart(entrypoint)
             tasks: list[asyncio.Task[Any]] = (
                 [monitoring] if watching is None else [monitoring, watching]
             )
@@ -347,36 +430,97 @@ class LocalElasticAgent:
             if self._janitor is not None:  # the group is dead and its leader reaped
                 self._janitor.forget(process.pid)
 
-    def _worker_env(self, worker: Worker, restart_count: int, error_file: str) -> dict[str, str]:
-        group = self._worker_group
-        spec = group.spec
-        # inherited like everything else: OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES
-        env = dict(os.environ)
+    def _base_env(self) -> dict[str, str]:
+        """What every worker's environment holds but the :data:`PER_WORKER_ENV` variables:
+        the agent's own (inherited like everything else: ``OMP_NUM_THREADS``,
+        ``CUDA_VISIBLE_DEVICES``) and the job's. A spare starts with exactly this."""
+        spec = self._worker_group.spec
+        env = {name: value for name, value in os.environ.items() if name not in PER_WORKER_ENV}
         env.update(
             {
-                "RANK": str(worker.global_rank),
-                "LOCAL_RANK": str(worker.local_rank),
-                "GROUP_RANK": str(group.group_rank),
-                "ROLE_RANK": str(worker.role_rank),
                 "ROLE_NAME": spec.role,
                 "LOCAL_WORLD_SIZE": str(spec.local_world_size),
-                "WORLD_SIZE": str(worker.world_size),
-                "GROUP_WORLD_SIZE": str(group.group_world_size),
-                "ROLE_WORLD_SIZE": str(worker.role_world_size),
-                "MASTER_ADDR": str(group.master_addr),
-                "MASTER_PORT": str(group.master_port),
-                "TORCHELASTIC_RESTART_COUNT": str(restart_count),
                 "TORCHELASTIC_MAX_RESTARTS": str(spec.max_restarts),
                 "TORCHELASTIC_RUN_ID": self._rendezvous.get_run_id(),
                 # the workers' env:// store is the agent's (see rendezvous.py)
                 "TORCHELASTIC_USE_AGENT_STORE": "True",
-                "TORCHELASTIC_ERROR_FILE": error_file,
                 "TORCH_NCCL_ASYNC_ERROR_HANDLING": os.environ.get(
                     "TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"
                 ),
             }
         )
         return env
+
+    def _worker_env(self, worker: Worker, restart_count: int, error_file: str) -> dict[str, str]:
+        group = self._worker_group
+        env = self._base_env()
+        per_worker = {
+            "RANK": str(worker.global_rank),
+            "LOCAL_RANK": str(worker.local_rank),
+            "GROUP_RANK": str(group.group_rank),
+            "ROLE_RANK": str(worker.role_rank),
+            "WORLD_SIZE": str(worker.world_size),
+            "GROUP_WORLD_SIZE": str(group.group_world_size),
+            "ROLE_WORLD_SIZE": str(worker.role_world_size),
+            "MASTER_ADDR": str(group.master_addr),
+            "MASTER_PORT": str(group.master_port),
+            "TORCHELASTIC_RESTART_COUNT": str(restart_count),
+            "TORCHELASTIC_ERROR_FILE": error_file,
+        }
+        assert per_worker.keys() == set(PER_WORKER_ENV)  # one list of what a spare lacks
+        env.update(per_worker)
+        return env
+
+    async def _prestart(self, interpreter: str | Callable[..., Any]) -> None:
+        """Start spares until there is one per local slot (``prestart_workers`` only). A
+        spare that cannot be started is logged and prestarting stops: workers are then
+        spawned as without it."""
+        launch = self._launch
+        if launch is None or not isinstance(interpreter, str):
+            return
+        assert self._janitor is not None
+        while len(self._spares) < self._worker_group.spec.local_world_size:
+            try:
+                spare = await SpareProcess.start(
+                    interpreter,
+                    launch.flags,
+                    launch.module,
+                    launch.target,
+                    self._base_env(),
+                    self._prestart_imports,
+                )
+            except OSError as exc:
+                logger.warning("cannot pre-start a worker (%s); spawning workers instead", exc)
+                self._launch = None
+                return
+            self._spares.append(spare)
+            self._janitor.watch(spare.pid)  # killed with the workers if the agent dies
+
+    async def _take_spare(self) -> SpareProcess | None:
+        """A live spare whose environment is still the agent's, or ``None``; the others
+        are discarded."""
+        while self._spares:
+            spare = self._spares.pop(0)
+            if spare.alive and spare.env == self._base_env():
+                return spare
+            logger.info(
+                "spare pid %s %s; dropped",
+                spare.pid,
+                "exited" if not spare.alive else "has an outdated environment",
+            )
+            await self._discard(spare)
+        return None
+
+    async def _discard(self, spare: SpareProcess) -> None:
+        await spare.discard()
+        if self._janitor is not None:
+            self._janitor.forget(spare.pid)
+
+    async def _discard_spares(self) -> None:
+        """Kill and reap every spare (the run is over). Never raises."""
+        spares, self._spares = self._spares, []
+        for spare in spares:
+            await self._discard(spare)
 
     def _target(self, dest: LogsDest, worker: Worker, stream: Std) -> StreamTarget:
         if stream == Std.OUT:
@@ -572,6 +716,45 @@ def _resolve_entrypoint(entrypoint: str | Callable[..., Any]) -> str | Callable[
     if found is None:
         raise FileNotFoundError(f"worker entrypoint not found or not executable: {entrypoint}")
     return found
+
+
+@dataclass(frozen=True)
+class PythonLaunch:
+    """A Python entrypoint's arguments, split: interpreter ``flags``, the ``target`` (a
+    script, or a module if ``module``), and where the target's own arguments start in the
+    spec's ``args`` (``args_start``)."""
+
+    flags: list[str]
+    module: bool
+    target: str
+    args_start: int
+
+
+def python_launch(spec: WorkerSpec) -> PythonLaunch:
+    """Split ``spec``'s arguments as ``python [options] (script | -m module) args...``.
+
+    Raises ``ValueError`` for a function entrypoint, an option that takes a separate value
+    (``-X opt``, ``-W arg``, ``-c cmd``), no script, or a script or option that depends on
+    ``${local_rank}``."""
+    if not isinstance(spec.entrypoint, str):
+        raise ValueError("prestart_workers needs a Python interpreter as entrypoint")
+    args = [str(a) for a in spec.args]
+    flags: list[str] = []
+    for i, arg in enumerate(args):
+        if "${local_rank}" in arg:
+            raise ValueError(f"prestart_workers: {arg!r} differs per worker")
+        if arg == "-m":
+            if i + 1 == len(args):
+                raise ValueError("prestart_workers: -m without a module")
+            if "${local_rank}" in args[i + 1]:
+                raise ValueError(f"prestart_workers: {args[i + 1]!r} differs per worker")
+            return PythonLaunch(flags, True, args[i + 1], i + 2)
+        if arg in _OPTIONS_WITH_VALUES or arg.startswith("--"):
+            raise ValueError(f"prestart_workers: interpreter option {arg!r} is not supported")
+        if not arg.startswith("-"):
+            return PythonLaunch(flags, False, arg, i + 1)
+        flags.append(arg)
+    raise ValueError("prestart_workers: no script or module in the worker's arguments")
 
 
 def _substitute_local_rank(args: tuple[Any, ...], local_rank: int) -> tuple[Any, ...]:

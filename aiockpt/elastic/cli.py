@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 from aiockpt._runtime import run_on_fastest_loop
 from aiockpt.elastic.agent import LocalElasticAgent
+from aiockpt.elastic.bootstrap import DEFAULT_PRELOADS
 from aiockpt.elastic.dynamic import DynamicRendezvousHandler, parse_rdzv_conf, settings_from_conf
 from aiockpt.elastic.failures import format_failures
 from aiockpt.elastic.logs import LogsSpecs, Std
@@ -135,6 +136,24 @@ def get_args_parser() -> argparse.ArgumentParser:
         "process, as torchrun starts scripts whatever this flag says (torchrun uses it only "
         "for function entrypoints; those of aiockpt's LocalElasticAgent always start in a "
         "fresh interpreter, as with spawn).",
+    )
+    add(
+        "--prestart-workers",
+        "--prestart_workers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Keep one spare worker interpreter per local slot, started (torch imported) "
+        "while the current workers run, so that a restart or a membership change does not "
+        "wait for imports; RANK, WORLD_SIZE, MASTER_* and the rest are set before the script "
+        "runs (default: on; ignored with --no-python).",
+    )
+    add(
+        "--prestart-imports",
+        "--prestart_imports",
+        type=str,
+        default=",".join(DEFAULT_PRELOADS),
+        help="Modules a pre-started worker imports ahead (comma-separated; empty: none), "
+        "besides the script's top-level imports of installed packages (default: torch).",
     )
     add("--role", type=str, default=DEFAULT_ROLE, help="User-defined role for the workers.")
     add(
@@ -251,12 +270,14 @@ def _defaults_from_environment(parser: argparse.ArgumentParser) -> None:
     error naming the flag); switches take torchrun's ``0``/``1``."""
     for action in parser._actions:
         for option in action.option_strings:
-            if not option.startswith("--"):
-                continue
+            if not option.startswith("--") or (
+                option.startswith("--no-") and isinstance(action, argparse.BooleanOptionalAction)
+            ):
+                continue  # one variable per flag: PET_PRESTART_WORKERS=0, not PET_NO_...
             value = os.environ.get("PET_" + option[2:].replace("-", "_").upper())
             if value is None:
                 continue
-            if isinstance(action, argparse._StoreTrueAction):
+            if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
                 try:
                     action.default = bool(int(value))
                 except ValueError:
@@ -369,6 +390,10 @@ def main(argv: list[str] | None = None) -> None:
         exit_barrier_timeout=args.exit_barrier_timeout,
         log_line_prefix_template=args.log_line_prefix_template,
         shutdown_timeout=args.shutdown_timeout,
+        prestart_workers=args.prestart_workers and not args.no_python,
+        prestart_imports=[
+            name.strip() for name in args.prestart_imports.split(",") if name.strip()
+        ],
     )
     try:
         result: RunResult = run_on_fastest_loop(agent.run())

@@ -8,6 +8,11 @@ are stream reads on the same loop.
 The agent passes its own pipe and socket fds rather than ``stdout=PIPE``: asyncio's transport
 then owns no pipe of the child, so ``wait()`` resolves at exit on every Python version, even
 when a grandchild still holds the worker's stdout.
+
+A :class:`SpareProcess` is a Python worker started ahead of its rendezvous round (bootstrap's
+spare mode): :meth:`WorkerProcess.start` given one activates it (environment, arguments and
+output fds over its socket) instead of spawning, so the worker starts with ``torch``
+already imported.
 """
 
 from __future__ import annotations
@@ -26,10 +31,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiockpt.elastic.bootstrap import REPLY_HEADER, binary_command, function_command
+from aiockpt.elastic.bootstrap import (
+    REPLY_HEADER,
+    binary_command,
+    function_command,
+    send_activation,
+    spare_command,
+)
 from aiockpt.elastic.logs import Std, console_for, tee_stream
 
-__all__ = ["NO_REPLY", "StreamTarget", "WorkerProcess"]
+__all__ = ["NO_REPLY", "SpareProcess", "StreamTarget", "WorkerProcess"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +49,8 @@ logger = logging.getLogger(__name__)
 _DRAIN_GRACE_S = 2.0
 #: the return value of a function worker that exited 0 without replying (``os._exit(0)``)
 NO_REPLY: Any = None
+#: how long a discarded spare (SIGKILLed) may take to be reaped
+_SPARE_REAP_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -80,12 +93,18 @@ class WorkerProcess:
         env: dict[str, str],
         stdout: StreamTarget,
         stderr: StreamTarget,
+        spare: SpareProcess | None = None,
     ) -> WorkerProcess:
         """Start one worker. ``entrypoint`` is a resolved binary path or a function.
 
-        Raises ``OSError`` if the process, a log file or a pipe cannot be created, and
-        ``pickle.PicklingError``/``TypeError``/``AttributeError`` if a function or its
-        arguments cannot be pickled.
+        With ``spare`` (started for this ``entrypoint``), the spare becomes the worker:
+        ``args`` are then the target's own arguments (what follows the script or module) and
+        ``env`` replaces the spare's environment. The caller owns the spare until this
+        returns; if it raises, the spare is unusable and must be discarded.
+
+        Raises ``OSError`` if the process, a log file or a pipe cannot be created (or the
+        spare is gone), and ``pickle.PicklingError``/``TypeError``/``AttributeError`` if a
+        function or its arguments cannot be pickled.
         """
         loop = asyncio.get_running_loop()
         to_close: list[Callable[[], None]] = []  # agent-side resources, released by close()
@@ -93,6 +112,7 @@ class WorkerProcess:
         # (pipe reader, log file fd, prefix, which stream) for each tee to start
         tees: list[tuple[asyncio.StreamReader, int, str, Std]] = []
         call = b""
+        activation = b""
         # Everything that awaits happens before the spawn: once the child exists, nothing may
         # be cancelled before it is handed to the caller, or it would run untracked.
         try:
@@ -121,25 +141,41 @@ class WorkerProcess:
                         tees.append((reader, log_fd, target.tee_prefix, stream))
 
             channel: socket.socket | None = None
-            if isinstance(entrypoint, str):
-                argv = binary_command(os.getpid(), entrypoint, [str(a) for a in args])
-                pass_fds: tuple[int, ...] = ()
+            if spare is not None:
+                given = []  # what the spare's stdout and stderr become: fds to send
+                for console_fd, fd in ((1, std_fds[0]), (2, std_fds[1])):
+                    if fd is None:
+                        given.append(console_fd)  # as a spawned worker inherits them
+                    elif fd == subprocess.DEVNULL:
+                        child_fds.append(os.open(os.devnull, os.O_WRONLY))
+                        given.append(child_fds[-1])
+                    else:
+                        given.append(fd)
+                channel = spare.channel
+                activation = send_activation(
+                    channel, env, [str(a) for a in args], given[0], given[1]
+                )
+                process = spare.process
             else:
-                channel, child_end = socket.socketpair()
-                to_close.append(channel.close)
-                child_fds.append(child_end.detach())
-                argv = function_command(os.getpid(), child_fds[-1])
-                pass_fds = (child_fds[-1],)
-                call = pickle.dumps((sys.path, pickle.dumps((entrypoint, args))))
+                if isinstance(entrypoint, str):
+                    argv = binary_command(os.getpid(), entrypoint, [str(a) for a in args])
+                    pass_fds: tuple[int, ...] = ()
+                else:
+                    channel, child_end = socket.socketpair()
+                    to_close.append(channel.close)
+                    child_fds.append(child_end.detach())
+                    argv = function_command(os.getpid(), child_fds[-1])
+                    pass_fds = (child_fds[-1],)
+                    call = pickle.dumps((sys.path, pickle.dumps((entrypoint, args))))
 
-            process = await asyncio.create_subprocess_exec(
-                *argv,
-                stdout=std_fds[0],
-                stderr=std_fds[1],
-                env=env,
-                start_new_session=True,
-                pass_fds=pass_fds,
-            )
+                process = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdout=std_fds[0],
+                    stderr=std_fds[1],
+                    env=env,
+                    start_new_session=True,
+                    pass_fds=pass_fds,
+                )
         except BaseException:
             for fd in child_fds:
                 os.close(fd)
@@ -154,7 +190,12 @@ class WorkerProcess:
             for reader, log_fd, prefix, stream in tees
         ]
         reply = None
-        if channel is not None:
+        if spare is not None:
+            spare.activated = True  # its channel is the worker's now: closed by close()
+            assert channel is not None
+            to_close.append(channel.close)
+            tee_tasks.append(asyncio.create_task(_send_rest(channel, activation)))
+        elif channel is not None:
             reply = asyncio.create_task(_exchange(channel, call))
         return cls(local_rank, process, tee_tasks, reply, to_close)
 
@@ -213,3 +254,87 @@ async def _exchange(channel: socket.socket, call: bytes) -> Any:
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
+
+
+async def _send_rest(channel: socket.socket, activation: bytes) -> None:
+    """Send the rest of a spare's activation (after the header and fds); a spare that died
+    meanwhile fails as a worker, by its exit code."""
+    with contextlib.suppress(ConnectionError):
+        await asyncio.get_running_loop().sock_sendall(channel, activation)
+
+
+class SpareProcess:
+    """A Python worker interpreter started before its rank is known (bootstrap's spare
+    mode), waiting with its imports done. Create with :meth:`start`; either activate it
+    with ``WorkerProcess.start(spare=...)`` or :meth:`discard` it.
+
+    It runs in a session of its own, as every worker, with the parent-death signal set;
+    ``env`` is the environment it started with, which its imports saw.
+    """
+
+    def __init__(
+        self, process: asyncio.subprocess.Process, channel: socket.socket, env: dict[str, str]
+    ) -> None:
+        self.process = process
+        self.pid = process.pid
+        self.channel = channel
+        self.env = env
+        #: set by ``WorkerProcess.start``: the spare is a worker now, no longer this object's
+        self.activated = False
+
+    @classmethod
+    async def start(
+        cls,
+        interpreter: str,
+        flags: list[str],
+        module: bool,
+        target: str,
+        env: dict[str, str],
+        preloads: tuple[str, ...],
+    ) -> SpareProcess:
+        """Start a spare that will run ``target`` (a script, or a module if ``module``)
+        under ``interpreter`` with ``flags``, importing ``preloads`` and the target's
+        installed imports meanwhile. Its output until activation is captured by the spare
+        and handed on to the worker's. Raises ``OSError`` if it cannot be started."""
+        channel, child_end = socket.socketpair()
+        try:
+            child_fd = child_end.detach()
+            try:
+                argv = spare_command(
+                    os.getpid(), interpreter, flags, child_fd, module, target, preloads
+                )
+                process = await asyncio.create_subprocess_exec(
+                    *argv,
+                    # what the interpreter prints before the spare captures its output
+                    # (a bad flag) is lost: such a spare exits and is not used
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    env=env,
+                    start_new_session=True,
+                    pass_fds=(child_fd,),
+                )
+            finally:
+                os.close(child_fd)
+        except BaseException:
+            channel.close()
+            raise
+        channel.setblocking(False)  # the loop sends the activation's payload
+        return cls(process, channel, env)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the spare is still running (as far as the loop knows)."""
+        return self.process.returncode is None
+
+    async def discard(self) -> None:
+        """Kill the spare's process group and reap it (bounded); a no-op once activated.
+        Never raises."""
+        if self.activated:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self.channel.close()
+        try:
+            await asyncio.wait_for(self.process.wait(), _SPARE_REAP_S)
+        except TimeoutError:
+            logger.error("spare pid %s survived SIGKILL; abandoning it", self.pid)
