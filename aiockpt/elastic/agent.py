@@ -401,9 +401,9 @@ class LocalElasticAgent:
             return None, int(raw)
         from datetime import timedelta
 
-        from torch.distributed import TCPStore  # type: ignore[attr-defined]
-
         def host() -> Any:
+            from torch.distributed import TCPStore  # type: ignore[attr-defined]
+
             server = TCPStore(
                 rdzv.master_addr,
                 0,

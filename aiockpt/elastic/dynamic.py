@@ -459,8 +459,6 @@ class DynamicRendezvousHandler:
     async def _connect(self) -> TCPStore:
         if self._store is not None:
             return self._store
-        from torch.distributed import TCPStore  # type: ignore[attr-defined]
-
         is_host = self._is_host
         if is_host is None:
             is_host = self.local_addr == self.host or (
@@ -469,6 +467,9 @@ class DynamicRendezvousHandler:
             )
 
         def connect() -> TCPStore:
+            # imported here, in the thread: a first import of torch takes seconds
+            from torch.distributed import TCPStore  # type: ignore[attr-defined]
+
             attempts = [is_host, False] if is_host and self._is_host is None else [is_host]
             for i, as_server in enumerate(attempts):
                 try:

@@ -121,9 +121,11 @@ class StaticRendezvous:
         """Host (node 0) or join the store. Raises ``RendezvousError`` if the store cannot be
         created or reached within ``timeout``."""
         if self._store is None:
-            from torch.distributed import TCPStore  # type: ignore[attr-defined]
 
             def connect() -> TCPStore:
+                # imported here, in the thread: a first import of torch takes seconds
+                from torch.distributed import TCPStore  # type: ignore[attr-defined]
+
                 return TCPStore(
                     self.master_addr,
                     self.master_port,
