@@ -159,6 +159,7 @@ class PlanCache:
         self._pointers: list[int] = []
         self._tied = False
         self._local = False
+        self._copies_every_leaf = False
         #: indices of the non-empty tensor leaves
         self._used: list[int] = []
         #: indices of the leaves that are not tensors
@@ -220,9 +221,13 @@ class PlanCache:
         self._copied = [first_use[offset] for offset in plan.offsets]
         self._tied = len(self._used) != len(plan.offsets)
         self._local = any(_sharding(v) for v in values if isinstance(v, torch.Tensor))
+        #: every leaf is a tensor copied in leaf order: the sources are the leaves
+        self._copies_every_leaf = not self._local and self._copied == list(range(len(values)))
         self._pointers = self._identities(values, self._sources(values))
 
     def _sources(self, values: list[Any]) -> list[torch.Tensor]:
+        if self._copies_every_leaf:
+            return values
         sources = [values[i] for i in self._copied]
         if self._local:  # DTensors are staged as their local pieces
             sources = [_local_piece(t, ())[0] for t in sources]
@@ -286,6 +291,9 @@ def _walk(value: Any, values: list[Any], structure: list[Any], depth: int) -> bo
         # 1 == True == 1.0: the key types too, so that an equal-looking key is the same key.
         structure.append((keys, tuple(map(type, keys))))
         children: Any = value.values()
+        if all(map(isinstance, children, itertools.repeat(torch.Tensor, len(keys)))):
+            values += children  # a dict of tensors (a model's): no call per leaf
+            return True
     elif isinstance(value, list):
         structure.append(len(value))
         children = value
