@@ -149,7 +149,9 @@ class StagedStateDict(dict[Any, Any]):
     """The state dict of a request, as the worker hands it to writers: a plain dict that
     also holds its leaves flat and its ``layout``. ``flatten_state_dict`` of it walks
     nothing, and pairs key paths with leaves once per save however many times it is called
-    (writer, commit)."""
+    (writer, commit). The worker hands the same object to the next save of the same layout
+    on the same arena whose plain values are equal (its tensors view the bytes staged
+    anew), so writers must not change it."""
 
     def __init__(self, layout: StagedLayout, values: list[Any], arena: memoryview) -> None:
         super().__init__(unflatten(layout.skeleton, values))
