@@ -166,3 +166,100 @@ def test_a_write_not_sent_while_staging_never_waits() -> None:
     gate.admit(7)
     assert gate.wait_staged(7, 1 << 40, timeout_s=0) == math.inf
     gate.staged(StagedPayload(8, 5))  # a write answered already: nothing to do
+
+
+# --- the trainer's side: one thread copies every chunk ----------------------------------------
+
+
+def chunked_plan(count: int = 6) -> tuple[staging.StagingPlan, list[torch.Tensor]]:
+    tensors = [torch.full((CHUNK // 4,), float(i)) for i in range(count)]  # a chunk each
+    plan = staging.plan_staging({f"t{i}": t for i, t in enumerate(tensors)})
+    assert plan.chunks is not None and len(plan.chunks) == count
+    return plan, tensors
+
+
+def arena_holds(arena: staging.SharedArena, plan: staging.StagingPlan, upto: int) -> bool:
+    assert arena.bytes is not None
+    return all(
+        torch.equal(arena.destination(source, offset), source)
+        for source, offset in zip(plan.sources[:upto], plan.offsets[:upto], strict=True)
+    )
+
+
+async def test_chunks_are_copied_without_waiting_for_the_reports(small_chunks: None) -> None:
+    """The copying thread goes on while a report is still running: by the time the first
+    report returns every chunk can have landed; each is reported once, in order."""
+    plan, _ = chunked_plan()
+    assert plan.chunks is not None
+    arena = staging.SharedArena(plan.nbytes)
+    reports: list[tuple[int, bool]] = []
+    copied = threading.Event()
+    real_copy_range = arena.copy_range
+
+    def copy_range(plan: staging.StagingPlan, begin: int, end: int) -> None:
+        real_copy_range(plan, begin, end)
+        if end == len(plan.sources):
+            copied.set()
+
+    arena.copy_range = copy_range  # type: ignore[method-assign]
+
+    async def report(nbytes: int, complete: bool) -> None:
+        if not reports:  # the first report waits until the thread has copied the last chunk
+            assert await asyncio.to_thread(copied.wait, 60)
+        reports.append((nbytes, complete))
+
+    try:
+        await staging.copy_into_arena_in_chunks(arena, plan, plan.chunks, report)
+        assert reports == [(staged, i == 5) for i, (_, _, staged) in enumerate(plan.chunks)]
+        assert arena_holds(arena, plan, len(plan.sources))
+    finally:
+        arena.close()
+
+
+async def test_a_failed_report_or_copy_stops_the_thread_after_its_chunk(
+    small_chunks: None,
+) -> None:
+    """A report that fails: the copy in progress finishes, no further chunk is copied, the
+    report's error is raised. A copy that fails: its error is raised after the chunks
+    before it were reported."""
+    plan, _ = chunked_plan()
+    assert plan.chunks is not None
+    arena = staging.SharedArena(plan.nbytes)
+    copies: list[int] = []
+    real_copy_range = arena.copy_range
+    copying_two, go_on = threading.Event(), threading.Event()
+
+    def copy_range(plan: staging.StagingPlan, begin: int, end: int) -> None:
+        copies.append(begin)
+        if begin == 4:
+            raise OSError("copy failed")
+        if begin == 2:
+            copying_two.set()
+            assert go_on.wait(60)  # held until the first report has failed
+        real_copy_range(plan, begin, end)
+
+    arena.copy_range = copy_range  # type: ignore[method-assign]
+
+    async def failing_report(nbytes: int, complete: bool) -> None:
+        assert await asyncio.to_thread(copying_two.wait, 60)
+        # Chunk 2 finishes once the failure has stopped the thread (on the loop's next turn).
+        asyncio.get_running_loop().call_soon(go_on.set)
+        raise ConnectionError("channel broke")
+
+    reports: list[int] = []
+
+    async def report(nbytes: int, complete: bool) -> None:
+        reports.append(nbytes)
+
+    try:
+        with pytest.raises(ConnectionError):
+            await staging.copy_into_arena_in_chunks(arena, plan, plan.chunks, failing_report)
+        assert copies == [0, 1, 2]  # chunk 2 was being copied: finished, then nothing more
+        copies.clear()
+        with pytest.raises(OSError, match="copy failed"):
+            await staging.copy_into_arena_in_chunks(arena, plan, plan.chunks, report)
+        assert copies == [0, 1, 2, 3, 4]
+        assert reports == [staged for _, _, staged in plan.chunks[:4]]
+        assert arena_holds(arena, plan, 4)
+    finally:
+        arena.close()

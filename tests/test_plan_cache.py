@@ -115,6 +115,28 @@ def test_tensors_that_start_sharing_memory_are_not_reused_as_separate_copies() -
     assert cache.plan(sd).plan_id != first.plan_id
 
 
+def test_the_same_tensors_in_place_are_reused_and_changes_through_them_are_seen() -> None:
+    """A training run's saves: the very tensors again (one pass, no per-tensor checks past
+    it). What changes the same tensor objects' memory or metadata is still seen: a
+    parameter given new memory of the same shape is reused with that memory; one given
+    another shape, or a sparse layout (no storage to point at), is planned anew (and
+    refused by name)."""
+    cache = PlanCache()
+    sd = state()
+    first = cache.plan(sd)
+    assert cache.plan(sd).plan_id == first.plan_id
+    w = sd["model"]["w"]
+    w.data = torch.full((3, 4), 5.0)  # same object, new memory: reused, copied from there
+    again = cache.plan(sd)
+    assert again.plan_id == first.plan_id and again.sources[0].data_ptr() == w.data_ptr()
+    assert torch.equal(staged_bytes(cache, sd)[0].view(torch.float32).reshape(3, 4), w)
+    w.data = torch.zeros(4, 3)  # same object, new shape
+    assert cache.plan(sd).plan_id != first.plan_id
+    sd["model"]["b"] = torch.ones(4).to_sparse()
+    with pytest.raises(TypeError, match=r"model.*b"):
+        cache.plan(sd)
+
+
 def bump(state: dict[str, Any], step: int) -> None:
     """Change every value in place (the structure stays): what a training step does."""
     for key, tensor in state["model"].items():

@@ -700,11 +700,12 @@ class Checkpointer:
         order: _SendOrder,
         feed: ProgressFeed,
     ) -> tuple[float, WriteResult]:
-        """Send the write first, then stage chunk by chunk (``plan.chunks``), telling the
-        worker as each lands: it writes what is staged while the rest is copied, so the save
-        is durable about the write's time after it starts, not after staging plus writing.
-        Returns when staging ended (``perf_counter``) and the write's result. A failure or
-        cancellation while staging cancels the write (the worker gives up waiting)."""
+        """Send the write while the first chunk is copied, then stage chunk by chunk
+        (``plan.chunks``), telling the worker as each lands: it writes what is staged while
+        the rest is copied, so the save is durable about the write's time after it starts,
+        not after staging plus writing. Returns when staging ended (``perf_counter``) and
+        the write's result. A failure or cancellation while staging cancels the write (the
+        worker gives up waiting)."""
         if self._group is not None:
             await order.turn()
         sent: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -716,16 +717,19 @@ class Checkpointer:
                 on_progress=lambda count: feed.update(bytes_written=count),
             )
         )
-        try:
-            await asyncio.wait((sent, writing), return_when=asyncio.FIRST_COMPLETED)
+
+        async def report(nbytes: int, complete: bool) -> None:
+            feed.update(bytes_staged=nbytes)
             if not sent.done():
-                return 0.0, await writing  # it failed before it was sent: raises why
-            write_id = sent.result()
+                await asyncio.wait((sent, writing), return_when=asyncio.FIRST_COMPLETED)
+                if not sent.done():
+                    # It failed before it was sent (no write ends before staging does):
+                    # raises why.
+                    await writing
+            await process.report_staged(sent.result(), nbytes, complete=complete)
 
-            async def report(nbytes: int, complete: bool) -> None:
-                feed.update(bytes_staged=nbytes)
-                await process.report_staged(write_id, nbytes, complete=complete)
-
+        try:
+            # The first chunk is copied while the write request is encoded and sent.
             await copy_into_arena_in_chunks(arena, plan, plan.chunks or [], report)
         except BaseException:
             writing.cancel()

@@ -17,6 +17,7 @@ later save that fits in it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -26,6 +27,7 @@ import logging
 import mmap
 import os
 import sys
+import threading
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -159,6 +161,9 @@ class PlanCache:
         self._pointers: list[int] = []
         self._tied = False
         self._local = False
+        self._copies_every_leaf = False
+        #: ``_placement`` of the last plain, untied leaves (None: not such leaves)
+        self._placed: list[Any] | None = None
         #: indices of the non-empty tensor leaves
         self._used: list[int] = []
         #: indices of the leaves that are not tensors
@@ -185,9 +190,8 @@ class PlanCache:
                 and last is not None
                 and allow_pickle == self._allow_pickle
                 and structure == self._structure
-                and _fingerprint(values) == self._fingerprint
             ):
-                reused = self._reuse(last, values, allow_pickle)
+                reused = self._reuse_if_same(last, values, allow_pickle)
                 if reused is not None:
                     return reused
         finally:
@@ -220,9 +224,43 @@ class PlanCache:
         self._copied = [first_use[offset] for offset in plan.offsets]
         self._tied = len(self._used) != len(plan.offsets)
         self._local = any(_sharding(v) for v in values if isinstance(v, torch.Tensor))
+        #: every leaf is a tensor copied in leaf order: the sources are the leaves
+        self._copies_every_leaf = not self._local and self._copied == list(range(len(values)))
         self._pointers = self._identities(values, self._sources(values))
+        self._placed = None
+        if not self._tied and not self._local:
+            with contextlib.suppress(RuntimeError):
+                self._placed = _placement(values)
+
+    def _reuse_if_same(
+        self, last: StagingPlan, values: list[Any], allow_pickle: bool
+    ) -> StagingPlan | None:
+        """``_reuse`` when ``values`` fit ``last``; None when they do not. Untied plain
+        tensors in one pass over them (``_placement``): the same tensors in place (a
+        training run's) compare equal at once, other ones of the same fingerprint are
+        checked for memory they start to share."""
+        placed = None
+        if self._placed is not None:
+            with contextlib.suppress(RuntimeError):  # a tensor without storage: not here
+                placed = _placement(values)
+        if placed is None:
+            if _fingerprint(values) != self._fingerprint:
+                return None
+            return self._reuse(last, values, allow_pickle)
+        pointers = self._pointers
+        if placed != self._placed:
+            fingerprint = [p[:5] if type(p) is tuple else p for p in placed]
+            if fingerprint != self._fingerprint:
+                return None
+            pointers = [placed[i][5] for i in self._copied]  # untied: the sources'
+        reused = self._reuse(last, values, allow_pickle, pointers)
+        if reused is not None:
+            self._placed = placed
+        return reused
 
     def _sources(self, values: list[Any]) -> list[torch.Tensor]:
+        if self._copies_every_leaf:
+            return values
         sources = [values[i] for i in self._copied]
         if self._local:  # DTensors are staged as their local pieces
             sources = [_local_piece(t, ())[0] for t in sources]
@@ -239,12 +277,18 @@ class PlanCache:
         return [(t.data_ptr(), t.stride()) for t in used]
 
     def _reuse(
-        self, last: StagingPlan, values: list[Any], allow_pickle: bool
+        self,
+        last: StagingPlan,
+        values: list[Any],
+        allow_pickle: bool,
+        pointers: list[Any] | None = None,
     ) -> StagingPlan | None:
         """``last`` with this save's tensors and plain values; None when it does not fit
-        after all (tensors that start sharing memory, a value that cannot be encoded)."""
+        after all (tensors that start sharing memory, a value that cannot be encoded).
+        ``pointers``: ``_identities`` of ``values`` when known already."""
         sources = self._sources(values)
-        pointers = self._identities(values, sources)
+        if pointers is None:
+            pointers = self._identities(values, sources)
         # A plan copies tied tensors once: reuse it only while the same tensors are tied, and
         # an untied plan only while no two tensors start sharing memory.
         if pointers != self._pointers and (self._tied or len(set(pointers)) != len(pointers)):
@@ -286,6 +330,9 @@ def _walk(value: Any, values: list[Any], structure: list[Any], depth: int) -> bo
         # 1 == True == 1.0: the key types too, so that an equal-looking key is the same key.
         structure.append((keys, tuple(map(type, keys))))
         children: Any = value.values()
+        if all(map(isinstance, children, itertools.repeat(torch.Tensor, len(keys)))):
+            values += children  # a dict of tensors (a model's): no call per leaf
+            return True
     elif isinstance(value, list):
         structure.append(len(value))
         children = value
@@ -299,6 +346,18 @@ def _walk(value: Any, values: list[Any], structure: list[Any], depth: int) -> bo
         if not _walk(child, values, structure, depth + 1):
             return False
     return True
+
+
+def _placement(values: list[Any]) -> list[Any]:
+    """``_fingerprint`` of leaves among which is no DTensor, with where each tensor's memory
+    is (``data_ptr``) in each tensor's tuple: one pass over the tensors. Raises
+    ``RuntimeError`` for a tensor that has no storage (sparse, a DTensor)."""
+    return [
+        (type(v), v.dtype, v.shape, v.device, v.layout, v.data_ptr())
+        if isinstance(v, torch.Tensor)
+        else type(v)
+        for v in values
+    ]
 
 
 def _fingerprint(values: list[Any]) -> list[Any]:
@@ -578,8 +637,32 @@ async def copy_into_arena_in_chunks(
 ) -> None:
     """Copy ``plan``'s tensors into ``arena`` chunk by chunk (``pipeline_chunks``) without
     blocking the loop, awaiting ``report(staged bytes, whether that was the last)`` after
-    each. A chunk being copied when the calling task is cancelled is finished first (the
-    arena must not be reused under a copying thread); the rest is not copied."""
-    for number, (first, end, staged) in enumerate(chunks):
-        await finish_even_if_cancelled(asyncio.to_thread(arena.copy_range, plan, first, end))
-        await report(staged, number == len(chunks) - 1)
+    each. One thread copies every chunk, one after the other, and tells the loop as each
+    lands: it never waits for the loop between chunks (a wake-up per chunk, on a busy
+    machine milliseconds each, would add to the time staging blocks). A chunk being copied
+    when the calling task is cancelled (or ``report`` fails) is finished first (the arena
+    must not be reused under a copying thread); the rest is not copied."""
+    loop = asyncio.get_running_loop()
+    #: numbers of the chunks that landed, in order; None once the thread stops early
+    landed: asyncio.Queue[int | None] = asyncio.Queue()
+    stop = threading.Event()
+
+    def copy_every_chunk() -> None:
+        try:
+            for number, (first, end, _) in enumerate(chunks):
+                if stop.is_set():
+                    return
+                arena.copy_range(plan, first, end)
+                loop.call_soon_threadsafe(landed.put_nowait, number)
+        finally:
+            loop.call_soon_threadsafe(landed.put_nowait, None)
+
+    copying = asyncio.ensure_future(asyncio.to_thread(copy_every_chunk))
+    try:
+        for number, (_, _, staged) in enumerate(chunks):
+            if await landed.get() is None:
+                break  # the copy failed: awaiting the thread raises why
+            await report(staged, number == len(chunks) - 1)
+    finally:
+        stop.set()
+        await finish_even_if_cancelled(copying)

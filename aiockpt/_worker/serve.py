@@ -11,6 +11,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -94,10 +95,12 @@ class ArenaMaps:
     mapping of its own.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, before_release: Callable[[mmap.mmap], None] | None = None) -> None:
         self._maps: dict[str, tuple[tuple[int, int], mmap.mmap]] = {}
         #: released while a view of them was still alive: closed as soon as they can be
         self._lingering: list[mmap.mmap] = []
+        #: called with a mapping about to be released (to drop views kept of it)
+        self._before_release = before_release
 
     def view(self, ref: ArenaRef) -> memoryview:
         """The arena's memory, mapping it first if needed (blocking: it faults pages in).
@@ -131,6 +134,8 @@ class ArenaMaps:
         known = self._maps.pop(path, None)
         if known is None:
             return
+        if self._before_release is not None:
+            self._before_release(known[1])
         try:
             known[1].close()
         except BufferError:
@@ -186,9 +191,15 @@ def _leaf_value(leaf: Leaf, arena: memoryview) -> Any:
 
 
 class Layouts:
-    """The structure of the last request, so that a repeated one costs one comparison and a
-    view per tensor (no key paths, no per-leaf checks), and writers can reuse their plans
-    (``StagedLayout.version``)."""
+    """The structure of the last request, so that a repeated one costs one comparison (no
+    key paths, no per-leaf checks), and writers can reuse their plans
+    (``StagedLayout.version``).
+
+    The state dict made for a layout on an arena's mapping is kept and handed out again to
+    the next request of that layout on that mapping whose other leaves (plain values) are
+    the same: its tensors view the same bytes, which the trainer has staged anew. Kept
+    state dicts view the mapping, so ``forget`` drops them before it is released.
+    """
 
     def __init__(self) -> None:
         self._layout: StagedLayout | None = None
@@ -199,6 +210,8 @@ class Layouts:
         #: leaves made anew every time (plain values, empty or inline tensors)
         self._others: list[int] = []
         self._end = 0
+        #: id(mapping) -> (mapping, the other leaves, the state dict made of them on it)
+        self._made: dict[int, tuple[Any, list[Any], StagedStateDict]] = {}
 
     def state_dict(self, payload: StateDictPayload, arena: memoryview) -> StagedStateDict:
         """Raises ``ValueError`` when a tensor's description does not fit its bytes."""
@@ -213,6 +226,12 @@ class Layouts:
             return StagedStateDict(self._layout, first, arena)
         if self._end > len(arena):
             raise ValueError(f"tensor bytes up to {self._end} lie outside the arena")
+        others = [leaves[index] for index in self._others]
+        mapping = arena.obj
+        made = self._made.get(id(mapping))
+        if made is not None and made[0] is mapping and made[1] == others:
+            made[2].wait_staged = None
+            return made[2]
         values: list[Any] = [None] * len(leaves)
         for index in self._others:
             values[index] = _leaf_value(leaves[index], arena)
@@ -221,11 +240,21 @@ class Layouts:
             # whole arena would be pickled whole by anything that torch.saves it).
             tensor = torch.frombuffer(arena, dtype=dtype, count=numel, offset=offset)
             values[index] = tensor if shape is None else tensor.view(shape)
-        return StagedStateDict(layout, values, arena)
+        state_dict = StagedStateDict(layout, values, arena)
+        if len(self._made) >= _STATE_DICTS_KEPT:
+            self._made = {}
+        self._made[id(mapping)] = (mapping, others, state_dict)
+        return state_dict
+
+    def forget(self, mapping: Any) -> None:
+        """Drop what was kept of ``mapping`` (an arena's ``mmap``, about to be released)."""
+        made = self._made.get(id(mapping))
+        if made is not None and made[0] is mapping:
+            self._made = {k: v for k, v in self._made.items() if v[0] is not mapping}
 
     def _remember(self, payload: StateDictPayload, key: list[Any]) -> None:
         self._layout, self._key = StagedLayout(payload.skeleton), key
-        self._views, self._others, self._end = [], [], 0
+        self._views, self._others, self._end, self._made = [], [], 0, {}
         for index, leaf in enumerate(payload.leaves):
             if type(leaf) is TensorInArena:
                 self._layout.regions[index] = (leaf.offset, leaf.nbytes)
@@ -239,12 +268,16 @@ class Layouts:
             self._end = max(self._end, leaf.offset + leaf.nbytes)
 
 
+#: state dicts ``Layouts`` keeps, one per arena (saves in flight use one arena each)
+_STATE_DICTS_KEPT = 4
+
+
 class ServingWorker:
     def __init__(self, channel: Channel, session: WorkerSession, init: InitPayload) -> None:
         self._channel = channel
         self._init = init
-        self._arenas = ArenaMaps()
         self._layouts = Layouts()
+        self._arenas = ArenaMaps(before_release=self._layouts.forget)
         self._writes_done = 0
         self._writing = False
         self.writer: Any = None

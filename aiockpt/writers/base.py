@@ -149,7 +149,9 @@ class StagedStateDict(dict[Any, Any]):
     """The state dict of a request, as the worker hands it to writers: a plain dict that
     also holds its leaves flat and its ``layout``. ``flatten_state_dict`` of it walks
     nothing, and pairs key paths with leaves once per save however many times it is called
-    (writer, commit)."""
+    (writer, commit). The worker hands the same object to the next save of the same layout
+    on the same arena whose plain values are equal (its tensors view the bytes staged
+    anew), so writers must not change it."""
 
     def __init__(self, layout: StagedLayout, values: list[Any], arena: memoryview) -> None:
         super().__init__(unflatten(layout.skeleton, values))
@@ -401,15 +403,17 @@ class FileSink:
 
     def _write_parts(self, parts: list[memoryview]) -> None:
         """Runs on the write thread, one submission at a time, in order."""
-        while parts:
+        first = 0  # parts before this are written
+        while first < len(parts):
             with self._naming_the_file():
-                count = os.writev(self._fd, parts)
+                count = os.writev(self._fd, parts[first:] if first else parts)
             self._written += count
             report_bytes_written(count)
-            while parts and count >= parts[0].nbytes:
-                count -= parts.pop(0).nbytes
+            while first < len(parts) and count >= parts[first].nbytes:
+                count -= parts[first].nbytes
+                first += 1
             if count:
-                parts[0] = parts[0][count:]
+                parts[first] = parts[first][count:]
         start = self._writeback_from
         if start >= 0 and self._written - start >= _WRITEBACK_BYTES:
             # Asynchronous: queues the range for writeback and returns. A file system that

@@ -62,8 +62,10 @@ from aiockpt._format.manifest import Leaf, TensorLeaf
 from aiockpt._format.tree import KeyPath, format_key_path
 from aiockpt._wire.protocol import RankInfo, ShardSpec
 from aiockpt.writers.base import (
+    CHUNK_BYTES,
     FileRecord,
     FileSink,
+    StagedLayout,
     StagedStateDict,
     WriterPart,
     dtype_from_name,
@@ -79,6 +81,9 @@ from aiockpt.writers.base import (
 __all__ = ["DcpPlan", "DcpWriter", "PlannedItem", "torch_save_framing"]
 
 _ALIGN = 64
+#: tensors smaller than this are written in runs copied into one buffer (``_blocks``): below
+#: it, a copy costs less than the per-part Python (a hash update, an iovec) it saves
+_SMALL_TENSOR_BYTES = 16 << 10
 _U32_MAX = 0xFFFFFFFF
 _I32_MAX = 0x7FFFFFFF
 _LOCAL = struct.Struct("<IHHHHHIIIHH")
@@ -338,6 +343,8 @@ class _FileProgram:
         self.raw: list[tuple[int, str]] = []
         #: leaf indices of the objects pickled into the sidecar (allow_pickle)
         self.objects: list[int] = []
+        #: (layout version, ``_blocks``) of the last staged layout written
+        self._blocks_of: tuple[int, list[_RegionBlock]] | None = None
 
     def run(self, state_dict: Any, path: str, flat: Sequence[tuple[KeyPath, Any]]) -> WriterPart:
         """Write the file for ``state_dict`` (of the layout this program was made for), whose
@@ -386,25 +393,93 @@ class _FileProgram:
 
     def _write_regions(self, state_dict: StagedStateDict, sink: FileSink) -> None:
         """The fixed part of a worker's state dict: its tensors are regions of the arena,
-        sliced from the mapping (no tensor made). For a write sent while the trainer still
-        stages, what is staged goes out while the rest is copied: the file's regions lie in
-        the arena in the same order, and the write waits only at a region not staged yet."""
-        arena, regions, wait = state_dict.arena, state_dict.layout.regions, state_dict.wait_staged
+        sliced from the mapping (no tensor made), in the blocks ``_blocks`` laid out once
+        per layout. For a write sent while the trainer still stages, what is staged goes out
+        while the rest is copied: the write waits only at a block not staged yet."""
+        arena, wait = state_dict.arena, state_dict.wait_staged
         staged = 0.0 if wait is not None else math.inf
-        batch: list[bytes | memoryview] = []
-        for segment in self.segments:
-            if type(segment) is int:
-                offset, size = regions[segment]
-                if offset + size > staged:
-                    assert wait is not None
-                    sink.write_many(batch)
-                    batch = []
-                    staged = wait(offset + size)
-                batch.append(arena[offset : offset + size])
-            else:
-                assert isinstance(segment, bytes)
-                batch.append(segment)
-        sink.write_many(batch)
+        for block in self._blocks(state_dict.layout):
+            literals, regions, first = block.literals, block.regions, 0
+            while block.needs > staged:
+                # The staged frontier lies in this block: write what is staged of it first
+                # (per region, but only here: about once per chunk the trainer stages).
+                assert wait is not None
+                end = first
+                while end < len(regions) and regions[end].stop <= staged:
+                    end += 1
+                if end == len(regions):
+                    break
+                _write_pairs(sink, arena, literals[first:end], regions[first:end], block.joined)
+                first = end
+                staged = wait(regions[end].stop)
+            if first:
+                literals, regions = literals[first:], regions[first:]
+            _write_pairs(sink, arena, literals, regions, block.joined)
+        tail = self.segments[-1]
+        assert isinstance(tail, bytes)
+        sink.write(tail)
+
+    def _blocks(self, layout: StagedLayout) -> list[_RegionBlock]:
+        """The fixed part as blocks of ``(framing, tensor region)`` pairs for ``layout``'s
+        arena regions, made once per layout so that a repeated save has no Python per
+        segment: runs of tensors smaller than ``_SMALL_TENSOR_BYTES`` (copied into one
+        buffer) or of bigger ones (written from the arena), each of about ``CHUNK_BYTES``.
+        The segments alternate framing and leaf index and end with framing (see
+        ``DcpWriter._program``)."""
+        if self._blocks_of is not None and self._blocks_of[0] == layout.version:
+            return self._blocks_of[1]
+        blocks: list[_RegionBlock] = []
+        run = _RegionBlock()
+        run_bytes = 0
+        segments, regions = self.segments, layout.regions
+        for position in range(0, len(segments) - 1, 2):
+            literal, index = segments[position], segments[position + 1]
+            assert isinstance(literal, bytes) and isinstance(index, int)
+            offset, size = regions[index]
+            small = size < _SMALL_TENSOR_BYTES
+            if run.regions and (run.joined != small or run_bytes >= CHUNK_BYTES):
+                blocks.append(run)
+                run, run_bytes = _RegionBlock(), 0
+            run.joined = small
+            run.literals.append(literal)
+            run.regions.append(slice(offset, offset + size))
+            run.needs = max(run.needs, offset + size)
+            run_bytes += len(literal) + size
+        if run.regions:
+            blocks.append(run)
+        self._blocks_of = (layout.version, blocks)
+        return blocks
+
+
+def _write_pairs(
+    sink: FileSink,
+    arena: memoryview,
+    literals: Sequence[bytes],
+    regions: Sequence[slice],
+    joined: bool,
+) -> None:
+    """Write ``literals[i]`` then the arena bytes ``regions[i]``, for every ``i``; with
+    ``joined``, copied into one buffer first: for small tensors one copy (in C, no Python
+    per tensor) costs less than a hash update and an iovec per tensor and per framing."""
+    if not regions:
+        return
+    parts: list[Any] = [None] * (2 * len(regions))
+    parts[::2] = literals
+    parts[1::2] = map(arena.__getitem__, regions)
+    sink.write_many([b"".join(parts)] if joined else parts)
+
+
+@dataclasses.dataclass
+class _RegionBlock:
+    """Consecutive ``(framing, tensor region)`` pairs of a ``.distcp`` file, written
+    together: ``literals[i]`` then the arena bytes ``regions[i]``, for every ``i``."""
+
+    literals: list[bytes] = dataclasses.field(default_factory=list)
+    regions: list[slice] = dataclasses.field(default_factory=list)
+    #: the arena bytes below this must be staged before the block is written
+    needs: int = 0
+    #: copied into one buffer and written as one part
+    joined: bool = False
 
 
 def _own_path(state_dict: Any, path: Sequence[str | int]) -> tuple[str | int, ...]:
