@@ -167,6 +167,10 @@ def _listening_socket(host: str) -> socket.socket:
     return listening
 
 
+def _import_torch_distributed() -> None:
+    import torch.distributed  # noqa: F401
+
+
 async def _connect(address: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A stream to ``address`` (an IP address), within ``_LIVENESS_CONNECT_S``: connected by
     hand, as the loops' own connect resolves even an address in a thread pool they keep.
@@ -467,7 +471,6 @@ class DynamicRendezvousHandler:
             )
 
         def connect() -> TCPStore:
-            # imported here, in the thread: a first import of torch takes seconds
             from torch.distributed import TCPStore  # type: ignore[attr-defined]
 
             attempts = [is_host, False] if is_host and self._is_host is None else [is_host]
@@ -493,6 +496,9 @@ class DynamicRendezvousHandler:
             # before this node appears in the state: _sanitize reads every listed node's beat
             store.set(self._key(f"heartbeat/{self.node}"), repr(time.time()))
 
+        # A first import of torch takes seconds (more on a busy node): done before, so that
+        # join_timeout bounds reaching the store, not the import.
+        await run_blocking(_import_torch_distributed, "aiockpt-rdzv-import")
         try:
             store = await asyncio.wait_for(
                 run_blocking(connect, "aiockpt-rdzv-connect"), self.settings.join_timeout
