@@ -592,7 +592,7 @@ def _load(
         return unflatten(source.state.skeleton, [values[i] for i in wanted])
     matched: list[tuple[KeyPath, Any, int]] = []
     try:
-        _match(state_dict, source.state.skeleton, (), matched)
+        tuples = _match(state_dict, source.state.skeleton, (), matched)
     except _Missing as exc:
         raise KeyError(
             f"{format_key_path(exc.key_path)!r} is not in the checkpoint at {checkpoint.root!r}"
@@ -631,6 +631,8 @@ def _load(
         verify,
         allow_pickle,
     )
+    if not tuples and all(values[index] is target for _, target, index in matched):
+        return state_dict  # every leaf filled in place: nothing to put into containers
     return _fill(state_dict, iter([values[index] for _, _, index in matched]))
 
 
@@ -648,36 +650,40 @@ class _Missing(Exception):
 
 def _match(
     target: Any, node: Node | None, key_path: KeyPath, matched: list[tuple[KeyPath, Any, int]]
-) -> None:
+) -> bool:
     """Append ``(key path, leaf, saved leaf index)`` for every leaf of ``target`` (by
     ``tree.flatten``'s rules, depth first) to ``matched``, walking the saved skeleton
-    ``node`` alongside. Raises _Missing for the first leaf the skeleton does not have."""
+    ``node`` alongside; return whether ``target`` holds a tuple (which ``_fill`` replaces).
+    Raises _Missing for the first leaf the skeleton does not have."""
     if isinstance(target, dict):
         items: Any = target.items()
     elif isinstance(target, list) or (isinstance(target, tuple) and not hasattr(target, "_fields")):
         items = enumerate(target)
     elif isinstance(node, LeafNode):
         matched.append((key_path, target, node.index))
-        return
+        return False
     else:
         raise _Missing(key_path)
+    tuples = isinstance(target, tuple)
     if isinstance(node, DictNode):
         by_key: dict[Any, Node] = dict(zip(node.keys, node.children, strict=True))
         for key, child in items:
             found = by_key.get(key)
             if isinstance(child, torch.Tensor) and isinstance(found, LeafNode):
                 matched.append(((*key_path, key), child, found.index))  # (no call per tensor)
-            else:
-                _match(child, found, (*key_path, key), matched)
+            elif _match(child, found, (*key_path, key), matched):
+                tuples = True
     elif isinstance(node, (ListNode, TupleNode)):
         children = node.children
         for key, child in items:
             within = isinstance(key, int) and 0 <= key < len(children)
-            _match(child, children[key] if within else None, (*key_path, key), matched)
+            if _match(child, children[key] if within else None, (*key_path, key), matched):
+                tuples = True
     else:  # nothing saved here: the first leaf below, if any, is missing
         _, below = flatten(target, is_tensor)
         if below:
             raise _Missing((*key_path, *below[0][0]))
+    return tuples
 
 
 def _check_keys_of_rank_0(source: _Source) -> None:
