@@ -179,6 +179,7 @@ class _Checkpoint:
         except (ValueError, RecursionError) as exc:  # msgspec's errors are ValueErrors
             raise CorruptCheckpoint(f"unreadable manifest: {exc}", path=manifest_path) from exc
         _last_manifest[0] = (bytes(data), manifest)
+        _last_plans[0] = None  # (the previous manifest's, and their spare buffers)
         return manifest
 
     def open_file(self, name: str) -> tuple[int, int]:
@@ -870,7 +871,7 @@ _last_plans: list[tuple[Manifest, dict[int, _Plan]] | None] = [None]
 
 def _plan_for(checkpoint: _Checkpoint, rank: int) -> _Plan:
     """The plan of rank ``rank``'s state, made once per manifest read (kept while it is the
-    last one read). Raises CorruptCheckpoint for two different tensors saved at one place."""
+    last one read, ``_last_manifest``; another manifest's plan is made for each load)."""
     manifest = checkpoint.manifest
     with _plan_lock:
         kept = _last_plans[0]
