@@ -4,6 +4,7 @@ hashing in a thread while reading, the garbage collector paused, the manifest re
 from __future__ import annotations
 
 import gc
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -262,3 +263,29 @@ def test_loads_in_place_from_several_threads_at_once(tmp_path: Path) -> None:
     assert errors == []
     for target in targets:
         assert_same(target, state_dict)
+
+
+def test_two_different_tensors_at_one_place_are_corrupt_when_both_are_read(
+    tmp_path: Path,
+) -> None:
+    """A manifest (sealed with a valid checksum) placing two different small tensors at one
+    offset is refused by any load that reads both, naming the data file; a load of only one
+    of them reads it as saved."""
+    from tests.test_hostile_input import sealed
+
+    state_dict = {"a": torch.arange(16.0), "b": torch.arange(16.0) + 100, "c": torch.ones(3)}
+    path = save(tmp_path, state_dict, "safetensors")
+    manifest = json.loads((path / MANIFEST_NAME).read_bytes())
+    skeleton = manifest["skeleton"]
+    index = {key: child[1] for key, child in zip(skeleton[1], skeleton[2], strict=True)}
+    a, b = manifest["leaves"][index["a"]], manifest["leaves"][index["b"]]
+    b.update(offset=a["offset"], shape=[8])  # b's place is a's now, and b is another tensor
+    (path / MANIFEST_NAME).write_bytes(sealed(manifest))
+    for call in (lambda: load(path), lambda: load(path, {"a": torch.zeros(16), "b": None})):
+        with pytest.raises(CorruptCheckpoint, match="two different leaves") as info:
+            call()
+        assert info.value.path == str(path / DATA_FILE["safetensors"])
+    only_b = load(path, {"b": torch.zeros(8), "c": torch.zeros(3)})
+    assert only_b["b"].tolist() == list(range(8)) and only_b["c"].tolist() == [1.0] * 3
+    only_a = load(path, {"a": torch.zeros(16)})
+    assert only_a["a"].tolist() == list(range(16))
