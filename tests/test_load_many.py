@@ -4,6 +4,7 @@ hashing in a thread while reading, the garbage collector paused, the manifest re
 from __future__ import annotations
 
 import gc
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -195,3 +196,96 @@ def test_a_manifest_read_again_is_decoded_again_once_its_bytes_change(tmp_path: 
     with pytest.raises(CorruptCheckpoint, match="checksum") as info:
         load(first)
     assert info.value.path == str(manifest)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_loads_of_a_kept_manifest_reuse_its_plan_for_any_target(tmp_path: Path, fmt: str) -> None:
+    """The plan (runs, views of the spare buffer) is made once per manifest; every load
+    still fills its own target: another dtype (converted), a parameter that requires grad,
+    tied leaves into separate tensors, a target without some keys (not filled), a non-tensor
+    where a tensor was saved (replaced)."""
+    state_dict: dict[str, Any] = many_small(600)
+    shared = random_tensor(torch.float32, (7,), seed=900)
+    state_dict["tied_a"] = state_dict["tied_b"] = shared
+    path = save(tmp_path, state_dict, fmt)
+    loaded = load(path)
+    assert_same(loaded, state_dict)
+    if fmt == "dcp":  # saved once for both keys (safetensors writes each key's own copy)
+        assert loaded["tied_a"] is loaded["tied_b"]
+    kept = loading._last_plans[0]
+    assert kept is not None
+    plans = dict(kept[1])
+    singles = [k for k, v in state_dict.items() if v.dtype == torch.float32 and v.dim()]
+    converted, parameter, replaced, missing = singles[1:5]
+    for round_ in range(3):
+        target = like(state_dict)
+        target["tied_b"] = torch.empty(7)  # tied when saved, each filled on its own here
+        target[converted] = torch.zeros(state_dict[converted].shape, dtype=torch.float64)
+        target[parameter] = torch.nn.Parameter(torch.zeros_like(state_dict[parameter]))
+        target[replaced] = None
+        del target[missing]
+        assert load(path, target) is target
+        assert torch.equal(target[converted], state_dict[converted].to(torch.float64))
+        assert isinstance(target[parameter], torch.nn.Parameter)
+        assert torch.equal(target[parameter].detach(), state_dict[parameter])
+        assert_same(target[replaced], state_dict[replaced])
+        assert missing not in target
+        expected = {k: v for k, v in state_dict.items() if k not in (converted, parameter, missing)}
+        assert_same({k: target[k] for k in expected}, expected)
+        kept = loading._last_plans[0]
+        assert kept is not None and kept[1] == plans, round_  # the same plan objects
+
+
+def test_loads_in_place_from_several_threads_at_once(tmp_path: Path) -> None:
+    """One spare buffer per plan is lent to one load at a time; loads running together
+    each fill their own target correctly."""
+    state_dict = many_small(3_000)
+    path = save(tmp_path, state_dict, "dcp")
+    load(path, like(state_dict))  # the plan made and its spare buffer kept
+    targets = [like(state_dict) for _ in range(3)]
+    start = threading.Barrier(len(targets))
+    errors: list[BaseException] = []
+
+    def run(target: dict[str, torch.Tensor]) -> None:
+        try:
+            start.wait(timeout=30)
+            for _ in range(3):
+                load(path, target)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(target,)) for target in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == []
+    for target in targets:
+        assert_same(target, state_dict)
+
+
+def test_two_different_tensors_at_one_place_are_corrupt_when_both_are_read(
+    tmp_path: Path,
+) -> None:
+    """A manifest (sealed with a valid checksum) placing two different small tensors at one
+    offset is refused by any load that reads both, naming the data file; a load of only one
+    of them reads it as saved."""
+    from tests.test_hostile_input import sealed
+
+    state_dict = {"a": torch.arange(16.0), "b": torch.arange(16.0) + 100, "c": torch.ones(3)}
+    path = save(tmp_path, state_dict, "safetensors")
+    manifest = json.loads((path / MANIFEST_NAME).read_bytes())
+    skeleton = manifest["skeleton"]
+    index = {key: child[1] for key, child in zip(skeleton[1], skeleton[2], strict=True)}
+    a, b = manifest["leaves"][index["a"]], manifest["leaves"][index["b"]]
+    b.update(offset=a["offset"], shape=[8])  # b's place is a's now, and b is another tensor
+    (path / MANIFEST_NAME).write_bytes(sealed(manifest))
+    for call in (lambda: load(path), lambda: load(path, {"a": torch.zeros(16), "b": None})):
+        with pytest.raises(CorruptCheckpoint, match="two different leaves") as info:
+            call()
+        assert info.value.path == str(path / DATA_FILE["safetensors"])
+    only_b = load(path, {"b": torch.zeros(8), "c": torch.zeros(3)})
+    assert only_b["b"].tolist() == list(range(8)) and only_b["c"].tolist() == [1.0] * 3
+    only_a = load(path, {"a": torch.zeros(16)})
+    assert only_a["a"].tolist() == list(range(16))

@@ -8,13 +8,16 @@ the caller passes ``allow_pickle=True``.
 
 With ``verify=True`` every file the manifest names is read once, front to back: a large
 tensor's bytes land directly in their destination tensor, a run of small tensors is read with
-one call (into a scratch buffer copied out in one batch, or, for new tensors, into a buffer
+one call (into a spare buffer copied out in one batch, or, for new tensors, into a buffer
 they become views of), the bytes in between go through a scratch buffer, and everything is
 hashed in file order (for a large file, in a thread while the next bytes are read, where
 the process has 4 CPUs or more); the
 xxh3_64 digest and size are compared with the manifest's before any value is handed out.
-What costs per tensor (planning, matching the target) is kept to a few operations, and the
-garbage collector is paused meanwhile (``_collection_paused``).
+What a load plans per tensor (each leaf's dtype and shape, the runs of small tensors and
+where each lies in its run's buffer, the views of a mapped file) is worked out once per
+manifest and kept with it (``_Plan``): a load of a manifest read before does per tensor only
+what it must (match the target, one view or copy, hand the value out). The garbage collector
+is paused meanwhile (``_collection_paused``).
 
 Everything on disk is hostile until checked, whoever wrote it (the disk is shared), and
 whether or not ``verify`` is set:
@@ -46,6 +49,7 @@ import math
 import os
 import pickle
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -175,6 +179,7 @@ class _Checkpoint:
         except (ValueError, RecursionError) as exc:  # msgspec's errors are ValueErrors
             raise CorruptCheckpoint(f"unreadable manifest: {exc}", path=manifest_path) from exc
         _last_manifest[0] = (bytes(data), manifest)
+        _last_plans[0] = None  # (the previous manifest's, and their spare buffers)
         return manifest
 
     def open_file(self, name: str) -> tuple[int, int]:
@@ -588,29 +593,34 @@ def _load(
         return unflatten(source.state.skeleton, [values[i] for i in wanted])
     matched: list[tuple[KeyPath, Any, int]] = []
     try:
-        _match(state_dict, source.state.skeleton, (), matched)
+        tuples = _match(state_dict, source.state.skeleton, (), matched)
     except _Missing as exc:
         raise KeyError(
             f"{format_key_path(exc.key_path)!r} is not in the checkpoint at {checkpoint.root!r}"
         ) from None
     destinations: dict[int, torch.Tensor] = {}
+    tensors = _plan_for(checkpoint, source.rank).tensors
     for key_path, target, index in matched:
-        leaf = leaves[index]
-        if not (isinstance(target, torch.Tensor) and isinstance(leaf, TensorLeaf)):
+        spec = tensors[index]
+        if spec is None or not isinstance(target, torch.Tensor):
             continue
-        if (
-            leaf.global_shape is None
-            and type(target) in _PLAIN_TENSORS
-            and list(target.shape) == leaf.shape
-        ):
+        if spec[2] and type(target) in _PLAIN_TENSORS and target.shape == spec[1]:
             local = target  # a whole tensor into one of its shape: nothing to reshard
         else:
+            leaf = leaves[index]
+            assert isinstance(leaf, TensorLeaf)
             box = _wanted_box(source, key_path, leaf, target)
             if box != _saved_box(leaf):
                 boxes[index] = box
             local = _local_tensor(target)
-        if _can_read_into(local, leaf):
-            destinations.setdefault(index, local)
+        if (
+            local.dtype == spec[0]
+            and local.is_cpu
+            and not local.requires_grad
+            and local.is_contiguous()
+            and index not in destinations
+        ):
+            destinations[index] = local
     values = _read_leaves(
         checkpoint,
         manifest,
@@ -622,6 +632,8 @@ def _load(
         verify,
         allow_pickle,
     )
+    if not tuples and all(values[index] is target for _, target, index in matched):
+        return state_dict  # every leaf filled in place: nothing to put into containers
     return _fill(state_dict, iter([values[index] for _, _, index in matched]))
 
 
@@ -639,36 +651,40 @@ class _Missing(Exception):
 
 def _match(
     target: Any, node: Node | None, key_path: KeyPath, matched: list[tuple[KeyPath, Any, int]]
-) -> None:
+) -> bool:
     """Append ``(key path, leaf, saved leaf index)`` for every leaf of ``target`` (by
     ``tree.flatten``'s rules, depth first) to ``matched``, walking the saved skeleton
-    ``node`` alongside. Raises _Missing for the first leaf the skeleton does not have."""
+    ``node`` alongside; return whether ``target`` holds a tuple (which ``_fill`` replaces).
+    Raises _Missing for the first leaf the skeleton does not have."""
     if isinstance(target, dict):
         items: Any = target.items()
     elif isinstance(target, list) or (isinstance(target, tuple) and not hasattr(target, "_fields")):
         items = enumerate(target)
     elif isinstance(node, LeafNode):
         matched.append((key_path, target, node.index))
-        return
+        return False
     else:
         raise _Missing(key_path)
+    tuples = isinstance(target, tuple)
     if isinstance(node, DictNode):
         by_key: dict[Any, Node] = dict(zip(node.keys, node.children, strict=True))
         for key, child in items:
             found = by_key.get(key)
             if isinstance(child, torch.Tensor) and isinstance(found, LeafNode):
                 matched.append(((*key_path, key), child, found.index))  # (no call per tensor)
-            else:
-                _match(child, found, (*key_path, key), matched)
+            elif _match(child, found, (*key_path, key), matched):
+                tuples = True
     elif isinstance(node, (ListNode, TupleNode)):
         children = node.children
         for key, child in items:
             within = isinstance(key, int) and 0 <= key < len(children)
-            _match(child, children[key] if within else None, (*key_path, key), matched)
+            if _match(child, children[key] if within else None, (*key_path, key), matched):
+                tuples = True
     else:  # nothing saved here: the first leaf below, if any, is missing
         _, below = flatten(target, is_tensor)
         if below:
             raise _Missing((*key_path, *below[0][0]))
+    return tuples
 
 
 def _check_keys_of_rank_0(source: _Source) -> None:
@@ -729,15 +745,6 @@ def _local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else tensor
 
 
-def _can_read_into(target: torch.Tensor, leaf: TensorLeaf) -> bool:
-    return (
-        target.is_cpu
-        and not target.requires_grad
-        and target.is_contiguous()
-        and target.dtype == dtype_from_name(leaf.dtype)
-    )
-
-
 def _fill(target: Any, saved: Iterator[Any]) -> Any:
     """Put the saved values (one per leaf of ``target``, in ``_match``'s order) into
     ``target``'s containers."""
@@ -791,38 +798,310 @@ class _Region:
         return self.view
 
 
+@dataclass(slots=True, eq=False)
+class _Run:
+    """Small tensors lying close together in one file (``offset``..``end``), read with one
+    call into one buffer that starts ``pad`` bytes before the run (so that the buffer is
+    aligned as the file is): ``members[k]`` are the leaves saved at the k-th place (several
+    for tied leaves), whose tensor is ``specs[k]``: dtype, shape, strides and element offset
+    in the buffer viewed as that dtype."""
+
+    offset: int
+    end: int
+    pad: int
+    #: its place among the plan's runs (of every file)
+    number: int
+    members: list[tuple[int, ...]]
+    specs: list[tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int]]
+
+
+@dataclass(slots=True, eq=False)
+class _Plan:
+    """What every load of one rank's state of one manifest needs, worked out once and kept
+    with the manifest (``_plan_for``): the per-tensor work left to a load is what it must do
+    per tensor anyway (a view, a copy, a value handed out)."""
+
+    #: leaf index -> (dtype, shape, whether saved whole) for tensors, None for other leaves
+    tensors: list[tuple[torch.dtype, tuple[int, ...], bool] | None]
+    #: indices of leaves stored as plain values, and of pickled or custom-stored ones
+    plain: list[int]
+    special: list[int]
+    #: runs of small tensors per file, by offset
+    runs: dict[str, list[_Run]]
+    #: tensor leaves read one by one (large, empty, misaligned, overlapping), by index
+    singles: list[tuple[int, TensorLeaf]]
+    #: pairs of different leaves saved at one place: corrupt, if a load reads both
+    collisions: list[tuple[int, int]]
+    #: the largest run's buffer
+    run_bytes: int
+    #: for loads into existing tensors: a buffer every run is read into in turn, with each
+    #: run's tensors as views of it made once (taken by one load at a time)
+    spare: tuple[torch.Tensor, list[list[torch.Tensor]]] | None = None
+    #: for mmap: ``_map_plan``'s, made by the first load that maps
+    mapped: (
+        tuple[
+            dict[
+                tuple[str, torch.dtype],
+                list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]],
+            ],
+            list[tuple[tuple[int, ...], TensorLeaf]],
+        ]
+        | None
+    ) = None
+
+    def take_spare(self) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+        with _plan_lock:
+            spare, self.spare = self.spare, None
+        if spare is not None:
+            return spare
+        buffer = torch.empty(self.run_bytes, dtype=torch.uint8)
+        views = [_run_views(run, buffer) for runs in self.runs.values() for run in runs]
+        return buffer, views
+
+    def give_back(self, spare: tuple[torch.Tensor, list[list[torch.Tensor]]]) -> None:
+        with _plan_lock:
+            if self.spare is None:
+                self.spare = spare
+
+
+_plan_lock = threading.Lock()
+#: the plans of the manifest read last (``_last_manifest``), per saved rank
+_last_plans: list[tuple[Manifest, dict[int, _Plan]] | None] = [None]
+
+
+def _plan_for(checkpoint: _Checkpoint, rank: int) -> _Plan:
+    """The plan of rank ``rank``'s state, made once per manifest read (kept while it is the
+    last one read, ``_last_manifest``; another manifest's plan is made for each load)."""
+    manifest = checkpoint.manifest
+    with _plan_lock:
+        kept = _last_plans[0]
+        if kept is not None and kept[0] is manifest and rank in kept[1]:
+            return kept[1][rank]
+    plan = _make_plan(manifest.rank_state(rank).leaves)
+    if _last_manifest[0] is not None and _last_manifest[0][1] is manifest:
+        with _plan_lock:
+            kept = _last_plans[0]
+            if kept is None or kept[0] is not manifest:
+                kept = _last_plans[0] = (manifest, {})
+            plan = kept[1].setdefault(rank, plan)
+    return plan
+
+
+def _make_plan(leaves: list[Leaf]) -> _Plan:
+    tensors: list[tuple[torch.dtype, tuple[int, ...], bool] | None] = [None] * len(leaves)
+    plain: list[int] = []
+    special: list[int] = []
+    singles: list[tuple[int, TensorLeaf]] = []
+    #: (file, offset) -> the leaves saved there (tied leaves: equal ones)
+    places: dict[tuple[str, int], list[int]] = {}
+    small: list[tuple[str, int, int, int]] = []  # file, offset, end, first leaf
+    in_runs: set[int] = set()
+    for index, leaf in enumerate(leaves):
+        if type(leaf) is not TensorLeaf:
+            if isinstance(leaf, (ValueLeaf, FloatLeaf, BigIntLeaf, BytesLeaf)):
+                plain.append(index)
+            else:
+                special.append(index)
+                if isinstance(leaf, ObjectLeaf):
+                    places.setdefault((leaf.file, leaf.offset), []).append(index)
+            continue
+        dtype = dtype_from_name(leaf.dtype)
+        shape = tuple(leaf.shape)
+        tensors[index] = (dtype, shape, leaf.global_shape is None)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes == 0:  # nothing to read (and may share an offset)
+            singles.append((index, leaf))
+            continue
+        at = places.setdefault((leaf.file, leaf.offset), [])
+        at.append(index)
+        if len(at) > 1 and at[0] in in_runs and leaves[at[0]] == leaf:
+            continue  # tied to a small tensor: made with it
+        if len(at) == 1 and nbytes <= _SMALL_BYTES and not leaf.offset % dtype.itemsize:
+            small.append((leaf.file, leaf.offset, leaf.offset + nbytes, index))
+            in_runs.add(index)
+        else:
+            singles.append((index, leaf))
+    collisions = [
+        (at[0], other)
+        for at in places.values()
+        for other in at[1:]
+        if leaves[other] != leaves[at[0]]
+    ]
+    small.sort()
+    runs: dict[str, list[_Run]] = {}
+    run_bytes = 0
+    count = 0
+    run: _Run | None = None
+    file = ""
+    for name, offset, end, first in small:
+        members = tuple(i for i in places[name, offset] if leaves[i] == leaves[first])
+        if name == file and run is not None and offset < run.end:
+            # overlapping another small tensor (nothing aiockpt writes): read on its own
+            singles.extend((i, leaves[i]) for i in members)  # type: ignore[misc]
+            in_runs.difference_update(members)
+            continue
+        if (
+            run is None
+            or name != file
+            or offset - run.end > _RUN_GAP
+            or end - run.offset > _RUN_BYTES
+        ):
+            file = name
+            run = _Run(offset, end, offset % _ALIGN, count, [], [])
+            count += 1
+            runs.setdefault(name, []).append(run)
+        dtype, shape, _ = tensors[first]  # type: ignore[misc]
+        run.members.append(members)
+        run.specs.append(
+            (
+                dtype,
+                shape,
+                _contiguous_strides(shape),
+                (run.pad + offset - run.offset) // dtype.itemsize,
+            )
+        )
+        run.end = end
+        run_bytes = max(run_bytes, -(-(run.pad + end - run.offset) // _ALIGN) * _ALIGN)
+    singles.sort(key=_first)
+    return _Plan(tensors, plain, special, runs, singles, collisions, run_bytes)
+
+
+def _first(pair: tuple[int, Any]) -> int:
+    return int(pair[0])
+
+
+def _run_views(run: _Run, buffer: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors of ``run`` as views of ``buffer``, the buffer it was read into."""
+    typed: dict[torch.dtype, torch.Tensor] = {}
+    views = []
+    for dtype, shape, strides, at in run.specs:
+        view = typed.get(dtype)
+        if view is None:
+            view = typed[dtype] = buffer.view(dtype)
+        views.append(view.as_strided(shape, strides, at))
+    return views
+
+
+class _RunLoad:
+    """One load's side of reading runs: which leaves it wants, where they go, and the buffer
+    each run is read into (a new one when allocating, whose views the tensors become, else
+    the plan's spare buffer, copied out into the destinations with one batched copy)."""
+
+    def __init__(
+        self,
+        plan: _Plan,
+        wanted: bytearray | None,
+        destinations: dict[int, torch.Tensor],
+        values: dict[int, Any],
+        allocate: bool,
+    ) -> None:
+        self.plan = plan
+        #: leaf index -> 1 where wanted (None: every leaf)
+        self.wanted = wanted
+        self.destinations = destinations
+        self.values = values
+        self.allocate = allocate
+        self.spare: tuple[torch.Tensor, list[list[torch.Tensor]]] | None = None
+
+    def wants(self, run: _Run) -> bool:
+        wanted = self.wanted
+        assert wanted is not None
+        return any(wanted[i] for members in run.members for i in members)
+
+    def buffer_for(self, run: _Run, root: str) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """The buffer to read ``run`` into and, for the spare one, the run's views of it."""
+        if self.allocate:
+            size = -(-(run.pad + run.end - run.offset) // _ALIGN) * _ALIGN
+            return _empty((size,), torch.uint8, root), None  # (dtype views need whole elements)
+        if self.spare is None:
+            self.spare = self.plan.take_spare()
+        return self.spare[0], self.spare[1][run.number]
+
+    def place(self, run: _Run, buffer: torch.Tensor, views: list[torch.Tensor] | None) -> None:
+        """Hand out the wanted tensors of ``run``, just read into ``buffer``."""
+        values = self.values
+        wanted = self.wanted
+        if views is None:  # allocating: the views are the tensors
+            for members, tensor in zip(run.members, _run_views(run, buffer), strict=True):
+                for index in members:
+                    if wanted is None or wanted[index]:
+                        values[index] = tensor
+            return
+        destinations = self.destinations
+        targets: list[torch.Tensor] = []
+        sources: list[torch.Tensor] = []
+        tied: list[tuple[tuple[int, ...], torch.Tensor]] = []
+        for members, view in zip(run.members, views, strict=True):
+            if wanted is not None and not any(wanted[i] for i in members):
+                continue
+            first = members[0]
+            destination = destinations.get(first)
+            if destination is None:
+                value = view.clone()  # the spare buffer is read into again
+            else:
+                targets.append(destination)
+                sources.append(view)
+                value = destination
+            if len(members) == 1:
+                values[first] = value
+            else:
+                tied.append((members, value))
+        if targets:
+            torch._foreach_copy_(targets, sources)
+        for members, value in tied:  # after the copy: a tied leaf's own tensor copies it
+            for index in members:
+                if wanted is None or wanted[index]:
+                    destination = destinations.get(index)
+                    values[index] = value if destination is None else _place(value, destination)
+
+    def close(self) -> None:
+        if self.spare is not None:
+            self.plan.give_back(self.spare)
+            self.spare = None
+
+
 def _stored_leaves(
     manifest: Manifest,
     leaves: list[Leaf],
+    plan: _Plan,
     wanted: list[int],
-    boxes: dict[int, _Box],
+    flags: bytearray | None,
     allow_pickle: bool,
     values: dict[int, Any],
 ) -> list[tuple[int, TensorLeaf | ObjectLeaf]]:
-    """The ``wanted`` leaves whose bytes lie in a file (each once, none of ``boxes``); plain
-    values go straight into ``values``. Raises ValueError for a leaf a custom writer stored
-    in its own way, or a pickled one without ``allow_pickle``."""
-    stored: list[tuple[int, TensorLeaf | ObjectLeaf]] = []
-    for index in dict.fromkeys(wanted):
+    """The wanted leaves (``flags``, None for all; ``wanted`` gives their order) that are
+    read one by one (each once: not those of ``plan``'s runs, nor pickled ones unless
+    allowed); plain values go straight into ``values``. Raises ValueError for a leaf a
+    custom writer stored in its own way, or a pickled one without ``allow_pickle`` (the
+    first in ``wanted``'s order)."""
+    special = [i for i in plan.special if flags is None or flags[i]]
+    if len(special) > 1:
+        order = {index: k for k, index in enumerate(wanted)}
+        special.sort(key=order.__getitem__)
+    objects: list[tuple[int, TensorLeaf | ObjectLeaf]] = []
+    for index in special:
         leaf = leaves[index]
-        if type(leaf) is TensorLeaf:  # the common case first
-            if index not in boxes:
-                stored.append((index, leaf))
-        elif isinstance(leaf, (ValueLeaf, FloatLeaf, BigIntLeaf, BytesLeaf)):
-            values[index] = plain_value(leaf)
-        elif isinstance(leaf, OpaqueLeaf):
+        if isinstance(leaf, OpaqueLeaf):
             raise ValueError(
                 f"leaf {index} ({leaf.kind}) was stored by the {manifest.format!r} writer in "
                 f"its own way; load this checkpoint with that format's loader"
             )
-        elif isinstance(leaf, ObjectLeaf) and not allow_pickle:
+        if not allow_pickle:
             raise ValueError(
                 f"leaf {index} was saved as a pickled object; pass allow_pickle=True to load "
                 "it, and only for checkpoints you trust"
             )
-        elif index not in boxes:
-            stored.append((index, leaf))
-    return stored
+        assert isinstance(leaf, ObjectLeaf)
+        objects.append((index, leaf))
+    for index in plan.plain:
+        if flags is None or flags[index]:
+            leaf = leaves[index]
+            assert isinstance(leaf, (ValueLeaf, FloatLeaf, BigIntLeaf, BytesLeaf))
+            values[index] = plain_value(leaf)
+    singles: list[tuple[int, TensorLeaf | ObjectLeaf]] = [
+        (index, leaf) for index, leaf in plan.singles if flags is None or flags[index]
+    ]
+    return singles + objects
 
 
 def _map_leaves(
@@ -843,59 +1122,80 @@ def _map_leaves(
             "and mmap=True cannot join pieces into one view; pass rank= (at the saved world "
             "size) to map that rank's pieces, or load without mmap"
         )
-    manifest = checkpoint.manifest
+    plan = _plan_for(checkpoint, source.rank)
     values: dict[int, Any] = {}
-    stored = _stored_leaves(manifest, leaves, list(range(len(leaves))), {}, allow_pickle, values)
-    needed = {leaf.file for _, leaf in stored if isinstance(leaf, TensorLeaf)}
+    # (raises for custom-stored leaves and pickled ones not allowed; plain values)
+    _stored_leaves(checkpoint.manifest, leaves, plan, plan.special, None, allow_pickle, values)
+    if plan.mapped is None:
+        plan.mapped = _map_plan(leaves, plan)
+    by_base, odd = plan.mapped
+    needed = {name for name, _ in by_base} | {leaf.file for _, leaf in odd}
     files = {
-        entry.name: _map_file(checkpoint, entry) for entry in manifest.files if entry.name in needed
+        entry.name: _map_file(checkpoint, entry)
+        for entry in checkpoint.manifest.files
+        if entry.name in needed
     }
-    # Tied leaves (saved once at one place) come back as one tensor, as without mmap.
-    made: dict[tuple[str, int, str, tuple[int, ...]], torch.Tensor] = {}
-    byte_arrays: dict[str, Any] = {}
-    # One typed view of each file per dtype; each tensor is a strided view of it (one call).
-    bases: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-    strides: dict[tuple[int, ...], tuple[int, ...]] = {}
-
-    def file_bytes(name: str) -> Any:
-        """The whole mapped file as a numpy byte array (a buffer that keeps it mapped)."""
-        if name not in byte_arrays:
-            byte_arrays[name] = torch.empty(0, dtype=torch.uint8).set_(files[name]).numpy()
-        return byte_arrays[name]
-
-    for index, leaf in stored:
-        if isinstance(leaf, ObjectLeaf):
-            continue
-        shape = tuple(leaf.shape)
-        key = (leaf.file, leaf.offset, leaf.dtype, shape)
-        tensor = made.get(key)
-        if tensor is None:
-            dtype = dtype_from_name(leaf.dtype)
-            offset, misaligned = divmod(leaf.offset, dtype.itemsize)
-            numel = math.prod(shape)
-            if numel == 0:
-                tensor = torch.empty(shape, dtype=dtype)
-            elif not misaligned:
-                base = bases.get((leaf.file, dtype))
-                if base is None:
-                    storage = files[leaf.file]
-                    whole = (storage.nbytes() // dtype.itemsize,)
-                    base = bases[leaf.file, dtype] = torch.empty(0, dtype=dtype).set_(
-                        storage, 0, whole, (1,)
-                    )
-                stride = strides.get(shape)
-                if stride is None:
-                    stride = strides[shape] = _contiguous_strides(shape)
-                tensor = base.as_strided(shape, stride, offset)
-            else:
-                # safetensors aligns data to 8 bytes, so a complex128 may start between two
-                # of its 16-byte elements: a view of the bytes from there, with its own base.
-                tensor = torch.frombuffer(
-                    file_bytes(leaf.file), dtype=dtype, count=numel, offset=leaf.offset
-                ).view(shape)
-            made[key] = tensor
-        values[index] = tensor
+    for (name, dtype), tensors in by_base.items():
+        # One typed view of the file; each tensor a strided view of it (one call each).
+        storage = files[name]
+        base = torch.empty(0, dtype=dtype).set_(
+            storage, 0, (storage.nbytes() // dtype.itemsize,), (1,)
+        )
+        for members, shape, strides, at in tensors:
+            tensor = base.as_strided(shape, strides, at)
+            for index in members:
+                values[index] = tensor
+    for members, leaf in odd:
+        dtype, shape, _ = plan.tensors[members[0]]  # type: ignore[misc]
+        numel = math.prod(shape)
+        if numel == 0:
+            tensor = torch.empty(shape, dtype=dtype)
+        else:
+            # safetensors aligns data to 8 bytes, so a complex128 may start between two of
+            # its 16-byte elements: a view of the bytes from there, with its own base.
+            storage = files[leaf.file]
+            array = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
+            tensor = torch.frombuffer(array, dtype=dtype, count=numel, offset=leaf.offset)
+            tensor = tensor.view(shape)
+        for index in members:
+            values[index] = tensor
     return values
+
+
+def _map_plan(
+    leaves: list[Leaf], plan: _Plan
+) -> tuple[
+    dict[
+        tuple[str, torch.dtype], list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]]
+    ],
+    list[tuple[tuple[int, ...], TensorLeaf]],
+]:
+    """Every tensor of ``plan`` as a view of its mapped file: per (file, dtype), the leaves
+    saved at each place (tied leaves come back as one tensor, as without mmap) with the
+    view's shape, strides and element offset; and those that are no such view (empty, or
+    not aligned to their dtype)."""
+    places: dict[tuple[str, int, str, tuple[int, ...]], list[int]] = {}
+    for index, spec in enumerate(plan.tensors):
+        if spec is not None:
+            leaf = leaves[index]
+            assert isinstance(leaf, TensorLeaf)
+            places.setdefault((leaf.file, leaf.offset, leaf.dtype, spec[1]), []).append(index)
+    by_base: dict[
+        tuple[str, torch.dtype], list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]]
+    ] = {}
+    odd: list[tuple[tuple[int, ...], TensorLeaf]] = []
+    for (name, offset, _, shape), members in places.items():
+        dtype = plan.tensors[members[0]][0]  # type: ignore[index]
+        at, misaligned = divmod(offset, dtype.itemsize)
+        leaf = leaves[members[0]]
+        assert isinstance(leaf, TensorLeaf)
+        if misaligned or not math.prod(shape):
+            odd.append((tuple(members), leaf))
+        else:
+            by_base.setdefault((name, dtype), []).append(
+                (tuple(members), shape, _contiguous_strides(shape), at)
+            )
+    return by_base, odd
 
 
 def _map_file(checkpoint: _Checkpoint, entry: FileEntry) -> torch.UntypedStorage:
@@ -933,43 +1233,77 @@ def _read_leaves(
     allow_pickle: bool,
 ) -> dict[int, Any]:
     """Values of the ``wanted`` leaves; tensors go into ``destinations`` where given, and
-    the leaves in ``boxes`` are assembled from the saved pieces that overlap their box."""
+    the leaves in ``boxes`` are assembled from the saved pieces that overlap their box.
+    Raises ValueError for a leaf a custom writer stored in its own way, or a pickled one
+    without ``allow_pickle``; CorruptCheckpoint as ``load`` says."""
+    plan = _plan_for(checkpoint, source.rank)
+    marks = bytearray(len(leaves))
+    for index in wanted:
+        marks[index] = 1
+    for index in boxes:
+        marks[index] = 0
+    flags = None if all(marks) else marks  # None: every leaf (no test per leaf)
     values: dict[int, Any] = {}
-    stored = _stored_leaves(manifest, leaves, wanted, boxes, allow_pickle, values)
+    stored = _stored_leaves(manifest, leaves, plan, wanted, flags, allow_pickle, values)
     assembled = []
     if boxes:
         key_paths = dict(iter_key_paths(source.state.skeleton))
         assembled = [(i, key_paths[i], leaves[i], box) for i, box in boxes.items()]
-    needed = {leaf.file for _, leaf in stored}
+    load = _RunLoad(plan, flags, destinations, values, allocate=not destinations)
+    runs = plan.runs
+    if flags is not None:
+        runs = {}
+        for name, file_runs in plan.runs.items():
+            kept = [run for run in file_runs if load.wants(run)]
+            if kept:
+                runs[name] = kept
+    needed = {leaf.file for _, leaf in stored} | runs.keys()
     for _, key_path, leaf, _ in assembled:
         assert isinstance(leaf, TensorLeaf)
         needed.update(piece.file for piece in source.pieces(key_path, leaf))
     entries = [entry for entry in manifest.files if verify or entry.name in needed]
     # Before any buffer is allocated: a manifest listing a huge tensor must not get one.
     _check_sizes(checkpoint, entries)
+    for first, other in plan.collisions:
+        if (flags is None or (flags[first] and flags[other])) and not (
+            isinstance(leaves[first], ObjectLeaf) and not allow_pickle
+        ):
+            leaf = leaves[other]
+            assert isinstance(leaf, (TensorLeaf, ObjectLeaf))
+            raise CorruptCheckpoint(
+                f"two different leaves at offset {leaf.offset}",
+                path=os.path.join(checkpoint.root, leaf.file),
+            )
     regions = _plan_regions(checkpoint.root, leaves, stored, destinations, values)
     pieces: dict[str, list[_Region]] = {}
     for index, key_path, leaf, box in assembled:
         assert isinstance(leaf, TensorLeaf)
         values[index] = _plan_assembly(source, key_path, leaf, box, destinations.get(index), pieces)
-    for entry in entries:
-        file_regions = sorted(
-            [*regions.get(entry.name, {}).values(), *pieces.get(entry.name, [])],
-            key=_offset_of,
-        )
-        _read_file(checkpoint, entry, file_regions, verify=verify)
-        for region in file_regions:
-            if region.after is not None:
-                region.after()
-                continue
-            if region.tensor is None:  # a pickled leaf's bytes (allow_pickle was checked)
-                assert region.view is not None
-                value = pickle.loads(region.view.obj)
-            else:
-                value = region.tensor
-            for index in region.leaves:
-                destination = destinations.get(index)
-                values[index] = value if destination is None else _place(value, destination)
+    try:
+        for entry in entries:
+            file_regions = [*regions.get(entry.name, {}).values(), *pieces.get(entry.name, [])]
+            _read_file(
+                checkpoint,
+                entry,
+                file_regions,
+                verify=verify,
+                runs=runs.get(entry.name),
+                load=load,
+            )
+            for region in file_regions:
+                if region.after is not None:
+                    region.after()
+                    continue
+                if region.tensor is None:  # a pickled leaf's bytes (allow_pickle was checked)
+                    assert region.view is not None
+                    value = pickle.loads(region.view.obj)
+                else:
+                    value = region.tensor
+                for index in region.leaves:
+                    destination = destinations.get(index)
+                    values[index] = value if destination is None else _place(value, destination)
+    finally:
+        load.close()
     for index in boxes:
         values[index] = _place(values[index], destinations.get(index))
     return values
@@ -1104,8 +1438,8 @@ def _plan_regions(
                 if region.tensor is None:
                     values[index] = torch.empty(shape, dtype=dtype)
                 continue
-            if region.tensor is None and region.nbytes > _SMALL_BYTES:
-                region.tensor = _empty(shape, dtype, root)  # (small ones: views of their run)
+            if region.tensor is None:  # allocated before any read, as the manifest says
+                region.tensor = _empty(shape, dtype, root)
         if shared is not None:
             raise CorruptCheckpoint(
                 f"two different leaves at offset {leaf.offset}", path=os.path.join(root, leaf.file)
@@ -1114,8 +1448,8 @@ def _plan_regions(
     return regions
 
 
-def _offset_of(region: _Region) -> int:
-    return region.offset
+def _offset_of(item: _Region | _Run) -> int:
+    return item.offset
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, root: str) -> torch.Tensor:
@@ -1164,28 +1498,32 @@ def _read_file(
     *,
     verify: bool,
     progress: Callable[[int], object] | None = None,
+    runs: list[_Run] | None = None,
+    load: _RunLoad | None = None,
 ) -> None:
-    """Read ``regions`` (in file order) of one file into their buffers, making the tensors
-    to allocate; with ``verify``, read and hash the whole file and compare with ``entry``.
-    Raises CorruptCheckpoint naming the file."""
+    """Read ``regions`` of one file into their buffers, making the tensors to allocate, and
+    ``runs`` of small tensors (each with one call, placed by ``load``), all in file order;
+    with ``verify``, read and hash the whole file and compare with ``entry``. Raises
+    CorruptCheckpoint naming the file."""
     full = os.path.join(checkpoint.root, entry.name)
     fd = _open_checked(checkpoint, entry)
     digest = _Digest(entry.size >= _THREADED_HASH_BYTES) if verify else None
+    items: list[_Region | _Run] = sorted([*regions, *(runs or ())], key=_offset_of)
     try:
         reader = _FileReader(fd, full, entry.size, checkpoint.root, digest, progress)
-        i = 0
-        while i < len(regions):
-            region = regions[i]
-            if region.offset + region.nbytes > entry.size:
+        for item in items:
+            end = item.offset + (
+                item.nbytes if isinstance(item, _Region) else item.end - item.offset
+            )
+            if end > entry.size:
                 raise CorruptCheckpoint(
-                    f"entry at {region.offset}..{region.offset + region.nbytes} runs past the end",
-                    path=full,
+                    f"entry at {item.offset}..{end} runs past the end", path=full
                 )
-            if reader.starts_run(region):
-                i = reader.read_run(regions, i)
+            if isinstance(item, _Run):
+                assert load is not None
+                reader.read_run(item, load)
             else:
-                reader.read_region(region)
-                i += 1
+                reader.read_region(item)
         if digest is not None:
             reader.hash_to(entry.size)
             if digest.hexdigest() != entry.xxh3_64:
@@ -1269,6 +1607,8 @@ class _FileReader:
         self._scratch: list[tuple[torch.Tensor, memoryview]] = []
         self._hashing: list[Future[None] | None] = [None, None]
         self._turn = 0
+        #: the hash of the last run read into a load's spare buffer, if not done yet
+        self._run_hashing: Future[None] | None = None
 
     def _take_scratch(self) -> tuple[int, torch.Tensor, memoryview]:
         slot = self._turn
@@ -1321,91 +1661,27 @@ class _FileReader:
                 self._hash(chunk, region)
         self.position = end
 
-    def starts_run(self, region: _Region) -> bool:
-        """Whether ``region`` is a small tensor after everything read so far (overlapping
-        ones, pieces of a piece read for several targets, go one by one)."""
-        return (
-            region.dtype is not None
-            and region.after is None
-            and region.offset >= self.position
-            and region.nbytes <= _SMALL_BYTES
-        )
-
-    def read_run(self, regions: list[_Region], first: int) -> int:
-        """Read the run of small tensor regions from ``regions[first]`` on (all to fill, or
-        all to allocate) with one read and one hash update; return the index after it."""
-        head = regions[first]
-        allocate = head.tensor is None
-        start = head.offset
-        if self.digest is not None:
-            if start - self.position > _RUN_GAP:
-                self.hash_to(start)
-            start = self.position
-        limit = start + (_RUN_BYTES if allocate else self._scratch_bytes - _ALIGN)
-        end = start
-        i = first
-        while i < len(regions):
-            region = regions[i]
-            region_end = region.offset + region.nbytes
-            if (
-                region.dtype is None
-                or region.after is not None
-                or region.nbytes > _SMALL_BYTES
-                or (region.tensor is None) != allocate
-                or not 0 <= region.offset - end <= _RUN_GAP
-                or region_end > limit
-                or region_end > self.size
-            ):
-                break
-            end = region_end
-            i += 1
-        assert i > first  # the first always fits
-        pad = start % _ALIGN
-        slot = None
-        if allocate:
-            buffer = _empty((-(-(pad + end - start) // _ALIGN) * _ALIGN,), torch.uint8, self.root)
-            data = tensor_bytes(buffer)
-        else:
-            slot, buffer, data = self._take_scratch()
-        span = data[pad : pad + end - start]
-        _read_exactly(self.fd, span, start, self.full)
-        if self.digest is not None:
-            self._hash(span, buffer, slot)
-        self.position = end
-        _place_run(regions[first:i], buffer, pad - start, allocate)
-        return i
-
-
-def _place_run(run: list[_Region], buffer: torch.Tensor, shift: int, allocate: bool) -> None:
-    """Make ``run``'s tensors views of ``buffer`` (``allocate``) or copy them out of it in
-    one batch; a region's bytes are at its offset plus ``shift`` in ``buffer``."""
-    typed: dict[torch.dtype, torch.Tensor] = {}
-    targets: list[torch.Tensor] = []
-    sources: list[torch.Tensor] = []
-    for region in run:
-        dtype = region.dtype
-        assert dtype is not None
-        at = region.offset + shift
-        index, misaligned = divmod(at, dtype.itemsize)
-        if misaligned:  # safetensors aligns to 8 bytes: a complex128 may not be; copy it
-            if allocate:
-                region.tensor = torch.empty(region.shape, dtype=dtype)
-            assert region.tensor is not None
-            targets.append(region.tensor.reshape(-1).view(torch.uint8))
-            sources.append(buffer[at : at + region.nbytes])
-            continue
-        view = typed.get(dtype)
-        if view is None:
-            view = typed[dtype] = buffer.view(dtype)
-        source = view.as_strided(region.shape, _contiguous_strides(region.shape), index)
-        if allocate:
-            region.tensor = source
-        else:
-            assert region.tensor is not None
-            targets.append(region.tensor)
-            sources.append(source)
-    if targets:
-        torch._foreach_copy_(targets, sources)
+    def read_run(self, run: _Run, load: _RunLoad) -> None:
+        """Read ``run`` with one call (all of it, gaps included, even where some of its
+        tensors are not wanted) and hash it as one update; then make its wanted tensors
+        (``load.place``)."""
+        if self.digest is not None and self.position < run.offset:
+            self.hash_to(run.offset)
+        if self._run_hashing is not None:  # the spare buffer is still being hashed
+            self._run_hashing.result()  # bounded: a hash of bytes in memory
+            self._run_hashing = None
+        buffer, views = load.buffer_for(run, self.root)
+        data = tensor_bytes(buffer)
+        span = data[run.pad : run.pad + run.end - run.offset]
+        _read_exactly(self.fd, span, run.offset, self.full)
+        if self.digest is not None and run.end > self.position:
+            pending = self.digest.update(span[max(0, self.position - run.offset) :], buffer)
+            if views is not None:
+                self._run_hashing = pending
+            if self.progress is not None:
+                self.progress(run.end - max(self.position, run.offset))
+        self.position = max(self.position, run.end)
+        load.place(run, buffer, views)
 
 
 def _read_exactly(fd: int, view: memoryview, offset: int, full: str) -> None:
