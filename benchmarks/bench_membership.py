@@ -248,24 +248,25 @@ def idle_worker(directory: str) -> None:
     time.sleep(WAIT_S * 5)  # until the agent stops the group (SIGTERM's default: exit)
 
 
-def spares(agent: int) -> int:
-    """How many processes under ``agent`` were started as pre-started workers (spares; the
-    workers that were spares keep the bootstrap's command line)."""
-    count = 0
+def spare_pids(agent: int) -> set[int]:
+    """The processes under ``agent`` started as pre-started workers (spares): activated or
+    not, their command line is the bootstrap's."""
+    found = set()
     for pid in _descendants(agent):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        count += any(a.endswith(b"bootstrap.py") for a in argv) and b"spare" in argv
-    return count
+        if any(a.endswith(b"bootstrap.py") for a in argv) and b"spare" in argv:
+            found.add(pid)
+    return found
 
 
 def _wait_spares(agent: int, count: int) -> None:
     """Until ``agent`` has started ``count`` spares (its workers and the next attempt's)."""
     deadline = time.monotonic() + WAIT_S
-    while spares(agent) < count:
+    while len(spare_pids(agent)) < count:
         if time.monotonic() > deadline:
             raise TimeoutError(f"agent {agent}: fewer than {count} spares within {WAIT_S}s")
         time.sleep(0.01)

@@ -14,21 +14,11 @@ import pytest
 import torch
 
 from aiockpt._format import loading
-from aiockpt._format.commit import write_checkpoint
 from aiockpt._format.loading import load, verify
 from aiockpt._format.manifest import MANIFEST_NAME, TensorLeaf, decode_manifest
 from aiockpt.errors import CorruptCheckpoint
-from aiockpt.writers import create_writer
+from tests.test_load import DATA_FILE, FORMATS, flip_byte, save
 from tests.writer_fixtures import DTYPES, assert_same, like, random_tensor
-
-FORMATS = ["dcp", "safetensors"]
-DATA_FILE = {"dcp": "__0_0.distcp", "safetensors": "model.safetensors"}
-
-
-def save(tmp_path: Path, state_dict: Any, fmt: str, name: str = "ckpt") -> Path:
-    path = tmp_path / name
-    write_checkpoint(create_writer(fmt), state_dict, path, format=fmt)
-    return path
 
 
 def many_small(count: int) -> dict[str, torch.Tensor]:
@@ -40,14 +30,6 @@ def many_small(count: int) -> dict[str, torch.Tensor]:
         f"t{i}": random_tensor(dtypes[i % len(dtypes)], shapes[i % len(shapes)], seed=i)
         for i in range(count)
     }
-
-
-def flip_byte(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x01]))
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ from aiockpt.elastic import LogsSpecs, Std, WorkerSpec, WorkerState
 from aiockpt.elastic.agent import PythonLaunch, python_launch
 from aiockpt.elastic.bootstrap import preload_modules
 from aiockpt.elastic.cli import parse_args
+from benchmarks.bench_membership import spare_pids
 from tests.elastic.test_agent import SCRIPT, run_agent, run_dir
-from tests.leaks import descendants
 
 PROBE = str(Path(__file__).with_name("probe_worker.py"))
 #: what ``python probe_worker.py`` puts first on sys.path
@@ -31,18 +31,8 @@ DEADLINE_S = 60.0
 
 
 def spares_of(root: int | None = None) -> set[int]:
-    """Processes under ``root`` (default: this one) started as spares: activated or not,
-    their command line is the bootstrap's."""
-    found = set()
-    for pid in descendants(root):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if any(a.endswith(b"bootstrap.py") for a in argv) and b"spare" in argv:
-            found.add(pid)
-    return found
+    """Processes under ``root`` (default: this one) started as spares."""
+    return spare_pids(os.getpid() if root is None else root)
 
 
 async def wait_for(condition: Any, what: str) -> Any:
