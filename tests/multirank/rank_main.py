@@ -28,6 +28,7 @@ import aiockpt
 from aiockpt import Checkpointer, CoordinationError, WorkerCrashed
 from tests.multirank.hf_scenarios import hf_save
 from tests.multirank.writers import expected_sum
+from tests.writer_fixtures import wait_for
 
 ROWS = 8
 COLS = 3
@@ -209,18 +210,21 @@ async def kill_worker(ckpt_root: str, rank: int, world: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     sums = "tests.multirank.writers:AllReduceWriter"
     async with Checkpointer(
-        ckpt_root, format="tests.multirank.writers:SlowDcpWriter", coordination_timeout_secs=60
+        ckpt_root, format="tests.multirank.writers:HeldDcpWriter", coordination_timeout_secs=60
     ) as ckpt:
         x = torch.full((2,), float(rank + 1))
         # The workers' process group exists from start-up on.
         await ckpt.save_to({"x": x}, os.path.join(ckpt_root, "sum_before"), format=sums)
         first_pid = ckpt.worker_pid
-        handle = ckpt.save({**replicated_state(1, rank), "sleep_s": 3.0}, step=1)
+        gate = f"{ckpt_root}.gate"  # beside the root: not in its listing
+        handle = ckpt.save({**replicated_state(1, rank), "gate": gate}, step=1)
         await handle.staged
         if rank == 1:
-            await asyncio.sleep(0.5)
             assert first_pid is not None
+            # killed while held in the middle of the save; then the other worker goes on
+            await asyncio.to_thread(wait_for, f"{gate}.started-{first_pid}")
             os.kill(first_pid, signal.SIGKILL)
+            await asyncio.to_thread(Path(f"{gate}.go").touch)
         killed_at = time.monotonic()
         try:
             await handle

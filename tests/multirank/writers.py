@@ -23,11 +23,21 @@ class FailingOnRankDcpWriter(DcpWriter):
         return super().write_part(state_dict, path, assignment)
 
 
-class SlowDcpWriter(DcpWriter):
-    """DCP that takes ``"sleep_s"`` seconds longer to write its part (time to kill it)."""
+class HeldDcpWriter(DcpWriter):
+    """DCP held before writing its part, given a ``"gate"`` entry (a path): each worker
+    creates ``<gate>.started-<its pid>``, then writes only once ``<gate>.go`` appears (at
+    most a minute later), so a rank can kill its worker mid-save without guessing when."""
 
     def write_part(self, state_dict: Any, path: str, assignment: Any) -> WriterPart:
-        time.sleep(float(state_dict.get("sleep_s", 0)))
+        gate = state_dict.get("gate")
+        if gate is not None:
+            with open(f"{gate}.started-{os.getpid()}", "w"):
+                pass
+            deadline = time.monotonic() + 60
+            while not os.path.exists(f"{gate}.go"):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{gate}.go never appeared")
+                time.sleep(0.002)
         return super().write_part(state_dict, path, assignment)
 
 
