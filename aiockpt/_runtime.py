@@ -4,7 +4,8 @@
   cancellation must not abandon halfway;
 - ``new_event_loop`` and ``run_on_fastest_loop``: uvloop where installed, asyncio's loop
   otherwise;
-- ``libc_function``: a function of the C library through ctypes, None where it lacks it.
+- ``libc_function``: a function of the C library through ctypes, None where it lacks it;
+- ``collection_paused``: the garbage collector off while many short-lived objects are made.
 
 Standard library only (uvloop is imported when a loop is made): the elastic agent's workers
 import this package and should not pay for torch.
@@ -13,12 +14,20 @@ import this package and should not pay for torch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import gc
 import logging
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Awaitable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["finish_even_if_cancelled", "libc_function", "new_event_loop", "run_on_fastest_loop"]
+__all__ = [
+    "collection_paused",
+    "finish_even_if_cancelled",
+    "libc_function",
+    "new_event_loop",
+    "run_on_fastest_loop",
+]
 
 logger = logging.getLogger("aiockpt")
 
@@ -89,3 +98,22 @@ def libc_function(name: str, argtypes: Sequence[Any], restype: Any = ctypes.c_in
     function.argtypes = tuple(argtypes)
     function.restype = restype
     return function
+
+
+@contextlib.contextmanager
+def collection_paused() -> Iterator[None]:
+    """The garbage collector off for the duration, then as it was before.
+
+    For work that makes tens of thousands of short-lived, acyclic objects (a save's or a
+    load's per-tensor views and leaves): they would set off the collector's full passes over
+    the whole heap, most of such a step's time with torch loaded, and there is nothing cyclic
+    to collect. A concurrent pause in another thread is harmless: each restores only what it
+    found.
+    """
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import logging
 import os
 
@@ -11,6 +12,7 @@ import pytest
 import uvloop
 
 from aiockpt._runtime import (
+    collection_paused,
     finish_even_if_cancelled,
     libc_function,
     new_event_loop,
@@ -112,3 +114,18 @@ def test_libc_functions_are_typed_per_caller_and_missing_ones_are_none() -> None
     assert as_pointer is not None and as_pointer.restype is ctypes.c_void_p
     assert getpid.restype is ctypes.c_int  # another caller's types do not leak into ours
     assert libc_function("aiockpt_no_such_function", ()) is None
+
+
+def test_collection_paused_restores_what_it_found_even_after_an_error() -> None:
+    assert gc.isenabled()
+    with pytest.raises(ZeroDivisionError), collection_paused():
+        assert not gc.isenabled()
+        1 / 0  # noqa: B018
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collection_paused():
+            pass
+        assert not gc.isenabled(), "a caller's own pause must outlive ours"
+    finally:
+        gc.enable()

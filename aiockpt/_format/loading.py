@@ -17,7 +17,7 @@ What a load plans per tensor (each leaf's dtype and shape, the runs of small ten
 where each lies in its run's buffer, the views of a mapped file) is worked out once per
 manifest and kept with it (``_Plan``): a load of a manifest read before does per tensor only
 what it must (match the target, one view or copy, hand the value out). The garbage collector
-is paused meanwhile (``_collection_paused``).
+is paused meanwhile (``collection_paused``).
 
 Everything on disk is hostile until checked, whoever wrote it (the disk is shared), and
 whether or not ``verify`` is set:
@@ -41,10 +41,8 @@ matching manifest); the rules about opening files are what keep a reader inside 
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
-import gc
 import math
 import os
 import pickle
@@ -91,6 +89,7 @@ from aiockpt._format.tree import (
     iter_key_paths,
     unflatten,
 )
+from aiockpt._runtime import collection_paused
 from aiockpt.errors import CorruptCheckpoint, ForeignCheckpoint
 from aiockpt.writers.base import dtype_from_name, is_tensor, tensor_bytes
 
@@ -127,7 +126,7 @@ class _Checkpoint:
         except (FileNotFoundError, NotADirectoryError):
             raise FileNotFoundError(f"no checkpoint directory at {self.root!r}") from None
         try:
-            with _collection_paused():
+            with collection_paused():
                 self.manifest = self._read_manifest()
         except BaseException:
             os.close(self.fd)
@@ -450,7 +449,7 @@ def load(
     # them would set off the collector's full passes over the whole heap (most of the time a
     # 20,000-tensor load took). None of them is cyclic garbage; whatever a Stateful's own
     # state_dict() or load_state_dict() leaves is collected once collection resumes.
-    with _collection_paused():
+    with collection_paused():
         try:
             checkpoint = _Checkpoint(path)
         except ForeignCheckpoint:
@@ -539,18 +538,6 @@ class _Source:
             f"a tensor of shape {leaf.global_shape} saved by {self.saved_world} ranks as "
             f"pieces {pieces}"
         )
-
-
-@contextlib.contextmanager
-def _collection_paused() -> Iterator[None]:
-    """The garbage collector off for the duration (as it was before, after)."""
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if collecting:
-            gc.enable()
 
 
 def _load(

@@ -21,7 +21,6 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
-import gc
 import itertools
 import logging
 import mmap
@@ -36,7 +35,7 @@ from typing import Any
 import torch
 
 from aiockpt._format.tree import MAX_DEPTH, KeyPath, Node, flatten, format_key_path
-from aiockpt._runtime import finish_even_if_cancelled, libc_function
+from aiockpt._runtime import collection_paused, finish_even_if_cancelled, libc_function
 from aiockpt._wire.protocol import ArenaRef, Leaf, ShardSpec, StateDictPayload, TensorInArena
 from aiockpt._wire.tensors import dtype_name, is_tensor, value_leaf
 
@@ -180,9 +179,7 @@ class PlanCache:
         # The walk allocates a few objects per leaf, which would set off the garbage
         # collector's full passes over the trainer's heap (most of the time a repeated plan
         # took with 20,000 tensors); it has nothing to collect here.
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
+        with collection_paused():
             walked = _walk(state_dict, values, structure, 0)
             last = self._last
             if (
@@ -194,9 +191,6 @@ class PlanCache:
                 reused = self._reuse_if_same(last, values, allow_pickle)
                 if reused is not None:
                     return reused
-        finally:
-            if collecting:
-                gc.enable()
         plan = plan_staging(state_dict, allow_pickle=allow_pickle)
         if walked:
             self._remember(plan, values, structure, allow_pickle)

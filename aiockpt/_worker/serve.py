@@ -19,6 +19,7 @@ import torch
 
 from aiockpt._format import commit
 from aiockpt._format.tree import DictNode, unflatten
+from aiockpt._runtime import collection_paused
 from aiockpt._trainer.staging import map_populated
 from aiockpt._wire.channel import Channel
 from aiockpt._wire.protocol import (
@@ -425,16 +426,11 @@ class ServingWorker:
         # leaves): tens of thousands of them set off the collector's full passes over the
         # heap, ~0.15 s of a 20,000-tensor save. None of them is cyclic garbage; collection
         # resumes when the write is done.
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
+        with collection_paused():
             if reports is None:
                 return self._materialize_and_write(request_id, payload)
             with observe_bytes_written(reports.add):
                 return self._materialize_and_write(request_id, payload)
-        finally:
-            if collecting:
-                gc.enable()
 
     def _materialize_and_write(self, request_id: int, payload: WritePayload) -> Any:
         state_dict = materialize(payload.state_dict, self._arenas, self._layouts)
