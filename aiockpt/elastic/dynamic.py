@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from aiockpt.elastic.rendezvous import RendezvousInfo, run_blocking
+from aiockpt.elastic.rendezvous import RendezvousInfo, import_torch_distributed, run_blocking
 from aiockpt.errors import RendezvousClosedError, RendezvousError, RendezvousTimeoutError
 
 if TYPE_CHECKING:
@@ -165,10 +165,6 @@ def _listening_socket(host: str) -> socket.socket:
         listening.close()
         raise
     return listening
-
-
-def _import_torch_distributed() -> None:
-    import torch.distributed  # noqa: F401
 
 
 async def _connect(address: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -498,7 +494,7 @@ class DynamicRendezvousHandler:
 
         # A first import of torch takes seconds (more on a busy node): done before, so that
         # join_timeout bounds reaching the store, not the import.
-        await run_blocking(_import_torch_distributed, "aiockpt-rdzv-import")
+        await run_blocking(import_torch_distributed, "aiockpt-rdzv-import")
         try:
             store = await asyncio.wait_for(
                 run_blocking(connect, "aiockpt-rdzv-connect"), self.settings.join_timeout

@@ -69,6 +69,14 @@ async def run_blocking(fn: Callable[[], _T], name: str) -> _T:
     return await future
 
 
+def import_torch_distributed() -> None:
+    """The first ``import torch.distributed``, to run in a thread (``run_blocking``): it
+    takes seconds, and must not stall the agent's loop. A function of its own, holding
+    nothing: torch keeps some frames of its import stack alive, and with them the frames of
+    whoever imported it first."""
+    import torch.distributed  # noqa: F401
+
+
 @dataclass
 class RendezvousInfo:
     """What a node learns at rendezvous."""
@@ -121,9 +129,9 @@ class StaticRendezvous:
         """Host (node 0) or join the store. Raises ``RendezvousError`` if the store cannot be
         created or reached within ``timeout``."""
         if self._store is None:
+            await run_blocking(import_torch_distributed, "aiockpt-rendezvous-import")
 
             def connect() -> TCPStore:
-                # imported here, in the thread: a first import of torch takes seconds
                 from torch.distributed import TCPStore  # type: ignore[attr-defined]
 
                 return TCPStore(
