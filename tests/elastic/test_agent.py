@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -256,3 +257,51 @@ async def test_sigterm_to_agent_process_raises_signal_exception(tmp_path: Path) 
     assert raised.value.sigval == signal.SIGTERM
     assert_reaped(pids)
     assert signal.getsignal(signal.SIGTERM) == before, "the previous handler is back"
+
+
+#: a fresh interpreter (torch not imported yet) runs an agent in-process with the garbage
+#: collector off and prints how many TCP sockets it still has open afterwards
+_NO_GC_RUN = """
+import asyncio, gc, os, sys
+from tests.elastic import workers
+from tests.elastic.test_agent import run_agent
+
+def tcp_sockets():
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    inet = set()
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/self/net/{table}") as f:
+            inet |= {int(line.split()[9]) for line in f.readlines()[1:]}
+    return len(inodes & inet)
+
+async def main():
+    result = await run_agent(workers.echo, {"p": 1}, nproc=2)
+    assert not result.is_failed(), result
+    print(tcp_sockets(), flush=True)
+
+gc.disable()
+asyncio.run(main())
+print(tcp_sockets(), flush=True)
+"""
+
+
+def test_an_agent_run_in_process_releases_its_stores_without_the_garbage_collector() -> None:
+    """The rendezvous store and the attempt's store close when ``run()`` ends, not when a
+    collection finds them (a first import of torch keeps frames alive: once, the frames that
+    held the stores)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _NO_GC_RUN],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["0", "0"], done.stdout
