@@ -15,6 +15,7 @@ import torch
 
 from aiockpt._format.tree import flatten, format_key_path
 from aiockpt._wire.protocol import RankInfo
+from tests.writer_fixtures import hold_at_gate
 
 
 def init_writes_marker(path: str, text: str) -> None:
@@ -58,12 +59,7 @@ class RawWriter:
         if self.fail_on is not None and self.fail_on in path:
             raise OSError(f"injected failure writing {path}")
         if self.gate is not None:
-            Path(f"{self.gate}.started").touch()
-            deadline = time.monotonic() + 60
-            while not os.path.exists(f"{self.gate}.go"):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{self.gate}.go never appeared")
-                time.sleep(0.002)
+            hold_at_gate(f"{self.gate}.started", f"{self.gate}.go")
         time.sleep(kwargs.get("delay", self.delay))
         os.makedirs(path, exist_ok=True)
         _, leaves = flatten(state_dict, lambda v: isinstance(v, torch.Tensor))

@@ -168,14 +168,19 @@ class GatedDcpWriter:
     def write(self, state_dict: Any, path: str, **kwargs: Any) -> Any:
         gate = state_dict.get("gate")
         if gate is not None:
-            with open(f"{gate}.started", "w"):
-                pass
-            deadline = time.monotonic() + 60
-            while not os.path.exists(f"{gate}.go"):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{gate}.go never appeared")
-                time.sleep(0.002)
+            hold_at_gate(f"{gate}.started", f"{gate}.go")
         return self._inner.write(state_dict=state_dict, path=path, **kwargs)
+
+
+def hold_at_gate(started: str, go: str) -> None:
+    """In a writer: say so through the file ``started``, then wait until the file ``go``
+    appears. Raises TimeoutError after a minute (a test that never lets go)."""
+    Path(started).touch()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(go):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{go} never appeared")
+        time.sleep(0.002)
 
 
 def wait_for(path: str | os.PathLike[str]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +11,7 @@ import torch.distributed as dist
 
 from aiockpt.writers.base import FileRecord, FileSink, WriterPart
 from aiockpt.writers.dcp import DcpWriter
+from tests.writer_fixtures import hold_at_gate
 
 
 class FailingOnRankDcpWriter(DcpWriter):
@@ -31,13 +31,7 @@ class HeldDcpWriter(DcpWriter):
     def write_part(self, state_dict: Any, path: str, assignment: Any) -> WriterPart:
         gate = state_dict.get("gate")
         if gate is not None:
-            with open(f"{gate}.started-{os.getpid()}", "w"):
-                pass
-            deadline = time.monotonic() + 60
-            while not os.path.exists(f"{gate}.go"):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{gate}.go never appeared")
-                time.sleep(0.002)
+            hold_at_gate(f"{gate}.started-{os.getpid()}", f"{gate}.go")
         return super().write_part(state_dict, path, assignment)
 
 
