@@ -342,8 +342,16 @@ async def test_gc_controls_reach_the_worker(tmp_path: Path) -> None:
     ) as p:
         first = (await p.write({}, tmp_path / "a")).result
         second = (await p.write({}, tmp_path / "b")).result
-    assert first == {"enabled": False, "frozen": 0}
-    assert second["enabled"] is False and second["frozen"] > 0
+    assert first["enabled"] is False and second["enabled"] is False
+    assert second["frozen"] >= first["frozen"] > 0
+
+
+async def test_the_worker_takes_its_startup_heap_out_of_full_collections(tmp_path: Path) -> None:
+    """torch's modules are frozen once the worker has started: a write's own objects no
+    longer set off passes over them (0.14 s per 20,000-tensor request before)."""
+    async with make_process(checkpoint_writer_init_fn=workers.GcReportingWriter) as p:
+        seen = (await p.write({"x": torch.ones(1)}, tmp_path / "a")).result
+    assert seen["frozen"] > 10 * seen["tracked"], seen
 
 
 def local_function() -> None:

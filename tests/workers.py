@@ -110,7 +110,11 @@ class GcReportingWriter:
         self.rank_info = rank_info
 
     def write(self, state_dict: Any, path: str, **kwargs: Any) -> dict[str, Any]:
-        return {"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}
+        return {
+            "enabled": gc.isenabled(),
+            "frozen": gc.get_freeze_count(),
+            "tracked": len(gc.get_objects()),
+        }
 
 
 class FailingWriter:

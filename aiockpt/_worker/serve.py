@@ -305,6 +305,10 @@ class ServingWorker:
         self.writer = resolve_ref(init.checkpoint_writer_init_fn)(**writer_args)
         if init.group is not None:
             self.group = RankGroup(init.group)
+        # What is alive now (torch's modules, the writer) lives as long as the worker: take it
+        # out of the collector's full passes. Without this, every 40,000 objects a request of
+        # 20,000 tensors decodes into set off a pass over torch's ~300,000 (0.14 s each).
+        gc.freeze()
 
     def close(self) -> None:
         if self.group is not None:
@@ -332,7 +336,9 @@ class ServingWorker:
         """Answer the requests that must not wait behind a write; queue the others (the
         session says which is which)."""
         async for body in frames:
-            route, request, refusal = self._session.receive(body)
+            # A write request of N tensors decodes into ~2N acyclic objects: no pass is due.
+            with collection_paused():
+                route, request, refusal = self._session.receive(body)
             kind, payload = request.request_type, request.payload
             if route is Route.REFUSED:
                 problem = ProtocolError(str(refusal))
