@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import enum
+import gc
 import struct
 from pathlib import Path
 from types import ModuleType
@@ -32,6 +33,7 @@ from aiockpt._wire.protocol import (
     RankInfo,
     ReadyPayload,
     RequestType,
+    ShardSpec,
     StateDictPayload,
     TensorInArena,
     TensorInline,
@@ -125,6 +127,28 @@ def test_every_message_round_trips(message: WorkerRequest | WorkerResponse) -> N
     (bodies,) = [FrameDecoder().feed(frame)]
     assert len(bodies) == 1
     assert decode_like(message, bodies[0]) == message
+
+
+def test_a_write_requests_per_tensor_objects_are_not_tracked_by_the_collector() -> None:
+    """A request of N tensors decodes into N leaves and N tree nodes; tracked, they set off
+    collector passes in the worker for every big save (nothing in them can form a cycle)."""
+    shard = ShardSpec(global_shape=[4, 2], offsets=[2, 0])
+    leaves: list[Any] = [TensorInArena("float32", [2, 2], 64 * i, 16, shard) for i in range(3)]
+    tree = DictNode(keys=["a", "b", "c"], children=[LeafNode(i) for i in range(3)])
+    request = WorkerRequest(
+        1,
+        RequestType.WRITE_CHECKPOINT,
+        WritePayload("/x", StateDictPayload(skeleton=tree, leaves=leaves)),
+    )
+    decoded = codec.decode_request(codec.encode(request)[4:])
+    assert decoded == request
+    assert isinstance(decoded.payload, WritePayload)
+    payload = decoded.payload.state_dict
+    assert isinstance(payload.skeleton, DictNode)
+    untracked = [*payload.leaves, *payload.skeleton.children]
+    untracked += [leaf.shard for leaf in payload.leaves if isinstance(leaf, TensorInArena)]
+    assert len(untracked) == 9
+    assert not any(map(gc.is_tracked, untracked))
 
 
 @settings(max_examples=200, deadline=None)

@@ -40,8 +40,9 @@ KeyPath: TypeAlias = tuple[str | int, ...]
 MAX_DEPTH = 256
 
 
-class LeafNode(msgspec.Struct, frozen=True, tag="leaf", array_like=True):
-    """Position ``index`` in the flat list of leaves."""
+class LeafNode(msgspec.Struct, frozen=True, tag="leaf", array_like=True, gc=False):
+    """Position ``index`` in the flat list of leaves (untracked by the garbage collector: one
+    per tensor, and an int cannot form a cycle)."""
 
     index: int
 
