@@ -279,14 +279,18 @@ def fsync_path(path: str) -> None:
 # --- torch's experimental CheckpointProcess: what its spawned child unpickles ----------------
 
 
-def raw_write(tensors: Iterable[Any], path: str) -> None:
-    """The write limit: every tensor's bytes into one new file, then fsync."""
+def raw_write(tensors: Iterable[Any], path: str, *, extra: int = 0) -> None:
+    """The write limit: every tensor's bytes into one new file, then ``extra`` more bytes
+    (a format's framing) in one write, then fsync."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         for tensor in tensors:
             view = memoryview(tensor.numpy()).cast("B")
             while view:
                 view = view[os.write(fd, view) :]
+        view = memoryview(bytes(extra))
+        while view:
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -11,9 +11,14 @@ arena creation, first page faults) and the figures are medians over the others:
     memcpy      copy_ into preallocated tensors of the same layout (the staging limit)
     raw         os.write of every tensor's bytes into one file + fsync (the write limit)
     torch.save  torch.save to a file + fsync
+    raw files   raw write+fsync of as many bytes as aiockpt's DCP checkpoint holds: the
+                tensors' bytes, then the rest in one write (torch.save's ~1 KiB of framing per
+                tensor in the .distcp file, DCP's .metadata, the manifest): the write limit
+                of the format
     aiockpt     Checkpointer.save_to, DCP layout: *blocking* until ``staged``, *durable*
                 until the commit; *call* is the synchronous ``save_to`` call (planning), per
                 tensor; *cpu* the CPU time the save took in the trainer and the worker
+    aiockpt st  the same with ``format="safetensors"`` (a few bytes of header per tensor)
 
 raw's *cpu* is its process's: on a shared machine a save cannot be durable sooner than its
 CPU time over the cores it gets, which is what the ratio of the two cpu figures shows.
@@ -67,7 +72,10 @@ async def measure(name: str, state_dict: Any, directory: str, repeats: int) -> d
         worker = ckpt.worker_pid
         assert worker is not None
 
+        checkpoint_bytes = 0  # of the DCP checkpoint, learnt from its first save
+
         async def run_aiockpt() -> dict[str, float]:
+            nonlocal checkpoint_bytes
             path = target()
             cpu = cpu_seconds(os.getpid()) + cpu_seconds(worker)
             started = time.perf_counter()
@@ -78,6 +86,7 @@ async def measure(name: str, state_dict: Any, directory: str, repeats: int) -> d
             await handle
             durable = time.perf_counter()
             cpu = cpu_seconds(os.getpid()) + cpu_seconds(worker) - cpu
+            checkpoint_bytes = checkpoint_bytes or size_of(path)
             await asyncio.to_thread(remove, path)
             return {
                 "aiockpt cpu": cpu,
@@ -85,6 +94,18 @@ async def measure(name: str, state_dict: Any, directory: str, repeats: int) -> d
                 "aiockpt blocking": staged - started,
                 "aiockpt durable": durable - started,
             }
+
+        async def run_aiockpt_safetensors() -> dict[str, float]:
+            path = target()
+            started = time.perf_counter()
+            await ckpt.save_to(state_dict, path, format="safetensors")
+            durable = time.perf_counter()
+            await asyncio.to_thread(remove, path)
+            return {"aiockpt st durable": durable - started}
+
+        def raw_write_files(what: Any, path: str) -> None:
+            tensor_bytes = sum(t.numel() * t.element_size() for t in what)
+            raw_write(what, path, extra=max(0, checkpoint_bytes - tensor_bytes))
 
         async def run_memcpy() -> dict[str, float]:
             started = time.perf_counter()
@@ -106,7 +127,9 @@ async def measure(name: str, state_dict: Any, directory: str, repeats: int) -> d
         methods = [
             run_aiockpt,
             run_memcpy,
+            run_aiockpt_safetensors,
             lambda: run_sync("raw write+fsync", raw_write, tensors),
+            lambda: run_sync("raw files+fsync", raw_write_files, tensors),
             lambda: run_sync("torch.save+fsync", torch_save, state_dict),
         ]
         for round_ in range(repeats + 1):
@@ -117,6 +140,15 @@ async def measure(name: str, state_dict: Any, directory: str, repeats: int) -> d
                     for key, value in figures.items():
                         samples.setdefault(key, []).append(value)
     return {key: median(values) for key, values in samples.items()}
+
+
+def size_of(path: str) -> int:
+    """Bytes in the files under ``path``."""
+    return sum(
+        os.path.getsize(os.path.join(folder, name))
+        for folder, _, names in os.walk(path)
+        for name in names
+    )
 
 
 def cpu_seconds(pid: int) -> float:
@@ -133,6 +165,8 @@ def report(title: str, count: int, nbytes: int, figures: dict[str, float]) -> No
         print(f"  {key:<24} {value:8.3f}{unit}")
     durable, raw = figures["aiockpt durable"], figures["raw write+fsync"]
     print(f"  durable / raw write      {durable / raw:8.2f}x")
+    print(f"  durable / raw files      {durable / figures['raw files+fsync']:8.2f}x")
+    print(f"  st durable / raw write   {figures['aiockpt st durable'] / raw:8.2f}x")
     print(f"  durable / torch.save     {durable / figures['torch.save+fsync']:8.2f}x")
     print(f"  blocking / memcpy        {figures['aiockpt blocking'] / figures['memcpy']:8.2f}x")
     cpu_ratio = figures["aiockpt cpu"] / figures["raw write+fsync cpu"]
