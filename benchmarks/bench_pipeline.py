@@ -1,18 +1,22 @@
-"""Pipelined save against staging in one go, same run: two Checkpointers, alternating.
+"""Pipelined save against evenly chunked and one-go staging, same run: three Checkpointers,
+in rotated order.
 
     python -m benchmarks.bench_pipeline [--repeats 7] [--dir /tmp]
 
 A save of at least two ``staging.PIPELINE_CHUNK_BYTES`` chunks is sent to the worker before
-its staging and staged chunk by chunk while the worker writes (the default). The second
-Checkpointer plans its first save with the chunk size set out of reach, so its plans (reused
-for every later save of the same structure) stage in one go, as before pipelining. Durable
-time, medians, on the GPT + AdamW state and on 8,192 tensors. A benchmark, not a test.
+its staging and staged chunk by chunk while the worker writes, the first chunk small
+(``PIPELINE_FIRST_CHUNK_BYTES``), the next ones doubling (the default). The other
+Checkpointers plan their first save with other chunk sizes (their plans are reused for every
+later save of the same structure): every chunk full-size, or one chunk (no pipelining).
+Durable time, medians, on the GPT + AdamW state and on 8,192 tensors; the ratios are
+pipelined / the variant. A benchmark, not a test.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import shutil
 import statistics
 import tempfile
@@ -21,37 +25,53 @@ from typing import Any
 
 from benchmarks._common import gpt_adamw, many_tensors, remove
 
+#: how each Checkpointer's plan stages: (first chunk, later chunks) in bytes, None: defaults
+VARIANTS: dict[str, tuple[int, int] | None] = {
+    "pipelined": None,  # a small first chunk, doubling up to PIPELINE_CHUNK_BYTES
+    "even chunks": (32 << 20, 32 << 20),  # every chunk PIPELINE_CHUNK_BYTES (before)
+    "one go": (1 << 62, 1 << 62),  # no pipelining (before that)
+}
+
 
 async def compare(label: str, state_dict: Any, repeats: int, parent: str) -> None:
     import aiockpt
     from aiockpt._trainer import staging
 
     directory = tempfile.mkdtemp(prefix="bench-pipeline-", dir=parent)
-    durable: dict[str, list[float]] = {"pipelined": [], "one go": []}
+    durable: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    defaults = staging.PIPELINE_FIRST_CHUNK_BYTES, staging.PIPELINE_CHUNK_BYTES
     try:
-        async with (
-            aiockpt.Checkpointer(f"{directory}/a") as pipelined,
-            aiockpt.Checkpointer(f"{directory}/b") as one_go,
-        ):
-            default = staging.PIPELINE_CHUNK_BYTES
-            staging.PIPELINE_CHUNK_BYTES = 1 << 62  # only while one_go makes its plan
-            try:
-                await one_go.save_to(state_dict, f"{directory}/warm-b")
-            finally:
-                staging.PIPELINE_CHUNK_BYTES = default
-            await pipelined.save_to(state_dict, f"{directory}/warm-a")
+        async with contextlib.AsyncExitStack() as stack:
+            ckpts = {}
+            for index, (name, chunks) in enumerate(VARIANTS.items()):
+                ckpt = await stack.enter_async_context(aiockpt.Checkpointer(f"{directory}/{index}"))
+                # Only while its first save makes the plan, which later saves reuse.
+                first, later = chunks or defaults
+                staging.PIPELINE_FIRST_CHUNK_BYTES, staging.PIPELINE_CHUNK_BYTES = first, later
+                try:
+                    await ckpt.save_to(state_dict, f"{directory}/warm-{index}")
+                finally:
+                    staging.PIPELINE_FIRST_CHUNK_BYTES, staging.PIPELINE_CHUNK_BYTES = defaults
+                ckpts[name] = ckpt
+            names = list(VARIANTS)
             for round_ in range(repeats):
-                pair = [("pipelined", pipelined), ("one go", one_go)]
-                for name, ckpt in pair if round_ % 2 == 0 else pair[::-1]:
+                order = names[round_ % len(names) :] + names[: round_ % len(names)]
+                for name in order:
                     path = f"{directory}/{round_}-{name.replace(' ', '-')}"
                     started = time.perf_counter()
-                    await ckpt.save_to(state_dict, path)
+                    await ckpts[name].save_to(state_dict, path)
                     durable[name].append(time.perf_counter() - started)
                     await asyncio.to_thread(remove, path)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    ours, theirs = (statistics.median(durable[k]) for k in ("pipelined", "one go"))
-    print(f"{label:<40} pipelined {ours:6.3f} s   one go {theirs:6.3f} s   {ours / theirs:5.2f}x")
+    medians = {name: statistics.median(times) for name, times in durable.items()}
+    ours = medians["pipelined"]
+    others = "   ".join(
+        f"{name} {value:6.3f} s ({ours / value:4.2f}x)"
+        for name, value in medians.items()
+        if name != "pipelined"
+    )
+    print(f"{label:<30} pipelined {ours:6.3f} s   {others}")
 
 
 def main() -> None:

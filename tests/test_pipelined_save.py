@@ -29,6 +29,7 @@ CHUNK = 64 << 10
 @pytest.fixture
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(staging, "PIPELINE_CHUNK_BYTES", CHUNK)
+    monkeypatch.setattr(staging, "PIPELINE_FIRST_CHUNK_BYTES", CHUNK)
 
 
 @pytest.fixture
@@ -108,6 +109,20 @@ def test_plans_stage_in_one_go_below_two_chunks_or_with_offsets_that_do_not_grow
     assert staging.pipeline_chunks(tensors, [0, big, 2 * big, 3 * big], 4 * big, True) is None
     backwards = [3 * big, 2 * big, big, 0]
     assert staging.pipeline_chunks(tensors, backwards, 4 * big, False) is None
+
+
+def test_chunks_start_small_and_double_up_to_the_chunk_size() -> None:
+    """The worker starts writing after a small first copy; later chunks are big (few reports)."""
+    mib = 1 << 20
+    tensors = [torch.zeros(mib // 4) for _ in range(100)]  # 1 MiB each
+    chunks = staging.pipeline_chunks(tensors, [i * mib for i in range(100)], 100 * mib, False)
+    assert chunks is not None
+    first_chunk = staging.PIPELINE_FIRST_CHUNK_BYTES // mib
+    sizes = [end - first for first, end, _ in chunks]
+    assert sizes[:4] == [first_chunk, 2 * first_chunk, 4 * first_chunk, 8 * first_chunk]
+    assert max(sizes) == staging.PIPELINE_CHUNK_BYTES // mib
+    assert sum(sizes) == 100
+    assert [staged for _, _, staged in chunks] == [end * mib for _, end, _ in chunks]
 
 
 # --- the worker's side, in memory: WriteGate.wait_staged -------------------------------------

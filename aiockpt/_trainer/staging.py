@@ -592,9 +592,13 @@ async def copy_into_arena(arena: SharedArena | None, plan: StagingPlan) -> None:
         await asyncio.to_thread(event.synchronize)
 
 
-#: a save of at least two of these is staged in chunks of about this size, each reported to
-#: the worker when it lands, so that the worker writes what is staged while the rest is copied
+#: a save of at least two of these is staged in chunks of up to about this size, each
+#: reported to the worker when it lands, so that the worker writes what is staged while the
+#: rest is copied
 PIPELINE_CHUNK_BYTES = 32 << 20
+#: the first chunk's size; each next one is twice the last, up to ``PIPELINE_CHUNK_BYTES``:
+#: the worker starts writing after a small first copy, and later chunks cost few reports
+PIPELINE_FIRST_CHUNK_BYTES = 4 << 20
 
 
 def pipeline_chunks(
@@ -609,15 +613,17 @@ def pipeline_chunks(
     if has_cuda or nbytes < 2 * PIPELINE_CHUNK_BYTES:
         return None
     chunks, first, size, end = [], 0, 0, 0
+    target = min(PIPELINE_FIRST_CHUNK_BYTES, PIPELINE_CHUNK_BYTES)
     for index, (source, offset) in enumerate(zip(sources, offsets, strict=True)):
         if offset < end:
             return None
         tensor_bytes = source.numel() * source.element_size()
         end = offset + tensor_bytes
         size += tensor_bytes
-        if size >= PIPELINE_CHUNK_BYTES:
+        if size >= target:
             chunks.append((first, index + 1, end))
             first, size = index + 1, 0
+            target = min(2 * target, PIPELINE_CHUNK_BYTES)
     if first < len(sources):
         chunks.append((first, len(sources), end))
     return chunks
