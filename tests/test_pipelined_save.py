@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors.torch
 import torch
 
 import aiockpt
@@ -64,6 +65,26 @@ async def test_the_worker_writes_staged_regions_while_the_rest_is_copied(
     loaded = aiockpt.load(result.path)
     assert loaded.pop("gate") == gate
     assert all(torch.equal(loaded[k], state(1.0)[k]) for k in saved)
+
+
+async def test_a_safetensors_save_writes_staged_ranges_while_the_rest_is_copied(
+    tmp_path: Path, small_chunks: None, gate: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    HeldStaging(monkeypatch, until_file=f"{gate}.writing")
+    options = {"inner": "safetensors"}
+    async with Checkpointer(tmp_path, format=WATCHING, writer_options=options) as ckpt:
+        for step in (1, 2):  # the second save reuses the layout's arena ranges
+            saved = state(float(step))
+            handle = ckpt.save({**saved, "gate": gate}, step=step)
+            # Staging stops after its first chunk until the worker has written from it.
+            await asyncio.wait_for(handle.staged, 60)
+            for tensor in saved.values():
+                tensor.add_(100.0)  # the trainer's next step: not in the checkpoint
+            result = await asyncio.wait_for(handle, 60)
+            await asyncio.to_thread(os.unlink, f"{gate}.writing")
+            written = safetensors.torch.load_file(Path(result.path) / "model.safetensors")
+            assert written.keys() == saved.keys()
+            assert all(torch.equal(written[k], state(float(step))[k]) for k in saved)
 
 
 async def test_cancel_before_commit_leaves_nothing_and_the_next_save_works(

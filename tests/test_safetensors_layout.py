@@ -302,3 +302,77 @@ def test_saves_of_one_staged_layout_reuse_the_plan_and_write_the_new_values(
     (tmp_path / "other").mkdir()
     writer.write(StagedStateDict(other, [torch.ones(3)], memoryview(b"")), str(tmp_path / "other"))
     assert list(load_file(tmp_path / "other" / "model.safetensors")) == ["c"]
+
+
+async def test_repeated_saves_write_every_file_from_the_arena_as_safetensors_reads_it(
+    tmp_path: Path,
+) -> None:
+    """Saves of one structure write each file's data from the arena in merged ranges; mixed
+    dtypes (reordered by element size in the file), odd sizes (padding between them in the
+    arena), a tied pair, an empty tensor and several files must all still land right."""
+
+    def state(step: int) -> dict[str, Any]:
+        tied = torch.full((7,), float(step))
+        return {
+            "a": torch.arange(1000, dtype=torch.float32) + step,
+            "b": torch.full((3, 5), step, dtype=torch.bfloat16),
+            "c": torch.arange(13, dtype=torch.int64) * step,
+            "tied1": tied,
+            "tied2": tied,
+            "empty": torch.empty(0),
+            "d": (torch.arange(2000, dtype=torch.float16) + step).reshape(40, 50).t(),
+            "step": step,
+        }
+
+    async with aiockpt.Checkpointer(
+        tmp_path, format="safetensors", writer_options={"max_shard_size": "5KB"}
+    ) as ckpt:
+        for step in (1, 2, 3):
+            result = await ckpt.save(state(step), step=step)
+            path = Path(result.path)
+            files = sorted(name for name in os.listdir(path) if name.endswith(".safetensors"))
+            assert len(files) > 1
+            written: dict[str, torch.Tensor] = {}
+            for name in files:
+                written.update(load_file(path / name))
+            expected = state(step)
+            tensors = {k: v for k, v in expected.items() if isinstance(v, torch.Tensor)}
+            assert written.keys() == tensors.keys()
+            for key, tensor in tensors.items():
+                assert torch.equal(written[key], tensor), (step, key)
+            loaded = aiockpt.load(path)
+            assert loaded["step"] == step
+            assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+            assert aiockpt.verify(path).format == "safetensors"  # raises on a bad hash
+
+
+def test_a_staged_files_data_is_one_arena_range_per_run_of_adjacent_tensors(
+    tmp_path: Path,
+) -> None:
+    """The worker's side, in this process: a state dict staged in order is written as
+    ranges of the arena, one per run of tensors that lie next to each other there."""
+    from aiockpt._trainer.staging import SharedArena, plan_staging
+    from aiockpt._worker.serve import ArenaMaps, Layouts, materialize
+
+    state = {f"w{i}": torch.full((64, 64), float(i)) for i in range(8)}  # 16 KiB each
+    state["odd"] = torch.arange(3, dtype=torch.float32)  # 12 bytes: padding follows it
+    state["empty"] = torch.empty(0)
+    state["last"] = torch.full((16,), 7.0)
+    plan = plan_staging(state)
+    layouts = Layouts()
+    arena, maps = SharedArena(plan.nbytes), ArenaMaps(before_release=layouts.forget)
+    writer = SafetensorsWriter()
+    try:
+        arena.copy_in(plan)
+        for attempt in range(2):  # the second save reuses what the first worked out
+            staged = materialize(plan.payload(arena), maps, layouts)
+            (tmp_path / str(attempt)).mkdir()
+            writer.write(staged, str(tmp_path / str(attempt)))
+            written = load_file(tmp_path / str(attempt) / "model.safetensors")
+            assert all(torch.equal(written[k], v) for k, v in state.items())
+            del staged
+        assert writer._staged is not None
+        assert writer._staged.runs == [[(0, 8 * 16384 + 12), (8 * 16384 + 64, 8 * 16384 + 128)]]
+    finally:
+        maps.release(arena.ref.path)
+        arena.close()

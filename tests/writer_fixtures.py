@@ -246,16 +246,17 @@ class HalfGatedWriter:
 
 
 class StagingWatchWriter:
-    """The DCP writer, writing while the trainer stages (``WRITES_WHILE_STAGING``), that
-    says so: given a ``"gate"`` entry (a path), it creates ``<gate>.writing`` when its first
-    wait for staged bytes returns, i.e. once it writes a region the trainer has staged."""
+    """The DCP writer (``inner="safetensors"``: the safetensors one), writing while the
+    trainer stages (``WRITES_WHILE_STAGING``), that says so: given a ``"gate"`` entry (a
+    path), it creates ``<gate>.writing`` when its first wait for staged bytes returns, i.e.
+    once it writes a region the trainer has staged."""
 
     WRITES_WHILE_STAGING = True
 
-    def __init__(self, rank_info: Any, **options: Any) -> None:
-        from aiockpt.writers.dcp import DcpWriter
+    def __init__(self, rank_info: Any, inner: str = "dcp", **options: Any) -> None:
+        from aiockpt.writers import resolve_writer
 
-        self._inner = DcpWriter(rank_info=rank_info, **options)
+        self._inner = resolve_writer(inner)(rank_info=rank_info, **options)
 
     def write(self, state_dict: Any, path: str, **kwargs: Any) -> Any:
         gate, wait = state_dict.get("gate"), getattr(state_dict, "wait_staged", None)

@@ -45,11 +45,12 @@ import msgspec
 import torch
 
 from aiockpt._format.manifest import Leaf, TensorLeaf, check_relative_name
-from aiockpt._format.tree import format_key_path
+from aiockpt._format.tree import KeyPath, format_key_path
 from aiockpt._wire.protocol import RankInfo, ShardSpec
 from aiockpt.writers.base import (
     FileRecord,
     FileSink,
+    StagedStateDict,
     WriterPart,
     dtype_from_name,
     dtype_name,
@@ -467,6 +468,9 @@ class SafetensorsWriter:
     ``"5GB"`` or ``"500MiB"`` (see ``parse_shard_size``, which says what it raises).
     """
 
+    #: files this rank owns are written from the arena range by range as each is staged
+    WRITES_WHILE_STAGING = True
+
     def __init__(
         self,
         rank_info: RankInfo | None = None,
@@ -486,6 +490,8 @@ class SafetensorsWriter:
         #: (layout version, layout, names) of the worker's last single-rank save: a save of
         #: the same structure reuses them, as the DCP writer reuses its plan
         self._cached: tuple[int, _Layout, list[str]] | None = None
+        #: the owned files of the last staged layout, as arena ranges
+        self._staged: _StagedFiles | None = None
 
     def write(self, state_dict: Any, path: str, **kwargs: Any) -> Sequence[FileRecord]:
         """Write ``state_dict``, alone, into the directory ``path``: the files and, when
@@ -504,9 +510,7 @@ class SafetensorsWriter:
                 self._cached = (staged.version, layout, self._names)
         (assignment,) = layout.assignments
         written = self._write_assignment(state_dict, path, assignment)
-        by_file: dict[str, dict[int, Leaf]] = {}
-        for index, leaf in written.located.items():
-            by_file.setdefault(leaf.file, {})[index] = leaf
+        by_file = written.located_by_file()
         records = [
             msgspec.structs.replace(r, leaves={**r.leaves, **by_file.get(r.name, {})})
             for r in written.records
@@ -572,32 +576,143 @@ class SafetensorsWriter:
         self, state_dict: Any, path: str, assignment: SafetensorsAssignment
     ) -> _Written:
         _, flat = flatten_state_dict(state_dict)
-        tensors, objects = split_leaves(flat)
-        indices = [index for index, _, _ in tensors]
+        staged = self._staged_files(state_dict, assignment)
+        tensors: list[tuple[int, KeyPath, torch.Tensor]] = []
+        if staged is not None:
+            objects, indices = staged.files.objects, staged.files.indices
+        else:
+            tensors, object_leaves = split_leaves(flat)
+            objects = [index for index, _ in object_leaves]
+            indices = [index for index, _, _ in tensors]
         names = self._names
-        if len(names) != len(tensors):  # not planned by this writer (plan() first, always)
-            names = [format_key_path(key_path) for _, key_path, _ in tensors]
 
         def tensor(position: int) -> torch.Tensor:
+            nonlocal names
+            if not tensors:  # staged: made only for files shared with other ranks
+                tensors.extend(split_leaves(flat)[0])
+            if len(names) != len(tensors):  # not planned by this writer (plan() first)
+                names = [format_key_path(key_path) for _, key_path, _ in tensors]
             return tensor_for_write(tensors[position][2], names[position])
 
         records: list[FileRecord] = []
-        for owned in assignment.owned:
-            data = [tensor(position) for position in owned.tensors]
+        for number, owned in enumerate(assignment.owned):
             with FileSink(path, owned.name) as sink:
                 sink.write(owned.header)
-                # One gathered write: thousands of small tensors cost a few system calls.
-                sink.write_many([tensor_bytes(t) for t in data], keep=data)
+                if staged is not None:
+                    staged.write_data(number, sink)
+                else:
+                    data = [tensor(position) for position in owned.tensors]
+                    # One gathered write: thousands of small tensors cost a few system calls.
+                    sink.write_many([tensor_bytes(t) for t in data], keep=data)
                 records.append(sink.close())
+        if staged is not None and (assignment.shared or objects):
+            staged.wait_all()  # these read any tensor
         for share in assignment.shared:
             _write_shared(path, share, tensor)
         object_record = write_objects(
-            [(index, value) for index, value in objects], path, object_file_name(self.rank_info)
+            [(index, flat[index][1]) for index in objects], path, object_file_name(self.rank_info)
         )
         if object_record is not None:
             records.append(object_record)
+        if staged is not None:
+            return _Written(records, staged.files.located)
         located = {indices[position]: leaf for position, leaf in assignment.leaves.items()}
         return _Written(records, located)
+
+    def _staged_files(
+        self, state_dict: Any, assignment: SafetensorsAssignment
+    ) -> _StagedWrite | None:
+        """How the files this rank owns are laid out in the arena of a state dict the
+        worker staged, worked out once per layout and assignment; None for any other state
+        dict, or a layout with a tensor outside the arena (inline)."""
+        layout = staged_layout(state_dict)
+        if layout is None:
+            return None
+        assert isinstance(state_dict, StagedStateDict)
+        kept = self._staged
+        if kept is None or kept.version != layout.version or kept.assignment != assignment:
+            kept = self._staged = _StagedFiles.lay_out(state_dict, assignment)
+        if kept.runs is None:
+            if state_dict.wait_staged is not None:
+                state_dict.wait_staged(None)  # written tensor by tensor: all must be staged
+            return None
+        return _StagedWrite(kept, state_dict)
+
+
+@dataclass
+class _StagedFiles:
+    """The data sections of a rank's owned files as byte ranges of the arena, tensors that
+    lie next to each other there merged into one range: staged in state-dict order, the
+    tensors of one dtype are one range, written with one hash update and as few system calls
+    as its size needs. Worked out once per layout and assignment."""
+
+    version: int
+    assignment: SafetensorsAssignment
+    #: per owned file, its data section as ``(start, stop)`` ranges of the arena; None when
+    #: some tensor does not lie in the arena
+    runs: list[list[tuple[int, int]]] | None
+    #: the tensor leaves' indices in plan order, and the other non-plain leaves'
+    indices: list[int]
+    objects: list[int]
+    #: leaf index -> where its bytes lie
+    located: dict[int, TensorLeaf]
+
+    @classmethod
+    def lay_out(
+        cls, state_dict: StagedStateDict, assignment: SafetensorsAssignment
+    ) -> _StagedFiles:
+        layout = state_dict.layout
+        tensors, objects = split_leaves(state_dict.flat_leaves())
+        indices = [index for index, _, _ in tensors]
+        runs: list[list[tuple[int, int]]] | None = []
+        for owned in assignment.owned:
+            ranges: list[tuple[int, int]] = []
+            for position in owned.tensors:
+                region = layout.regions.get(indices[position])
+                if region is None:  # an inline tensor (an ad-hoc write's)
+                    runs = None
+                    break
+                start, size = region
+                if not size:
+                    continue
+                if ranges and ranges[-1][1] == start:
+                    ranges[-1] = (ranges[-1][0], start + size)
+                else:
+                    ranges.append((start, start + size))
+            if runs is None:
+                break
+            runs.append(ranges)
+        located = {indices[position]: leaf for position, leaf in assignment.leaves.items()}
+        return cls(layout.version, assignment, runs, indices, [i for i, _ in objects], located)
+
+
+class _StagedWrite:
+    """One write of a staged layout's owned files, each range as soon as it is staged."""
+
+    def __init__(self, files: _StagedFiles, state_dict: StagedStateDict) -> None:
+        assert files.runs is not None
+        self.files = files
+        self._runs = files.runs
+        self._arena = state_dict.arena
+        self._wait = state_dict.wait_staged
+        #: the arena bytes below this are staged
+        self._staged = 0.0 if self._wait is not None else math.inf
+
+    def write_data(self, number: int, sink: FileSink) -> None:
+        """Write owned file ``number``'s data section: of a range that is staged only in
+        part (it may span the trainer's chunks), what is staged, then the rest as it is."""
+        for start, stop in self._runs[number]:
+            while start < stop:
+                if start >= self._staged:
+                    assert self._wait is not None
+                    self._staged = self._wait(start + 1)
+                end = stop if self._staged >= stop else int(self._staged)
+                sink.write(self._arena[start:end])
+                start = end
+
+    def wait_all(self) -> None:
+        if self._wait is not None and self._staged != math.inf:
+            self._staged = self._wait(None)
 
 
 @dataclass
@@ -605,6 +720,12 @@ class _Written:
     records: list[FileRecord]
     #: leaf index -> where its bytes lie
     located: dict[int, TensorLeaf]
+
+    def located_by_file(self) -> dict[str, dict[int, Leaf]]:
+        by_file: dict[str, dict[int, Leaf]] = {}
+        for index, leaf in self.located.items():
+            by_file.setdefault(leaf.file, {})[index] = leaf
+        return by_file
 
 
 def _write_shared(directory: str, share: SharedFile, tensor: Any) -> None:
