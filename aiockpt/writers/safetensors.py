@@ -16,10 +16,12 @@ Several ranks write one checkpoint together (the ``GroupWriter`` steps): rank 0 
 files from every rank's plan, and every tensor is written exactly once. A tensor under the same
 name on several ranks is taken to be replicated (as in ``torch.distributed.checkpoint``) and
 written by one of them; a DTensor is written whole, each distinct piece by one rank that holds
-it, straight into its place in the whole tensor's bytes (no gather, no collective). A file
-that one rank writes alone is written front to back and hashed on the way; a file that several
-ranks write pieces into is hashed by rank 0 at commit. The index is written at commit, by
-rank 0.
+it, straight into its place in the whole tensor's bytes (no gather, no collective). Each
+rank's manifest entry for a piece says which piece of the whole it is and where its bytes
+lie among the whole's: one run for a row piece, strided for a column piece
+(``TensorLeaf.strides``), so that a rank resumes its own piece. A file that one rank writes
+alone is written front to back and hashed on the way; a file that several ranks write pieces
+into is hashed by rank 0 at commit. The index is written at commit, by rank 0.
 
 Tensors are named by their key path (``"model.layers.0.weight"``); two leaves with the same
 name (``{"a.b": x, "a": {"b": y}}``) raise ValueError, as ``torch.distributed.checkpoint`` does.

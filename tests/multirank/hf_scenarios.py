@@ -35,6 +35,21 @@ def tiny_gpt2() -> Any:
     return GPT2LMHeadModel(config).eval()
 
 
+def _local(value: torch.Tensor) -> torch.Tensor:
+    to_local = getattr(value, "to_local", None)
+    return to_local() if callable(to_local) else value
+
+
+def _same_locals(loaded: Any, state: dict[str, Any]) -> bool | str:
+    """Whether every tensor of ``loaded`` is this rank's piece of ``state`` (or why not)."""
+    for name, value in state.items():
+        got = _local(loaded[name])
+        want = _local(value)
+        if got.shape != want.shape or not torch.equal(got, want):
+            return f"{name}: got {list(got.shape)}, want {list(want.shape)}"
+    return True
+
+
 #: the tensors ``hf_save`` shards, and along which dimension
 SHARDED = {"transformer.wte.weight": 0, "transformer.h.0.mlp.c_fc.weight": 1}
 
@@ -96,21 +111,6 @@ def column_state(world: int) -> dict[str, Any]:
     }
 
 
-def _local(value: torch.Tensor) -> torch.Tensor:
-    to_local = getattr(value, "to_local", None)
-    return to_local() if callable(to_local) else value
-
-
-def _same_locals(loaded: Any, state: dict[str, Any]) -> bool | str:
-    """Whether every tensor of ``loaded`` is this rank's piece of ``state`` (or why not)."""
-    for name, value in state.items():
-        got = _local(loaded[name])
-        want = _local(value)
-        if got.shape != want.shape or not torch.equal(got, want):
-            return f"{name}: got {list(got.shape)}, want {list(want.shape)}"
-    return True
-
-
 async def column_shards(ckpt_root: str, rank: int, world: int) -> dict[str, Any]:
     """Save DTensors sharded along other dimensions than 0 from every rank, as safetensors
     and as DCP, then reload on this rank every way a rank resumes: into plain tensors of
@@ -147,4 +147,10 @@ async def column_shards(ckpt_root: str, rank: int, world: int) -> dict[str, Any]
         await check(
             "safetensors: load_latest into plain pieces", lambda: ckpt.load_latest(pieces())
         )
-    return {"path": result.path, "dcp_path": dcp_path, "checks": checks}
+    return {
+        "path": result.path,
+        "dcp_path": dcp_path,
+        "checks": checks,
+        # this rank's pieces as it held them, for the test to find in the file
+        "pieces": {name: _local(state[name]).tolist() for name in ("cols", "cube")},
+    }
