@@ -35,7 +35,7 @@ import aiockpt
 import aiockpt._trainer.checkpointer
 from aiockpt import CheckpointWriteError, CorruptCheckpoint, SyncCheckpointer
 from aiockpt._format import commit, loading
-from aiockpt._format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, TensorLeaf
+from aiockpt._format.manifest import FORMAT_VERSION, MANIFEST_NAME, MAX_MANIFEST_BYTES, TensorLeaf
 from aiockpt._format.tree import MAX_DEPTH, format_key_path
 from aiockpt._trainer.staging import SharedArena
 from aiockpt._wire.protocol import RankInfo
@@ -331,11 +331,14 @@ MALFORMED: dict[str, Callable[[dict[str, Any]], None]] = {
     "world-size-zero": lambda m: m.update(world_size=0),
     "negative-format-version": lambda m: m.update(format_version=-1),
     "format-version-1": lambda m: m.update(format_version=1),
-    "newer-format-version": lambda m: m.update(format_version=3),
+    "newer-format-version": lambda m: m.update(format_version=FORMAT_VERSION + 1),
     "negative-offset": lambda m: _leaf_of(m, "tensor").update(offset=-8),
     "tensor-past-end-of-file": lambda m: _leaf_of(m, "tensor").update(shape=[17, 16]),
     "huge-shape": lambda m: _leaf_of(m, "tensor").update(shape=[2**40, 2**40]),
     "negative-shape": lambda m: _leaf_of(m, "tensor").update(shape=[-16, -16]),
+    "negative-strides": lambda m: _leaf_of(m, "tensor").update(strides=[-16, 1]),
+    "strides-of-another-shape": lambda m: _leaf_of(m, "tensor").update(strides=[1]),
+    "strided-past-end-of-file": lambda m: _leaf_of(m, "tensor").update(strides=[32, 1]),
     "negative-file-size": lambda m: m["files"][0].update(size=-1),
     "file-listed-twice": lambda m: m["files"].append(m["files"][0]),
     "repeated-key": lambda m: _dict_node(m)[1].__setitem__(1, "w"),
@@ -359,6 +362,18 @@ def test_a_malformed_manifest_is_corrupt_even_with_a_valid_checksum(
         with pytest.raises(CorruptCheckpoint, match="unreadable manifest") as info:
             call(target)
         assert info.value.path == str(manifest_path)
+
+
+def test_a_manifest_of_format_version_2_still_loads(tmp_path: Path) -> None:
+    """Version 3 only added strided tensor leaves: every version-2 manifest is read as it was."""
+    target = tmp_path / "ck"
+    expected = small_checkpoint(target)
+    manifest_path = target / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_bytes())
+    assert manifest["format_version"] == FORMAT_VERSION == 3
+    manifest_path.write_bytes(sealed({**manifest, "format_version": 2}))
+    assert loading.read_manifest(target).format_version == 2
+    assert torch.equal(aiockpt.load(target)["w"], expected["w"])
 
 
 def test_a_manifest_without_its_checksum_is_corrupt(tmp_path: Path) -> None:

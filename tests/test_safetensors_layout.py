@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import aiockpt
 from aiockpt._format.commit import write_checkpoint
+from aiockpt._format.manifest import TensorLeaf
 from aiockpt._wire.protocol import ShardSpec
 from aiockpt.writers.safetensors import (
     INDEX_NAME,
@@ -193,13 +194,17 @@ def test_two_ranks_write_every_tensor_once_as_whole_tensors(
     loaded = aiockpt.load(path, {"rows": torch.zeros(ROWS, COLS), "cols": torch.zeros(ROWS, COLS)})
     assert torch.equal(loaded["rows"], whole(0)) and torch.equal(loaded["cols"], whole(100))
     for rank in range(2):
+        # A rank resuming gets its own pieces back: a row piece is one run of the whole's
+        # bytes, a column piece is read strided out of them.
         own = aiockpt.load(path, rank=rank)
-        # A row piece is contiguous in the whole: a rank resuming gets its own piece back.
         assert torch.equal(own["rows"], states[rank]["rows"])
+        assert torch.equal(own["cols"], states[rank]["cols"])
         assert torch.equal(own[f"mine.{rank}"], states[rank][f"mine.{rank}"])
         assert own["step"] == 5
-    # A column piece is not contiguous: it is described as the whole, which a rank's
-    # DTensor-shaped target slices (here: loading into the whole shape).
+        target = {"cols": torch.zeros(ROWS, COLS // 2)}
+        aiockpt.load(path, target, rank=rank)
+        assert torch.equal(target["cols"], states[rank]["cols"])
+    # ... and a target of the whole shape gets the whole, on any rank.
     target = {"cols": torch.zeros(ROWS, COLS)}
     aiockpt.load(path, target, rank=1)
     assert torch.equal(target["cols"], whole(100))
@@ -221,6 +226,83 @@ def test_three_ranks_with_uneven_pieces(tmp_path: Path) -> None:
     emb_file = json.loads((path / INDEX_NAME).read_text())["weight_map"]["emb"]
     assert torch.equal(load_file(path / emb_file)["emb"], full)
     assert torch.equal(aiockpt.load(path)["emb"], full)
+
+
+def grid_piece(
+    tensor: torch.Tensor, splits: list[int], coordinates: list[int]
+) -> tuple[torch.Tensor, ShardSpec]:
+    """The piece of ``tensor`` at ``coordinates`` when each dimension d is cut into
+    ``splits[d]`` equal parts, and where it lies."""
+    offsets = []
+    piece = tensor
+    for dim, (parts, coordinate) in enumerate(zip(splits, coordinates, strict=True)):
+        size = tensor.size(dim) // parts
+        offsets.append(coordinate * size)
+        piece = piece.narrow(dim, coordinate * size, size)
+    return piece.contiguous(), ShardSpec(list(tensor.shape), offsets)
+
+
+def test_four_ranks_with_pieces_cut_along_every_dimension(tmp_path: Path) -> None:
+    """A 2 x 2 mesh: ``grid`` sharded by rows and columns, ``cube`` by its last two
+    dimensions; ``tp`` by columns and ``dp`` by rows on one mesh dimension, replicated on the
+    other (two ranks hold each piece; one writes it)."""
+    wholes = {
+        "grid": torch.arange(8 * 6, dtype=torch.float32).reshape(8, 6),
+        "cube": torch.arange(3 * 4 * 6, dtype=torch.int64).reshape(3, 4, 6),
+        "tp": torch.arange(5 * 4, dtype=torch.bfloat16).reshape(5, 4),
+        "dp": torch.arange(4 * 3, dtype=torch.float16).reshape(4, 3),
+    }
+    names = list(wholes)
+    splits = {"grid": [2, 2], "cube": [1, 2, 2], "tp": [1, 2], "dp": [2, 1]}
+    states, shards = [], []
+    for rank in range(4):
+        row, col = divmod(rank, 2)
+        coordinates = {"grid": [row, col], "cube": [0, row, col], "tp": [0, col], "dp": [row, 0]}
+        pieces = {name: grid_piece(wholes[name], splits[name], coordinates[name]) for name in names}
+        states.append({name: piece for name, (piece, _) in pieces.items()})
+        shards.append({position: pieces[name][1] for position, name in enumerate(names)})
+    path = tmp_path / "ckpt"
+    outcomes = group_save(path, states, shards)
+    assert not [o for o in outcomes if isinstance(o, BaseException)], outcomes
+
+    # safetensors' own reader: each tensor whole, once.
+    from safetensors import safe_open
+
+    with safe_open(path / "model.safetensors", framework="pt") as opened:
+        assert sorted(opened.keys()) == sorted(wholes)
+        for name, tensor in wholes.items():
+            assert torch.equal(opened.get_tensor(name), tensor), name
+    # The manifest says which piece of the whole each rank's entry is; pieces that are not
+    # one run of the whole's bytes (all but dp's rows) lie strided.
+    manifest = aiockpt.verify(path)
+    for rank in range(4):
+        leaves = manifest.rank_state(rank).leaves
+        for position, name in enumerate(names):
+            leaf = leaves[position]
+            assert isinstance(leaf, TensorLeaf)
+            assert leaf.shape == list(states[rank][name].shape)
+            assert leaf.global_offset == shards[rank][position].offsets
+            strides = None if name == "dp" else _contiguous_strides(wholes[name].shape)
+            assert leaf.strides == strides, (rank, name)
+    # Every rank resumes its own pieces: into tensors of their shape, without a target, and
+    # mapped (strided views of the file).
+    for rank in range(4):
+        targets = {name: torch.zeros_like(piece) for name, piece in states[rank].items()}
+        for loaded in (
+            aiockpt.load(path, targets, rank=rank),
+            aiockpt.load(path, rank=rank),
+            aiockpt.load(path, rank=rank, mmap=True),
+        ):
+            for name, piece in states[rank].items():
+                assert torch.equal(loaded[name], piece), (rank, name)
+    # One process, or another world size: the wholes.
+    for loaded in (aiockpt.load(path), aiockpt.load(path, rank=0, world_size=3)):
+        for name, tensor in wholes.items():
+            assert torch.equal(loaded[name], tensor), name
+
+
+def _contiguous_strides(shape: torch.Size) -> list[int]:
+    return list(torch.empty(shape, dtype=torch.uint8).stride())
 
 
 def test_ranks_disagreeing_about_a_tensor_fail_the_save_on_every_rank(tmp_path: Path) -> None:

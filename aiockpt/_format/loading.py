@@ -60,6 +60,7 @@ from aiockpt._format.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
+    OLDEST_READ_FORMAT_VERSION,
     BigIntLeaf,
     BytesLeaf,
     FileEntry,
@@ -230,9 +231,10 @@ _LINK_ERRNOS = (errno.ELOOP, errno.ENOTDIR)
 
 def _check_consistent(manifest: Manifest) -> None:
     """Raise ValueError for anything in ``manifest`` a reader could misuse."""
-    if manifest.format_version != FORMAT_VERSION:
+    if not OLDEST_READ_FORMAT_VERSION <= manifest.format_version <= FORMAT_VERSION:
         raise ValueError(
-            f"format version {manifest.format_version}; this aiockpt reads {FORMAT_VERSION}"
+            f"format version {manifest.format_version}; this aiockpt reads versions "
+            f"{OLDEST_READ_FORMAT_VERSION} to {FORMAT_VERSION}"
         )
     sizes = {check_relative_name(f.name): f.size for f in manifest.files}
     if len(sizes) != len(manifest.files):
@@ -269,6 +271,10 @@ def _check_leaf(leaf: Leaf, sizes: dict[str, int]) -> None:
                     f"outside its whole of shape {leaf.global_shape}"
                 )
         nbytes = math.prod(leaf.shape) * itemsize
+        if leaf.strides is not None:
+            if len(leaf.strides) != len(leaf.shape) or min(leaf.strides, default=0) < 0:
+                raise ValueError(f"strides {leaf.strides} do not fit shape {leaf.shape}")
+            nbytes = _extent(tuple(leaf.shape), tuple(leaf.strides)) * itemsize
     elif isinstance(leaf, ObjectLeaf):
         nbytes = leaf.nbytes
     else:
@@ -819,6 +825,8 @@ class _Plan:
     singles: list[tuple[int, TensorLeaf]]
     #: pairs of different leaves saved at one place: corrupt, if a load reads both
     collisions: list[tuple[int, int]]
+    #: tensor leaves that lie strided in their file (``TensorLeaf.strides``), read as pieces
+    strided: list[int]
     #: the largest run's buffer
     run_bytes: int
     #: for loads into existing tensors: a buffer every run is read into in turn, with each
@@ -879,6 +887,7 @@ def _make_plan(leaves: list[Leaf]) -> _Plan:
     plain: list[int] = []
     special: list[int] = []
     singles: list[tuple[int, TensorLeaf]] = []
+    strided: list[int] = []
     #: (file, offset) -> the leaves saved there (tied leaves: equal ones)
     places: dict[tuple[str, int], list[int]] = {}
     small: list[tuple[str, int, int, int]] = []  # file, offset, end, first leaf
@@ -895,6 +904,9 @@ def _make_plan(leaves: list[Leaf]) -> _Plan:
         dtype = dtype_from_name(leaf.dtype)
         shape = tuple(leaf.shape)
         tensors[index] = (dtype, shape, leaf.global_shape is None)
+        if leaf.strides is not None:
+            strided.append(index)
+            continue
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes == 0:  # nothing to read (and may share an offset)
             singles.append((index, leaf))
@@ -950,7 +962,7 @@ def _make_plan(leaves: list[Leaf]) -> _Plan:
         run.end = end
         run_bytes = max(run_bytes, -(-(run.pad + end - run.offset) // _ALIGN) * _ALIGN)
     singles.sort(key=_first)
-    return _Plan(tensors, plain, special, runs, singles, collisions, run_bytes)
+    return _Plan(tensors, plain, special, runs, singles, collisions, strided, run_bytes)
 
 
 def _first(pair: tuple[int, Any]) -> int:
@@ -1142,8 +1154,14 @@ def _map_leaves(
             # its 16-byte elements: a view of the bytes from there, with its own base.
             storage = files[leaf.file]
             array = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
-            tensor = torch.frombuffer(array, dtype=dtype, count=numel, offset=leaf.offset)
-            tensor = tensor.view(shape)
+            if leaf.strides is None:
+                tensor = torch.frombuffer(array, dtype=dtype, count=numel, offset=leaf.offset)
+                tensor = tensor.view(shape)
+            else:
+                strides = tuple(leaf.strides)
+                count = _extent(shape, strides)
+                tensor = torch.frombuffer(array, dtype=dtype, count=count, offset=leaf.offset)
+                tensor = tensor.as_strided(shape, strides)
         for index in members:
             values[index] = tensor
     return values
@@ -1161,17 +1179,19 @@ def _map_plan(
     saved at each place (tied leaves come back as one tensor, as without mmap) with the
     view's shape, strides and element offset; and those that are no such view (empty, or
     not aligned to their dtype)."""
-    places: dict[tuple[str, int, str, tuple[int, ...]], list[int]] = {}
+    places: dict[tuple[str, int, str, tuple[int, ...], tuple[int, ...]], list[int]] = {}
     for index, spec in enumerate(plan.tensors):
         if spec is not None:
             leaf = leaves[index]
             assert isinstance(leaf, TensorLeaf)
-            places.setdefault((leaf.file, leaf.offset, leaf.dtype, spec[1]), []).append(index)
+            strides = _contiguous_strides(spec[1]) if leaf.strides is None else tuple(leaf.strides)
+            key = (leaf.file, leaf.offset, leaf.dtype, spec[1], strides)
+            places.setdefault(key, []).append(index)
     by_base: dict[
         tuple[str, torch.dtype], list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]]
     ] = {}
     odd: list[tuple[tuple[int, ...], TensorLeaf]] = []
-    for (name, offset, _, shape), members in places.items():
+    for (name, offset, _, shape, strides), members in places.items():
         dtype = plan.tensors[members[0]][0]  # type: ignore[index]
         at, misaligned = divmod(offset, dtype.itemsize)
         leaf = leaves[members[0]]
@@ -1179,9 +1199,7 @@ def _map_plan(
         if misaligned or not math.prod(shape):
             odd.append((tuple(members), leaf))
         else:
-            by_base.setdefault((name, dtype), []).append(
-                (tuple(members), shape, _contiguous_strides(shape), at)
-            )
+            by_base.setdefault((name, dtype), []).append((tuple(members), shape, strides, at))
     return by_base, odd
 
 
@@ -1227,6 +1245,8 @@ def _read_leaves(
     marks = bytearray(len(leaves))
     for index in wanted:
         marks[index] = 1
+    if plan.strided:  # (no contiguous bytes to read: each is its own piece's box)
+        boxes = {**_own_boxes(leaves, plan.strided, marks), **boxes}
     for index in boxes:
         marks[index] = 0
     flags = None if all(marks) else marks  # None: every leaf (no test per leaf)
@@ -1296,6 +1316,16 @@ def _read_leaves(
     return values
 
 
+def _own_boxes(leaves: list[Leaf], indices: list[int], marks: bytearray) -> dict[int, _Box]:
+    """The saved box of each marked tensor leaf of ``indices``."""
+    boxes: dict[int, _Box] = {}
+    for index in indices:
+        leaf = leaves[index]
+        if marks[index] and isinstance(leaf, TensorLeaf):
+            boxes[index] = _saved_box(leaf)
+    return boxes
+
+
 def _plan_assembly(
     source: _Source,
     key_path: KeyPath,
@@ -1316,6 +1346,8 @@ def _plan_assembly(
         tensor = _empty(box.sizes, dtype, source.checkpoint.root)
     covered = 0
     placed: list[_Box] = []
+    #: (piece, its box, the part of it wanted) of every piece the box overlaps
+    used: list[tuple[TensorLeaf, _Box, _Box]] = []
     for piece in source.pieces(key_path, leaf):
         saved = _saved_box(piece)
         overlap = _overlap(saved, box)
@@ -1328,7 +1360,7 @@ def _plan_assembly(
             )
         placed.append(saved)
         covered += math.prod(overlap.sizes)
-        regions.setdefault(piece.file, []).append(_piece_region(piece, saved, overlap, box, tensor))
+        used.append((piece, saved, overlap))
     if covered != math.prod(box.sizes):
         raise CorruptCheckpoint(
             f"{format_key_path(key_path)!r}: the pieces saved by {source.saved_world} ranks "
@@ -1336,7 +1368,38 @@ def _plan_assembly(
             f"({list(box.sizes)} at {list(box.offset)} of {list(box.whole)})",
             path=os.path.join(source.checkpoint.root, MANIFEST_NAME),
         )
+    stored = _stored_whole(used)
+    if stored is not None:
+        used = [(stored, _saved_box(stored), box)]
+    for piece, saved, overlap in used:
+        regions.setdefault(piece.file, []).append(_piece_region(piece, saved, overlap, box, tensor))
     return tensor
+
+
+def _stored_whole(used: list[tuple[TensorLeaf, _Box, _Box]]) -> TensorLeaf | None:
+    """The whole tensor that the pieces of ``used`` all lie strided in, where they do (a
+    safetensors file stores every tensor whole), so that what the box wants is read once from
+    it rather than once per piece, each read spanning most of the whole (column pieces);
+    None otherwise."""
+    if len(used) < 2:
+        return None
+    places: set[tuple[str, int]] = set()
+    whole: list[int] = []
+    for piece, _, _ in used:
+        if piece.strides is None or piece.global_shape is None or piece.global_offset is None:
+            return None
+        whole = piece.global_shape
+        strides = _contiguous_strides(tuple(whole))
+        if tuple(piece.strides) != strides:
+            return None
+        first = sum(o * s for o, s in zip(piece.global_offset, strides, strict=True))
+        places.add((piece.file, piece.offset - first * dtype_from_name(piece.dtype).itemsize))
+    if len(places) != 1:
+        return None
+    ((file, offset),) = places
+    if offset < 0:
+        return None
+    return TensorLeaf(file, offset, used[0][0].dtype, whole, whole, [0] * len(whole))
 
 
 def _overlap(a: _Box, b: _Box) -> _Box | None:
@@ -1355,7 +1418,7 @@ def _piece_region(
 ) -> _Region:
     """The region of ``piece``'s file holding ``overlap``, and where its bytes go."""
     itemsize = tensor.element_size()
-    strides = _contiguous_strides(saved.sizes)
+    strides = _contiguous_strides(saved.sizes) if piece.strides is None else tuple(piece.strides)
     within = [o - s for o, s in zip(overlap.offset, saved.offset, strict=True)]
     first = sum(i * st for i, st in zip(within, strides, strict=True))
     last = sum((i + n - 1) * st for i, n, st in zip(within, overlap.sizes, strides, strict=True))
@@ -1364,7 +1427,11 @@ def _piece_region(
     for dim, (start, size) in enumerate(zip(overlap.offset, overlap.sizes, strict=True)):
         target = target.narrow(dim, start - box.offset[dim], size)
     offset = piece.offset + first * itemsize
-    if count == math.prod(overlap.sizes) and target.is_contiguous():
+    if (
+        count == math.prod(overlap.sizes)
+        and target.is_contiguous()
+        and (piece.strides is None or _is_row_major(overlap.sizes, strides))
+    ):
         direct = tensor_bytes(target)
         return _Region(offset, direct.nbytes, [], view=direct, after=_nothing)
     scratch = torch.empty(count, dtype=tensor.dtype)
@@ -1380,6 +1447,23 @@ def _piece_region(
 
 def _nothing() -> None:
     pass
+
+
+def _extent(sizes: tuple[int, ...], strides: tuple[int, ...]) -> int:
+    """Elements from the first to the last of a strided tensor (0 when it is empty)."""
+    if not math.prod(sizes):
+        return 0
+    return 1 + sum((size - 1) * stride for size, stride in zip(sizes, strides, strict=True))
+
+
+def _is_row_major(sizes: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    """Whether elements with these strides lie in row-major order, without gaps."""
+    expected = 1
+    for size, stride in zip(reversed(sizes), reversed(strides), strict=True):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 @functools.lru_cache(maxsize=1024)  # a load asks again for each tensor of a shape

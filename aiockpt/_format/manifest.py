@@ -5,7 +5,8 @@ safetensors files) plus ``aiockpt-manifest.json``, written last, which names eve
 size and xxh3_64 checksum, and describes the state dict: its ``skeleton`` (the tree with int
 keys and tuples intact, see ``aiockpt._format.tree``) and one entry per leaf, in skeleton order:
 
-* ``tensor``: raw little-endian bytes of a contiguous tensor at ``offset`` in ``file``;
+* ``tensor``: raw little-endian bytes of a tensor at ``offset`` in ``file`` (contiguous, or
+  a piece strided inside a tensor stored whole);
 * ``value`` / ``float`` / ``bigint`` / ``bytes``: plain values stored in the manifest itself
   (floats as ``repr`` text so that nan, inf and -0.0 survive JSON);
 * ``object``: a pickle at ``offset`` in ``file`` (only when the user opted into pickling; never
@@ -14,7 +15,7 @@ keys and tuples intact, see ``aiockpt._format.tree``) and one entry per leaf, in
 
 Example (abridged)::
 
-    {"format_version": 2, "format": "safetensors", "world_size": 1,
+    {"format_version": 3, "format": "safetensors", "world_size": 1,
      "files": [{"name": "model.safetensors", "size": 1088, "xxh3_64": "3b5d..."}],
      "skeleton": ["dict", ["w", "step"], [["leaf", 0], ["leaf", 1]]],
      "leaves": [{"type": "tensor", "file": "model.safetensors", "offset": 64,
@@ -53,6 +54,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "MAX_MANIFEST_BYTES",
+    "OLDEST_READ_FORMAT_VERSION",
     "PLAIN_TYPES",
     "BigIntLeaf",
     "BytesLeaf",
@@ -74,8 +76,11 @@ __all__ = [
 ]
 
 #: bumped when a reader of an older version could misread a newer manifest (2: the manifest
-#: carries its own checksum)
-FORMAT_VERSION = 2
+#: carries its own checksum; 3: a tensor leaf may be strided, ``TensorLeaf.strides``, which
+#: a reader of version 2 would ignore and so read the wrong bytes)
+FORMAT_VERSION = 3
+#: the oldest version this aiockpt still reads (every version-2 manifest is a valid version 3)
+OLDEST_READ_FORMAT_VERSION = 2
 #: file name of the manifest inside a checkpoint directory
 MANIFEST_NAME = "aiockpt-manifest.json"
 #: the largest manifest a reader accepts. A manifest costs ~150 bytes per leaf, so this allows
@@ -96,12 +101,18 @@ class FileEntry(msgspec.Struct, frozen=True):
 
 
 class TensorLeaf(msgspec.Struct, frozen=True, tag="tensor", tag_field="type", omit_defaults=True):
-    """A contiguous tensor stored as raw bytes at ``offset`` in ``file``.
+    """A tensor stored as raw little-endian bytes from ``offset`` in ``file``: contiguous,
+    or, with ``strides``, strided.
 
     A rank's piece of a sharded tensor (a DTensor's local shard) also says where it lies in
     the whole: ``global_shape`` and ``global_offset`` (the index of its first element), so
     that a loader can reshard without DCP's pickled ``.metadata``. Both are absent (omitted
     from the JSON) for a whole tensor.
+
+    ``strides`` (in elements; absent for a contiguous tensor): where a piece lies inside the
+    bytes of a larger tensor stored whole, as a column piece does in a safetensors file,
+    which holds every tensor whole. The tensor is then the view of the file's bytes from
+    ``offset`` (its first element) with ``shape`` and these strides.
     """
 
     file: str
@@ -110,6 +121,7 @@ class TensorLeaf(msgspec.Struct, frozen=True, tag="tensor", tag_field="type", om
     shape: list[int]
     global_shape: list[int] | None = None
     global_offset: list[int] | None = None
+    strides: list[int] | None = None
 
 
 class ObjectLeaf(msgspec.Struct, frozen=True, tag="object", tag_field="type"):
@@ -273,7 +285,7 @@ def decode_manifest(data: bytes) -> Manifest:
     if match is None:
         raise ValueError(
             "the manifest does not end in its checksum (truncated, corrupt, or written by "
-            f"aiockpt before format version {FORMAT_VERSION})"
+            "aiockpt before format version 2)"
         )
     body = data[: match.start()]
     if hashlib.sha256(body).hexdigest() != match.group(1).decode():

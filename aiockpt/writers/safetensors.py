@@ -16,10 +16,12 @@ Several ranks write one checkpoint together (the ``GroupWriter`` steps): rank 0 
 files from every rank's plan, and every tensor is written exactly once. A tensor under the same
 name on several ranks is taken to be replicated (as in ``torch.distributed.checkpoint``) and
 written by one of them; a DTensor is written whole, each distinct piece by one rank that holds
-it, straight into its place in the whole tensor's bytes (no gather, no collective). A file
-that one rank writes alone is written front to back and hashed on the way; a file that several
-ranks write pieces into is hashed by rank 0 at commit. The index is written at commit, by
-rank 0.
+it, straight into its place in the whole tensor's bytes (no gather, no collective). Each
+rank's manifest entry for a piece says which piece of the whole it is and where its bytes
+lie among the whole's: one run for a row piece, strided for a column piece
+(``TensorLeaf.strides``), so that a rank resumes its own piece. A file that one rank writes
+alone is written front to back and hashed on the way; a file that several ranks write pieces
+into is hashed by rank 0 at commit. The index is written at commit, by rank 0.
 
 Tensors are named by their key path (``"model.layers.0.weight"``); two leaves with the same
 name (``{"a.b": x, "a": {"b": y}}``) raise ValueError, as ``torch.distributed.checkpoint`` does.
@@ -315,11 +317,7 @@ def _byte_runs(piece: _Piece, whole_shape: list[int], itemsize: int) -> Iterator
     if ndim == 0:
         yield [0, 0, itemsize]
         return
-    # Dimensions from `inner` on are spanned in full by the piece except `inner` itself: one
-    # run per index of the dimensions before it.
-    inner = ndim - 1
-    while inner > 0 and piece.shape[inner] == whole_shape[inner]:
-        inner -= 1
+    inner = _inner_dimension(piece.shape, whole_shape)
     whole_strides = [math.prod(whole_shape[d + 1 :]) for d in range(ndim)]
     piece_strides = [math.prod(piece.shape[d + 1 :]) for d in range(ndim)]
     run = piece.shape[inner] * piece_strides[inner] * itemsize
@@ -329,6 +327,24 @@ def _byte_runs(piece: _Piece, whole_shape: list[int], itemsize: int) -> Iterator
         source = sum(i * s for i, s in zip(index, piece_strides, strict=False))
         target = base + sum(i * s for i, s in zip(index, whole_strides, strict=False))
         yield [source * itemsize, target * itemsize, run]
+
+
+def _inner_dimension(piece_shape: Sequence[int], whole_shape: Sequence[int]) -> int:
+    """The last dimension in which a piece is narrower than its whole (0 if none): it spans
+    every later one in full, so it lies in the whole's bytes as one contiguous run per index
+    of the dimensions before this one."""
+    inner = len(whole_shape) - 1
+    while inner > 0 and piece_shape[inner] == whole_shape[inner]:
+        inner -= 1
+    return inner
+
+
+def _lies_contiguous(piece: _Piece, whole_shape: Sequence[int]) -> bool:
+    """Whether the piece's bytes are one run in the whole's (a row piece: yes; a column
+    piece of more than one row: no)."""
+    if not whole_shape or math.prod(piece.shape) == 0:
+        return True
+    return math.prod(piece.shape[: _inner_dimension(piece.shape, whole_shape)]) == 1
 
 
 def _product(ranges: list[range]) -> Iterator[tuple[int, ...]]:
@@ -434,25 +450,28 @@ def lay_out(plans: Sequence[SafetensorsPlan], max_shard_size: int) -> _Layout:
 
 def _locate(whole: _Whole, file: str, data: int) -> Any:
     """A function from a piece of ``whole`` (at ``data`` in ``file``) to its manifest leaf:
-    where its bytes lie when every piece is contiguous in the whole (so a rank resuming at
-    the same world size reads its own piece), else the whole tensor for every piece."""
+    where the piece's own bytes lie inside the whole's, and which piece of the whole it is
+    (as DCP's metadata records a chunk), so that a rank resuming at the same world size reads
+    its own piece. A piece that is not one run of the whole's bytes (a column piece) is
+    recorded with the whole's strides, from its first element on."""
     dtype = dtype_name(whole.dtype)
-    itemsize = whole.dtype.itemsize
     if not whole.sharded:
         return lambda piece: TensorLeaf(file, data, dtype, list(whole.shape))
-    contiguous = all(
-        len(list(_byte_runs(piece, whole.shape, itemsize))) <= 1 for piece in whole.pieces.values()
-    )
-    if not contiguous:
-        zeros = [0] * len(whole.shape)
-        return lambda piece: TensorLeaf(
-            file, data, dtype, list(whole.shape), list(whole.shape), zeros
-        )
+    itemsize = whole.dtype.itemsize
+    strides = [math.prod(whole.shape[d + 1 :]) for d in range(len(whole.shape))]
 
     def piece_leaf(piece: _Piece) -> TensorLeaf:
-        first = next(_byte_runs(piece, whole.shape, itemsize), [0, 0, 0])[1]
+        first = sum(o * s for o, s in zip(piece.offsets, strides, strict=True))
+        if math.prod(piece.shape) == 0:
+            first = 0  # (an empty piece may sit at the whole's end: nothing to read)
         return TensorLeaf(
-            file, data + first, dtype, list(piece.shape), list(whole.shape), list(piece.offsets)
+            file,
+            data + first * itemsize,
+            dtype,
+            list(piece.shape),
+            list(whole.shape),
+            list(piece.offsets),
+            None if _lies_contiguous(piece, whole.shape) else list(strides),
         )
 
     return piece_leaf

@@ -26,7 +26,7 @@ import uvloop
 
 import aiockpt
 from aiockpt import Checkpointer, CoordinationError, WorkerCrashed
-from tests.multirank.hf_scenarios import hf_save
+from tests.multirank.hf_scenarios import column_shards, hf_save
 from tests.multirank.writers import expected_sum
 from tests.writer_fixtures import wait_for
 
@@ -287,6 +287,7 @@ SCENARIOS: dict[str, Callable[[str, int, int], Awaitable[dict[str, Any]]]] = {
     "late_rank": late_rank,
     "start_only": start_only,
     "hf_save": hf_save,
+    "column_shards": column_shards,
 }
 
 

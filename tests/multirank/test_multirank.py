@@ -10,12 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import safetensors
 import safetensors.torch
 import torch
 import torch.distributed.checkpoint as dcp
 
 import aiockpt
-from tests.multirank.hf_scenarios import tiny_gpt2
+from tests.multirank.hf_scenarios import COLUMN_SHAPES, column_whole, tiny_gpt2
 from tests.multirank.launch import run_ranks
 from tests.multirank.rank_main import (
     COLS,
@@ -214,6 +215,7 @@ def test_from_pretrained_reads_a_safetensors_save_from_any_number_of_ranks(
 
     saved = run_ranks("hf_save", world_size, tmp_path, loop="asyncio")
     path = Path(saved[0]["path"])
+    assert [r["own_pieces"] for r in saved] == [True] * world_size
     model = tiny_gpt2()
     expected = model.state_dict()
 
@@ -241,3 +243,39 @@ def test_from_pretrained_reads_a_safetensors_save_from_any_number_of_ranks(
     target = {name: torch.zeros_like(tensor) for name, tensor in expected.items()}
     aiockpt.load(path, target)
     assert all(torch.equal(target[name], expected[name]) for name in expected)
+
+
+def test_column_sharded_dtensors_save_as_safetensors_and_dcp_on_2_ranks(tmp_path: Path) -> None:
+    saved = run_ranks("column_shards", 2, tmp_path, loop="uvloop")
+    path, dcp_path = Path(saved[0]["path"]), saved[0]["dcp_path"]
+    wholes = {name: column_whole(name) for name in COLUMN_SHAPES}
+    # (a) Every rank reloads exactly its own pieces, every way a rank resumes, both formats.
+    for rank, observed in enumerate(saved):
+        assert len(observed["checks"]) == 9
+        failed = {
+            name: outcome for name, outcome in observed["checks"].items() if outcome is not True
+        }
+        assert failed == {}, f"rank {rank}"
+
+    # (b) One process: the whole tensors, assembled by aiockpt (both formats) and by torch's
+    # own DCP loader.
+    for saved_path in (path, dcp_path):
+        loaded = aiockpt.load(saved_path)
+        assert all(torch.equal(loaded[name], whole) for name, whole in wholes.items()), saved_path
+    by_dcp = {name: torch.zeros_like(whole) for name, whole in wholes.items()}
+    dcp.load(by_dcp, checkpoint_id=dcp_path)
+    assert all(torch.equal(by_dcp[name], whole) for name, whole in wholes.items())
+
+    # (c) safetensors' own reader: every tensor once, whole, each rank's piece in its place
+    # (DTensor cuts 7 columns into 4 + 3, the cube's 5 into 3 + 2).
+    (file,) = path.glob("*.safetensors")
+    with safetensors.safe_open(file, framework="pt") as opened:
+        assert sorted(opened.keys()) == sorted(wholes)
+        for name, whole in wholes.items():
+            assert torch.equal(opened.get_tensor(name), whole), name
+        for rank, (cols, cube) in enumerate(
+            [(slice(0, 4), slice(0, 3)), (slice(4, 7), slice(3, 5))]
+        ):
+            pieces = saved[rank]["pieces"]
+            assert opened.get_slice("cols")[:, cols].tolist() == pieces["cols"], rank
+            assert opened.get_slice("cube")[:, cube].tolist() == pieces["cube"], rank
