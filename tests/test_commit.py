@@ -79,7 +79,8 @@ def test_write_checkpoint_commits(tmp_path: Path) -> None:
     assert [f.name for f in result.files] == ["model.safetensors"]
     assert result.write_seconds >= 0 and result.commit_seconds >= 0
     manifest = decode_manifest((path / MANIFEST_NAME).read_bytes())
-    assert manifest.format == "safetensors" and manifest.format_version == FORMAT_VERSION == 3
+    assert manifest.format == "safetensors"
+    assert manifest.format_version == 2 < FORMAT_VERSION  # nothing strided: older readers read it
     assert manifest.metadata == {"epoch": 3, "tags": ["a"]}
     assert manifest.leaves[1] == ValueLeaf(1)
     data = (path / "model.safetensors").read_bytes()

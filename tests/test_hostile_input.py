@@ -364,15 +364,17 @@ def test_a_malformed_manifest_is_corrupt_even_with_a_valid_checksum(
         assert info.value.path == str(manifest_path)
 
 
-def test_a_manifest_of_format_version_2_still_loads(tmp_path: Path) -> None:
-    """Version 3 only added strided tensor leaves: every version-2 manifest is read as it was."""
+def test_a_manifest_of_format_version_2_or_3_loads(tmp_path: Path) -> None:
+    """Version 3 only added strided tensor leaves: a checkpoint without them is written as
+    version 2 (an older aiockpt still reads it), and reads the same as version 3."""
     target = tmp_path / "ck"
     expected = small_checkpoint(target)
     manifest_path = target / MANIFEST_NAME
     manifest = json.loads(manifest_path.read_bytes())
-    assert manifest["format_version"] == FORMAT_VERSION == 3
-    manifest_path.write_bytes(sealed({**manifest, "format_version": 2}))
-    assert loading.read_manifest(target).format_version == 2
+    assert manifest["format_version"] == 2 < FORMAT_VERSION == 3
+    assert torch.equal(aiockpt.load(target)["w"], expected["w"])
+    manifest_path.write_bytes(sealed({**manifest, "format_version": 3}))
+    assert loading.read_manifest(target).format_version == 3
     assert torch.equal(aiockpt.load(target)["w"], expected["w"])
 
 

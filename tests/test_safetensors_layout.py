@@ -275,6 +275,7 @@ def test_four_ranks_with_pieces_cut_along_every_dimension(tmp_path: Path) -> Non
     # The manifest says which piece of the whole each rank's entry is; pieces that are not
     # one run of the whole's bytes (all but dp's rows) lie strided.
     manifest = aiockpt.verify(path)
+    assert manifest.format_version == 3  # strided leaves: a version-2 reader must refuse it
     for rank in range(4):
         leaves = manifest.rank_state(rank).leaves
         for position, name in enumerate(names):

@@ -51,7 +51,6 @@ import msgspec
 import xxhash
 
 from aiockpt._format.manifest import (
-    FORMAT_VERSION,
     MANIFEST_NAME,
     FileEntry,
     Leaf,
@@ -60,6 +59,7 @@ from aiockpt._format.manifest import (
     RankState,
     check_relative_name,
     encode_manifest,
+    format_version_of,
     plain_leaf,
 )
 from aiockpt._format.tree import KeyPath, Node
@@ -416,7 +416,7 @@ def build_manifest(
                     leaves[index] = exports[key]
         states.append(RankState(part.skeleton, cast(list[Leaf], leaves)))
     return Manifest(
-        format_version=FORMAT_VERSION,
+        format_version=format_version_of(state.leaves for state in states),
         format=format,
         files=_entries(records),
         skeleton=states[0].skeleton,

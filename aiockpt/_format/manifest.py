@@ -44,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import re
+from collections.abc import Iterable, Sequence
 from typing import Any, TypeAlias
 
 import msgspec
@@ -70,6 +71,7 @@ __all__ = [
     "check_relative_name",
     "decode_manifest",
     "encode_manifest",
+    "format_version_of",
     "is_plain",
     "plain_leaf",
     "plain_value",
@@ -77,7 +79,9 @@ __all__ = [
 
 #: bumped when a reader of an older version could misread a newer manifest (2: the manifest
 #: carries its own checksum; 3: a tensor leaf may be strided, ``TensorLeaf.strides``, which
-#: a reader of version 2 would ignore and so read the wrong bytes)
+#: a reader of version 2 would ignore and so read the wrong bytes). A manifest is written
+#: with the lowest version that describes it (``format_version_of``), so that an older
+#: aiockpt still reads every checkpoint it could read before.
 FORMAT_VERSION = 3
 #: the oldest version this aiockpt still reads (every version-2 manifest is a valid version 3)
 OLDEST_READ_FORMAT_VERSION = 2
@@ -172,6 +176,16 @@ class RankState(msgspec.Struct, frozen=True):
 
     skeleton: Node
     leaves: list[Leaf]
+
+
+def format_version_of(leaf_lists: Iterable[Sequence[Leaf]]) -> int:
+    """The lowest format version that describes a manifest of these ranks' leaves: 3 when
+    a tensor leaf is strided, else 2."""
+    for leaves in leaf_lists:
+        for leaf in leaves:
+            if type(leaf) is TensorLeaf and leaf.strides is not None:
+                return FORMAT_VERSION
+    return OLDEST_READ_FORMAT_VERSION
 
 
 class Manifest(msgspec.Struct, frozen=True):
