@@ -291,3 +291,40 @@ def test_a_bound_load_still_verifies_every_byte(
         assert info.value.path == str(path / DATA_FILE[fmt])
         assert kept_plan().bound is bound  # the bound load found it
         flip_byte(path / DATA_FILE[fmt], offset)  # restored
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_next_checkpoint_of_the_same_state_takes_over_the_plan_and_the_bound_target(
+    tmp_path: Path, fmt: str
+) -> None:
+    """An eval polling for new checkpoints loads each into one model: a checkpoint laid out
+    as the one before (other tensor values, another step count) takes over its plan and
+    the target bound to it; one laid out otherwise gets its own plan. Each load gives its
+    own checkpoint's values."""
+    state_dict = training_state()
+    target = like(state_dict)
+    first = save(tmp_path, state_dict, fmt, name="first")
+    for _ in range(3):
+        load(first, target)
+    plan = kept_plan()
+    bound = plan.bound
+    assert bound is not None
+    later = training_state()
+    later["model"] = {k: v.clone() for k, v in later["model"].items()}
+    later["model"][T17] = torch.linspace(0, 1, 17)
+    later["embedding"] = random_tensor(torch.float32, (300, 300), seed=77)
+    later["step"] = 8
+    second = save(tmp_path, later, fmt, name="second")
+    assert (second / MANIFEST_NAME).read_bytes() != (first / MANIFEST_NAME).read_bytes()
+    scribble(target)
+    assert load(second, target) is target
+    assert_same(target, later)
+    assert kept_plan() is plan and plan.bound is bound  # taken over, found unchanged
+    moved = dict(later, extra=torch.ones(3))  # another layout (one more tensor)
+    third = save(tmp_path, moved, fmt, name="third")
+    scribble(target)
+    assert load(third, target) is target
+    assert_same(target, later)
+    assert kept_plan() is not plan
+    assert load(first, like(state_dict)) is not None  # back to the first: planned again
+    assert kept_plan() is not plan

@@ -69,6 +69,7 @@ from aiockpt._format.manifest import (
     Manifest,
     ObjectLeaf,
     OpaqueLeaf,
+    RankState,
     TensorLeaf,
     ValueLeaf,
     check_relative_name,
@@ -197,8 +198,9 @@ class _Checkpoint:
             _check_consistent(manifest)
         except (ValueError, RecursionError) as exc:  # msgspec's errors are ValueErrors
             raise CorruptCheckpoint(f"unreadable manifest: {exc}", path=manifest_path) from exc
+        # (The previous manifest's plans stay until a load plans this one: the next
+        # checkpoint of the same state takes them over, ``_plan_for``.)
         _last_manifest[0] = (bytes(data), manifest)
-        _last_plans[0] = None  # (the previous manifest's, and their spare buffers)
         return manifest
 
     def open_file(self, name: str) -> tuple[int, int]:
@@ -936,13 +938,24 @@ _last_plans: list[tuple[Manifest, dict[int, _Plan]] | None] = [None]
 
 def _plan_for(checkpoint: _Checkpoint, rank: int) -> _Plan:
     """The plan of rank ``rank``'s state, made once per manifest read (kept while it is the
-    last one read, ``_last_manifest``; another manifest's plan is made for each load)."""
+    last one read, ``_last_manifest``; another manifest's plan is made for each load). The
+    plan of the manifest read before is taken over (with the target bound to it) by the
+    next one if it lays that rank's state out alike (``_laid_out_alike``: the next
+    checkpoint of the same training state, as an eval polling for new ones loads)."""
     manifest = checkpoint.manifest
     with _plan_lock:
         kept = _last_plans[0]
-        if kept is not None and kept[0] is manifest and rank in kept[1]:
-            return kept[1][rank]
-    plan = _make_plan(manifest.rank_state(rank).leaves)
+        if kept is not None and rank in kept[1]:
+            if kept[0] is manifest:
+                return kept[1][rank]
+            previous: tuple[Manifest, _Plan] | None = (kept[0], kept[1][rank])
+        else:
+            previous = None
+    state = manifest.rank_state(rank)
+    if previous is not None and _laid_out_alike(previous[0].rank_state(rank), state):
+        plan = previous[1]
+    else:
+        plan = _make_plan(state.leaves)
     if _last_manifest[0] is not None and _last_manifest[0][1] is manifest:
         with _plan_lock:
             kept = _last_plans[0]
@@ -950,6 +963,23 @@ def _plan_for(checkpoint: _Checkpoint, rank: int) -> _Plan:
                 kept = _last_plans[0] = (manifest, {})
             plan = kept[1].setdefault(rank, plan)
     return plan
+
+
+def _laid_out_alike(before: RankState, now: RankState) -> bool:
+    """Whether a plan of ``before`` serves ``now``: the same skeleton, and the same leaves
+    but for plain values (a step count), which a load takes from its own manifest."""
+    if before.skeleton != now.skeleton or len(before.leaves) != len(now.leaves):
+        return False
+    if before.leaves == now.leaves:  # (compared in C)
+        return True
+    return all(
+        a == b or (type(a) is type(b) and isinstance(a, _PLAIN_LEAVES))
+        for a, b in zip(before.leaves, now.leaves, strict=True)
+    )
+
+
+#: leaves whose value a load takes from its manifest (a plan keeps only their indices)
+_PLAIN_LEAVES = (ValueLeaf, FloatLeaf, BigIntLeaf, BytesLeaf)
 
 
 def _make_plan(leaves: list[Leaf]) -> _Plan:
