@@ -1,6 +1,6 @@
 """What a load of many small tensors cannot go below, against reading their files.
 
-    python -m benchmarks.load_floor [--count 20000] [--repeats 5] [--dir /dev/shm]
+    python -m benchmarks.load_floor [--count 20000] [--bytes 80MiB] [--repeats 5] [--dir /dev/shm]
 
 A load of N tensors does at least: decode its manifest, walk the target state dict (in
 place) or make N tensor objects (allocating), and touch each tensor once from Python (a view
@@ -18,11 +18,30 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from benchmarks._common import SHM, bench_directory, interleave, log, many_tensors, median, timed
+from benchmarks._common import (
+    SHM,
+    bench_directory,
+    format_size,
+    interleave,
+    log,
+    many_tensors,
+    median,
+    parse_size,
+    timed,
+)
 from benchmarks._load_methods import empty_like_tree, files_under, fresh_buffers, read_files
 
 
-def floor_methods(count: int, directory: str) -> dict[str, Callable[[], float]]:
+def read_and_hash(files: list[tuple[str, int]], buffers: list[memoryview]) -> None:
+    """``read_files``, then each file's xxh3_64 (what ``verify=True`` adds to a read)."""
+    import xxhash
+
+    read_files(files, buffers)
+    for view in buffers:
+        xxhash.xxh3_64(view).hexdigest()
+
+
+def floor_methods(count: int, directory: str, nbytes: int) -> dict[str, Callable[[], float]]:
     import aiockpt
     from aiockpt._format import loading
     from aiockpt._format.commit import write_checkpoint
@@ -31,7 +50,7 @@ def floor_methods(count: int, directory: str) -> dict[str, Callable[[], float]]:
     from aiockpt.writers import create_writer
     from aiockpt.writers.base import is_tensor
 
-    state_dict = many_tensors(count, count * 4096)
+    state_dict = many_tensors(count, nbytes)
     path = os.path.join(directory, "small")
     write_checkpoint(create_writer("dcp"), state_dict, path, format="dcp")
     files = files_under(path)
@@ -42,8 +61,9 @@ def floor_methods(count: int, directory: str) -> dict[str, Callable[[], float]]:
     with open(os.path.join(path, MANIFEST_NAME), "rb") as file:
         manifest = file.read()
     tensors = list(target.values())
-    flat = torch.empty(count * 1024)
-    sources = list(flat.split(1024))
+    numel = max(1, nbytes // 4 // count)
+    flat = torch.empty(count * numel)
+    sources = list(flat.split(numel))
 
     def paused(call: Callable[[], object]) -> Callable[[], float]:
         def run() -> float:
@@ -66,11 +86,13 @@ def floor_methods(count: int, directory: str) -> dict[str, Callable[[], float]]:
     return {
         "read (existing buffer)": lambda: timed(lambda: read_files(files, existing)),
         "read (new memory)": lambda: timed(lambda: read_files(files, fresh_buffers(files))),
+        # A verified load reads and hashes every byte: in series on fewer than 4 CPUs.
+        "read + xxh3 (existing buffer)": lambda: timed(lambda: read_and_hash(files, existing)),
         "decode the manifest": paused(lambda: decode_manifest(manifest)),
         "walk the target (flatten)": paused(lambda: flatten(target, is_tensor)),
-        f"{count} torch.empty": paused(lambda: [torch.empty(1024) for _ in range(count)]),
+        f"{count} torch.empty": paused(lambda: [torch.empty(numel) for _ in range(count)]),
         f"{count} views (as_strided)": paused(
-            lambda: [flat.as_strided((1024,), (1,), i * 1024) for i in range(count)]
+            lambda: [flat.as_strided((numel,), (1,), i * numel) for i in range(count)]
         ),
         f"{count} copies (_foreach_copy_)": paused(lambda: torch._foreach_copy_(tensors, sources)),
         "aiockpt verify in place": lambda: timed(lambda: aiockpt.load(path, target)),
@@ -82,12 +104,19 @@ def floor_methods(count: int, directory: str) -> dict[str, Callable[[], float]]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.load_floor", description=__doc__)
     parser.add_argument("--count", type=int, default=20_000)
+    parser.add_argument(
+        "--bytes", type=parse_size, default=None, help="in all (default: 4 KiB per tensor)"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", default=SHM)
     args = parser.parse_args(argv)
-    log(f"load_floor: {args.count} tensors of 4 KiB, load average {os.getloadavg()[0]:.1f}")
+    nbytes = args.count * 4096 if args.bytes is None else args.bytes
+    log(
+        f"load_floor: {args.count} tensors, {format_size(nbytes)} in all, load average "
+        f"{os.getloadavg()[0]:.1f}"
+    )
     with bench_directory(args.dir, "bench-floor-") as directory:
-        samples = interleave(floor_methods(args.count, directory), args.repeats, "floor")
+        samples = interleave(floor_methods(args.count, directory, nbytes), args.repeats, "floor")
     figures = {key: median(values) for key, values in samples.items()}
     existing, new = figures["read (existing buffer)"], figures["read (new memory)"]
     for key, seconds in figures.items():

@@ -611,11 +611,23 @@ def _load(
     bound = plan.take_bound()
     try:
         if bound is not None:
-            targets = bound.targets_of(state_dict)
-            if targets is not None:  # the target bound before, unchanged: nothing to check
-                return _load_bound(
-                    checkpoint, source, state_dict, targets, bound, verify, allow_pickle
+            found = bound.targets_of(state_dict)
+            if found is not None:  # the target bound before, unchanged: nothing to check
+                tensors_found, others = found
+                values = _read_leaves(
+                    checkpoint,
+                    manifest,
+                    leaves,
+                    bound.wanted,
+                    dict(zip(bound.direct, tensors_found, strict=True)),
+                    {},
+                    source,
+                    verify,
+                    allow_pickle,
+                    bound,
                 )
+                bound.put_others(others, values)
+                return state_dict
             bound = None  # another target: bound anew below, if it can be
         matched: list[tuple[KeyPath, Any, int]] = []
         try:
@@ -1213,6 +1225,15 @@ class _Bound:
     #: run number -> how to read it straight into the tensors
     scatters: dict[int, _Scatter]
 
+    def put_others(self, places: list[tuple[Any, Any]], values: dict[int, Any]) -> None:
+        """Put the loaded ``values`` of the other leaves into their ``places`` (container,
+        key), as ``_fill`` would: a flat tuple becomes a new tuple of the saved values."""
+        for (container, key), index in zip(places, self.others, strict=True):
+            if isinstance(index, tuple):
+                container[key] = tuple(values[i] for i in index)
+            else:
+                container[key] = values[index]
+
     def targets_of(self, state_dict: Any) -> tuple[list[torch.Tensor], list[Any]] | None:
         """The tensors of ``state_dict`` to fill in place (in ``direct``'s order) and the
         containers and keys of its other leaves (``others``' order), if it is the bound
@@ -1419,38 +1440,6 @@ def _scatters(
         ]
         scatters[run.number] = _Scatter(views, batches, gap_buffer)
     return scatters
-
-
-def _load_bound(
-    checkpoint: _Checkpoint,
-    source: _Source,
-    state_dict: Any,
-    found: tuple[list[torch.Tensor], list[tuple[Any, Any]]],
-    bound: _Bound,
-    verify: bool,
-    allow_pickle: bool,
-) -> Any:
-    """``_load`` into ``state_dict``, found to be ``bound``'s target (``found``: its
-    tensors filled in place and its other leaves' places, ``_Bound.targets_of``)."""
-    tensors, others = found
-    values = _read_leaves(
-        checkpoint,
-        checkpoint.manifest,
-        source.state.leaves,
-        bound.wanted,
-        dict(zip(bound.direct, tensors, strict=True)),
-        {},
-        source,
-        verify,
-        allow_pickle,
-        bound,
-    )
-    for (container, key), index in zip(others, bound.others, strict=True):
-        if isinstance(index, tuple):  # a flat tuple: a new one of the saved values, as _fill
-            container[key] = tuple(values[i] for i in index)
-        else:
-            container[key] = values[index]
-    return state_dict
 
 
 def _stored_leaves(
