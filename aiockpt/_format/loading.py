@@ -619,7 +619,7 @@ def _load(
                     manifest,
                     leaves,
                     bound.wanted,
-                    dict(zip(bound.direct, tensors_found, strict=True)),
+                    bound.destinations(tensors_found),
                     {},
                     source,
                     verify,
@@ -1224,6 +1224,13 @@ class _Bound:
     runs: dict[str, list[_Run]]
     #: run number -> how to read it straight into the tensors
     scatters: dict[int, _Scatter]
+    #: positions in ``direct`` of the tensors no scatter reads (singles, tied leaves)
+    unscattered: list[int]
+
+    def destinations(self, tensors: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Leaf index -> tensor of ``tensors`` (``targets_of``'s) for those read otherwise
+        than by a scatter (those a scatter reads need no entry: nothing is done per tensor)."""
+        return {self.direct[position]: tensors[position] for position in self.unscattered}
 
     def put_others(self, places: list[tuple[Any, Any]], values: dict[int, Any]) -> None:
         """Put the loaded ``values`` of the other leaves into their ``places`` (container,
@@ -1376,16 +1383,26 @@ def _bind(
     wanted = [index for _, _, index in matched]
     wanted_flags = _wanted_flags(len(plan.tensors), wanted, {})
     runs = _wanted_runs(plan, wanted_flags)
+    scatters = _scatters(runs, destinations)
+    direct_indices = [matched[position][2] for position in direct]
+    scattered = {
+        members[0]
+        for file_runs in runs.values()
+        for run in file_runs
+        if run.number in scatters
+        for members in run.members
+    }
     return _Bound(
         shape=shape,
-        direct=[matched[position][2] for position in direct],
+        direct=direct_indices,
         others=others,
         wanted=wanted,
         guard=_TensorGuards(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None),
         pointers=list(map(_DATA_PTR, tensors)),
         flags=wanted_flags,
         runs=runs,
-        scatters=_scatters(runs, destinations),
+        scatters=scatters,
+        unscattered=[p for p, index in enumerate(direct_indices) if index not in scattered],
     )
 
 
@@ -1638,7 +1655,7 @@ def _read_leaves(
         flags,
         destinations,
         values,
-        allocate=not destinations,
+        allocate=not destinations and bound is None,
         scatters=None if bound is None else bound.scatters,
     )
     needed = {leaf.file for _, leaf in stored} | runs.keys()
@@ -2089,13 +2106,16 @@ class _FileReader:
             self._run_hashing.result()  # bounded: a hash of bytes in memory
             self._run_hashing = None
         scatter = None if load.scatters is None else load.scatters.get(run.number)
-        if scatter is not None and self.position <= run.offset:
+        if scatter is not None:
             _read_scatter(self.fd, scatter.batches, run.offset, self.full)
-            if self.digest is not None:
-                self._run_hashing = self.digest.update_many(scatter.views, scatter.owner)
+            if self.digest is not None and run.end > self.position:
+                pieces = scatter.views
+                if self.position > run.offset:  # (overlapped by a region read before)
+                    pieces = _bytes_after(pieces, self.position - run.offset)
+                self._run_hashing = self.digest.update_many(pieces, scatter.owner)
                 if self.progress is not None:
-                    self.progress(run.end - run.offset)
-            self.position = run.end
+                    self.progress(run.end - max(self.position, run.offset))
+            self.position = max(self.position, run.end)
             return
         buffer, views = load.buffer_for(run, self.root)
         data = tensor_bytes(buffer)
@@ -2134,6 +2154,16 @@ def _read_scatter(
                 _read_exactly(fd, view[done:], at + done, full)
                 at += view.nbytes
         offset += nbytes
+
+
+def _bytes_after(views: list[memoryview], skip: int) -> list[memoryview]:
+    """``views`` without their first ``skip`` bytes."""
+    kept = []
+    for view in views:
+        if skip < view.nbytes:
+            kept.append(view[skip:])
+        skip = max(0, skip - view.nbytes)
+    return kept
 
 
 def _read_exactly(fd: int, view: memoryview, offset: int, full: str) -> None:
