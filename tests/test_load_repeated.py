@@ -5,6 +5,7 @@ replaced) is matched and checked again, as on a first load."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -328,3 +329,37 @@ def test_the_next_checkpoint_of_the_same_state_takes_over_the_plan_and_the_bound
     assert kept_plan() is not plan
     assert load(first, like(state_dict)) is not None  # back to the first: planned again
     assert kept_plan() is not plan
+
+
+def test_small_tensors_overlapped_by_a_large_one_are_still_read_into_a_bound_target(
+    tmp_path: Path,
+) -> None:
+    """A manifest (sealed with a valid checksum) whose large tensor reaches into the small
+    ones after it: the run of small tensors starts before the end of what was read already;
+    a bound load still reads every small tensor into the target and hashes each byte once."""
+    from tests.test_hostile_input import sealed
+
+    small = {f"s{i}": torch.full((16,), float(i)) for i in range(8)}
+    state_dict = {"big": torch.arange(90_000, dtype=torch.float32), **small}
+    path = save(tmp_path, state_dict, "safetensors")
+    manifest = json.loads((path / MANIFEST_NAME).read_bytes())
+    skeleton = manifest["skeleton"]
+    index = {key: child[1] for key, child in zip(skeleton[1], skeleton[2], strict=True)}
+    big = manifest["leaves"][index["big"]]
+    after = [manifest["leaves"][index[k]] for k in small]
+    first = min(
+        (leaf for leaf in after if leaf["offset"] > big["offset"]), key=lambda x: x["offset"]
+    )
+    assert first["offset"] == big["offset"] + 90_000 * 4  # (laid out one after the other)
+    big["shape"] = [90_040]  # 160 bytes more: over the first small tensors
+    (path / MANIFEST_NAME).write_bytes(sealed(manifest))
+    target = like(state_dict)
+    target["big"] = torch.zeros(90_040)
+    for round_ in range(4):
+        scribble(target)
+        assert load(path, target) is target
+        assert_same({k: target[k] for k in small}, small)
+        assert torch.equal(target["big"][:90_000], state_dict["big"])
+        if round_ >= 1:
+            bound = kept_plan().bound
+            assert bound is not None and bound.scatters, round_
