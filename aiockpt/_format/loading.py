@@ -16,8 +16,12 @@ xxh3_64 digest and size are compared with the manifest's before any value is han
 What a load plans per tensor (each leaf's dtype and shape, the runs of small tensors and
 where each lies in its run's buffer, the views of a mapped file) is worked out once per
 manifest and kept with it (``_Plan``): a load of a manifest read before does per tensor only
-what it must (match the target, one view or copy, hand the value out). The garbage collector
-is paused meanwhile (``collection_paused``).
+what it must (match the target, one view or copy, hand the value out). The next checkpoint of
+the same state (laid out alike) takes the plan over. A target loaded into in place a second
+time is bound to the plan (``_Bound``): later loads into it, found unchanged by a few calls in
+C, skip matching and checking it and read runs of small tensors straight into its tensors
+(one ``preadv`` into many buffers). The garbage collector is paused meanwhile
+(``collection_paused``).
 
 Everything on disk is hostile until checked, whoever wrote it (the disk is shared), and
 whether or not ``verify`` is set:
