@@ -695,7 +695,7 @@ def _load(
             # A second load into a target: it may be loaded into again (a training loop
             # rolling back, an eval polling), so remember it (not on the first: a load done
             # once should not pay for binding).
-            bound = _bind(plan, state_dict, matched, direct, destinations)
+            bound = _bind(plan, state_dict, matched, direct)
         plan.loaded_in_place = True
         if not tuples and all(values[index] is target for _, target, index in matched):
             return state_dict  # every leaf filled in place: nothing to put into containers
@@ -880,6 +880,8 @@ class _Run:
     number: int
     members: list[tuple[int, ...]]
     specs: list[tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int]]
+    #: ``_layout``'s, once asked for
+    layout: tuple[list[int], list[int]] | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -1366,10 +1368,9 @@ def _bind(
     state_dict: Any,
     matched: list[tuple[KeyPath, Any, int]],
     direct: list[int],
-    destinations: dict[int, torch.Tensor],
 ) -> _Bound | None:
     """``state_dict`` (matched as ``matched``; ``direct``: the positions of its tensors
-    filled in place, in ``destinations``) bound to ``plan``, or None if it cannot be (a
+    filled in place as they are) bound to ``plan``, or None if it cannot be (a
     container ``_Container`` does not describe, no ``TensorGuards`` in this torch)."""
     if _TensorGuards is None or not direct:
         return None
@@ -1387,8 +1388,9 @@ def _bind(
     wanted = [index for _, _, index in matched]
     wanted_flags = _wanted_flags(len(plan.tensors), wanted, {})
     runs = _wanted_runs(plan, wanted_flags)
-    scatters = _scatters(runs, destinations)
     direct_indices = [matched[position][2] for position in direct]
+    pointers = list(map(_DATA_PTR, tensors))
+    scatters = _scatters(runs, dict(zip(direct_indices, pointers, strict=True)))
     scattered = {
         members[0]
         for file_runs in runs.values()
@@ -1402,7 +1404,7 @@ def _bind(
         others=others,
         wanted=wanted,
         guard=_TensorGuards(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None),
-        pointers=list(map(_DATA_PTR, tensors)),
+        pointers=pointers,
         flags=wanted_flags,
         runs=runs,
         scatters=scatters,
@@ -1410,57 +1412,71 @@ def _bind(
     )
 
 
-def _scatters(
-    runs: dict[str, list[_Run]], destinations: dict[int, torch.Tensor]
-) -> dict[int, _Scatter]:
-    """How to read each of ``runs`` straight into ``destinations`` (the runs whose every
-    tensor has one, none tied to another): each tensor's bytes into its memory, the bytes
-    between them into one gap buffer (as large as the most any run has)."""
-    layouts: list[tuple[_Run, list[tuple[int, int]]]] = []
+def _scatters(runs: dict[str, list[_Run]], pointers: dict[int, int]) -> dict[int, _Scatter]:
+    """How to read each of ``runs`` straight into the tensors at ``pointers`` (leaf index ->
+    the address of its destination; the runs whose every tensor has one, none tied to
+    another): each tensor's bytes into its memory, the bytes between them into one gap
+    buffer (as large as the most any run has)."""
+    chosen: list[_Run] = []
     gap_bytes = 0
     for file_runs in runs.values():
         for run in file_runs:
-            if not all(len(members) == 1 and members[0] in destinations for members in run.members):
-                continue
-            pieces: list[tuple[int, int]] = []  # (pointer, size); pointer -1: a gap
-            position = run.offset
-            gaps = 0
-            for (index,), (dtype, shape, _, at) in zip(run.members, run.specs, strict=True):
-                start = run.offset - run.pad + at * dtype.itemsize
-                if start > position:
-                    pieces.append((-1, start - position))
-                    gaps += start - position
-                nbytes = math.prod(shape) * dtype.itemsize
-                pieces.append((destinations[index].data_ptr(), nbytes))
-                position = start + nbytes
-            layouts.append((run, pieces))
-            gap_bytes = max(gap_bytes, gaps)
-    if not layouts:
+            if all(len(members) == 1 and members[0] in pointers for members in run.members):
+                chosen.append(run)
+                gap_bytes = max(gap_bytes, sum(_layout(run)[0]))
+    if not chosen:
         return {}
     gap_buffer = torch.empty(max(gap_bytes, 1), dtype=torch.uint8)
     gap_view = tensor_bytes(gap_buffer)
-    pointers = [p for _, pieces in layouts for p, _ in pieces if p >= 0]
-    low = min(pointers)
-    high = max(p + n for _, pieces in layouts for p, n in pieces if p >= 0)
+    addresses = [pointers[members[0]] for run in chosen for members in run.members]
+    low = min(addresses)
+    high = max(address + size for address, size in zip(addresses, _sizes_of(chosen), strict=True))
     # One raw view over every tensor's memory, sliced per tensor (a view made per tensor
     # costs ~3 us through ctypes; a slice ~0.1 us). Only the slices are ever read into.
     memory = _memoryview_from_memory(low, high - low, _PYBUF_WRITE)
     scatters = {}
-    for run, pieces in layouts:
+    for run in chosen:
+        gaps, sizes = _layout(run)
         views: list[memoryview] = []
+        lengths: list[int] = []
         at = 0
-        for pointer, nbytes in pieces:
-            if pointer < 0:
-                views.append(gap_view[at : at + nbytes])
-                at += nbytes
-            else:
-                views.append(memory[pointer - low : pointer - low + nbytes])
+        for (index,), gap, size in zip(run.members, gaps, sizes, strict=True):
+            if gap:
+                views.append(gap_view[at : at + gap])
+                lengths.append(gap)
+                at += gap
+            start = pointers[index] - low
+            views.append(memory[start : start + size])
+            lengths.append(size)
         batches = [
-            (views[k : k + _IOV_MAX], sum(v.nbytes for v in views[k : k + _IOV_MAX]))
+            (views[k : k + _IOV_MAX], sum(lengths[k : k + _IOV_MAX]))
             for k in range(0, len(views), _IOV_MAX)
         ]
         scatters[run.number] = _Scatter(views, batches, gap_buffer)
     return scatters
+
+
+def _layout(run: _Run) -> tuple[list[int], list[int]]:
+    """Per tensor of ``run``, in file order: the bytes between it and the one before (or the
+    run's start), and its own size (worked out once per run)."""
+    if run.layout is None:
+        gaps: list[int] = []
+        sizes: list[int] = []
+        position = run.offset
+        base = run.offset - run.pad
+        for dtype, shape, _, at in run.specs:
+            itemsize = dtype.itemsize
+            start = base + at * itemsize
+            gaps.append(start - position)
+            sizes.append(math.prod(shape) * itemsize)
+            position = start + sizes[-1]
+        run.layout = (gaps, sizes)
+    return run.layout
+
+
+def _sizes_of(runs: list[_Run]) -> Iterator[int]:
+    for run in runs:
+        yield from _layout(run)[1]
 
 
 def _stored_leaves(
