@@ -363,3 +363,25 @@ def test_small_tensors_overlapped_by_a_large_one_are_still_read_into_a_bound_tar
         if round_ >= 1:
             bound = kept_plan().bound
             assert bound is not None and bound.scatters, round_
+
+
+def test_a_bound_target_is_not_kept_alive_by_the_plan(tmp_path: Path) -> None:
+    """The plan keeps what it checks a target against, never the target: a model dropped
+    after its loads is freed at once (reference counting, no collection needed), and a new
+    one loads right (at the old addresses too, if the allocator gives them back)."""
+    import weakref
+
+    state_dict = training_state()
+    path = save(tmp_path, state_dict, "dcp")
+    target = like(state_dict)
+    for _ in range(3):
+        load(path, target)
+    assert kept_plan().bound is not None
+    watched = [weakref.ref(t) for t in target["model"].values()]
+    del target
+    assert not any(ref() is not None for ref in watched)
+    again = like(state_dict)
+    for _ in range(3):
+        scribble(again)
+        assert load(path, again) is again
+        assert_same(again, state_dict)
