@@ -385,3 +385,21 @@ def test_a_bound_target_is_not_kept_alive_by_the_plan(tmp_path: Path) -> None:
         scribble(again)
         assert load(path, again) is again
         assert_same(again, state_dict)
+
+
+def test_a_key_of_a_bound_target_replaced_by_a_tensor_is_refused_as_on_a_first_load(
+    tmp_path: Path,
+) -> None:
+    """Keys are compared as lists: a key whose == raises (a tensor) sends the load back to
+    matching, which names the key the checkpoint lacks."""
+    state_dict = {"state": {0: torch.ones(3), 1: torch.zeros(2)}}
+    path = save(tmp_path, state_dict, "dcp")
+    target = like(state_dict)
+    for _ in range(3):
+        load(path, target)
+    assert kept_plan().bound is not None
+    with pytest.raises(RuntimeError):  # (a tensor of two elements == 0 is ambiguous)
+        bool([torch.ones(2), 1] == [0, 1])
+    odd: dict[Any, Any] = {torch.ones(2): torch.zeros(3), 1: target["state"][1]}
+    with pytest.raises(KeyError, match="is not in the checkpoint"):
+        load(path, {"state": odd})
