@@ -1391,6 +1391,10 @@ def _bind(
     wanted = [index for _, _, index in matched]
     wanted_flags = _wanted_flags(len(plan.tensors), wanted, {})
     runs = _wanted_runs(plan, wanted_flags)
+    try:
+        guard = _TensorGuards(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+    except TypeError:  # pragma: no cover (a torch whose TensorGuards is called otherwise)
+        return None
     direct_indices = [matched[position][2] for position in direct]
     pointers = list(map(_DATA_PTR, tensors))
     scatters = _scatters(runs, dict(zip(direct_indices, pointers, strict=True)))
@@ -1406,7 +1410,7 @@ def _bind(
         direct=direct_indices,
         others=others,
         wanted=wanted,
-        guard=_TensorGuards(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None),
+        guard=guard,
         pointers=pointers,
         flags=wanted_flags,
         runs=runs,
