@@ -16,8 +16,12 @@ xxh3_64 digest and size are compared with the manifest's before any value is han
 What a load plans per tensor (each leaf's dtype and shape, the runs of small tensors and
 where each lies in its run's buffer, the views of a mapped file) is worked out once per
 manifest and kept with it (``_Plan``): a load of a manifest read before does per tensor only
-what it must (match the target, one view or copy, hand the value out). The garbage collector
-is paused meanwhile (``collection_paused``).
+what it must (match the target, one view or copy, hand the value out). The next checkpoint of
+the same state (laid out alike) takes the plan over. A target loaded into in place a second
+time is bound to the plan (``_Bound``): later loads into it, found unchanged by a few calls in
+C, skip matching and checking it and read runs of small tensors straight into its tensors
+(one ``preadv`` into many buffers). The garbage collector is paused meanwhile
+(``collection_paused``).
 
 Everything on disk is hostile until checked, whoever wrote it (the disk is shared), and
 whether or not ``verify`` is set:
@@ -41,6 +45,7 @@ matching manifest); the rules about opening files are what keep a reader inside 
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import math
@@ -69,6 +74,7 @@ from aiockpt._format.manifest import (
     Manifest,
     ObjectLeaf,
     OpaqueLeaf,
+    RankState,
     TensorLeaf,
     ValueLeaf,
     check_relative_name,
@@ -92,7 +98,26 @@ from aiockpt._format.tree import (
 )
 from aiockpt._runtime import collection_paused
 from aiockpt.errors import CorruptCheckpoint, ForeignCheckpoint
-from aiockpt.writers.base import dtype_from_name, is_tensor, tensor_bytes
+from aiockpt.writers.base import (
+    _PYBUF_WRITE,
+    _memoryview_from_memory,
+    dtype_from_name,
+    is_tensor,
+    tensor_bytes,
+)
+
+
+def _tensor_guards_class() -> Any:
+    """torch's ``TensorGuards`` (what ``torch.compile`` checks its inputs with: many tensors'
+    metadata in one call, in C), None in a torch without it (then no target is bound)."""
+    try:
+        from torch._C._dynamo.guards import TensorGuards
+    except ImportError:  # pragma: no cover (another torch)
+        return None
+    return TensorGuards
+
+
+_TensorGuards: Any = _tensor_guards_class()
 
 __all__ = ["load", "read_manifest", "verify"]
 
@@ -178,8 +203,9 @@ class _Checkpoint:
             _check_consistent(manifest)
         except (ValueError, RecursionError) as exc:  # msgspec's errors are ValueErrors
             raise CorruptCheckpoint(f"unreadable manifest: {exc}", path=manifest_path) from exc
+        # (The previous manifest's plans stay until a load plans this one: the next
+        # checkpoint of the same state takes them over, ``_plan_for``.)
         _last_manifest[0] = (bytes(data), manifest)
-        _last_plans[0] = None  # (the previous manifest's, and their spare buffers)
         return manifest
 
     def open_file(self, name: str) -> tuple[int, int]:
@@ -393,6 +419,12 @@ def load(
     overlap it, at any world size and placement (as ``dcp.load`` reshards); a plain tensor
     receives the whole tensor, or, at the saved world size with ``rank``, that rank's piece.
     Only the byte ranges a rank needs are read (unless ``verify`` reads whole files anyway).
+    Loading a checkpoint again into the same target (a training loop rolling back, an eval
+    reloading) is cheaper from the third load on: the target is remembered with the
+    manifest's plan, found unchanged with a few calls in C (containers and keys, each
+    tensor's type, dtype, device, requires_grad, shape, strides and address), and its small
+    tensors are read straight into their memory; whatever changed is matched and checked
+    again as on a first load.
 
     ``Stateful`` values (torch's protocol: ``state_dict()`` and ``load_state_dict()``) at
     the top level of ``state_dict``, or ``state_dict`` itself, are loaded as
@@ -430,9 +462,10 @@ def load(
     FileNotFoundError if ``path`` does not exist; KeyError naming the key path for a leaf of
     ``state_dict`` the checkpoint does not have; ValueError for a tensor of ``state_dict``
     whose shape fits neither the saved whole nor the piece asked for (naming the saved world
-    size and shapes), for a checkpoint whose ranks saved keys rank 0 lacks when loading the
-    whole without ``state_dict``, for a pickled leaf without ``allow_pickle``, for a leaf a
-    custom writer stored in its own format, or for a ``rank`` the checkpoint does not have;
+    size and shapes) or that is on the meta device (naming its key), for a checkpoint whose
+    ranks saved keys rank 0 lacks when loading the whole without ``state_dict``, for a
+    pickled leaf without ``allow_pickle``, for a leaf a custom writer stored in its own
+    format, or for a ``rank`` the checkpoint does not have;
     what a ``Stateful`` value's ``state_dict()`` or ``load_state_dict()`` raises; and, for a
     checkpoint torch's DCP wrote, ForeignCheckpoint without ``allow_pickle`` (with it, what
     torch's ``dcp.load`` raises). With ``mmap``: ValueError for ``verify=True``, a
@@ -584,50 +617,97 @@ def _load(
             checkpoint, manifest, leaves, wanted, {}, boxes, source, verify, allow_pickle
         )
         return unflatten(source.state.skeleton, [values[i] for i in wanted])
-    matched: list[tuple[KeyPath, Any, int]] = []
+    plan = _plan_for(checkpoint, source.rank)
+    bound = plan.take_bound()
     try:
-        tuples = _match(state_dict, source.state.skeleton, (), matched)
-    except _Missing as exc:
-        raise KeyError(
-            f"{format_key_path(exc.key_path)!r} is not in the checkpoint at {checkpoint.root!r}"
-        ) from None
-    destinations: dict[int, torch.Tensor] = {}
-    tensors = _plan_for(checkpoint, source.rank).tensors
-    for key_path, target, index in matched:
-        spec = tensors[index]
-        if spec is None or not isinstance(target, torch.Tensor):
-            continue
-        if spec[2] and type(target) in _PLAIN_TENSORS and target.shape == spec[1]:
-            local = target  # a whole tensor into one of its shape: nothing to reshard
-        else:
-            leaf = leaves[index]
-            assert isinstance(leaf, TensorLeaf)
-            box = _wanted_box(source, key_path, leaf, target)
-            if box != _saved_box(leaf):
-                boxes[index] = box
-            local = _local_tensor(target)
-        if (
-            local.dtype == spec[0]
-            and local.is_cpu
-            and not local.requires_grad
-            and local.is_contiguous()
-            and index not in destinations
-        ):
-            destinations[index] = local
-    values = _read_leaves(
-        checkpoint,
-        manifest,
-        leaves,
-        [index for _, _, index in matched],
-        destinations,
-        boxes,
-        source,
-        verify,
-        allow_pickle,
-    )
-    if not tuples and all(values[index] is target for _, target, index in matched):
-        return state_dict  # every leaf filled in place: nothing to put into containers
-    return _fill(state_dict, iter([values[index] for _, _, index in matched]))
+        if bound is not None:
+            found = bound.targets_of(state_dict)
+            if found is not None:  # the target bound before, unchanged: nothing to check
+                tensors_found, others = found
+                values = _read_leaves(
+                    checkpoint,
+                    manifest,
+                    leaves,
+                    bound.wanted,
+                    bound.destinations(tensors_found),
+                    {},
+                    source,
+                    verify,
+                    allow_pickle,
+                    bound,
+                )
+                bound.put_others(others, values)
+                return state_dict
+            bound = None  # another target: bound anew below, if it can be
+        matched: list[tuple[KeyPath, Any, int]] = []
+        try:
+            tuples = _match(state_dict, source.state.skeleton, (), matched)
+        except _Missing as exc:
+            raise KeyError(
+                f"{format_key_path(exc.key_path)!r} is not in the checkpoint at {checkpoint.root!r}"
+            ) from None
+        destinations: dict[int, torch.Tensor] = {}
+        #: positions in ``matched`` of the tensors filled in place as they are (no conversion,
+        #: no reshard), and whether every tensor is one (what a bound target needs)
+        direct: list[int] = []
+        bindable = True
+        tensors = plan.tensors
+        for position, (key_path, target, index) in enumerate(matched):
+            spec = tensors[index]
+            if spec is None or not isinstance(target, torch.Tensor):
+                if spec is None and isinstance(target, torch.Tensor):
+                    bindable = False  # (a bound target's other leaves are no tensors)
+                continue
+            if spec[2] and type(target) in _PLAIN_TENSORS and target.shape == spec[1]:
+                local = target  # a whole tensor into one of its shape: nothing to reshard
+            else:
+                bindable = False
+                leaf = leaves[index]
+                assert isinstance(leaf, TensorLeaf)
+                box = _wanted_box(source, key_path, leaf, target)
+                if box != _saved_box(leaf):
+                    boxes[index] = box
+                local = _local_tensor(target)
+            if (
+                local.dtype == spec[0]
+                and local.is_cpu
+                and not local.requires_grad
+                and local.is_contiguous()
+                and index not in destinations
+            ):
+                destinations[index] = local
+                direct.append(position)
+            elif local.is_meta:  # copy_ into it would do nothing: the load would be lost
+                raise ValueError(
+                    f"{format_key_path(key_path)!r}: the state dict has a tensor on the meta "
+                    "device, which holds no data to load into; materialize it first "
+                    "(module.to_empty(device=...)), or load without a state dict"
+                )
+            else:
+                bindable = False
+        wanted = [index for _, _, index in matched]
+        values = _read_leaves(
+            checkpoint,
+            manifest,
+            leaves,
+            wanted,
+            destinations,
+            boxes,
+            source,
+            verify,
+            allow_pickle,
+        )
+        if bindable and plan.loaded_in_place:
+            # A second load into a target: it may be loaded into again (a training loop
+            # rolling back, an eval polling), so remember it (not on the first: a load done
+            # once should not pay for binding).
+            bound = _bind(plan, state_dict, matched, direct)
+        plan.loaded_in_place = True
+        if not tuples and all(values[index] is target for _, target, index in matched):
+            return state_dict  # every leaf filled in place: nothing to put into containers
+        return _fill(state_dict, iter([values[index] for index in wanted]))
+    finally:
+        plan.keep_bound(bound)
 
 
 #: tensor types that are never sharded (a DTensor is a subclass that says where its shard is)
@@ -806,6 +886,8 @@ class _Run:
     number: int
     members: list[tuple[int, ...]]
     specs: list[tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int]]
+    #: ``_layout``'s, once asked for
+    layout: tuple[list[int], list[int]] | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -844,6 +926,22 @@ class _Plan:
         | None
     ) = None
 
+    #: the target the last loads in place filled, checked and matched (``_Bound``), taken
+    #: by one load at a time; and whether a load in place has run (the second one binds)
+    bound: _Bound | None = None
+    loaded_in_place: bool = False
+
+    def take_bound(self) -> _Bound | None:
+        with _plan_lock:
+            bound, self.bound = self.bound, None
+        return bound
+
+    def keep_bound(self, bound: _Bound | None) -> None:
+        if bound is not None:
+            with _plan_lock:
+                if self.bound is None:
+                    self.bound = bound
+
     def take_spare(self) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
         with _plan_lock:
             spare, self.spare = self.spare, None
@@ -866,13 +964,24 @@ _last_plans: list[tuple[Manifest, dict[int, _Plan]] | None] = [None]
 
 def _plan_for(checkpoint: _Checkpoint, rank: int) -> _Plan:
     """The plan of rank ``rank``'s state, made once per manifest read (kept while it is the
-    last one read, ``_last_manifest``; another manifest's plan is made for each load)."""
+    last one read, ``_last_manifest``; another manifest's plan is made for each load). The
+    plan of the manifest read before is taken over (with the target bound to it) by the
+    next one if it lays that rank's state out alike (``_laid_out_alike``: the next
+    checkpoint of the same training state, as an eval polling for new ones loads)."""
     manifest = checkpoint.manifest
     with _plan_lock:
         kept = _last_plans[0]
-        if kept is not None and kept[0] is manifest and rank in kept[1]:
-            return kept[1][rank]
-    plan = _make_plan(manifest.rank_state(rank).leaves)
+        if kept is not None and rank in kept[1]:
+            if kept[0] is manifest:
+                return kept[1][rank]
+            previous: tuple[Manifest, _Plan] | None = (kept[0], kept[1][rank])
+        else:
+            previous = None
+    state = manifest.rank_state(rank)
+    if previous is not None and _laid_out_alike(previous[0].rank_state(rank), state):
+        plan = previous[1]
+    else:
+        plan = _make_plan(state.leaves)
     if _last_manifest[0] is not None and _last_manifest[0][1] is manifest:
         with _plan_lock:
             kept = _last_plans[0]
@@ -880,6 +989,23 @@ def _plan_for(checkpoint: _Checkpoint, rank: int) -> _Plan:
                 kept = _last_plans[0] = (manifest, {})
             plan = kept[1].setdefault(rank, plan)
     return plan
+
+
+def _laid_out_alike(before: RankState, now: RankState) -> bool:
+    """Whether a plan of ``before`` serves ``now``: the same skeleton, and the same leaves
+    but for plain values (a step count), which a load takes from its own manifest."""
+    if before.skeleton != now.skeleton or len(before.leaves) != len(now.leaves):
+        return False
+    if before.leaves == now.leaves:  # (compared in C)
+        return True
+    return all(
+        a == b or (type(a) is type(b) and isinstance(a, _PLAIN_LEAVES))
+        for a, b in zip(before.leaves, now.leaves, strict=True)
+    )
+
+
+#: leaves whose value a load takes from its manifest (a plan keeps only their indices)
+_PLAIN_LEAVES = (ValueLeaf, FloatLeaf, BigIntLeaf, BytesLeaf)
 
 
 def _make_plan(leaves: list[Leaf]) -> _Plan:
@@ -993,19 +1119,17 @@ class _RunLoad:
         destinations: dict[int, torch.Tensor],
         values: dict[int, Any],
         allocate: bool,
+        scatters: dict[int, _Scatter] | None = None,
     ) -> None:
         self.plan = plan
+        #: run number -> how to read that run straight into the target's tensors
+        self.scatters = scatters
         #: leaf index -> 1 where wanted (None: every leaf)
         self.wanted = wanted
         self.destinations = destinations
         self.values = values
         self.allocate = allocate
         self.spare: tuple[torch.Tensor, list[list[torch.Tensor]]] | None = None
-
-    def wants(self, run: _Run) -> bool:
-        wanted = self.wanted
-        assert wanted is not None
-        return any(wanted[i] for members in run.members for i in members)
 
     def buffer_for(self, run: _Run, root: str) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """The buffer to read ``run`` into and, for the spare one, the run's views of it."""
@@ -1057,6 +1181,321 @@ class _RunLoad:
         if self.spare is not None:
             self.plan.give_back(self.spare)
             self.spare = None
+
+
+@dataclass(slots=True, eq=False)
+class _Scatter:
+    """A run read straight into a bound target's tensors: ``views`` are its bytes in file
+    order (each tensor's own memory, and the bytes between them in ``owner``, the bound
+    target's gap buffer), ``batches`` the same in groups of at most ``_IOV_MAX`` with
+    their sizes (one ``preadv`` each)."""
+
+    views: list[memoryview]
+    batches: list[tuple[list[memoryview], int]]
+    owner: torch.Tensor
+
+
+@dataclass(slots=True, frozen=True, eq=False)
+class _Container:
+    """A container of a bound target as it was: its exact type, its keys in order (a dict)
+    or None (a list), its length, and per value: True for a tensor filled in place, False
+    for another leaf (replaced by the saved value), a ``_FlatTuple``, or the container
+    below; ``children`` None when every value is a tensor filled in place."""
+
+    kind: Any  # (a type; Any: mypy would narrow what is compared with it to object)
+    keys: list[Any] | None
+    length: int
+    children: list[_Container | _FlatTuple | bool] | None
+
+
+@dataclass(slots=True, frozen=True)
+class _FlatTuple:
+    """A tuple of ``length`` leaves, none a tensor or a container, in a bound target (an
+    optimizer's ``betas``): replaced by a tuple of the saved values, as ``_fill`` does."""
+
+    length: int
+
+
+@dataclass(slots=True, eq=False)
+class _Bound:
+    """A target an earlier load in place of this plan matched and checked, and what the next
+    load into the same target (the same containers and keys, tensors alike in everything
+    checked and at the same addresses) skips: matching it against the skeleton, checking
+    each tensor, making views of its memory. Whether a target is the same is checked
+    in C per tensor (``torch``'s dynamo ``TensorGuards``: Python type, dispatch keys
+    (device, layout, conjugate and negative bits), dtype, device index, requires_grad,
+    sizes and strides; then the data pointers): anything that would change what a load does
+    with a tensor makes the load match and check its target again. Holds no reference to
+    the target or its memory (the views are raw: used only once the pointers matched those
+    of the tensors the load holds)."""
+
+    shape: _Container
+    #: saved leaf index of each tensor filled in place, in the order ``_collect`` finds them,
+    #: and of each other leaf
+    direct: list[int]
+    others: list[int | tuple[int, ...]]
+    #: every leaf the target wants, in ``_match``'s order
+    wanted: list[int]
+    guard: Any
+    pointers: list[int]
+    flags: bytearray | None
+    runs: dict[str, list[_Run]]
+    #: run number -> how to read it straight into the tensors
+    scatters: dict[int, _Scatter]
+    #: positions in ``direct`` of the tensors no scatter reads (singles, tied leaves)
+    unscattered: list[int]
+
+    def destinations(self, tensors: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Leaf index -> tensor of ``tensors`` (``targets_of``'s) for those read otherwise
+        than by a scatter (those a scatter reads need no entry: nothing is done per tensor)."""
+        return {self.direct[position]: tensors[position] for position in self.unscattered}
+
+    def put_others(self, places: list[tuple[Any, Any]], values: dict[int, Any]) -> None:
+        """Put the loaded ``values`` of the other leaves into their ``places`` (container,
+        key), as ``_fill`` would: a flat tuple becomes a new tuple of the saved values."""
+        for (container, key), index in zip(places, self.others, strict=True):
+            if isinstance(index, tuple):
+                container[key] = tuple(values[i] for i in index)
+            else:
+                container[key] = values[index]
+
+    def targets_of(self, state_dict: Any) -> tuple[list[torch.Tensor], list[Any]] | None:
+        """The tensors of ``state_dict`` to fill in place (in ``direct``'s order) and the
+        containers and keys of its other leaves (``others``' order), if it is the bound
+        target unchanged; else None."""
+        tensors: list[torch.Tensor] = []
+        others: list[tuple[Any, Any]] = []
+        if (
+            not _collect(state_dict, self.shape, tensors, others)
+            or len(tensors) != len(self.pointers)
+            or not self.guard.check(*tensors)
+            or list(map(_DATA_PTR, tensors)) != self.pointers
+        ):
+            return None
+        return tensors, others
+
+
+_DATA_PTR = torch.Tensor.data_ptr
+
+
+def _collect(
+    target: Any, shape: _Container, tensors: list[Any], others: list[tuple[Any, Any]]
+) -> bool:
+    """Append ``target``'s leaves where ``shape`` has them: its tensors filled in place to
+    ``tensors``, (container, key) of its other leaves and flat tuples to ``others``; False
+    where its containers differ from ``shape`` (type, keys, length) or another leaf is now
+    a tensor or a container."""
+    if type(target) is not shape.kind or len(target) != shape.length:
+        return False
+    keys: Any
+    if shape.keys is None:
+        keys, values = range(shape.length), target
+    else:
+        keys = shape.keys
+        try:
+            if list(target) != keys:
+                return False
+        except Exception:  # a key whose == raises (a tensor): let a first load's match say
+            return False
+        values = target.values()
+    children = shape.children
+    if children is None:
+        tensors.extend(values)
+        return True
+    for key, value, child in zip(keys, values, children, strict=True):
+        if child is True:
+            tensors.append(value)
+        elif child is False:
+            if isinstance(value, _NOT_OTHER):
+                return False
+            others.append((target, key))
+        elif type(child) is _FlatTuple:
+            if (
+                type(value) is not tuple
+                or len(value) != child.length
+                or any(isinstance(item, _NOT_OTHER) for item in value)
+            ):
+                return False
+            others.append((target, key))
+        elif type(child) is not _Container or not _collect(value, child, tensors, others):
+            return False
+    return True
+
+
+#: what a leaf other than a tensor filled in place may not be in a bound target
+_NOT_OTHER = (torch.Tensor, dict, list, tuple)
+#: the containers a bound target may have (exact types: a subclass may iterate otherwise)
+_BOUND_KINDS = (dict, collections.OrderedDict, list)
+
+
+class _Unbindable(Exception):
+    """A target with a container ``_Container`` does not describe (a subclass, a tuple
+    holding tensors or containers)."""
+
+
+def _shape_of(
+    target: Any,
+    matched: list[tuple[KeyPath, Any, int]],
+    direct: bytearray,
+    others: list[int | tuple[int, ...]],
+    position: int,
+) -> tuple[_Container, int]:
+    """``target``'s containers as ``_Container``; its leaves are ``matched[position:]`` in
+    turn (``direct``: 1 for those filled in place); the saved leaf index of each other leaf,
+    or of the leaves of a flat tuple, is appended to ``others``. Returns the position after
+    its leaves. Raises _Unbindable."""
+    kind = type(target)
+    if kind not in _BOUND_KINDS:
+        raise _Unbindable
+    keys = None
+    values = target
+    if kind is not list:
+        keys = list(target)
+        if not all(type(key) is str or type(key) is int for key in keys):
+            raise _Unbindable  # (compared with ==: keep to keys whose == is plain)
+        values = target.values()
+    children: list[_Container | _FlatTuple | bool] = []
+    for value in values:
+        if isinstance(value, tuple) and not hasattr(value, "_fields"):
+            if type(value) is not tuple or any(isinstance(item, _NOT_OTHER) for item in value):
+                raise _Unbindable
+            if position + len(value) > len(matched):
+                raise _Unbindable
+            children.append(_FlatTuple(len(value)))
+            others.append(tuple(matched[p][2] for p in range(position, position + len(value))))
+            position += len(value)
+        elif isinstance(value, (dict, list)):
+            child, position = _shape_of(value, matched, direct, others, position)
+            children.append(child)
+        else:
+            if position >= len(matched):
+                raise _Unbindable
+            children.append(bool(direct[position]))
+            if not direct[position]:
+                others.append(matched[position][2])
+            position += 1
+    every = all(child is True for child in children)
+    return _Container(kind, keys, len(target), None if every else children), position
+
+
+def _bind(
+    plan: _Plan,
+    state_dict: Any,
+    matched: list[tuple[KeyPath, Any, int]],
+    direct: list[int],
+) -> _Bound | None:
+    """``state_dict`` (matched as ``matched``; ``direct``: the positions of its tensors
+    filled in place as they are) bound to ``plan``, or None if it cannot be (a
+    container ``_Container`` does not describe, no ``TensorGuards`` in this torch)."""
+    if _TensorGuards is None or not direct or plan.strided:
+        return None  # (strided leaves are read as boxes, which a bound load does not make)
+    flags = bytearray(len(matched))
+    for position in direct:
+        flags[position] = 1
+    others: list[int | tuple[int, ...]] = []
+    try:
+        shape, count = _shape_of(state_dict, matched, flags, others, 0)
+    except _Unbindable:
+        return None
+    if count != len(matched):
+        return None
+    tensors = [matched[position][1] for position in direct]
+    wanted = [index for _, _, index in matched]
+    wanted_flags = _wanted_flags(len(plan.tensors), wanted, {})
+    runs = _wanted_runs(plan, wanted_flags)
+    try:
+        guard = _TensorGuards(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+    except TypeError:  # pragma: no cover (a torch whose TensorGuards is called otherwise)
+        return None
+    direct_indices = [matched[position][2] for position in direct]
+    pointers = list(map(_DATA_PTR, tensors))
+    scatters = _scatters(runs, dict(zip(direct_indices, pointers, strict=True)))
+    scattered = {
+        members[0]
+        for file_runs in runs.values()
+        for run in file_runs
+        if run.number in scatters
+        for members in run.members
+    }
+    return _Bound(
+        shape=shape,
+        direct=direct_indices,
+        others=others,
+        wanted=wanted,
+        guard=guard,
+        pointers=pointers,
+        flags=wanted_flags,
+        runs=runs,
+        scatters=scatters,
+        unscattered=[p for p, index in enumerate(direct_indices) if index not in scattered],
+    )
+
+
+def _scatters(runs: dict[str, list[_Run]], pointers: dict[int, int]) -> dict[int, _Scatter]:
+    """How to read each of ``runs`` straight into the tensors at ``pointers`` (leaf index ->
+    the address of its destination; the runs whose every tensor has one, none tied to
+    another): each tensor's bytes into its memory, the bytes between them into one gap
+    buffer (as large as the most any run has)."""
+    chosen: list[_Run] = []
+    gap_bytes = 0
+    for file_runs in runs.values():
+        for run in file_runs:
+            if all(len(members) == 1 and members[0] in pointers for members in run.members):
+                chosen.append(run)
+                gap_bytes = max(gap_bytes, sum(_layout(run)[0]))
+    if not chosen:
+        return {}
+    gap_buffer = torch.empty(max(gap_bytes, 1), dtype=torch.uint8)
+    gap_view = tensor_bytes(gap_buffer)
+    addresses = [pointers[members[0]] for run in chosen for members in run.members]
+    low = min(addresses)
+    high = max(address + size for address, size in zip(addresses, _sizes_of(chosen), strict=True))
+    # One raw view over every tensor's memory, sliced per tensor (a view made per tensor
+    # costs ~3 us through ctypes; a slice ~0.1 us). Only the slices are ever read into.
+    memory = _memoryview_from_memory(low, high - low, _PYBUF_WRITE)
+    scatters = {}
+    for run in chosen:
+        gaps, sizes = _layout(run)
+        views: list[memoryview] = []
+        lengths: list[int] = []
+        at = 0
+        for (index,), gap, size in zip(run.members, gaps, sizes, strict=True):
+            if gap:
+                views.append(gap_view[at : at + gap])
+                lengths.append(gap)
+                at += gap
+            start = pointers[index] - low
+            views.append(memory[start : start + size])
+            lengths.append(size)
+        batches = [
+            (views[k : k + _IOV_MAX], sum(lengths[k : k + _IOV_MAX]))
+            for k in range(0, len(views), _IOV_MAX)
+        ]
+        scatters[run.number] = _Scatter(views, batches, gap_buffer)
+    return scatters
+
+
+def _layout(run: _Run) -> tuple[list[int], list[int]]:
+    """Per tensor of ``run``, in file order: the bytes between it and the one before (or the
+    run's start), and its own size (worked out once per run)."""
+    if run.layout is None:
+        gaps: list[int] = []
+        sizes: list[int] = []
+        position = run.offset
+        base = run.offset - run.pad
+        for dtype, shape, _, at in run.specs:
+            itemsize = dtype.itemsize
+            start = base + at * itemsize
+            gaps.append(start - position)
+            sizes.append(math.prod(shape) * itemsize)
+            position = start + sizes[-1]
+        run.layout = (gaps, sizes)
+    return run.layout
+
+
+def _sizes_of(runs: list[_Run]) -> Iterator[int]:
+    for run in runs:
+        yield from _layout(run)[1]
 
 
 def _stored_leaves(
@@ -1236,34 +1675,36 @@ def _read_leaves(
     source: _Source,
     verify: bool,
     allow_pickle: bool,
+    bound: _Bound | None = None,
 ) -> dict[int, Any]:
     """Values of the ``wanted`` leaves; tensors go into ``destinations`` where given, and
-    the leaves in ``boxes`` are assembled from the saved pieces that overlap their box.
+    the leaves in ``boxes`` are assembled from the saved pieces that overlap their box
+    (``bound``: the target these come from, checked, whose runs are read straight into
+    its tensors; their values are not set, they are filled in place).
     Raises ValueError for a leaf a custom writer stored in its own way, or a pickled one
     without ``allow_pickle``; CorruptCheckpoint as ``load`` says."""
     plan = _plan_for(checkpoint, source.rank)
-    marks = bytearray(len(leaves))
-    for index in wanted:
-        marks[index] = 1
-    if plan.strided:  # (no contiguous bytes to read: each is its own piece's box)
-        boxes = {**_own_boxes(leaves, plan.strided, marks), **boxes}
-    for index in boxes:
-        marks[index] = 0
-    flags = None if all(marks) else marks  # None: every leaf (no test per leaf)
+    if bound is None:
+        if plan.strided:  # (no contiguous bytes to read: each is its own piece's box)
+            boxes = {**_own_boxes(leaves, plan.strided, set(wanted)), **boxes}
+        flags = _wanted_flags(len(leaves), wanted, boxes)
+        runs = _wanted_runs(plan, flags)
+    else:
+        flags, runs = bound.flags, bound.runs
     values: dict[int, Any] = {}
     stored = _stored_leaves(manifest, leaves, plan, wanted, flags, allow_pickle, values)
     assembled = []
     if boxes:
         key_paths = dict(iter_key_paths(source.state.skeleton))
         assembled = [(i, key_paths[i], leaves[i], box) for i, box in boxes.items()]
-    load = _RunLoad(plan, flags, destinations, values, allocate=not destinations)
-    runs = plan.runs
-    if flags is not None:
-        runs = {}
-        for name, file_runs in plan.runs.items():
-            kept = [run for run in file_runs if load.wants(run)]
-            if kept:
-                runs[name] = kept
+    load = _RunLoad(
+        plan,
+        flags,
+        destinations,
+        values,
+        allocate=not destinations and bound is None,
+        scatters=None if bound is None else bound.scatters,
+    )
     needed = {leaf.file for _, leaf in stored} | runs.keys()
     for _, key_path, leaf, _ in assembled:
         assert isinstance(leaf, TensorLeaf)
@@ -1316,14 +1757,37 @@ def _read_leaves(
     return values
 
 
-def _own_boxes(leaves: list[Leaf], indices: list[int], marks: bytearray) -> dict[int, _Box]:
-    """The saved box of each marked tensor leaf of ``indices``."""
+def _own_boxes(leaves: list[Leaf], indices: list[int], wanted: set[int]) -> dict[int, _Box]:
+    """The saved box of each wanted tensor leaf of ``indices``."""
     boxes: dict[int, _Box] = {}
     for index in indices:
         leaf = leaves[index]
-        if marks[index] and isinstance(leaf, TensorLeaf):
+        if index in wanted and isinstance(leaf, TensorLeaf):
             boxes[index] = _saved_box(leaf)
     return boxes
+
+
+def _wanted_flags(count: int, wanted: list[int], boxes: dict[int, _Box]) -> bytearray | None:
+    """Leaf index -> 1 for the ``wanted`` leaves read as saved (not those in ``boxes``); None
+    when that is every one of the ``count`` leaves (then no test per leaf is needed)."""
+    marks = bytearray(count)
+    for index in wanted:
+        marks[index] = 1
+    for index in boxes:
+        marks[index] = 0
+    return None if all(marks) else marks
+
+
+def _wanted_runs(plan: _Plan, flags: bytearray | None) -> dict[str, list[_Run]]:
+    """The runs of ``plan`` holding a leaf ``flags`` wants, per file."""
+    if flags is None:
+        return plan.runs
+    runs: dict[str, list[_Run]] = {}
+    for name, file_runs in plan.runs.items():
+        kept = [run for run in file_runs if any(flags[i] for m in run.members for i in m)]
+        if kept:
+            runs[name] = kept
+    return runs
 
 
 def _plan_assembly(
@@ -1632,6 +2096,14 @@ class _Digest:
         self._last = self._executor.submit(_hash_into, self._state, view, owner)
         return self._last
 
+    def update_many(self, views: list[memoryview], owner: object) -> Future[None] | None:
+        """``update`` with each of ``views`` in turn (one call, the loop in C)."""
+        if self._executor is None:
+            _hash_all(self._state, views, owner)
+            return None
+        self._last = self._executor.submit(_hash_all, self._state, views, owner)
+        return self._last
+
     def hexdigest(self) -> str:
         if self._last is not None:
             # Bounded: hashing bytes already in memory always finishes.
@@ -1735,12 +2207,27 @@ class _FileReader:
     def read_run(self, run: _Run, load: _RunLoad) -> None:
         """Read ``run`` with one call (all of it, gaps included, even where some of its
         tensors are not wanted) and hash it as one update; then make its wanted tensors
-        (``load.place``)."""
+        (``load.place``). A run the load reads straight into its target (``load.scatters``)
+        is read with one call per ``_IOV_MAX`` pieces, its tensors' bytes into the tensors
+        and the bytes between them into the bound target's gap buffer, then hashed piece by
+        piece, in file order."""
         if self.digest is not None and self.position < run.offset:
             self.hash_to(run.offset)
-        if self._run_hashing is not None:  # the spare buffer is still being hashed
+        if self._run_hashing is not None:  # the spare (or gap) buffer is still being hashed
             self._run_hashing.result()  # bounded: a hash of bytes in memory
             self._run_hashing = None
+        scatter = None if load.scatters is None else load.scatters.get(run.number)
+        if scatter is not None:
+            _read_scatter(self.fd, scatter.batches, run.offset, self.full)
+            if self.digest is not None and run.end > self.position:
+                pieces = scatter.views
+                if self.position > run.offset:  # (overlapped by a region read before)
+                    pieces = _bytes_after(pieces, self.position - run.offset)
+                self._run_hashing = self.digest.update_many(pieces, scatter.owner)
+                if self.progress is not None:
+                    self.progress(run.end - max(self.position, run.offset))
+            self.position = max(self.position, run.end)
+            return
         buffer, views = load.buffer_for(run, self.root)
         data = tensor_bytes(buffer)
         span = data[run.pad : run.pad + run.end - run.offset]
@@ -1753,6 +2240,41 @@ class _FileReader:
                 self.progress(run.end - max(self.position, run.offset))
         self.position = max(self.position, run.end)
         load.place(run, buffer, views)
+
+
+def _hash_all(state: Any, views: list[memoryview], owner: object) -> None:
+    del owner  # held only until the bytes are hashed
+    collections.deque(map(state.update, views), maxlen=0)
+
+
+#: the most buffers one ``preadv`` takes (Linux: 1024)
+_IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX")) if "SC_IOV_MAX" in os.sysconf_names else 16
+
+
+def _read_scatter(
+    fd: int, batches: list[tuple[list[memoryview], int]], offset: int, full: str
+) -> None:
+    """Read the file from ``offset`` on into ``batches`` (buffers of at most ``_IOV_MAX``,
+    with their total size), one call per batch; raises CorruptCheckpoint if it ends early."""
+    for views, nbytes in batches:
+        count = os.preadv(fd, views, offset)
+        if count < nbytes:  # a short read (a signal, a file shrunk since): the rest in turn
+            at = offset
+            for view in views:
+                done = min(max(offset + count - at, 0), view.nbytes)
+                _read_exactly(fd, view[done:], at + done, full)
+                at += view.nbytes
+        offset += nbytes
+
+
+def _bytes_after(views: list[memoryview], skip: int) -> list[memoryview]:
+    """``views`` without their first ``skip`` bytes."""
+    kept = []
+    for view in views:
+        if skip < view.nbytes:
+            kept.append(view[skip:])
+        skip = max(0, skip - view.nbytes)
+    return kept
 
 
 def _read_exactly(fd: int, view: memoryview, offset: int, full: str) -> None:
