@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import termios
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,14 @@ def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [AIOCKPT, *map(str, args)], capture_output=True, text=True, timeout=120, check=False
     )
+
+
+def run_together(*commands: tuple[str | Path, ...]) -> list[subprocess.CompletedProcess[str]]:
+    """``run`` each command (independent of the others) at the same time; their results in
+    order. Each invocation spends seconds importing, one core's worth: side by side they take
+    the machine's cores, not one after the other's."""
+    with ThreadPoolExecutor(len(commands)) as pool:
+        return list(pool.map(lambda command: run(*command), commands))
 
 
 def whole() -> torch.Tensor:
@@ -63,7 +72,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_ls_lists_committed_checkpoints_with_step_size_format_and_ranks(root: Path) -> None:
-    listed = run("ls", "--json", root)
+    listed, table = run_together(("ls", "--json", root), ("ls", root))
     assert listed.returncode == 0, listed.stderr
     rows = [json.loads(line) for line in listed.stdout.splitlines()]
     assert [(r["name"], r["step"], r["format"], r["world_size"]) for r in rows] == [
@@ -74,7 +83,6 @@ def test_ls_lists_committed_checkpoints_with_step_size_format_and_ranks(root: Pa
         path = Path(row["path"])
         assert row["bytes"] == sum(f.stat().st_size for f in path.iterdir())
         assert 0 <= row["age_s"] < 3600
-    table = run("ls", root)
     assert table.returncode == 0
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["NAME", "STEP", "SIZE", "AGE", "FORMAT", "RANKS"]
@@ -88,23 +96,26 @@ def test_ls_lists_committed_checkpoints_with_step_size_format_and_ranks(root: Pa
 def test_verify_exits_0_for_a_sound_checkpoint_and_1_naming_a_flipped_byte(
     root: Path, tmp_path: Path
 ) -> None:
-    good = run("verify", root / "step_0000000002")
-    assert good.returncode == 0 and good.stdout.startswith("ok: ")
-    # Not a terminal: no progress bar in what a log or a pipe receives.
-    assert good.stderr == ""
-
     bad = tmp_path / "bad"
     write_checkpoint(DcpWriter(), {"w": whole()}, bad, format="dcp")
     data = bad / "__0_0.distcp"
     raw = bytearray(data.read_bytes())
     raw[-200] ^= 0xFF
     data.write_bytes(bytes(raw))
-    failed = run("verify", bad)
+    good, failed, quiet, missing = run_together(
+        ("verify", root / "step_0000000002"),
+        ("verify", bad),
+        ("verify", "-q", bad),
+        ("verify", root / "step_0000000003"),
+    )
+    assert good.returncode == 0 and good.stdout.startswith("ok: ")
+    # Not a terminal: no progress bar in what a log or a pipe receives.
+    assert good.stderr == ""
+
     assert failed.returncode == 1
     assert "__0_0.distcp" in failed.stderr and "checksum" in failed.stderr
-    assert run("verify", "-q", bad).stdout == ""
+    assert quiet.stdout == ""
 
-    missing = run("verify", root / "step_0000000003")
     assert missing.returncode == 1 and "never committed" in missing.stderr
 
 
@@ -144,7 +155,11 @@ def test_verify_draws_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
 
 
 def test_inspect_shows_keys_dtypes_shapes_and_sharding(root: Path) -> None:
-    shown = run("inspect", "--json", root / "step_0000000002")
+    shown, table, nothing = run_together(
+        ("inspect", "--json", root / "step_0000000002"),
+        ("inspect", root / "step_0000000001"),
+        ("inspect", root / "nothing"),
+    )
     assert shown.returncode == 0, shown.stderr
     rows = {row["key"]: row for row in map(json.loads, shown.stdout.splitlines())}
     assert rows["w"]["dtype"] == "float32" and rows["w"]["shape"] == [ROWS, COLS]
@@ -154,15 +169,18 @@ def test_inspect_shows_keys_dtypes_shapes_and_sharding(root: Path) -> None:
     ]
     assert rows["b"]["shape"] == [3] and "pieces" not in rows["b"]
     assert rows["step"] == {"key": "step", "kind": "value", "value": 2}
-    table = run("inspect", root / "step_0000000001")
     assert "format dcp, 1 rank(s)" in table.stdout and '"note": "first"' in table.stdout
-    assert run("inspect", root / "nothing").returncode == 1
+    assert nothing.returncode == 1
 
 
 @pytest.mark.parametrize("saved", ["step_0000000001", "step_0000000002"])
 def test_convert_consolidates_any_world_size(root: Path, tmp_path: Path, saved: str) -> None:
-    out = tmp_path / "hf"
-    converted = run("convert", root / saved, out, "--to", "safetensors", "--max-shard-size", "64")
+    out, pt = tmp_path / "hf", tmp_path / "whole.pt"
+    converted, to_torch, unknown = run_together(
+        ("convert", root / saved, out, "--to", "safetensors", "--max-shard-size", "64"),
+        ("convert", root / saved, pt, "--to", "torch"),
+        ("convert", root / saved, tmp_path / "x", "--to", "onnx"),
+    )
     assert converted.returncode == 0, converted.stderr
     files = sorted(out.glob("*.safetensors"))
     tensors = {k: v for f in files for k, v in load_file(f).items()}
@@ -172,11 +190,10 @@ def test_convert_consolidates_any_world_size(root: Path, tmp_path: Path, saved: 
     assert (out / "model.safetensors.index.json").exists() == (len(files) == 2)
     aiockpt.verify(out)
 
-    pt = tmp_path / "whole.pt"
-    assert run("convert", root / saved, pt, "--to", "torch").returncode == 0
+    assert to_torch.returncode == 0, to_torch.stderr
     loaded = torch.load(pt, weights_only=True)
     assert torch.equal(loaded["w"], whole()) and loaded["step"] == int(saved[-1])
 
     again = run("convert", root / saved, pt, "--to", "torch")
     assert again.returncode == 1 and "exists" in again.stderr
-    assert run("convert", root / saved, tmp_path / "x", "--to", "onnx").returncode == 2
+    assert unknown.returncode == 2

@@ -173,19 +173,24 @@ def launch(launcher: list[str], checkpointing: str, root: Path, *extra: str) -> 
 
 @pytest.mark.multirank
 def test_two_fsdp_ranks_train_and_resume_the_same_either_way(tmp_path: Path) -> None:
-    """torch's DCP under torchrun, aiockpt.dcp under aiockpt-run, then each resumes the
-    other's step-2 under the other launcher: the same losses at every step. Then the final
-    checkpoints, sharded by 2 ranks, load in one process crosswise (torch's dcp.load of
-    aiockpt's, aiockpt.load of torch's) into the same weights."""
+    """torch's DCP under torchrun is the reference; aiockpt.dcp under aiockpt-run resumes
+    torch's step-2 and saves every step after it; torch's DCP under aiockpt-run resumes
+    aiockpt's step-3: the same losses at every step. Then the final checkpoints, sharded by
+    2 ranks, load in one process crosswise (torch's dcp.load of aiockpt's, aiockpt.load of
+    torch's) into the same weights. Three launches (each pays seconds of imports on every
+    rank): each format is written by its own trainer and resumed by the other's, and each
+    launcher runs each trainer but aiockpt.dcp under torchrun (tests/multirank/test_launched
+    runs aiockpt under torchrun)."""
     torch_root, our_root = tmp_path / "torch", tmp_path / "ours"
     reference = launch(TORCHRUN, "torch", torch_root)
     assert sorted(reference) == [1, 2, 3, 4]
-    assert launch(AIOCKPT_RUN, "aiockpt", our_root) == reference
-    later = {step: reference[step] for step in (3, 4)}
-    from_torch = ("--initial-load-path", str(torch_root / "step-2"))
-    assert launch(TORCHRUN, "aiockpt", tmp_path / "c", *from_torch) == later
-    from_ours = ("--initial-load-path", str(our_root / "step-2"))
-    assert launch(AIOCKPT_RUN, "torch", tmp_path / "d", *from_ours) == later
+    from_torch = ("--initial-load-path", str(torch_root / "step-2"), "--every", "1")
+    assert launch(AIOCKPT_RUN, "aiockpt", our_root, *from_torch) == {
+        step: reference[step] for step in (3, 4)
+    }
+    assert sorted(p.name for p in our_root.iterdir()) == ["step-3", "step-4"]
+    from_ours = ("--initial-load-path", str(our_root / "step-3"))
+    assert launch(AIOCKPT_RUN, "torch", tmp_path / "d", *from_ours) == {4: reference[4]}
 
     whole_of_theirs = aiockpt.load(torch_root / "step-4", allow_pickle=True)["app"]["model"]
     model = dcp_trainer.build_model(world_size=1)

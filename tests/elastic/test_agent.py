@@ -114,10 +114,11 @@ async def test_function_sys_exit_138() -> None:
     assert failure.message == NO_ERROR_FILE_MESSAGE
 
 
-async def test_binary_exit_138_stops_running_sibling() -> None:
-    # the sibling stopped with SIGTERM is not a failure (see test_faults for the deterministic
-    # version: a sibling surely running when the crash happens)
-    result = await run_agent(sys.executable, "-u", SCRIPT, "exit-rank", "0", "138", nproc=2)
+async def test_binary_exit_138_stops_running_sibling(tmp_path: Path) -> None:
+    # the sibling, running when rank 0 exits, stopped with SIGTERM, is not a failure (see
+    # test_faults for siblings that ignore SIGTERM)
+    argv = (SCRIPT, "exit-rank", "0", "138", str(tmp_path))
+    result = await run_agent(sys.executable, "-u", *argv, nproc=2)
     assert result.state == WorkerState.FAILED
     assert list(result.failures) == [0], "only the root cause"
     root = result.failures[0]

@@ -18,6 +18,11 @@ from aiockpt.elastic.cli import parse_args
 SCRIPT = str(Path(__file__).with_name("worker_script.py"))
 FAULT_SCRIPT = str(Path(__file__).with_name("fault_script.py"))
 LAUNCH = [sys.executable, "-m", "aiockpt.run"]
+#: for the runs that never restart a worker, whose workers never use torch: the spares that
+#: start the first workers (``--prestart-workers``, on) then import nothing ahead, where by
+#: default each imports torch (seconds of CPU a worker) for a script that does not need it.
+#: The pre-started path is still the one taken; test_prestart checks what spares import.
+NO_SPARE_IMPORTS = "--prestart-imports="
 #: a hang guard, not a performance bound
 DEADLINE_S = 60.0
 
@@ -43,7 +48,7 @@ def test_help_reads_like_torchrun() -> None:
 
 def test_runs_script_with_tee_and_log_dir(tmp_path: Path) -> None:
     done = launch(
-        "--nproc-per-node=2", "--tee=1", f"--log-dir={tmp_path}", "--run-id=cli",
+        NO_SPARE_IMPORTS, "--nproc-per-node=2", "--tee=1", f"--log-dir={tmp_path}", "--run-id=cli",
         "--role=worker", SCRIPT, "print", "2",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -57,7 +62,10 @@ def test_runs_script_with_tee_and_log_dir(tmp_path: Path) -> None:
 def test_rerun_into_the_same_log_dir_keeps_the_earlier_run(tmp_path: Path) -> None:
     # the default run id both times, as a job is rerun: each run gets a directory of its own
     for message in ("first", "second"):
-        done = launch("--redirects=3", f"--log-dir={tmp_path}", SCRIPT, "record-raise", message)
+        done = launch(
+            NO_SPARE_IMPORTS, "--redirects=3", f"--log-dir={tmp_path}", SCRIPT, "record-raise",
+            message,
+        )  # fmt: skip
         assert done.returncode == 1, done.stderr
     runs = sorted(tmp_path.glob("none_*"))
     assert len(runs) == 2, list(tmp_path.iterdir())
@@ -80,7 +88,10 @@ def test_restarted_group_meets_again_through_env_init(tmp_path: Path) -> None:
 
 def test_failure_report_and_exit_code(tmp_path: Path) -> None:
     # rank 1 exits 3 once ranks 0 and 2 are running; the agent then stops them with SIGTERM
-    done = launch("--standalone", "--nproc-per-node=3", FAULT_SCRIPT, "crash", str(tmp_path), "1")
+    done = launch(
+        NO_SPARE_IMPORTS, "--standalone", "--nproc-per-node=3", FAULT_SCRIPT, "crash",
+        str(tmp_path), "1",
+    )  # fmt: skip
     assert done.returncode == 1
     others, root_cause = done.stderr.split("Root Cause (first observed failure):")
     assert "exitcode  : 3" in root_cause
@@ -90,7 +101,9 @@ def test_failure_report_and_exit_code(tmp_path: Path) -> None:
 
 
 def test_module_and_no_python(tmp_path: Path) -> None:
-    done = launch("-m", "tests.elastic.worker_script", "print", "1", cwd=Path.cwd())
+    done = launch(
+        NO_SPARE_IMPORTS, "-m", "tests.elastic.worker_script", "print", "1", cwd=Path.cwd()
+    )
     assert done.returncode == 0, done.stderr
     assert "line 0 of rank 0" in done.stdout
     done = launch("--no-python", "--nproc-per-node=2", sys.executable, SCRIPT, "print", "1")
@@ -116,8 +129,8 @@ def test_start_method_default_and_unknown(capsys: pytest.CaptureFixture[str]) ->
 
 def test_torchrun_command_line_with_start_method_runs() -> None:
     # as torchrun users write it: underscores, a separate value, a start method
-    done = launch("--standalone", "--nproc_per_node", "2", "--start_method", "fork", SCRIPT,
-                  "print", "1")  # fmt: skip
+    done = launch(NO_SPARE_IMPORTS, "--standalone", "--nproc_per_node", "2", "--start_method",
+                  "fork", SCRIPT, "print", "1")  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "line 0 of rank 1" in done.stdout
 
@@ -228,8 +241,8 @@ def wait_gone(pids: list[int]) -> bool:
 def test_signal_to_agent_stops_workers_and_exits_with_its_code(
     tmp_path: Path, sig: signal.Signals
 ) -> None:
-    argv = [*LAUNCH, "--nproc-per-node=2", "--shutdown-timeout=20", SCRIPT, "pid-then-sleep",
-            str(tmp_path)]  # fmt: skip
+    argv = [*LAUNCH, NO_SPARE_IMPORTS, "--nproc-per-node=2", "--shutdown-timeout=20", SCRIPT,
+            "pid-then-sleep", str(tmp_path)]  # fmt: skip
     with running_agent(argv, tmp_path, 2) as (agent, pids):
         agent.send_signal(sig)
         assert agent.wait(DEADLINE_S) == 128 + sig
@@ -244,8 +257,8 @@ def test_signal_to_agent_stops_workers_and_exits_with_its_code(
 def test_sigkilled_agent_leaves_no_worker(tmp_path: Path, entrypoint: str) -> None:
     # a SIGKILLed agent cannot remove a temporary log directory: give it one to use
     if entrypoint == "binary":
-        argv = [*LAUNCH, "--nproc-per-node=2", f"--log-dir={tmp_path / 'logs'}", SCRIPT,
-                "pid-then-sleep", str(tmp_path)]  # fmt: skip
+        argv = [*LAUNCH, NO_SPARE_IMPORTS, "--nproc-per-node=2", f"--log-dir={tmp_path / 'logs'}",
+                SCRIPT, "pid-then-sleep", str(tmp_path)]  # fmt: skip
     else:
         argv = [sys.executable, "-m", "tests.elastic.function_agent", str(tmp_path)]
     with running_agent(argv, tmp_path, 2) as (agent, pids):

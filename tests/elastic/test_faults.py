@@ -43,6 +43,10 @@ SCRIPT = str(Path(__file__).with_name("fault_script.py"))
 #: the binary worker: a bare interpreter on the fault script
 WORKER = (sys.executable, "-I", "-S", SCRIPT)
 LAUNCH = (sys.executable, "-m", "aiockpt.run")
+#: the script uses no torch: the spares that start its workers import nothing ahead (by
+#: default each imports torch, seconds of CPU); for the runs that never restart, and the
+#: crash loop, which restarts as fast as it can
+NO_SPARE_IMPORTS = "--prestart-imports="
 #: the agents' grace period between SIGTERM and SIGKILL in these tests
 SHUTDOWN_S = 0.5
 #: how long a SIGKILLed worker may take to be gone (the kill itself is immediate)
@@ -262,8 +266,8 @@ def wait_for_files_sync(agent: subprocess.Popen[str], paths: list[Path]) -> None
 
 
 def test_cli_sigterm_kills_stubborn_workers_after_shutdown_timeout(tmp_path: Path) -> None:
-    argv = [*LAUNCH, "--nproc-per-node=2", f"--shutdown-timeout={SHUTDOWN_S}", SCRIPT,
-            "stubborn", str(tmp_path), "-1"]  # fmt: skip
+    argv = [*LAUNCH, NO_SPARE_IMPORTS, "--nproc-per-node=2", f"--shutdown-timeout={SHUTDOWN_S}",
+            SCRIPT, "stubborn", str(tmp_path), "-1"]  # fmt: skip
     with launched(argv) as agent:
         wait_for_files_sync(agent, [tmp_path / "0.pid", tmp_path / "1.pid"])
         pids = read_pids(tmp_path, ["0.pid", "1.pid"])
@@ -276,8 +280,8 @@ def test_cli_sigterm_kills_stubborn_workers_after_shutdown_timeout(tmp_path: Pat
 
 
 def test_cli_failure_report_shows_stubborn_sibling_killed(tmp_path: Path) -> None:
-    argv = [*LAUNCH, "--standalone", "--nproc-per-node=2", f"--shutdown-timeout={SHUTDOWN_S}",
-            SCRIPT, "stubborn", str(tmp_path), "0"]  # fmt: skip
+    argv = [*LAUNCH, NO_SPARE_IMPORTS, "--standalone", "--nproc-per-node=2",
+            f"--shutdown-timeout={SHUTDOWN_S}", SCRIPT, "stubborn", str(tmp_path), "0"]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=HANG_S, check=False)
     assert done.returncode == 1
     [stubborn] = read_pids(tmp_path, ["1.pid"])
@@ -295,7 +299,8 @@ def test_sigkilled_agent_leaves_no_worker_and_no_files(tmp_path: Path) -> None:
     # no --log-dir: the agent's temporary log directory must go too, though the agent cannot
     # remove it itself; the workers ignore SIGTERM, which the parent-death SIGKILL overrides
     temp_before = temp_entries()
-    argv = [*LAUNCH, "--nproc-per-node=3", SCRIPT, "stubborn", str(tmp_path), "-1"]
+    argv = [*LAUNCH, NO_SPARE_IMPORTS, "--nproc-per-node=3", SCRIPT, "stubborn", str(tmp_path),
+            "-1"]  # fmt: skip
     with launched(argv) as agent:
         wait_for_files_sync(agent, [tmp_path / f"{rank}.pid" for rank in range(3)])
         pids = read_pids(tmp_path, [f"{rank}.pid" for rank in range(3)])
@@ -318,7 +323,8 @@ def test_sigkilled_agent_leaves_no_child_of_a_worker(tmp_path: Path, log_dir: bo
     # the parent-death signal reaches the workers only; the child each started (in its
     # process group, ignoring SIGTERM) is killed by the janitor, whatever the log directory
     logs = [f"--log-dir={tmp_path / 'logs'}"] if log_dir else []
-    argv = [*LAUNCH, "--nproc-per-node=2", *logs, SCRIPT, "stubborn-child", str(tmp_path)]
+    argv = [*LAUNCH, NO_SPARE_IMPORTS, "--nproc-per-node=2", *logs, SCRIPT, "stubborn-child",
+            str(tmp_path)]  # fmt: skip
     names = [f"{rank}{kind}.pid" for rank in range(2) for kind in ("", ".child")]
     with launched(argv) as agent:
         wait_for_files_sync(agent, [tmp_path / name for name in names])
@@ -341,7 +347,7 @@ def test_sigkilled_agent_mid_restarts_leaves_no_worker(tmp_path: Path) -> None:
     # between fork and the parent-death signal, some are being stopped, spares are being
     # started (importing nothing: the script does not use torch, and the loop stays fast)
     temp_before = temp_entries()
-    argv = [*LAUNCH, "--nproc-per-node=2", "--max-restarts=1000", "--prestart-imports=",
+    argv = [*LAUNCH, "--nproc-per-node=2", "--max-restarts=1000", NO_SPARE_IMPORTS,
             SCRIPT, "crash-loop", str(tmp_path), "-1"]  # fmt: skip
     with launched(argv) as agent:
         deadline = time.monotonic() + HANG_S

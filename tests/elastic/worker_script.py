@@ -1,6 +1,7 @@
 """A worker *binary* for the agent tests: ``python worker_script.py <mode> [args]``.
 
-Modes: ``exit-rank R CODE`` (local rank R exits CODE after a moment, the others sleep),
+Modes: ``exit-rank R CODE DIR`` (the other ranks write ``DIR/<local_rank>.up`` and sleep;
+local rank R exits CODE once every other rank's file is there, so surely while they run),
 ``record-raise MESSAGE`` (an ``@record`` main raising ValueError), ``print N``,
 ``pid-then-sleep DIR`` (write DIR/<local_rank>.pid, note SIGTERM in DIR/<local_rank>.term),
 ``gloo-crash-once`` (join a gloo group through env://; rank 1 dies on the first attempt).
@@ -19,9 +20,16 @@ def main(argv: list[str]) -> None:
     mode = argv[1]
     local_rank = int(os.environ["LOCAL_RANK"])
     if mode == "exit-rank":
+        directory = argv[4]
         if local_rank == int(argv[2]):
-            time.sleep(0.3)  # so that the siblings are surely running when it fails
+            siblings = set(range(int(os.environ["LOCAL_WORLD_SIZE"]))) - {local_rank}
+            deadline = time.monotonic() + 60  # a hang guard: the test fails on the exit code
+            while not all(os.path.exists(os.path.join(directory, f"{r}.up")) for r in siblings):
+                if time.monotonic() > deadline:
+                    sys.exit(99)
+                time.sleep(0.005)
             sys.exit(int(argv[3]))
+        open(os.path.join(directory, f"{local_rank}.up"), "w").close()
         time.sleep(60)
     elif mode == "record-raise":
         from aiockpt.elastic import record

@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,21 @@ def run_ranks(
         logs = "\n".join(f"--- rank {r} ---\n{out[-4000:]}" for r, out in enumerate(outputs))
         raise AssertionError(f"ranks {failed} failed:\n{logs}")
     return [json.loads((results / f"result-{r}.json").read_text()) for r in range(world_size)]
+
+
+def run_scenarios(
+    scenarios: Sequence[tuple[str, str | None]],
+    world_size: int,
+    results: Path,
+    *,
+    loop: str = "asyncio",
+) -> dict[str, list[dict[str, Any]]]:
+    """Run several ``(scenario, path to load or None)`` one after the other in one launch of
+    ``world_size`` ranks (see ``rank_main``'s ``many``); return each scenario's observations
+    by rank. One launch instead of one per scenario: every rank pays its imports and its
+    process group once."""
+    by_rank = run_ranks("many", world_size, results, loop=loop, extra=[json.dumps(scenarios)])
+    return {name: [observed[name] for observed in by_rank] for name, _ in scenarios}
 
 
 def run_job(command: list[str], *, timeout: float) -> str:

@@ -1,9 +1,15 @@
 """One trainer rank of a multi-rank test:
-``python -m tests.multirank.rank_main SCENARIO RANK WORLD STORE_PORT ROOT LOOP``.
+``python -m tests.multirank.rank_main SCENARIO RANK WORLD STORE_PORT ROOT LOOP [PATH]``.
 
 Joins the trainers' gloo process group through the test's ``TCPStore`` on 127.0.0.1, runs the
 scenario on the ``LOOP`` event loop ("asyncio" or "uvloop") and writes what it observed to
-``ROOT/result-<RANK>.json`` for the test to check; checkpoints go under ``ROOT/ckpt``.
+``ROOT/result-<RANK>.json`` for the test to check; checkpoints go under ``ROOT/ckpt``, and the
+load scenarios read ``PATH``.
+
+``SCENARIO`` ``many`` with ``PATH`` a JSON list of ``[name, path or null]`` runs those
+scenarios one after the other in this one process and group (one launch, one torch import
+per rank, for several read-only checks): each saves under ``ROOT/<name>/ckpt`` or reads its
+path, and the result file maps each name to its observations.
 """
 
 from __future__ import annotations
@@ -252,15 +258,18 @@ def read_sums(directory: Path) -> list[Any]:
 
 async def late_rank(ckpt_root: str, rank: int, world: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    gave_up = f"{ckpt_root}.rank0-gave-up"  # beside the root: not in its listing
     async with Checkpointer(ckpt_root, coordination_timeout_secs=4) as ckpt:
-        if rank == 1:
-            await asyncio.sleep(6)  # rank 0 gives up on this rank meanwhile
+        if rank == 1:  # late: it comes once rank 0 has given up on it
+            await asyncio.to_thread(wait_for, gave_up)
         started = time.monotonic()
         try:
             await ckpt.save(replicated_state(1, rank), step=1)
         except CoordinationError as exc:
             out["first"] = describe_error(exc)
         out["seconds_to_fail"] = time.monotonic() - started
+        if rank == 0:
+            await asyncio.to_thread(Path(gave_up).touch)
         result = await ckpt.save(replicated_state(2, rank), step=2)
         out["second"] = result.path
     out["listing"] = listing(ckpt_root)
@@ -291,23 +300,34 @@ SCENARIOS: dict[str, Callable[[str, int, int], Awaitable[dict[str, Any]]]] = {
 }
 
 
+#: the scenarios that read the path given instead of saving under the root
+LOAD_SCENARIOS = ("dtensor_load", "reshard_load")
+
+
 def main(argv: list[str]) -> int:
     scenario, rank, world, port, root, loop = argv[1:7]
     rank_, world_ = int(rank), int(world)
+    if scenario == "many":
+        planned = [
+            (name, path or os.path.join(root, name, "ckpt")) for name, path in json.loads(argv[7])
+        ]
+    else:
+        target = argv[7] if scenario in LOAD_SCENARIOS else os.path.join(root, "ckpt")
+        planned = [(scenario, target)]
     store = dist.TCPStore(
         "127.0.0.1", int(port), is_master=False, timeout=datetime.timedelta(seconds=60)
     )
     dist.init_process_group("gloo", store=store, rank=rank_, world_size=world_)
+    observed: dict[str, Any] = {}
     try:
-        target = (
-            argv[7] if scenario in ("dtensor_load", "reshard_load") else os.path.join(root, "ckpt")
-        )
-        run = SCENARIOS[scenario](target, rank_, world_)
-        result = uvloop.run(run) if loop == "uvloop" else asyncio.run(run)
+        for name, target in planned:
+            run = SCENARIOS[name](target, rank_, world_)
+            observed[name] = uvloop.run(run) if loop == "uvloop" else asyncio.run(run)
     except WorkerCrashed as exc:  # pragma: no cover - reported to the test as a failure
-        result = {"crashed": str(exc)}
+        observed = {name: {"crashed": str(exc)} for name, _ in planned}
     finally:
         dist.destroy_process_group()
+    result = observed if scenario == "many" else observed[scenario]
     with open(os.path.join(root, f"result-{rank}.json"), "w") as f:
         json.dump(result, f)
     return 0

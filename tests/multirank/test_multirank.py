@@ -7,7 +7,9 @@ back from ``tests.multirank.rank_main`` as JSON.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 import safetensors
@@ -17,7 +19,7 @@ import torch.distributed.checkpoint as dcp
 
 import aiockpt
 from tests.multirank.hf_scenarios import COLUMN_SHAPES, column_whole, tiny_gpt2
-from tests.multirank.launch import run_ranks
+from tests.multirank.launch import run_ranks, run_scenarios
 from tests.multirank.rank_main import (
     COLS,
     EMB_COLS,
@@ -72,8 +74,48 @@ def test_replicated_state_dict_is_one_checkpoint_written_once(
     assert one_copy <= data < 1.5 * one_copy + 16384, data
 
 
-def test_dtensor_shards_save_on_2_ranks_and_reshard_on_load(tmp_path: Path) -> None:
-    saved = run_ranks("dtensor_save", 2, tmp_path / "save", loop="uvloop")
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    """One launch of 2 ranks (uvloop) for the scenarios that save or load once and are then
+    only read: the DTensor save, the resharding save, and the sharded load of a one-rank
+    checkpoint saved here first. Each test checks its own scenario's observations."""
+    root = tmp_path_factory.mktemp("two_ranks")
+
+    async def save_on_one_rank() -> str:
+        async with aiockpt.Checkpointer(root / "one_rank") as ckpt:
+            return (await ckpt.save({"w": full("w")}, step=1)).path
+
+    one_rank = asyncio.run(save_on_one_rank())
+    scenarios = [("dtensor_save", None), ("reshard_save", None), ("dtensor_load", one_rank)]
+    return run_scenarios(scenarios, 2, root / "ranks", loop="uvloop")
+
+
+@pytest.fixture(scope="module")
+def three_ranks(
+    two_ranks: dict[str, list[dict[str, Any]]], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, list[dict[str, Any]]]:
+    """One launch of 3 ranks loading what the 2 ranks saved: the DTensor checkpoint, and the
+    latest under the resharding save's root."""
+    scenarios = [
+        ("dtensor_load", two_ranks["dtensor_save"][0]["path"]),
+        ("reshard_load", str(Path(two_ranks["reshard_save"][0]["path"]).parent)),
+    ]
+    return run_scenarios(scenarios, 3, tmp_path_factory.mktemp("three_ranks"))
+
+
+# first: its set-up is one launch, the next test's the other (each test is bounded)
+def test_one_rank_checkpoint_loads_sharded_on_2_ranks(
+    two_ranks: dict[str, list[dict[str, Any]]],
+) -> None:
+    loaded = two_ranks["dtensor_load"]
+    assert [r["local_rows"] for r in loaded] == [4, 4]
+    assert all(r["matches"] for r in loaded)
+
+
+def test_dtensor_shards_save_on_2_ranks_and_reshard_on_load(
+    two_ranks: dict[str, list[dict[str, Any]]], three_ranks: dict[str, list[dict[str, Any]]]
+) -> None:
+    saved = two_ranks["dtensor_save"]
     path = saved[0]["path"]
     assert [r["path"] for r in saved] == [path, path]
     # Each rank wrote and reloads its own piece.
@@ -88,14 +130,17 @@ def test_dtensor_shards_save_on_2_ranks_and_reshard_on_load(tmp_path: Path) -> N
         assert torch.equal(tensor, full(name)), name
 
     # 2 -> 3: uneven shards of 3, 3 and 2 rows.
-    loaded = run_ranks("dtensor_load", 3, tmp_path / "load3", extra=[path])
+    loaded = three_ranks["dtensor_load"]
     assert [r["local_rows"] for r in loaded] == [3, 3, 2]
     assert all(r["matches"] for r in loaded)
 
 
-def test_2_rank_sharded_checkpoint_loads_whole_resharded_or_refused(tmp_path: Path) -> None:
-    saved = run_ranks("reshard_save", 2, tmp_path / "save", loop="uvloop")
+def test_2_rank_sharded_checkpoint_loads_whole_resharded_or_refused(
+    two_ranks: dict[str, list[dict[str, Any]]], three_ranks: dict[str, list[dict[str, Any]]]
+) -> None:
+    saved = two_ranks["reshard_save"]
     path = saved[0]["path"]
+    assert [r["path"] for r in saved] == [path, path]
     assert [r["local_rows"] for r in saved] == [49, 48]
     whole = reshard_full()
 
@@ -123,19 +168,11 @@ def test_2_rank_sharded_checkpoint_loads_whole_resharded_or_refused(tmp_path: Pa
 
     # (b), (e) An elastic restart at 3 ranks: load_latest gives each DTensor its 33, 33, 31
     # rows and every rank the whole replicated tensor.
-    resumed = run_ranks("reshard_load", 3, tmp_path / "load3", extra=[str(Path(path).parent)])
+    resumed = three_ranks["reshard_load"]
     assert [r["local_rows"] for r in resumed] == [33, 33, 31]
     for observed in resumed:
         assert observed["emb_matches"] and observed["bias_matches"]
         assert observed["step"] == 7
-
-
-async def test_one_rank_checkpoint_loads_sharded_on_2_ranks(tmp_path: Path) -> None:
-    async with aiockpt.Checkpointer(tmp_path / "ckpt") as ckpt:
-        result = await ckpt.save({"w": full("w")}, step=1)
-    loaded = run_ranks("dtensor_load", 2, tmp_path / "load2", extra=[result.path])
-    assert [r["local_rows"] for r in loaded] == [4, 4]
-    assert all(r["matches"] for r in loaded)
 
 
 @pytest.mark.faults
