@@ -95,6 +95,25 @@ def test_same_shape_through_a_non_contiguous_view_is_reused_and_copied_right() -
     assert torch.equal(staged[0].view(torch.float32).reshape(3, 4), sd["model"]["w"])
 
 
+def test_what_the_guard_sees_but_the_plan_ignores_still_reuses_it() -> None:
+    """A repeated save is first checked by torch's TensorGuards (in C); what it checks that
+    a plan does not depend on (requires_grad, strides) falls back to the per-tensor
+    comparison, which reuses the plan and guards the new tensors for the next save."""
+    cache = PlanCache()
+    first = cache.plan(state())
+    grads = state()
+    grads["model"]["w"].requires_grad_(True)
+    assert cache.plan(grads).plan_id == first.plan_id
+    assert cache._guard is not None and cache._guard.check(
+        grads["model"]["w"], *[grads["model"]["b"], grads["opt"][0]["exp_avg"]]
+    )
+    assert cache.plan(grads).plan_id == first.plan_id
+    plain = state()
+    plain["model"]["b"] = 1.0  # a tensor leaf now a plain value: planned anew, not guarded
+    assert cache.plan(plain).plan_id != first.plan_id
+    assert PlainValue(1.0) in cache.plan(plain).leaves
+
+
 def test_a_tie_that_comes_apart_is_not_reused() -> None:
     cache = PlanCache()
     tied = changed("tied")

@@ -97,6 +97,7 @@ from aiockpt._format.tree import (
     unflatten,
 )
 from aiockpt._runtime import collection_paused
+from aiockpt._wire.tensors import tensors_guard
 from aiockpt.errors import CorruptCheckpoint, ForeignCheckpoint
 from aiockpt.writers.base import (
     _PYBUF_WRITE,
@@ -105,19 +106,6 @@ from aiockpt.writers.base import (
     is_tensor,
     tensor_bytes,
 )
-
-
-def _tensor_guards_class() -> Any:
-    """torch's ``TensorGuards`` (what ``torch.compile`` checks its inputs with: many tensors'
-    metadata in one call, in C), None in a torch without it (then no target is bound)."""
-    try:
-        from torch._C._dynamo.guards import TensorGuards
-    except ImportError:  # pragma: no cover (another torch)
-        return None
-    return TensorGuards
-
-
-_TensorGuards: Any = _tensor_guards_class()
 
 __all__ = ["load", "read_manifest", "verify"]
 
@@ -1387,7 +1375,7 @@ def _bind(
     """``state_dict`` (matched as ``matched``; ``direct``: the positions of its tensors
     filled in place as they are) bound to ``plan``, or None if it cannot be (a
     container ``_Container`` does not describe, no ``TensorGuards`` in this torch)."""
-    if _TensorGuards is None or not direct or plan.strided:
+    if not direct or plan.strided:
         return None  # (strided leaves are read as boxes, which a bound load does not make)
     flags = bytearray(len(matched))
     for position in direct:
@@ -1403,9 +1391,8 @@ def _bind(
     wanted = [index for _, _, index in matched]
     wanted_flags = _wanted_flags(len(plan.tensors), wanted, {})
     runs = _wanted_runs(plan, wanted_flags)
-    try:
-        guard = _TensorGuards(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None)
-    except TypeError:  # pragma: no cover (a torch whose TensorGuards is called otherwise)
+    guard = tensors_guard(tensors)
+    if guard is None:
         return None
     direct_indices = [matched[position][2] for position in direct]
     pointers = list(map(_DATA_PTR, tensors))

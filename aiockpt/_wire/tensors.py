@@ -29,6 +29,7 @@ __all__ = [
     "inline_tensor",
     "is_tensor",
     "tensor_from_leaf",
+    "tensors_guard",
     "value_from_leaf",
     "value_leaf",
 ]
@@ -40,6 +41,31 @@ _INT_MAX = 2**64 - 1
 
 def is_tensor(value: Any) -> bool:
     return isinstance(value, torch.Tensor)
+
+
+def _tensor_guards_class() -> Any:
+    try:
+        from torch._C._dynamo.guards import TensorGuards
+    except ImportError:  # pragma: no cover (another torch)
+        return None
+    return TensorGuards
+
+
+_TensorGuards: Any = _tensor_guards_class()
+
+
+def tensors_guard(tensors: list[torch.Tensor]) -> Any:
+    """torch's ``TensorGuards`` over ``tensors`` (what ``torch.compile`` checks its inputs
+    with: Python type, dispatch keys, dtype, device, requires_grad, sizes and strides of many
+    tensors in one call, in C): ``guard.check(*others)`` says whether ``others`` match them
+    one for one. It keeps no reference to them, and says nothing of their memory (compare
+    ``data_ptr`` for that). None in a torch whose guard cannot be made (no caching then)."""
+    if _TensorGuards is None:
+        return None  # pragma: no cover (another torch)
+    try:
+        return _TensorGuards(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+    except TypeError:  # pragma: no cover (a torch whose TensorGuards is called otherwise)
+        return None
 
 
 # dtype <-> name, as in ``str(torch.float32)`` without the prefix. Built from torch itself so
