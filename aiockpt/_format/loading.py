@@ -97,7 +97,7 @@ from aiockpt._format.tree import (
     unflatten,
 )
 from aiockpt._runtime import collection_paused
-from aiockpt._wire.tensors import tensors_guard
+from aiockpt._wire.tensors import tensor_addresses, tensors_guard
 from aiockpt.errors import CorruptCheckpoint, ForeignCheckpoint
 from aiockpt.writers.base import (
     _PYBUF_WRITE,
@@ -1257,13 +1257,10 @@ class _Bound:
             not _collect(state_dict, self.shape, tensors, others)
             or len(tensors) != len(self.pointers)
             or not self.guard.check(*tensors)
-            or list(map(_DATA_PTR, tensors)) != self.pointers
+            or tensor_addresses(tensors) != self.pointers
         ):
             return None
         return tensors, others
-
-
-_DATA_PTR = torch.Tensor.data_ptr
 
 
 def _collect(
@@ -1395,7 +1392,7 @@ def _bind(
     if guard is None:
         return None
     direct_indices = [matched[position][2] for position in direct]
-    pointers = list(map(_DATA_PTR, tensors))
+    pointers = tensor_addresses(tensors)
     scatters = _scatters(runs, dict(zip(direct_indices, pointers, strict=True)))
     scattered = {
         members[0]

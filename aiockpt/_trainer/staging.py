@@ -37,7 +37,13 @@ import torch
 from aiockpt._format.tree import MAX_DEPTH, KeyPath, Node, flatten, format_key_path
 from aiockpt._runtime import collection_paused, finish_even_if_cancelled, libc_function
 from aiockpt._wire.protocol import ArenaRef, Leaf, ShardSpec, StateDictPayload, TensorInArena
-from aiockpt._wire.tensors import dtype_name, is_tensor, tensors_guard, value_leaf
+from aiockpt._wire.tensors import (
+    dtype_name,
+    is_tensor,
+    tensor_addresses,
+    tensors_guard,
+    value_leaf,
+)
 
 logger = logging.getLogger("aiockpt._trainer.staging")
 
@@ -278,7 +284,7 @@ class PlanCache:
                 return None
         except TypeError:  # a leaf that was a tensor is not one now
             return None
-        pointers = list(map(_DATA_PTR, self._sources(values)))
+        pointers = tensor_addresses(self._sources(values))
         return self._reuse(last, values, allow_pickle, pointers)
 
     def _sources(self, values: list[Any]) -> list[torch.Tensor]:
@@ -369,9 +375,6 @@ def _walk(value: Any, values: list[Any], structure: list[Any], depth: int) -> bo
         if not _walk(child, values, structure, depth + 1):
             return False
     return True
-
-
-_DATA_PTR = torch.Tensor.data_ptr
 
 
 def _placement(values: list[Any]) -> list[Any]:

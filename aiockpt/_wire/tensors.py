@@ -28,6 +28,7 @@ __all__ = [
     "dtype_name",
     "inline_tensor",
     "is_tensor",
+    "tensor_addresses",
     "tensor_from_leaf",
     "tensors_guard",
     "value_from_leaf",
@@ -52,6 +53,12 @@ def _tensor_guards_class() -> Any:
 
 
 _TensorGuards: Any = _tensor_guards_class()
+
+
+def tensor_addresses(tensors: list[torch.Tensor]) -> list[int]:
+    """Where each tensor's memory starts (``data_ptr``), in one pass in C: what a
+    ``tensors_guard`` does not see (``.data =`` moves memory and keeps all it checks)."""
+    return list(map(torch.Tensor.data_ptr, tensors))
 
 
 def tensors_guard(tensors: list[torch.Tensor]) -> Any:
