@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import safetensors.torch
@@ -12,8 +12,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import aiockpt
-from aiockpt._trainer.staging import PlanCache, SharedArena
+from aiockpt._format.tree import MAX_DEPTH, flatten
+from aiockpt._trainer.staging import PlanCache, SharedArena, _walk
 from aiockpt._wire.protocol import PlainValue, TensorInArena
+from aiockpt._wire.tensors import is_tensor
 from tests.test_save import assert_same, every_kind_of_state, zeros_like_tree
 
 
@@ -84,6 +86,36 @@ def test_any_structural_change_makes_a_new_plan() -> None:
         assert plan.plan_id != first.plan_id, what
         # ...and the new plan is itself reused by the next save of that structure.
         assert cache.plan(changed(what)).plan_id == plan.plan_id or what == "tied", what
+
+
+class Betas(NamedTuple):
+    beta1: float
+    beta2: float
+
+
+def test_the_walk_finds_the_leaves_flatten_finds_in_the_same_order() -> None:
+    """The fast walk of a repeated save takes whole containers of leaves at once; what it
+    calls a leaf (namedtuples and tensors among ints, at any depth) is what ``flatten`` does,
+    and only containers nested too deep stop it."""
+    t = torch.zeros(2)
+    tree: Any = {
+        "model": {"w": t, "b": torch.nn.Parameter(torch.ones(1))},
+        "ids": [0, 1, 2, 300],
+        "mixed": [t, Betas(0.9, 0.99), [1, (2.0, "x")], None],
+        "groups": [{"betas": Betas(0.8, 0.9), "params": [0, 1]}, {1: t, 2: 3}],
+    }
+    values: list[Any] = []
+    structure: list[Any] = []
+    assert _walk(tree, values, structure, 0)
+    assert [id(v) for v in values] == [id(v) for _, v in flatten(tree, is_tensor)[1]]
+    deep: Any = t
+    for _ in range(MAX_DEPTH):
+        deep = [deep]
+    flatten(deep, is_tensor)  # a leaf at the deepest level allowed...
+    assert _walk(deep, [], [], 0)
+    with pytest.raises(TypeError, match="nests containers"):
+        flatten([deep], is_tensor)  # ...and one list deeper
+    assert not _walk([deep], [], [], 0)
 
 
 def test_same_shape_through_a_non_contiguous_view_is_reused_and_copied_right() -> None:
