@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.checkpoint.stateful import Stateful
 
 import aiockpt
+from aiockpt._format.stateful import stateful_to_state_dict
 
 
 def trained(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -195,3 +196,26 @@ def test_a_failed_load_calls_no_load_state_dict(tmp_path: Path) -> None:
     with pytest.raises(KeyError, match="app"):
         aiockpt.load(tmp_path / "ckpt", {"app": app})
     assert app.threads == [threading.current_thread().name]  # state_dict() only
+
+
+class StatefulTensor(torch.Tensor):
+    """A tensor class that is also ``Stateful``: ``dcp.save`` calls its ``state_dict()``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"as_state": torch.ones(1)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+
+def test_only_values_that_can_be_stateful_are_asked_for_state_dict() -> None:
+    # A dict of plain tensors (any tensor class without state_dict) is saved as it is...
+    tensors: dict[str, Any] = {"w": torch.zeros(2), "p": nn.Parameter(torch.ones(1))}
+    assert stateful_to_state_dict(tensors) is tensors
+    # ...but a tensor class that is Stateful, or any other Stateful among tensors, is not.
+    special = torch.zeros(1).as_subclass(StatefulTensor)
+    model = nn.Linear(2, 1)
+    for stateful in (special, model):
+        resolved = stateful_to_state_dict({**tensors, "s": stateful})
+        assert resolved["w"] is tensors["w"]
+        assert resolved["s"].keys() == stateful.state_dict().keys()

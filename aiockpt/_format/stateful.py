@@ -19,7 +19,8 @@ protocol, so that this module needs no torch import.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Collection
 from typing import Any
 
 __all__ = [
@@ -78,12 +79,28 @@ def stateful_to_state_dict(state_dict: Any) -> Any:
         return state_dict.unwrap()
     if is_stateful(state_dict):
         return _state_of(state_dict, "<root>")
-    if not isinstance(state_dict, dict) or not any(map(is_stateful, state_dict.values())):
+    if not isinstance(state_dict, dict) or not any(
+        map(is_stateful, _maybe_stateful(state_dict.values()))
+    ):
         return state_dict
     return {
         key: _state_of(value, key) if is_stateful(value) else value
         for key, value in state_dict.items()
     }
+
+
+def _maybe_stateful(values: Collection[Any]) -> Collection[Any]:
+    """``values`` less what cannot be ``Stateful``: when every value is a tensor of a class
+    without ``state_dict`` (a model's flat state dict of 20,000 tensors), none. One pass in C
+    over their types, where asking each tensor for ``state_dict`` costs ~0.12 us."""
+    torch = sys.modules.get("torch")  # no tensor exists before torch is imported
+    if torch is None:
+        return values
+    tensor = torch.Tensor
+    for kind in set(map(type, values)):
+        if not issubclass(kind, tensor) or hasattr(kind, "state_dict"):
+            return values
+    return ()
 
 
 def _state_of(value: Any, key: object) -> Any:
