@@ -10,17 +10,24 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from aiockpt._format.tree import DictNode, LeafNode, Node
 from aiockpt._wire.protocol import (
     PROTOCOL_VERSION,
+    ArenaRef,
     CancelPayload,
     FrameDecoder,
     InitPayload,
     MessageCodec,
+    PlainValue,
     RankInfo,
     ReadyPayload,
+    RepeatedStateDict,
     RequestType,
+    StateDictPayload,
+    TensorInArena,
     WorkerRequest,
     WorkerResponse,
+    WritePayload,
 )
 from aiockpt._wire.session import (
     HANDSHAKE_ID,
@@ -242,3 +249,70 @@ def test_write_gate_decides_a_race_exactly_once() -> None:
         outcome["cancelled"] = gate.cancel(request_id)
         thread.join()
         assert outcome["committed"] != outcome["cancelled"], outcome
+
+
+def staged_write(plan_id: int | None, step: int, skeleton: Node, arena: str = "/a") -> WritePayload:
+    """A write of ``{"w": <tensor in the arena>, "step": step}`` laid out by plan ``plan_id``."""
+    leaves = [TensorInArena("float32", [4], 0, 16), PlainValue(step)]
+    return WritePayload(
+        "/ckpt", StateDictPayload(skeleton, leaves, ArenaRef(arena, 64), plan_id=plan_id)
+    )
+
+
+def test_a_repeated_layout_crosses_as_its_plan_and_its_plain_values() -> None:
+    pair = Pair()
+    pair.ready()
+    skeleton = DictNode(["w", "step"], [LeafNode(0), LeafNode(1)])
+    sizes, sent_as, received = [], [], []
+    writes = [
+        staged_write(7, 1, skeleton),  # whole: the first of plan 7
+        staged_write(7, 2, skeleton, "/b"),  # repeated, in another arena
+        staged_write(None, 3, skeleton),  # no plan: whole, and plan 7 is still the last
+        staged_write(7, 4, skeleton),  # repeated
+        staged_write(8, 5, DictNode(["w", "step"], [LeafNode(0), LeafNode(1)])),  # whole
+        staged_write(8, 6, skeleton),  # a plan's id with another skeleton: whole
+    ]
+    for payload in writes:
+        request = pair.parent.request(RequestType.WRITE_CHECKPOINT, payload)
+        sizes.append(len(codec.encode(request)))
+        assert isinstance(request.payload, WritePayload)
+        sent_as.append(type(request.payload.state_dict))
+        [(route, got, _)] = pair.send(request)
+        assert route is Route.QUEUED
+        received.append(got.payload)
+        pair.answer(WorkerResponse(got.request_id, got.request_type, True))
+    whole, repeated = StateDictPayload, RepeatedStateDict
+    assert sent_as == [whole, repeated, whole, repeated, whole, whole]
+    assert sizes[1] < sizes[0] and sizes[3] < sizes[0]
+    # The worker gets what the trainer wrote, whole.
+    assert received == writes
+
+
+def test_a_repeat_the_worker_cannot_expand_breaks_the_channel() -> None:
+    pair = Pair()
+    pair.ready()
+    skeleton = DictNode(["w", "step"], [LeafNode(0), LeafNode(1)])
+    unknown = WritePayload("/ckpt", RepeatedStateDict(3, [PlainValue(1)], ArenaRef("/a", 64)))
+    with pytest.raises(ProtocolError, match="repeats plan 3, but the last state dict"):
+        pair.send(WorkerRequest(1, RequestType.WRITE_CHECKPOINT, unknown))
+    pair = Pair()
+    pair.ready()
+    request = pair.parent.request(RequestType.WRITE_CHECKPOINT, staged_write(3, 1, skeleton))
+    pair.send(request)
+    short = WritePayload("/ckpt", RepeatedStateDict(3, [], ArenaRef("/a", 64)))
+    with pytest.raises(ProtocolError, match="with 0 leaves outside the arena; the plan has 1"):
+        pair.send(WorkerRequest(2, RequestType.WRITE_CHECKPOINT, short))
+
+
+def test_a_write_that_could_not_be_sent_leaves_the_next_one_whole() -> None:
+    pair = Pair()
+    pair.ready()
+    skeleton = DictNode(["w", "step"], [LeafNode(0), LeafNode(1)])
+    lost = pair.parent.request(RequestType.WRITE_CHECKPOINT, staged_write(5, 1, skeleton))
+    pair.parent.unsent()  # it never reached the worker
+    pair.parent.abandon(lost.request_id)
+    again = pair.parent.request(RequestType.WRITE_CHECKPOINT, staged_write(5, 2, skeleton))
+    assert isinstance(again.payload, WritePayload)
+    assert isinstance(again.payload.state_dict, StateDictPayload)
+    [(_, got, _)] = pair.send(again)
+    assert got.payload == staged_write(5, 2, skeleton)

@@ -696,6 +696,7 @@ class CheckpointProcess:
         except ConnectionError:
             pass  # the worker is gone: the monitor fails the future with its exit status
         except BaseException:
+            self._session.unsent()
             self._forget(request.request_id)
             raise
         return request.request_id, future

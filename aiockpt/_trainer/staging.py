@@ -96,7 +96,9 @@ class StagingPlan:
     chunks: list[tuple[int, int, int]] | None = field(default=None)
 
     def payload(self, arena: SharedArena | None) -> StateDictPayload:
-        return StateDictPayload(self.skeleton, self.leaves, arena.ref if arena else None)
+        return StateDictPayload(
+            self.skeleton, self.leaves, arena.ref if arena else None, plan_id=self.plan_id
+        )
 
 
 def plan_staging(state_dict: Any, *, allow_pickle: bool = False) -> StagingPlan:

@@ -60,6 +60,7 @@ __all__ = [
     "ProgressPayload",
     "RankInfo",
     "ReadyPayload",
+    "RepeatedStateDict",
     "RequestType",
     "ShardSpec",
     "StagedPayload",
@@ -75,8 +76,9 @@ __all__ = [
 ]
 
 #: 2: int leaves beyond 64 bits travel as ``BigIntValue``; 3: progress reports of writes;
-#: 4: writes sent while staging (``WritePayload.staged_bytes``, STAGED requests)
-PROTOCOL_VERSION = 4
+#: 4: writes sent while staging (``WritePayload.staged_bytes``, STAGED requests); 5: a
+#: repeated layout travels as ``RepeatedStateDict``
+PROTOCOL_VERSION = 5
 #: frames carry metadata only (tensor bytes go through shared memory), so 64 MiB is generous
 DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
 
@@ -213,9 +215,28 @@ class ArenaRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     size: int
 
 
-class StateDictPayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class StateDictPayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="whole"):
+    """A state dict: its containers (``skeleton``) and its leaves, in ``flatten`` order.
+
+    ``plan_id`` names the trainer's staging plan it was laid out by: two payloads of the same
+    plan have the same skeleton and the same arena leaves (``TensorInArena``); only their
+    other leaves (plain values) may differ. A write of the same plan as the last one sent is
+    sent as a ``RepeatedStateDict`` (see ``aiockpt._wire.session``)."""
+
     skeleton: Node
     leaves: list[Leaf]
+    arena: ArenaRef | None = None
+    plan_id: int | None = None
+
+
+class RepeatedStateDict(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="repeated"):
+    """The state dict of the last ``StateDictPayload`` sent on the channel, whose plan is
+    ``plan_id``, with its leaves outside the arena replaced by ``others`` (in order) and its
+    tensors' bytes in ``arena``: a repeated save of 20,000 tensors in a frame of a few bytes
+    instead of ~1 MB, which the trainer no longer encodes and the worker no longer decodes."""
+
+    plan_id: int
+    others: list[Leaf]
     arena: ArenaRef | None = None
 
 
@@ -257,7 +278,8 @@ class CommitOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class WritePayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="write"):
     path: str
-    state_dict: StateDictPayload
+    #: a ``RepeatedStateDict`` only on the channel: the worker's session expands it on receipt
+    state_dict: StateDictPayload | RepeatedStateDict
     kwargs: dict[str, Any] = {}
     #: None: call the worker's writer on ``path`` as is (torch's CheckpointProcess semantics)
     commit: CommitOptions | None = None

@@ -27,6 +27,11 @@ Trainer side, ``ParentSession``::
 - A STAGED request names a write sent while staging (``WritePayload.staged_bytes``) and not
   yet answered; its byte counts never go down, and none follows the one that says
   ``complete``.
+- A write whose state dict has the plan (``StateDictPayload.plan_id``) of the last one sent
+  whole is sent as a ``RepeatedStateDict``: that plan's id and the leaves outside the arena
+  only. The rule is the session's, on both sides, by the order of requests on the channel, so
+  it holds whatever later becomes of the writes (refused, cancelled, failed). A request that
+  could not be sent (``unsent``) leaves the next write whole.
 
 Worker side, ``WorkerSession``::
 
@@ -38,6 +43,9 @@ Worker side, ``WorkerSession``::
 - A well-formed request the worker cannot serve (a second INIT; a CANCEL, MAP_ARENA or
   RELEASE_ARENA without its payload) is ``Route.REFUSED``: answered with a failure naming
   why, and the worker serves on.
+- A write's ``RepeatedStateDict`` is expanded on receipt into the ``StateDictPayload`` it
+  stands for (the last one received whole, with its other leaves replaced); one that names
+  another plan, or whose leaves do not fit it, is a ``ProtocolError``.
 - Each request is routed: PING, CANCEL, MAP_ARENA, RELEASE_ARENA and STAGED are answered at
   once, even while a write runs (``Route.IMMEDIATE``); WRITE_CHECKPOINT and TERMINATE wait
   their turn behind earlier writes (``Route.QUEUED``).
@@ -59,14 +67,19 @@ import math
 import threading
 from typing import NamedTuple
 
+import msgspec
+
 from aiockpt._wire.protocol import (
     ArenaPayload,
     CancelPayload,
     InitPayload,
     MessageCodec,
     ProgressPayload,
+    RepeatedStateDict,
     RequestType,
     StagedPayload,
+    StateDictPayload,
+    TensorInArena,
     WorkerRequest,
     WorkerResponse,
     WritePayload,
@@ -75,6 +88,7 @@ from aiockpt.errors import ProtocolError
 
 __all__ = [
     "HANDSHAKE_ID",
+    "LastLayout",
     "ParentSession",
     "ParentSessionState",
     "Received",
@@ -142,6 +156,63 @@ class Received(NamedTuple):
     refusal: str | None = None
 
 
+class LastLayout:
+    """The state dict of the last write sent (or received) whole, and where its leaves outside
+    the arena are: what a ``RepeatedStateDict`` stands for (both sides hold one)."""
+
+    def __init__(self) -> None:
+        self._whole: StateDictPayload | None = None
+        self._others: list[int] = []
+
+    def forget(self) -> None:
+        self._whole = None
+
+    def shorten(self, payload: WritePayload) -> WritePayload:
+        """``payload`` with a ``RepeatedStateDict`` when its plan is the last one's."""
+        state = payload.state_dict
+        if type(state) is not StateDictPayload or state.plan_id is None:
+            return payload
+        whole = self._whole
+        if whole is None or whole.plan_id != state.plan_id or whole.skeleton is not state.skeleton:
+            self._remember(state)
+            return payload
+        others = [state.leaves[index] for index in self._others]
+        return msgspec.structs.replace(
+            payload, state_dict=RepeatedStateDict(state.plan_id, others, state.arena)
+        )
+
+    def expand(self, payload: WritePayload, request_id: int) -> WritePayload:
+        """``payload`` with its ``RepeatedStateDict`` expanded; remembers a whole one.
+        Raises ``ProtocolError`` for one that does not repeat the last."""
+        state = payload.state_dict
+        if type(state) is StateDictPayload:
+            if state.plan_id is not None:
+                self._remember(state)
+            return payload
+        assert isinstance(state, RepeatedStateDict)
+        whole = self._whole
+        if whole is None or whole.plan_id != state.plan_id:
+            last = None if whole is None else whole.plan_id
+            raise ProtocolError(
+                f"write {request_id} repeats plan {state.plan_id}, but the last state dict "
+                f"received whole was of plan {last}"
+            )
+        if len(state.others) != len(self._others):
+            raise ProtocolError(
+                f"write {request_id} repeats plan {state.plan_id} with {len(state.others)} "
+                f"leaves outside the arena; the plan has {len(self._others)}"
+            )
+        leaves = list(whole.leaves)
+        for index, leaf in zip(self._others, state.others, strict=True):
+            leaves[index] = leaf
+        expanded = StateDictPayload(whole.skeleton, leaves, state.arena, state.plan_id)
+        return msgspec.structs.replace(payload, state_dict=expanded)
+
+    def _remember(self, state: StateDictPayload) -> None:
+        self._whole = state
+        self._others = [i for i, leaf in enumerate(state.leaves) if type(leaf) is not TensorInArena]
+
+
 class ParentSession:
     """The trainer's side of one channel (see the module docstring for the rules)."""
 
@@ -159,6 +230,8 @@ class ParentSession:
         self._reported: dict[int, int] = {}
         #: writes sent while staging -> the bytes said to be staged so far
         self._staging: dict[int, int] = {}
+        #: the state dict of the last write sent whole, as both sides know it
+        self._layout = LastLayout()
 
     def handshake(self, init: InitPayload) -> WorkerRequest:
         """The INIT request. Raises ``ProtocolError`` if it was made before."""
@@ -182,8 +255,10 @@ class ParentSession:
         self._outstanding[request_id] = kind
         if _wants_progress(kind, payload):
             self._reported[request_id] = 0
-        if isinstance(payload, WritePayload) and payload.staged_bytes is not None:
-            self._staging[request_id] = payload.staged_bytes
+        if isinstance(payload, WritePayload):
+            if payload.staged_bytes is not None:
+                self._staging[request_id] = payload.staged_bytes
+            payload = self._layout.shorten(payload)
         if kind is RequestType.TERMINATE_PROCESS:
             self.state = ParentSessionState.TERMINATING
         return WorkerRequest(request_id, kind, payload)  # type: ignore[arg-type]
@@ -204,6 +279,12 @@ class ParentSession:
             del self._staging[report.request_id]
         else:
             self._staging[report.request_id] = report.nbytes
+
+    def unsent(self) -> None:
+        """The request made last could not be sent whole (encoding it failed, or the send
+        was interrupted): the next write's state dict is sent whole, whatever the worker
+        received of this one."""
+        self._layout.forget()
 
     def abandon(self, request_id: int) -> None:
         """Stop waiting for ``request_id``'s answer: it is dropped when it comes."""
@@ -281,6 +362,8 @@ class WorkerSession:
         self._unanswered: set[int] = set()
         #: writes that asked for progress reports and are not answered -> last count made
         self._reporting: dict[int, int] = {}
+        #: the state dict of the last write received whole
+        self._layout = LastLayout()
 
     def receive(self, body: bytes) -> Received:
         """Decode one request frame body, check it, and say how to serve it. Raises
@@ -310,6 +393,10 @@ class WorkerSession:
             if kind is RequestType.TERMINATE_PROCESS:
                 self.state = WorkerSessionState.TERMINATING
         self._unanswered.add(request.request_id)
+        if isinstance(request.payload, WritePayload):
+            request = msgspec.structs.replace(
+                request, payload=self._layout.expand(request.payload, request.request_id)
+            )
         if route is Route.QUEUED and _wants_progress(kind, request.payload):
             self._reporting[request.request_id] = 0
         return Received(route, request, refusal)

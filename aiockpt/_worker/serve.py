@@ -269,6 +269,13 @@ class Layouts:
             self._end = max(self._end, leaf.offset + leaf.nbytes)
 
 
+def _whole(payload: WritePayload) -> StateDictPayload:
+    """A write's state dict as the session left it: expanded (``LastLayout.expand``)."""
+    state = payload.state_dict
+    assert isinstance(state, StateDictPayload), "the session expands repeated state dicts"
+    return state
+
+
 #: state dicts ``Layouts`` keeps, one per arena (saves in flight use one arena each)
 _STATE_DICTS_KEPT = 4
 
@@ -439,7 +446,7 @@ class ServingWorker:
                 return self._materialize_and_write(request_id, payload)
 
     def _materialize_and_write(self, request_id: int, payload: WritePayload) -> Any:
-        state_dict = materialize(payload.state_dict, self._arenas, self._layouts)
+        state_dict = materialize(_whole(payload), self._arenas, self._layouts)
         if payload.staged_bytes is None:
             return self._write_materialized(request_id, payload, state_dict)
         self._follow_staging(request_id, payload, state_dict)
@@ -457,7 +464,7 @@ class ServingWorker:
             outcome = self.group.write_and_commit(
                 self._writer_for(payload.commit),
                 state_dict,
-                shards_of(payload.state_dict),
+                shards_of(_whole(payload)),
                 payload.path,
                 payload.commit,
                 begin_commit=lambda: self._gate.begin_commit(request_id),
