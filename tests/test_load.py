@@ -84,6 +84,25 @@ def test_load_into_a_non_contiguous_tensor(tmp_path: Path) -> None:
     assert torch.equal(target["a"], torch.arange(6.0).reshape(2, 3))
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_load_into_conjugate_and_negative_views_reads_back_what_was_saved(
+    tmp_path: Path, fmt: str
+) -> None:
+    # Such views are contiguous, but their bytes are not their values: bytes read straight
+    # into them would read back conjugated or negated.
+    saved = {"z": torch.tensor([1 + 2j, 3 - 4j]), "r": torch.tensor([1.0, -2.0])}
+    path = save(tmp_path, saved, fmt)
+    complex_base, real_base = torch.zeros(2, dtype=torch.complex64), torch.zeros(2)
+    target = {"z": complex_base.conj(), "r": real_base._neg_view()}
+    views = dict(target)
+    for _ in range(3):  # the first load, the second (which binds plain targets), a bound one
+        complex_base.zero_(), real_base.zero_()
+        assert load(path, target) is target
+        assert target["z"] is views["z"] and target["r"] is views["r"]
+        assert torch.equal(target["z"], saved["z"]) and torch.equal(target["r"], saved["r"])
+        assert torch.equal(complex_base, saved["z"].conj()) and torch.equal(real_base, -saved["r"])
+
+
 def test_load_key_and_shape_mismatches(tmp_path: Path) -> None:
     path = save(tmp_path, {"a": torch.ones(4), "nested": {"b": 1}}, "safetensors")
     with pytest.raises(KeyError, match=r"nested\.c"):

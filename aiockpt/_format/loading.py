@@ -661,6 +661,8 @@ def _load(
                 and local.is_cpu
                 and not local.requires_grad
                 and local.is_contiguous()
+                and not local.is_conj()  # bytes read into a conjugate or negative view
+                and not local.is_neg()  # would read back conjugated or negated
                 and index not in destinations
             ):
                 destinations[index] = local
