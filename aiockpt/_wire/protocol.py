@@ -232,8 +232,9 @@ class StateDictPayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
 class RepeatedStateDict(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="repeated"):
     """The state dict of the last ``StateDictPayload`` sent on the channel, whose plan is
     ``plan_id``, with its leaves outside the arena replaced by ``others`` (in order) and its
-    tensors' bytes in ``arena``: a repeated save of 20,000 tensors in a frame of a few bytes
-    instead of ~1 MB, which the trainer no longer encodes and the worker no longer decodes."""
+    tensors' bytes in ``arena``: a repeated save's frame carries its plain values only (a
+    save of 20,000 tensors ~100 bytes instead of ~1 MB, which the trainer no longer encodes
+    and the worker no longer decodes)."""
 
     plan_id: int
     others: list[Leaf]
