@@ -22,13 +22,15 @@ Layout of the package; the folder says which process runs the code::
         tree.py            state dicts as a skeleton plus a flat list of leaves
         manifest.py        the file whose presence makes a directory a checkpoint
         commit.py          temporary directory, manifest, fsync, rename; listing and retention
-        loading.py         verify and load without unpickling, resharding
+        reading.py         manifests checked, files read and hashed: verify (no torch)
+        loading.py         load without unpickling, resharding, into tensors
         listing.py         the checkpoints under a root, torch-written ones marked unverified
         torch_written.py   checkpoints torch's dcp.save wrote: found, loaded by torch's reader
         stateful.py        Stateful values saved via state_dict(), loaded via load_state_dict()
         root_lock.py       one writer per root (an flock the kernel releases)
-    command_line.py  the `aiockpt` command: ls, verify, inspect, convert
-    writers/     the writer API (base.py), dcp and safetensors (Hugging Face layout) writers
+    command_line.py  the `aiockpt` command: ls, verify, inspect (no torch), convert
+    writers/     the writer API (base.py, no torch), tensor helpers (tensor_leaves.py),
+                 dcp and safetensors (Hugging Face layout) writers
     _trainer/    runs in the training process
         checkpointer.py    Checkpointer: root, latest, retention, backpressure
         handles.py         SaveHandle, SaveResult, async_save, default checkpointers
@@ -76,7 +78,8 @@ from aiockpt.errors import (
 
 if TYPE_CHECKING:
     from aiockpt._format.listing import ListedCheckpoint, list_checkpoints
-    from aiockpt._format.loading import load, verify
+    from aiockpt._format.loading import load
+    from aiockpt._format.reading import verify
     from aiockpt._trainer.checkpoint_process import CheckpointProcess, CheckpointProcessConfig
     from aiockpt._trainer.checkpointer import Checkpointer
     from aiockpt._trainer.handles import (
@@ -147,7 +150,7 @@ _HOME = {
     "default_checkpointer": "aiockpt._trainer.handles",
     "list_checkpoints": "aiockpt._format.listing",
     "load": "aiockpt._format.loading",
-    "verify": "aiockpt._format.loading",
+    "verify": "aiockpt._format.reading",
 }
 
 

@@ -137,7 +137,7 @@ def load_methods(
         elif key == "aiockpt verify alloc":
             methods[key] = lambda: timed(lambda: aiockpt.load(path))
         elif key == "aiockpt in place, cold":
-            from aiockpt._format import loading
+            from aiockpt._format import loading, reading
 
             target = empty_like_tree(state_dict)
             aiockpt.load(path, target)
@@ -145,12 +145,12 @@ def load_methods(
             def cold(t: Any = target) -> float:
                 # The kept manifest (and its plans) put back afterwards: otherwise the next
                 # load in the round, whichever method it is, pays for a first load too.
-                kept = loading._last_manifest[0], loading._last_plans[0]
-                loading._last_manifest[0] = loading._last_plans[0] = None
+                kept = reading.last_manifest[0], loading._last_plans[0]
+                reading.last_manifest[0] = loading._last_plans[0] = None
                 try:
                     return timed(lambda: aiockpt.load(path, t))
                 finally:
-                    loading._last_manifest[0], loading._last_plans[0] = kept
+                    reading.last_manifest[0], loading._last_plans[0] = kept
 
             methods[key] = cold
         elif key == "baseline verify in place":

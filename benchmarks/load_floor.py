@@ -60,12 +60,12 @@ def read_and_hash(files: list[tuple[str, int]], buffers: list[memoryview]) -> No
 
 def floor_methods(count: int, directory: str, nbytes: int) -> dict[str, Callable[[], float]]:
     import aiockpt
-    from aiockpt._format import loading
+    from aiockpt._format import loading, reading
     from aiockpt._format.commit import write_checkpoint
     from aiockpt._format.manifest import MANIFEST_NAME, decode_manifest
     from aiockpt._format.tree import flatten
+    from aiockpt._wire.tensors import is_tensor
     from aiockpt.writers import create_writer
-    from aiockpt.writers.base import is_tensor
 
     state_dict = many_tensors(count, nbytes)
     path = os.path.join(directory, "small")
@@ -89,7 +89,7 @@ def floor_methods(count: int, directory: str, nbytes: int) -> dict[str, Callable
                 for run in runs:
                     scatter = bound.scatters.get(run.number)
                     if scatter is not None:
-                        loading._read_scatter(fd, scatter.batches, run.offset, name)
+                        reading._read_scatter(fd, scatter.batches, run.offset, name)
             finally:
                 os.close(fd)
 
@@ -100,7 +100,7 @@ def floor_methods(count: int, directory: str, nbytes: int) -> dict[str, Callable
         assert bound is not None
         state = xxhash.xxh3_64()
         for scatter in bound.scatters.values():
-            loading._hash_all(state, scatter.views, None)
+            reading._hash_all(state, scatter.views, None)
 
     with open(os.path.join(path, MANIFEST_NAME), "rb") as file:
         manifest = file.read()
@@ -120,12 +120,12 @@ def floor_methods(count: int, directory: str, nbytes: int) -> dict[str, Callable
         return run
 
     def cold_in_place() -> float:
-        kept = loading._last_manifest[0], loading._last_plans[0]
-        loading._last_manifest[0] = loading._last_plans[0] = None
+        kept = reading.last_manifest[0], loading._last_plans[0]
+        reading.last_manifest[0] = loading._last_plans[0] = None
         try:
             return timed(lambda: aiockpt.load(path, target))
         finally:  # the other loads of the round find the manifest and its plans kept
-            loading._last_manifest[0], loading._last_plans[0] = kept
+            reading.last_manifest[0], loading._last_plans[0] = kept
 
     return {
         "read (existing buffer)": lambda: timed(lambda: read_files(files, existing)),

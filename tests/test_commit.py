@@ -31,7 +31,7 @@ from aiockpt._format.commit import (
     write_checkpoint,
     write_files,
 )
-from aiockpt._format.loading import load, read_manifest, verify
+from aiockpt._format.loading import load
 from aiockpt._format.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -41,6 +41,7 @@ from aiockpt._format.manifest import (
     decode_manifest,
     encode_manifest,
 )
+from aiockpt._format.reading import read_manifest, verify
 from aiockpt.writers.base import FileRecord, WriterPart, flatten_state_dict
 from aiockpt.writers.safetensors import SafetensorsWriter
 from tests.writer_fixtures import FailingWriter, NoneReturningWriter, assert_same

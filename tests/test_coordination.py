@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from aiockpt._format.loading import load, verify
+from aiockpt._format.loading import load
+from aiockpt._format.reading import verify
 from aiockpt._wire.coordination import SaveRound, connect_store, keys_owned_by
 from aiockpt._wire.protocol import CommitOptions, GcOptions, GroupInfo, RankInfo
 from aiockpt._worker.rank_group import Outcome, RankGroup

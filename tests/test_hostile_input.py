@@ -34,13 +34,21 @@ import xxhash
 import aiockpt
 import aiockpt._trainer.checkpointer
 from aiockpt import CheckpointWriteError, CorruptCheckpoint, SyncCheckpointer
-from aiockpt._format import commit, loading
-from aiockpt._format.manifest import FORMAT_VERSION, MANIFEST_NAME, MAX_MANIFEST_BYTES, TensorLeaf
+from aiockpt._format import commit, reading
+from aiockpt._format.manifest import (
+    _DTYPE_ITEMSIZES,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    TensorLeaf,
+    dtype_itemsize,
+)
 from aiockpt._format.tree import MAX_DEPTH, format_key_path
 from aiockpt._trainer.staging import SharedArena
 from aiockpt._wire.protocol import RankInfo
+from aiockpt._wire.tensors import _DTYPES, dtype_name
 from aiockpt.writers import create_writer
-from aiockpt.writers.base import FileRecord, FileSink, dtype_name, flatten_state_dict
+from aiockpt.writers.base import FileRecord, FileSink, flatten_state_dict
 from tests.faults import arena_names, open_fds, tree_snapshot
 from tests.writer_fixtures import GATED, WriteGateFiles, assert_same, wait_for
 
@@ -200,7 +208,7 @@ def test_a_pickled_leaf_is_never_unpickled_unless_allowed(
     checkpointer.save_to(state, target, format=fmt, allow_pickle=True).result(timeout=120)
     marker.unlink(missing_ok=True)  # the worker ran it (it was allowed to); from here on, not
 
-    loading.verify(target)
+    reading.verify(target)
     with pytest.raises(ValueError, match="allow_pickle"):
         aiockpt.load(target)
     partial = aiockpt.load(target, {"w": torch.zeros(8), "step": 0})  # skips the pickled leaf
@@ -227,7 +235,7 @@ def test_dcp_metadata_is_never_unpickled_even_when_pickles_are_allowed(
         if entry["name"] == ".metadata":
             entry.update(size=len(evil), xxh3_64=xxhash.xxh3_64(evil).hexdigest())
     manifest_path.write_bytes(sealed(manifest))  # the attacker can write a valid checksum too
-    loading.verify(target)
+    reading.verify(target)
     for allow_pickle in (False, True):
         loaded = aiockpt.load(target, allow_pickle=allow_pickle)
         assert torch.equal(loaded["w"], torch.arange(4.0))
@@ -339,6 +347,7 @@ MALFORMED: dict[str, Callable[[dict[str, Any]], None]] = {
     "negative-strides": lambda m: _leaf_of(m, "tensor").update(strides=[-16, 1]),
     "strides-of-another-shape": lambda m: _leaf_of(m, "tensor").update(strides=[1]),
     "strided-past-end-of-file": lambda m: _leaf_of(m, "tensor").update(strides=[32, 1]),
+    "unknown-dtype": lambda m: _leaf_of(m, "tensor").update(dtype="__class__"),
     "negative-file-size": lambda m: m["files"][0].update(size=-1),
     "file-listed-twice": lambda m: m["files"].append(m["files"][0]),
     "repeated-key": lambda m: _dict_node(m)[1].__setitem__(1, "w"),
@@ -358,10 +367,20 @@ def test_a_malformed_manifest_is_corrupt_even_with_a_valid_checksum(
     manifest = json.loads(manifest_path.read_bytes())
     MALFORMED[case](manifest)
     manifest_path.write_bytes(sealed(manifest))
-    for call in (aiockpt.load, loading.verify, loading.read_manifest):
+    for call in (aiockpt.load, reading.verify, reading.read_manifest):
         with pytest.raises(CorruptCheckpoint, match="unreadable manifest") as info:
             call(target)
         assert info.value.path == str(manifest_path)
+
+
+def test_the_manifest_check_knows_the_size_of_every_torch_dtype() -> None:
+    """Manifests are checked without torch (``manifest.dtype_itemsize``, a table of its
+    own): it must name exactly torch's dtypes, each with torch's size, or a new torch's
+    dtype would be refused (or sized wrong) by ``read_manifest`` and ``verify``."""
+    assert {name: d.itemsize for name, d in _DTYPES.items()} == _DTYPE_ITEMSIZES
+    assert dtype_itemsize("bfloat16") == 2 and dtype_itemsize("complex128") == 16
+    with pytest.raises(ValueError, match="unknown dtype 'float'"):
+        dtype_itemsize("float")  # an alias of float32: manifests name dtypes one way only
 
 
 def test_a_manifest_of_format_version_2_or_3_loads(tmp_path: Path) -> None:
@@ -374,7 +393,7 @@ def test_a_manifest_of_format_version_2_or_3_loads(tmp_path: Path) -> None:
     assert manifest["format_version"] == 2 < FORMAT_VERSION == 3
     assert torch.equal(aiockpt.load(target)["w"], expected["w"])
     manifest_path.write_bytes(sealed({**manifest, "format_version": 3}))
-    assert loading.read_manifest(target).format_version == 3
+    assert reading.read_manifest(target).format_version == 3
     assert torch.equal(aiockpt.load(target)["w"], expected["w"])
 
 
@@ -415,7 +434,7 @@ def test_links_inside_a_checkpoint_are_never_followed(tmp_path: Path, link: str)
     else:
         linked = target / "model.safetensors"
         os.symlink(outside / "model.safetensors", linked)
-    for call in (loading.verify, aiockpt.load, lambda p: aiockpt.load(p, verify=False)):
+    for call in (reading.verify, aiockpt.load, lambda p: aiockpt.load(p, verify=False)):
         with pytest.raises(CorruptCheckpoint, match="symbolic link") as info:
             call(target)
         assert info.value.path == str(linked)
@@ -456,7 +475,7 @@ def test_a_fifo_in_a_checkpoint_is_refused_without_blocking(tmp_path: Path, whic
     fifo = target / which
     fifo.unlink()
     os.mkfifo(fifo)
-    for call in (aiockpt.load, loading.verify):
+    for call in (aiockpt.load, reading.verify):
         error = outcome_unless_blocked(call, target, fifo)
         assert isinstance(error, CorruptCheckpoint), repr(error)
         assert "not a regular file" in str(error) and error.path == str(fifo)
@@ -469,7 +488,7 @@ def test_a_manifest_linked_to_dev_zero_is_refused(tmp_path: Path) -> None:
     manifest_path = target / MANIFEST_NAME
     manifest_path.unlink()
     os.symlink("/dev/zero", manifest_path)
-    for call in (aiockpt.load, loading.verify):
+    for call in (aiockpt.load, reading.verify):
         with pytest.raises(CorruptCheckpoint, match="symbolic link") as info:
             call(target)
         assert info.value.path == str(manifest_path)

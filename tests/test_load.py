@@ -16,8 +16,9 @@ import torch
 from aiockpt import Checkpointer
 from aiockpt._format import commit
 from aiockpt._format.commit import write_checkpoint
-from aiockpt._format.loading import load, verify
+from aiockpt._format.loading import load
 from aiockpt._format.manifest import MANIFEST_NAME, TensorLeaf, decode_manifest, encode_manifest
+from aiockpt._format.reading import verify
 from aiockpt._format.tree import MAX_DEPTH
 from aiockpt._wire.protocol import RankInfo, ShardSpec
 from aiockpt.errors import CorruptCheckpoint

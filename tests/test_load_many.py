@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 import torch
 
-from aiockpt._format import loading
-from aiockpt._format.loading import load, verify
+from aiockpt._format import loading, reading
+from aiockpt._format.loading import load
 from aiockpt._format.manifest import MANIFEST_NAME, TensorLeaf, decode_manifest
+from aiockpt._format.reading import verify
 from aiockpt.errors import CorruptCheckpoint
 from tests.test_load import DATA_FILE, FORMATS, flip_byte, save
 from tests.writer_fixtures import DTYPES, assert_same, like, random_tensor
@@ -36,8 +37,8 @@ def many_small(count: int) -> dict[str, torch.Tensor]:
 def threaded_hashing(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Every file hashed in a thread and large tensors read in 4 KiB chunks, so that small
     test files take the path large ones take; no thread is left behind."""
-    monkeypatch.setattr(loading, "_THREADED_HASH_BYTES", 0)
-    monkeypatch.setattr(loading, "_CHUNK_BYTES", 4096)
+    monkeypatch.setattr(reading, "_THREADED_HASH_BYTES", 0)
+    monkeypatch.setattr(reading, "_CHUNK_BYTES", 4096)
     before = set(threading.enumerate())
     yield
     assert set(threading.enumerate()) == before
@@ -75,7 +76,7 @@ def test_a_flipped_byte_in_one_small_tensor_of_thousands_names_the_file(
     tmp_path: Path, fmt: str, threaded: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if threaded:
-        monkeypatch.setattr(loading, "_THREADED_HASH_BYTES", 0)
+        monkeypatch.setattr(reading, "_THREADED_HASH_BYTES", 0)
     before = set(threading.enumerate())
     state_dict = many_small(2_000)
     path = save(tmp_path, state_dict, fmt)
@@ -169,7 +170,7 @@ def test_a_manifest_read_again_is_decoded_again_once_its_bytes_change(tmp_path: 
     first = save(tmp_path, {"w": torch.ones(3)}, "dcp", name="first")
     second = save(tmp_path, {"w": torch.full((3,), 2.0)}, "dcp", name="second")
     assert load(first)["w"].tolist() == [1.0] * 3
-    assert loading.read_manifest(first) is loading.read_manifest(first)
+    assert reading.read_manifest(first) is reading.read_manifest(first)
     assert load(second)["w"].tolist() == [2.0] * 3
     manifest = first / MANIFEST_NAME
     data = bytearray(manifest.read_bytes())

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from aiockpt import Checkpointer
-from aiockpt._format.loading import load, read_manifest, verify
+from aiockpt._format.loading import load
 from aiockpt._format.manifest import TensorLeaf
+from aiockpt._format.reading import read_manifest, verify
 from aiockpt.errors import CorruptCheckpoint
 from tests.test_load import DATA_FILE, FORMATS, save, two_rank_checkpoint
 from tests.test_writers import torch_dcp_load

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from aiockpt._format import loading
+from aiockpt._format import loading, reading
 from aiockpt._format.loading import load
 from aiockpt._format.manifest import MANIFEST_NAME, TensorLeaf, decode_manifest
 from aiockpt.errors import CorruptCheckpoint
@@ -73,7 +73,7 @@ def test_loads_into_one_target_again_bind_it_and_fill_it_every_time(
     tmp_path: Path, fmt: str, threaded: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if threaded:  # every file hashed in a thread, as large files are on 4 CPUs or more
-        monkeypatch.setattr(loading, "_THREADED_HASH_BYTES", 0)
+        monkeypatch.setattr(reading, "_THREADED_HASH_BYTES", 0)
     before = set(threading.enumerate())
     state_dict = training_state()
     path = save(tmp_path, state_dict, fmt)
@@ -268,7 +268,7 @@ def test_a_bound_load_still_verifies_every_byte(
     of them (read into the gap buffer) after the target was bound is caught, naming the
     file, by the bound load."""
     if threaded:
-        monkeypatch.setattr(loading, "_THREADED_HASH_BYTES", 0)
+        monkeypatch.setattr(reading, "_THREADED_HASH_BYTES", 0)
     state_dict = training_state()
     path = save(tmp_path, state_dict, fmt)
     manifest = decode_manifest((path / MANIFEST_NAME).read_bytes())

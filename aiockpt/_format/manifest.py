@@ -70,6 +70,7 @@ __all__ = [
     "ValueLeaf",
     "check_relative_name",
     "decode_manifest",
+    "dtype_itemsize",
     "encode_manifest",
     "format_version_of",
     "is_plain",
@@ -176,6 +177,35 @@ class RankState(msgspec.Struct, frozen=True):
 
     skeleton: Node
     leaves: list[Leaf]
+
+
+#: bytes per element of every dtype a ``TensorLeaf`` may name (torch's dtype without the
+#: ``torch.`` prefix), so that a manifest is checked without importing torch (the ``aiockpt``
+#: command's ``ls`` and ``verify`` do not). tests/test_hostile_input.py checks it against
+#: torch's own dtypes: a torch with a new dtype fails that test until it is added here.
+_DTYPE_ITEMSIZES: dict[str, int] = {
+    **dict.fromkeys(("bits1x8", "bits2x4", "bits4x2", "bits8", "bool", "float4_e2m1fn_x2"), 1),
+    **dict.fromkeys(
+        ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu"),
+        1,
+    ),
+    **dict.fromkeys(("int1", "int2", "int3", "int4", "int5", "int6", "int7", "int8", "qint8"), 1),
+    **dict.fromkeys(("quint2x4", "quint4x2", "quint8"), 1),
+    **dict.fromkeys(("uint1", "uint2", "uint3", "uint4", "uint5", "uint6", "uint7", "uint8"), 1),
+    **dict.fromkeys(("bfloat16", "bits16", "float16", "int16", "uint16"), 2),
+    **dict.fromkeys(("complex32", "float32", "int32", "qint32", "uint32"), 4),
+    **dict.fromkeys(("complex64", "float64", "int64", "uint64"), 8),
+    "complex128": 16,
+}
+
+
+def dtype_itemsize(name: str) -> int:
+    """Bytes per element of the dtype called ``name`` (``"bfloat16"`` -> 2); ValueError for
+    a name that is no torch dtype."""
+    try:
+        return _DTYPE_ITEMSIZES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}") from None
 
 
 def format_version_of(leaf_lists: Iterable[Sequence[Leaf]]) -> int:

@@ -22,17 +22,18 @@ import pickle
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import msgspec
-import torch
 import xxhash
 
-from aiockpt._format.manifest import Leaf, ObjectLeaf, check_relative_name, is_plain
+from aiockpt._format.manifest import Leaf, ObjectLeaf, check_relative_name
 from aiockpt._format.tree import KeyPath, Node, flatten, iter_key_paths, unflatten
 from aiockpt._runtime import libc_function
 from aiockpt._wire.protocol import ShardSpec
-from aiockpt._wire.tensors import dtype_from_name, dtype_name, is_tensor
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "FileRecord",
@@ -42,17 +43,12 @@ __all__ = [
     "StagedStateDict",
     "Writer",
     "WriterPart",
-    "dtype_from_name",
-    "dtype_name",
     "flatten_state_dict",
-    "is_tensor",
     "observe_bytes_written",
     "open_new_file",
     "report_bytes_written",
-    "split_leaves",
     "staged_layout",
     "tensor_bytes",
-    "tensor_for_write",
     "write_objects",
 ]
 
@@ -188,6 +184,11 @@ def flatten_state_dict(state_dict: Any) -> tuple[Node, list[tuple[KeyPath, Any]]
     """
     if type(state_dict) is StagedStateDict:
         return state_dict.layout.skeleton, state_dict.flat_leaves()
+    # Imported here, not above: a state dict with tensors in it means torch is imported
+    # already, and this module stays free of torch for those that only read checkpoints
+    # (the ``aiockpt`` command's ``ls`` and ``verify`` import commit, which imports this).
+    from aiockpt._wire.tensors import is_tensor
+
     return flatten(state_dict, is_tensor)
 
 
@@ -238,22 +239,6 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
         return memoryview(b"")
     view: memoryview = _memoryview_from_memory(tensor.data_ptr(), nbytes, _PYBUF_WRITE)
     return view
-
-
-def tensor_for_write(tensor: torch.Tensor, where: str) -> torch.Tensor:
-    """``tensor`` as a plain contiguous CPU tensor (a copy only if it is not one already).
-
-    The worker hands writers contiguous CPU tensors; this keeps direct callers correct too.
-    Raises TypeError, naming ``where``, for sparse, quantized or other non-strided tensors.
-    """
-    if tensor.layout != torch.strided or tensor.is_quantized:
-        raise TypeError(f"{where}: cannot checkpoint a {tensor.layout} / {tensor.dtype} tensor")
-    tensor = tensor.detach()
-    if tensor.device.type != "cpu":
-        tensor = tensor.cpu()
-    if tensor.is_conj() or tensor.is_neg():
-        tensor = tensor.resolve_conj().resolve_neg()
-    return tensor.contiguous()
 
 
 def open_new_file(directory: str, name: str) -> int:
@@ -460,18 +445,3 @@ def write_objects(
             leaves[index] = ObjectLeaf(name, sink.write(data), len(data))
         record = sink.close()
     return msgspec.structs.replace(record, leaves=leaves)
-
-
-def split_leaves(
-    leaves: Sequence[tuple[KeyPath, Any]],
-) -> tuple[list[tuple[int, KeyPath, torch.Tensor]], list[tuple[int, Any]]]:
-    """Tensor leaves ``(index, key path, tensor)`` and object leaves ``(index, object)``;
-    plain values are left out (commit stores them in the manifest)."""
-    tensors: list[tuple[int, KeyPath, torch.Tensor]] = []
-    objects: list[tuple[int, Any]] = []
-    for index, (path, value) in enumerate(leaves):
-        if isinstance(value, torch.Tensor):
-            tensors.append((index, path, value))
-        elif not is_plain(value):
-            objects.append((index, value))
-    return tensors, objects

@@ -61,6 +61,7 @@ from torch.distributed.checkpoint.planner import (
 from aiockpt._format.manifest import Leaf, TensorLeaf
 from aiockpt._format.tree import KeyPath, format_key_path
 from aiockpt._wire.protocol import RankInfo, ShardSpec
+from aiockpt._wire.tensors import dtype_from_name, dtype_name
 from aiockpt.writers.base import (
     CHUNK_BYTES,
     FileRecord,
@@ -68,15 +69,12 @@ from aiockpt.writers.base import (
     StagedLayout,
     StagedStateDict,
     WriterPart,
-    dtype_from_name,
-    dtype_name,
     flatten_state_dict,
-    split_leaves,
     staged_layout,
     tensor_bytes,
-    tensor_for_write,
     write_objects,
 )
+from aiockpt.writers.tensor_leaves import split_leaves, tensor_for_write
 
 __all__ = ["DcpPlan", "DcpWriter", "PlannedItem", "torch_save_framing"]
 

@@ -49,21 +49,19 @@ import torch
 from aiockpt._format.manifest import Leaf, TensorLeaf, check_relative_name
 from aiockpt._format.tree import KeyPath, format_key_path
 from aiockpt._wire.protocol import RankInfo, ShardSpec
+from aiockpt._wire.tensors import dtype_from_name, dtype_name
 from aiockpt.writers.base import (
     FileRecord,
     FileSink,
     StagedStateDict,
     WriterPart,
-    dtype_from_name,
-    dtype_name,
     flatten_state_dict,
     report_bytes_written,
-    split_leaves,
     staged_layout,
     tensor_bytes,
-    tensor_for_write,
     write_objects,
 )
+from aiockpt.writers.tensor_leaves import split_leaves, tensor_for_write
 
 __all__ = [
     "DEFAULT_MAX_SHARD_SIZE",

@@ -17,7 +17,8 @@ import torch
 
 from aiockpt._format.manifest import TensorLeaf
 from aiockpt._wire.protocol import RankInfo
-from aiockpt.writers.base import FileRecord, FileSink, dtype_name, flatten_state_dict
+from aiockpt._wire.tensors import dtype_name
+from aiockpt.writers.base import FileRecord, FileSink, flatten_state_dict
 from tests.leaks import ARENA_MEMFD
 
 #: import references of the writers below, for ``format=``

@@ -30,7 +30,7 @@ import torch
 
 import aiockpt
 from aiockpt import Checkpointer, CheckpointWriteError
-from aiockpt._format import commit, loading
+from aiockpt._format import commit, reading
 from tests.faults import TRICKLING, TricklingWriter
 from tests.writer_fixtures import GATED, WriteGateFiles
 
@@ -45,7 +45,7 @@ def state_of(nbytes: int, fill: float) -> dict[str, Any]:
 
 
 def assert_holds(path: Path, fill: float) -> None:
-    loading.verify(path)
+    reading.verify(path)
     loaded = aiockpt.load(path)
     assert loaded["fill"] == fill and bool((loaded["w"] == fill).all())
 
@@ -137,7 +137,7 @@ async def disk_full(ckpt: Checkpointer, tmp_path: Path) -> None:
 FILE_SIZE_LIMIT_SCRIPT = """
 import json, os, resource, signal, sys
 import torch
-from aiockpt._format import commit, loading
+from aiockpt._format import commit, loading, reading
 from aiockpt.writers import create_writer
 
 root = sys.argv[1]
@@ -153,7 +153,7 @@ try:
 except OSError as exc:
     outcome = {"errno": exc.errno, "message": str(exc)}
 resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-loading.verify(small)
+reading.verify(small)
 outcome["left"] = sorted(os.listdir(root))
 print(json.dumps(outcome))
 """

@@ -32,7 +32,7 @@ import torch
 
 import aiockpt
 from aiockpt import Checkpointer, WorkerCrashed
-from aiockpt._format import commit, loading
+from aiockpt._format import commit, loading, reading
 from aiockpt._format.manifest import MANIFEST_NAME
 from aiockpt._format.root_lock import LOCK_NAME
 from aiockpt._trainer.checkpoint_process import CheckpointProcess
@@ -88,7 +88,7 @@ def step_of(path: str) -> int:
 
 
 def assert_loads_as_saved(path: str) -> None:
-    loading.verify(path)
+    reading.verify(path)
     loaded = loading.load(path)
     expected = state_for(step_of(path))
     assert loaded["step"] == expected["step"]
