@@ -93,6 +93,54 @@ def test_ls_lists_committed_checkpoints_with_step_size_format_and_ranks(root: Pa
     assert "step_0000000003" not in table.stdout
 
 
+#: a fresh interpreter runs the ``aiockpt`` commands in argv[1:] (each a JSON list of
+#: arguments) in turn, in process, and prints for each its exit status, its output and
+#: whether torch is imported by then (a JSON list, the last line)
+_COMMANDS_IN_ONE_PROCESS = """
+import contextlib, io, json, sys
+from aiockpt.command_line import main
+
+results = []
+for argv in map(json.loads, sys.argv[1:]):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            main(argv, prog_name="aiockpt")
+        except SystemExit as exc:
+            status = exc.code
+    results.append([status, out.getvalue(), "torch" in sys.modules])
+print(json.dumps(results))
+"""
+
+
+def test_commands_that_read_manifests_and_bytes_never_import_torch(
+    root: Path, tmp_path: Path
+) -> None:
+    """``import torch`` takes seconds: ``--help``, ``ls``, ``inspect`` and ``verify`` start
+    without it (a few tenths of a second); ``convert``, which loads tensors, imports it."""
+    commands = [
+        ["--help"],
+        ["ls", str(root)],
+        ["inspect", "--json", str(root / "step_0000000002")],
+        ["verify", str(root / "step_0000000002")],
+        ["convert", str(root / "step_0000000001"), str(tmp_path / "whole.pt"), "--to", "torch"],
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", _COMMANDS_IN_ONE_PROCESS, *map(json.dumps, commands)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    helped, listed, inspected, verified, converted = json.loads(done.stdout.splitlines()[-1])
+    assert helped[0] == 0 and "verify" in helped[1]
+    assert listed[0] == 0 and "step_0000000002" in listed[1]
+    assert inspected[0] == 0 and '"pieces"' in inspected[1]
+    assert verified[0] == 0 and verified[1].startswith("ok: ")
+    assert [helped[2], listed[2], inspected[2], verified[2]] == [False] * 4
+    assert converted[0] == 0 and converted[2] is True  # (the check sees an import of torch)
+
+
 def test_verify_exits_0_for_a_sound_checkpoint_and_1_naming_a_flipped_byte(
     root: Path, tmp_path: Path
 ) -> None:
