@@ -58,6 +58,8 @@ __all__ = [
     "verify",
 ]
 
+#: the most bytes of each of a file's two scratch buffers (what no region or run is read into
+#: goes through them to be hashed: all of a file that ``verify`` reads)
 _SCRATCH_BYTES = 8 << 20
 
 #: a file of at least this size is hashed in a thread while it is read (xxh3 and the reads
@@ -473,7 +475,7 @@ class _FileReader:
             pending.result()  # bounded: a hash of bytes in memory
             self._hashing[slot] = None
         if len(self._scratch) <= slot:
-            # (A large bytearray comes from calloc's fresh pages: nothing is zeroed twice.)
+            # A bytearray, not a tensor (no torch here): verify measured no slower with it.
             self._scratch.append(memoryview(bytearray(self._scratch_bytes)))
         return slot, self._scratch[slot]
 
