@@ -11,6 +11,10 @@ arena creation, first page faults) and the figures are medians over the others:
     memcpy      copy_ into preallocated tensors of the same layout (the staging limit)
     raw         os.write of every tensor's bytes into one file + fsync (the write limit)
     torch.save  torch.save to a file + fsync
+    staged write  the least a save that stages and checks its bytes can take here: a thread
+                copies every tensor into one buffer (batched copies of ~4 MiB) while another
+                hashes (xxh3) and writes what is staged, then fsync (``StagedWrite``): raw
+                write plus the staging copy and the hash on the same 2 cores, no IPC, no format
     raw files   raw write+fsync of as many bytes as aiockpt's DCP checkpoint holds: the
                 tensors' bytes, then the rest in one write (torch.save's ~1 KiB of framing per
                 tensor in the .distcp file, DCP's .metadata, the manifest): the write limit
@@ -41,6 +45,7 @@ import torch
 
 from benchmarks._common import (
     WORKLOADS,
+    StagedWrite,
     format_size,
     median,
     raw_write,
@@ -103,6 +108,8 @@ async def measure(name: str, state_dict: Any, directory: str, repeats: int) -> d
             await asyncio.to_thread(remove, path)
             return {"aiockpt st durable": durable - started}
 
+        staged_write = StagedWrite(tensors)
+
         def raw_write_files(what: Any, path: str) -> None:
             tensor_bytes = sum(t.numel() * t.element_size() for t in what)
             raw_write(what, path, extra=max(0, checkpoint_bytes - tensor_bytes))
@@ -130,6 +137,7 @@ async def measure(name: str, state_dict: Any, directory: str, repeats: int) -> d
             run_aiockpt_safetensors,
             lambda: run_sync("raw write+fsync", raw_write, tensors),
             lambda: run_sync("raw files+fsync", raw_write_files, tensors),
+            lambda: run_sync("staged write+fsync", staged_write, tensors),
             lambda: run_sync("torch.save+fsync", torch_save, state_dict),
         ]
         for round_ in range(repeats + 1):
@@ -166,6 +174,9 @@ def report(title: str, count: int, nbytes: int, figures: dict[str, float]) -> No
     durable, raw = figures["aiockpt durable"], figures["raw write+fsync"]
     print(f"  durable / raw write      {durable / raw:8.2f}x")
     print(f"  durable / raw files      {durable / figures['raw files+fsync']:8.2f}x")
+    staged_write = figures["staged write+fsync"]
+    print(f"  staged write / raw write {staged_write / raw:8.2f}x")
+    print(f"  durable / staged write   {durable / staged_write:8.2f}x")
     print(f"  st durable / raw write   {figures['aiockpt st durable'] / raw:8.2f}x")
     print(f"  durable / torch.save     {durable / figures['torch.save+fsync']:8.2f}x")
     print(f"  blocking / memcpy        {figures['aiockpt blocking'] / figures['memcpy']:8.2f}x")
