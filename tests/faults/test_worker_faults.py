@@ -450,10 +450,12 @@ def test_trainer_killed_during_its_first_save_leaves_nothing_in_dev_shm(tmp_path
         trainer.kill()
         trainer.wait()
     if worker is not None:
-        gone_after = wait_gone(worker, timeout=10)
+        # a hang guard: the worker notices its trainer's death once its loop runs, after it
+        # imported torch, which took over 10 s on a loaded 2-core machine (xdist beside others)
+        gone_after = wait_gone(worker, timeout=HANG_S)
         if gone_after is None:
             os.kill(worker, signal.SIGKILL)  # no longer our descendant: the leak check misses it
-        assert gone_after is not None, f"worker {worker} outlived its trainer by 10 s"
+        assert gone_after is not None, f"worker {worker} outlived its trainer by {HANG_S} s"
     left = [
         n
         for n in set(os.listdir("/dev/shm")) - shm_before
