@@ -13,7 +13,7 @@ tensor's bytes land directly in their destination tensor, a run of small tensors
 one call (into a spare buffer copied out in one batch, or, for new tensors, into a buffer
 they become views of), the bytes in between go through a scratch buffer, and everything is
 hashed in file order (for a large file, in a thread while the next bytes are read, where
-the process has 4 CPUs or more); the
+the process has 2 CPUs or more); the
 xxh3_64 digest and size are compared with the manifest's before any value is handed out.
 What a load plans per tensor (each leaf's dtype and shape, the runs of small tensors and
 where each lies in its run's buffer, the views of a mapped file) is worked out once per
@@ -1154,8 +1154,9 @@ def _bind(
 def _scatters(runs: dict[str, list[_Run]], pointers: dict[int, int]) -> dict[int, _Scatter]:
     """How to read each of ``runs`` straight into the tensors at ``pointers`` (leaf index ->
     the address of its destination; the runs whose every tensor has one, none tied to
-    another): each tensor's bytes into its memory, the bytes between them into one gap
-    buffer (as large as the most any run has)."""
+    another): each tensor's bytes into its memory, the bytes between them into a gap
+    buffer (as large as the most any run has). Runs take two gap buffers in turn, so that
+    one run is read while the last one is hashed (in a thread, ``reading._Digest``)."""
     chosen: list[_Run] = []
     gap_bytes = 0
     for file_runs in runs.values():
@@ -1165,8 +1166,8 @@ def _scatters(runs: dict[str, list[_Run]], pointers: dict[int, int]) -> dict[int
                 gap_bytes = max(gap_bytes, sum(_layout(run)[0]))
     if not chosen:
         return {}
-    gap_buffer = torch.empty(max(gap_bytes, 1), dtype=torch.uint8)
-    gap_view = tensor_bytes(gap_buffer)
+    gap_buffers = [torch.empty(max(gap_bytes, 1), dtype=torch.uint8) for _ in range(2)]
+    gap_views = [tensor_bytes(buffer) for buffer in gap_buffers]
     addresses = [pointers[members[0]] for run in chosen for members in run.members]
     low = min(addresses)
     high = max(address + size for address, size in zip(addresses, _sizes_of(chosen), strict=True))
@@ -1174,7 +1175,8 @@ def _scatters(runs: dict[str, list[_Run]], pointers: dict[int, int]) -> dict[int
     # costs ~3 us through ctypes; a slice ~0.1 us). Only the slices are ever read into.
     memory = _memoryview_from_memory(low, high - low, _PYBUF_WRITE)
     scatters = {}
-    for run in chosen:
+    for number, run in enumerate(chosen):
+        gap_view = gap_views[number % 2]
         gaps, sizes = _layout(run)
         views: list[memoryview] = []
         lengths: list[int] = []
@@ -1191,7 +1193,7 @@ def _scatters(runs: dict[str, list[_Run]], pointers: dict[int, int]) -> dict[int
             (views[k : k + IOV_MAX], sum(lengths[k : k + IOV_MAX]))
             for k in range(0, len(views), IOV_MAX)
         ]
-        scatters[run.number] = _Scatter(views, batches, gap_buffer)
+        scatters[run.number] = _Scatter(views, batches, gap_buffers[number % 2])
     return scatters
 
 

@@ -63,10 +63,11 @@ __all__ = [
 _SCRATCH_BYTES = 8 << 20
 
 #: a file of at least this size is hashed in a thread while it is read (xxh3 and the reads
-#: release the GIL), where this process may run on 4 CPUs or more; below that size the thread
-#: costs more than the overlap saves, and with fewer CPUs it only takes turns with the reader
-#: (on 2 busy cores, 1 GiB in 64 tensors loaded 1.2-1.4x slower with it than hashed in series)
-_THREADED_HASH_BYTES = 16 << 20 if len(os.sched_getaffinity(0)) >= 4 else 1 << 62
+#: release the GIL), where this process may run on 2 CPUs or more; below that size the thread
+#: costs more than the overlap saves. On 2 CPUs, quiet, a verified load in place took 1.23x
+#: the read with it and 1.40x without (8,192 tensors), 1.14x and 1.22x (64 x 16 MiB); with
+#: both CPUs kept busy by other processes, 1.30x and 1.26x, 1.22x and 1.40x.
+_THREADED_HASH_BYTES = 16 << 20 if len(os.sched_getaffinity(0)) >= 2 else 1 << 62
 #: reads into large tensors go in chunks of this size, each hashed while the next is read
 _CHUNK_BYTES = 8 << 20
 
@@ -460,23 +461,29 @@ class _FileReader:
         #: everything before this offset has been read (and given to the digest)
         self.position = 0
         # Two scratch buffers taken in turn: one is read into while the other is hashed.
-        self._scratch_bytes = max(1, min(size, _SCRATCH_BYTES))
-        self._scratch: list[memoryview] = []
+        self._scratch: list[memoryview] = [memoryview(b""), memoryview(b"")]
         self._hashing: list[Future[None] | None] = [None, None]
         self._turn = 0
-        #: the hash of the last run read into a load's spare buffer, if not done yet
-        self._run_hashing: Future[None] | None = None
+        #: id of a buffer runs are read into again (a load's spare buffer, a bound target's
+        #: gap buffers) -> the hash still reading it, if not done yet
+        self._run_hashing: dict[int, Future[None]] = {}
 
-    def _take_scratch(self) -> tuple[int, memoryview]:
+    def _take_scratch(self, wanted: int) -> tuple[int, memoryview]:
+        """The next scratch buffer (``slot``, view), of at least ``wanted`` bytes or
+        ``_SCRATCH_BYTES``, whichever is less. A buffer grows only when more is wanted:
+        between runs of small tensors only their framing is, and a new 8 MiB buffer per
+        file and load cost 8k tensors (256 MiB) ~10 ms of page faults."""
         slot = self._turn
         self._turn ^= 1
         pending = self._hashing[slot]
         if pending is not None:
             pending.result()  # bounded: a hash of bytes in memory
             self._hashing[slot] = None
-        if len(self._scratch) <= slot:
+        wanted = min(wanted, _SCRATCH_BYTES)
+        if self._scratch[slot].nbytes < wanted:
             # A bytearray, not a tensor (no torch here): verify measured no slower with it.
-            self._scratch.append(memoryview(bytearray(self._scratch_bytes)))
+            size = min(max(wanted, 2 * self._scratch[slot].nbytes, 64 << 10), _SCRATCH_BYTES)
+            self._scratch[slot] = memoryview(bytearray(size))
         return slot, self._scratch[slot]
 
     def _hash(self, view: memoryview, owner: object, slot: int | None = None) -> None:
@@ -490,7 +497,7 @@ class _FileReader:
     def hash_to(self, end: int) -> None:
         """Read and hash the bytes from ``position`` to ``end`` through scratch."""
         while self.position < end:
-            slot, scratch = self._take_scratch()
+            slot, scratch = self._take_scratch(end - self.position)
             view = scratch[: min(end - self.position, scratch.nbytes)]
             _read_exactly(self.fd, view, self.position, self.full)
             self._hash(view, scratch, slot)
@@ -526,33 +533,41 @@ class _FileReader:
         piece, in file order."""
         if self.digest is not None and self.position < run.offset:
             self.hash_to(run.offset)
-        if self._run_hashing is not None:  # the spare (or gap) buffer is still being hashed
-            self._run_hashing.result()  # bounded: a hash of bytes in memory
-            self._run_hashing = None
         scatter = None if load.scatters is None else load.scatters.get(run.number)
         if scatter is not None:
+            self._wait_for_hash_of(scatter.owner)
             _read_scatter(self.fd, scatter.batches, run.offset, self.full)
             if self.digest is not None and run.end > self.position:
                 pieces = scatter.views
                 if self.position > run.offset:  # (overlapped by a region read before)
                     pieces = _bytes_after(pieces, self.position - run.offset)
-                self._run_hashing = self.digest.update_many(pieces, scatter.owner)
+                pending = self.digest.update_many(pieces, scatter.owner)
+                if pending is not None:
+                    self._run_hashing[id(scatter.owner)] = pending
                 if self.progress is not None:
                     self.progress(run.end - max(self.position, run.offset))
             self.position = max(self.position, run.end)
             return
         buffer, views = load.buffer_for(run, self.root)
+        if views is not None:  # the spare buffer, read into again run after run
+            self._wait_for_hash_of(buffer)
         data = tensor_bytes(buffer)
         span = data[run.pad : run.pad + run.end - run.offset]
         _read_exactly(self.fd, span, run.offset, self.full)
         if self.digest is not None and run.end > self.position:
             pending = self.digest.update(span[max(0, self.position - run.offset) :], buffer)
-            if views is not None:
-                self._run_hashing = pending
+            if views is not None and pending is not None:
+                self._run_hashing[id(buffer)] = pending
             if self.progress is not None:
                 self.progress(run.end - max(self.position, run.offset))
         self.position = max(self.position, run.end)
         load.place(run, buffer, views)
+
+    def _wait_for_hash_of(self, buffer: object) -> None:
+        """Return once the bytes last read into ``buffer`` are hashed (it is read into again)."""
+        pending = self._run_hashing.pop(id(buffer), None)
+        if pending is not None:
+            pending.result()  # bounded: a hash of bytes in memory
 
 
 def _hash_all(state: Any, views: list[memoryview], owner: object) -> None:
