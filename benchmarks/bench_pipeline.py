@@ -5,7 +5,8 @@ in rotated order.
 
 A save of at least two ``staging.PIPELINE_CHUNK_BYTES`` chunks is sent to the worker before
 its staging and staged chunk by chunk while the worker writes, the first chunk small
-(``PIPELINE_FIRST_CHUNK_BYTES``), the next ones doubling (the default). The other
+(``PIPELINE_FIRST_CHUNK_BYTES``), the next ones doubling: the default where the process has
+``PIPELINE_MIN_CPUS``, and here whatever the CPUs, to measure what that gate is for. The other
 Checkpointers plan their first save with other chunk sizes (their plans are reused for every
 later save of the same structure): every chunk full-size, or one chunk (no pipelining).
 Durable and blocking (until ``staged``) time, medians, on the GPT + AdamW state, on 8,192
@@ -43,6 +44,7 @@ async def compare(label: str, state_dict: Any, repeats: int, parent: str) -> Non
     durable: dict[str, list[float]] = {name: [] for name in VARIANTS}
     blocking: dict[str, list[float]] = {name: [] for name in VARIANTS}
     defaults = staging.PIPELINE_FIRST_CHUNK_BYTES, staging.PIPELINE_CHUNK_BYTES
+    min_cpus = staging.PIPELINE_MIN_CPUS
     try:
         async with contextlib.AsyncExitStack() as stack:
             ckpts = {}
@@ -51,10 +53,12 @@ async def compare(label: str, state_dict: Any, repeats: int, parent: str) -> Non
                 # Only while its first save makes the plan, which later saves reuse.
                 first, later = chunks or defaults
                 staging.PIPELINE_FIRST_CHUNK_BYTES, staging.PIPELINE_CHUNK_BYTES = first, later
+                staging.PIPELINE_MIN_CPUS = 1
                 try:
                     await ckpt.save_to(state_dict, f"{directory}/warm-{index}")
                 finally:
                     staging.PIPELINE_FIRST_CHUNK_BYTES, staging.PIPELINE_CHUNK_BYTES = defaults
+                    staging.PIPELINE_MIN_CPUS = min_cpus
                 ckpts[name] = ckpt
             names = list(VARIANTS)
             for round_ in range(repeats):

@@ -29,8 +29,15 @@ CHUNK = 64 << 10
 
 @pytest.fixture
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pipelined saves of a few chunks of ``CHUNK``, whatever this machine's CPUs."""
     monkeypatch.setattr(staging, "PIPELINE_CHUNK_BYTES", CHUNK)
     monkeypatch.setattr(staging, "PIPELINE_FIRST_CHUNK_BYTES", CHUNK)
+    monkeypatch.setattr(staging, "PIPELINE_MIN_CPUS", 1)
+
+
+@pytest.fixture
+def any_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(staging, "PIPELINE_MIN_CPUS", 1)
 
 
 @pytest.fixture
@@ -122,7 +129,9 @@ async def test_cancelling_the_awaiting_task_cancels_the_save(
     assert os.listdir(tmp_path) == []
 
 
-def test_plans_stage_in_one_go_below_two_chunks_or_with_offsets_that_do_not_grow() -> None:
+def test_plans_stage_in_one_go_below_two_chunks_or_with_offsets_that_do_not_grow(
+    any_cpus: None,
+) -> None:
     tensors = [torch.zeros(CHUNK // 4) for _ in range(4)]  # a chunk each
     big = staging.PIPELINE_CHUNK_BYTES
     assert staging.pipeline_chunks(tensors, [0, big, 2 * big, 3 * big], 4 * big, False)
@@ -132,7 +141,21 @@ def test_plans_stage_in_one_go_below_two_chunks_or_with_offsets_that_do_not_grow
     assert staging.pipeline_chunks(tensors, backwards, 4 * big, False) is None
 
 
-def test_chunks_start_small_and_double_up_to_the_chunk_size() -> None:
+def test_a_process_on_fewer_cpus_than_pipelining_needs_stages_in_one_go(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On few CPUs the staging copy would take turns with the worker's write: one go."""
+    mib = 1 << 20
+    tensors = [torch.zeros(mib // 4) for _ in range(100)]
+    offsets = [i * mib for i in range(100)]
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(staging, "PIPELINE_MIN_CPUS", cpus + 1)
+    assert staging.pipeline_chunks(tensors, offsets, 100 * mib, False) is None
+    monkeypatch.setattr(staging, "PIPELINE_MIN_CPUS", cpus)
+    assert staging.pipeline_chunks(tensors, offsets, 100 * mib, False) is not None
+
+
+def test_chunks_start_small_and_double_up_to_the_chunk_size(any_cpus: None) -> None:
     """The worker starts writing after a small first copy; later chunks are big (few reports)."""
     mib = 1 << 20
     tensors = [torch.zeros(mib // 4) for _ in range(100)]  # 1 MiB each
