@@ -643,9 +643,10 @@ PIPELINE_CHUNK_BYTES = 32 << 20
 #: the worker starts writing after a small first copy, and later chunks cost few reports
 PIPELINE_FIRST_CHUNK_BYTES = 4 << 20
 #: saves are pipelined only where this process may run on this many CPUs. On fewer the
-#: staging copy takes turns with the worker's hash and write: on 2 cores pipelining made
-#: blocking 1.3-1.6x that of staging in one go for 0.97-1.10x the durable time
-#: (``benchmarks.bench_pipeline``), and blocking is what the training loop waits for.
+#: staging copy contends with the worker's hash and write for the cores and for memory
+#: bandwidth: on 2 cores pipelining made blocking 1.3-1.6x that of staging in one go for
+#: 0.90-1.06x the durable time (``benchmarks.bench_pipeline``), and blocking is what the
+#: training loop waits for.
 PIPELINE_MIN_CPUS = 4
 
 
