@@ -63,9 +63,10 @@ class SaveProgress:
             "writing" (staged: the worker writes and commits), "committed", or "failed"
             (failed or cancelled; awaiting the handle says why).
         nbytes: the tensor bytes this rank stages.
-        bytes_staged: tensor bytes copied out so far: a large save to a running worker is
-            copied (and reported) in ~32 MiB chunks while the worker writes what is copied;
-            a small one in one batched copy, so 0 until it is done, then ``nbytes``.
+        bytes_staged: tensor bytes copied out so far: a large save to a running worker, in
+            a process that may run on 4 CPUs or more, is copied (and reported) in chunks of
+            up to ~32 MiB while the worker writes what is copied; any other in one batched
+            copy, so 0 until it is done, then ``nbytes``.
         bytes_written: bytes this rank's checkpoint worker has written to the checkpoint's
             files so far: tensor data, framing, metadata and manifest (one rank alone: the
             ``SaveResult.nbytes`` in the end); in a multi-rank save, this rank's share of the
