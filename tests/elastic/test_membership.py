@@ -35,8 +35,10 @@ LAUNCH = [sys.executable, "-m", "aiockpt.run"]
 #: hang guards, not performance bounds (a 2-core machine starts several torch processes)
 GROUP_DEADLINE_S = 60.0
 EXIT_DEADLINE_S = 60.0
-#: short timeouts: a node silent for 1 s is dead, a round with enough nodes closes in 0.5 s
-CONF = "last_call_timeout=0.5,keep_alive_interval=0.2,keep_alive_max_attempt=5,close_timeout=5"
+#: short timeouts: a node silent for 2 s is dead (1 s was the most load-sensitive bound left
+#: on 2 cores, where several processes import torch at once), a round with enough nodes
+#: closes in 0.5 s
+CONF = "last_call_timeout=0.5,keep_alive_interval=0.2,keep_alive_max_attempt=10,close_timeout=5"
 
 
 def free_port() -> int:
