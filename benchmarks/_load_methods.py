@@ -14,6 +14,14 @@ Each method is a function of no arguments that loads once and returns the second
     torch.load               torch.load of a torch.save file of the same state dict
     torch.load mmap          the same with mmap=True
 
+``SERIES_METHODS``:
+
+    aiockpt in place, hashed in series
+                             aiockpt.load(path, target) with every file hashed in the reading
+                             thread (as on 1 CPU): what hashing in a thread while reading
+                             saves; the same target as "aiockpt verify in place" (a load binds
+                             its target: two targets would take the binding from each other)
+
 and, to compare two versions of the loader in one run (``baseline``: another
 ``aiockpt/_format/loading.py``, imported on its own), ``BASELINE_METHODS``:
 
@@ -46,6 +54,8 @@ LOAD_METHODS = (
     "torch.load",
     "torch.load mmap",
 )
+#: what hashing in a thread saves (bench_load)
+SERIES_METHODS = ("aiockpt in place, hashed in series",)
 BASELINE_METHODS = (
     "baseline verify in place",
     "baseline verify alloc",
@@ -123,6 +133,14 @@ def load_methods(
     write_checkpoint(create_writer(fmt), state_dict, path, format=fmt)
     files = files_under(path)
     methods: dict[str, Callable[[], float]] = {}
+    in_place_target: list[Any] = []  # made once, shared by the in-place methods
+
+    def in_place() -> Any:
+        if not in_place_target:
+            in_place_target.append(empty_like_tree(state_dict))
+            aiockpt.load(path, in_place_target[0])  # faulted in once
+        return in_place_target[0]
+
     for key in keys:
         if key == "read (existing buffer)":
             existing = fresh_buffers(files)
@@ -131,9 +149,22 @@ def load_methods(
         elif key == "read (new memory)":
             methods[key] = lambda: timed(lambda: read_files(files, fresh_buffers(files)))
         elif key == "aiockpt verify in place":
-            target = empty_like_tree(state_dict)
-            aiockpt.load(path, target)  # faulted in once
+            target = in_place()
             methods[key] = lambda t=target: timed(lambda: aiockpt.load(path, t))
+        elif key == "aiockpt in place, hashed in series":
+            from aiockpt._format import reading
+
+            target = in_place()
+
+            def in_series(t: Any = target) -> float:
+                threshold = reading._THREADED_HASH_BYTES
+                reading._THREADED_HASH_BYTES = 1 << 62
+                try:
+                    return timed(lambda: aiockpt.load(path, t))
+                finally:
+                    reading._THREADED_HASH_BYTES = threshold
+
+            methods[key] = in_series
         elif key == "aiockpt verify alloc":
             methods[key] = lambda: timed(lambda: aiockpt.load(path))
         elif key == "aiockpt in place, cold":
@@ -181,6 +212,7 @@ def load_methods(
             )
         else:
             raise ValueError(
-                f"unknown load method {key!r}; choose from {LOAD_METHODS + BASELINE_METHODS}"
+                f"unknown load method {key!r}; choose from "
+                f"{LOAD_METHODS + SERIES_METHODS + BASELINE_METHODS}"
             )
     return methods
