@@ -364,7 +364,7 @@ def read_listed_file(
         key=operator.itemgetter(0),
     )
     try:
-        reader = _FileReader(fd, full, entry.size, checkpoint.root, digest, progress)
+        reader = _FileReader(fd, full, checkpoint.root, digest, progress)
         for start, end, region, run in items:
             if end > entry.size:
                 raise CorruptCheckpoint(f"entry at {start}..{end} runs past the end", path=full)
@@ -447,14 +447,12 @@ class _FileReader:
         self,
         fd: int,
         full: str,
-        size: int,
         root: str,
         digest: _Digest | None,
         progress: Callable[[int], object] | None,
     ) -> None:
         self.fd = fd
         self.full = full
-        self.size = size
         self.root = root
         self.digest = digest
         self.progress = progress
